@@ -1,0 +1,34 @@
+"""Shared test setup: one thread (stable and fast on small ops), hypothesis profiles, the gpu marker.
+
+TRITON_INTERPRET=1 is set here, before anything imports triton, unless a CUDA device is present: the
+kernels' interpreter tier then runs on CPU tensors. Set NANOMODELS_GPU_TESTS=1 on a GPU machine to
+keep the real compiler (the `-m gpu` tier).
+"""
+
+import os
+
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(var, "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+torch.set_num_threads(1)
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+settings.register_profile("dev", deadline=None, max_examples=50)
+settings.register_profile("ci", deadline=None, max_examples=20, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
