@@ -47,7 +47,7 @@ class TrainConfig:
     dropout: float = 0.0
     norm: str = "pre"  # residual-and-norm scheme: 'pre' (Pre-LN) or 'post' (Post-LN)
     batch_size: int = 32  # sequences per optimizer step, summed over all processes
-    steps: int = 1000  # the length of the run (and of the learning-rate schedule)
+    steps: int = 500  # the length of the run (and of the learning-rate schedule)
     stop_at: int = 0  # stop this invocation after this step (checkpointed; finish later with --resume); 0 = steps
     lr: float = 3e-3  # peak learning rate
     min_lr: float = 3e-4  # the cosine decays to this
