@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from nanomodels.data import get_batch, load_text, train_val_split
-from nanomodels.runtime import autocast_dtype, pick_device
+from nanomodels.runtime import DEVICES, autocast_dtype, pick_device
 from nanomodels.tokenizer import get_tokenizer, tokenizer_from_dict
 from nanomodels.transformer import RESIDUALS, Transformer, TransformerConfig
 
@@ -81,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"--norm: must be one of {sorted(RESIDUALS)}, got {self.norm!r}")
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"--min_lr: must be in (0, lr={self.lr}], got {self.min_lr}")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ValueError(f"--device: must be one of {DEVICES} (or 'cuda:N'), got {self.device!r}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite: choose one (continue the run, or start it over)")
         self.model_config()  # d_model/n_heads/dropout rules live in TransformerConfig; check them now
