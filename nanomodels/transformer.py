@@ -230,7 +230,7 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
     """Draw one token per row from logits (B, |V|) -> (B, 1).
 
     temperature == 0: argmax (greedy). Otherwise p = softmax(logits / temperature) restricted to the top_k
-    largest logits (all tokens when top_k is None; ties at the k-th value are kept), renormalised, then one
+    largest logits (all tokens when top_k is None or >= |V|; ties at the k-th value are kept), renormalised, then one
     draw per row with `generator`.
     """
     # BEGIN EXERCISE 0.5: sampling with temperature and top-k

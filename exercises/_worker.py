@@ -1,0 +1,141 @@
+"""The grading worker: imports torch and the checks once, then grades a list of files, one exercise at a time.
+
+Started by exercises/grader.py as `python -m exercises._worker PAYLOAD.json`; it reports on its own pipe
+(one JSON event per line), never on stdout, which belongs to the learner's code. The grader kills it when an
+exercise runs past its time limit, and starts a fresh one at the next exercise.
+
+Events: ready (with the exercises' points and checks), importing, imported, start, check, result, done.
+"""
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import random
+import sys
+import traceback
+import warnings
+from importlib import import_module
+from pathlib import Path
+
+
+class Sink(io.TextIOBase):
+    """Stands in for stdout/stderr: counts the lines the learner's code prints, keeps the first few."""
+
+    def __init__(self):
+        self.count, self.pending, self.head = 0, False, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        s = str(s)
+        if s:
+            self.count += s.count("\n")
+            self.pending = not s.endswith("\n")
+            if len(self.head) < 400:
+                self.head += s[: 400 - len(self.head)]
+        return len(s)
+
+    @property
+    def lines(self) -> int:
+        return self.count + self.pending
+
+
+def _error_text(exc: BaseException, path: str) -> str:
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} (line {exc.lineno}: {(exc.text or '').strip()})"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == path]
+    where = f" (line {frames[-1].lineno}: {(frames[-1].line or '').strip()})" if frames else ""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}" + (f": {text[0][:300]}" if text else "") + where
+
+
+def _load_file(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(source: dict, marked, job: int) -> tuple[dict, str | None]:
+    """The functions to grade, by name. source: {"kind": "file" | "reference" | "mutant", "path": ...}."""
+    if source["kind"] != "file":
+        reference = {m.function: getattr(import_module(m.module), m.function) for m in marked}
+        if source["kind"] == "reference":
+            return reference, None
+    name = f"_graded_{job}"
+    try:
+        module = _load_file(source["path"], name)
+    except BaseException as exc:  # noqa: BLE001 - a learner's file may raise anything at import, SystemExit too
+        return {}, _error_text(exc, source["path"])
+    mine = {m.function: getattr(module, m.function) for m in marked if hasattr(module, m.function)}
+    if source["kind"] == "file":
+        return mine, None
+    # a mutant: the reference, with the functions the mutant file itself defines swapped in
+    return {**reference, **{k: f for k, f in mine.items() if getattr(f, "__module__", None) == name}}, None
+
+
+def main() -> None:
+    payload = json.loads(open(sys.argv[1]).read())
+    channel = os.fdopen(payload["fd"], "w", buffering=1)
+
+    def send(**event):
+        channel.write(json.dumps(event) + "\n")
+        channel.flush()
+
+    warnings.simplefilter("ignore")
+    import torch
+
+    torch.set_num_threads(1)
+    from exercises.checking import run_check
+    from exercises.registry import Chapter
+    from exercises.stubs import scan
+
+    fields = payload["chapter"]
+    fields.update(sources=tuple(fields["sources"]), directory=Path(fields["directory"]))
+    chapter = Chapter(**fields)
+    marked = {m.id: m for m in scan(chapter)}
+    spec = import_module(chapter.checks_module).EXERCISES
+    send(event="ready", exercises={
+        i: {"title": m.title, "function": m.function, "points": spec[i].points, "hint": spec[i].hint,
+            "checks": [[c.name, c.invariant] for c in spec[i].checks]} for i, m in marked.items()})
+    start_job, start_exercise = payload["start"]
+    for j, job in enumerate(payload["jobs"]):
+        if j < start_job:
+            continue
+        send(event="importing", job=j)
+        sink = Sink()
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            functions, error = load(job["source"], marked.values(), j)
+        send(event="imported", job=j, error=error, printed=sink.lines, output=sink.head)
+        path = job["source"].get("path")
+        for n, ex in enumerate(job["exercises"]):
+            if j == start_job and n < start_exercise:
+                continue
+            send(event="start", job=j, exercise=ex)
+            m, sink = marked[ex], Sink()
+            fn = functions.get(m.function)
+            if error is not None or not callable(fn):
+                message = (f"your file could not be imported: {error}" if error is not None else
+                           f"your file defines no function `{m.function}`")
+                kind = "import error" if error is not None else "missing"
+                checks = [{"name": c.name, "invariant": c.invariant, "passed": False, "kind": kind,
+                           "message": message, "counterexample": ""} for c in spec[ex].checks]
+            else:
+                torch.manual_seed(0)  # code that draws from the global state grades the same each time
+                random.seed(0)
+                checks = []
+                for c in spec[ex].checks:  # each check reports when done: the time limit is per check
+                    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                        checks.append(run_check(c, fn, max_examples=payload["max_examples"],
+                                                student_file=path))
+                    send(event="check", job=j, exercise=ex, result=checks[-1], printed=sink.lines)
+            send(event="result", job=j, exercise=ex, checks=checks, printed=sink.lines, output=sink.head)
+    send(event="done")
+
+
+if __name__ == "__main__":
+    main()

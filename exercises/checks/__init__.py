@@ -1,0 +1,1 @@
+"""One module per chapter, chNN.py: EXERCISES = {"N.M": Exercise(points, hint, checks)} and the checks."""

@@ -1,0 +1,585 @@
+"""Chapter 00's graded checks: attention, the causal mask, one BPE merge, the most frequent pair, sampling.
+
+Each check tests the mechanism (what the equation promises), in float64, against the learner's function,
+its first argument. Known-wrong solutions for each exercise live in exercises/mutants/ex00/.
+
+Not every plausible-looking change is a mistake: applying the temperature after the top-k filter keeps the
+same tokens with the same probabilities (for T > 0, dividing by T preserves the order of the logits), and
+forgetting to renormalise before torch.multinomial changes nothing (it normalises its input). Those are not
+mutants; the mutants are changes a check can observe.
+"""
+
+import math
+
+import torch
+from hypothesis import assume
+from hypothesis import strategies as st
+
+from exercises.checking import Exercise, Violation, check
+
+F64 = torch.float64
+
+# tensor entries are multiples of 1/2 in [-3, 3]: enough to break every wrong mechanism, quick to shrink,
+# and a shrunk counterexample reads well (0, 0.5, -1 rather than 1.2870939124)
+halves = st.integers(-6, 6).map(lambda n: n / 2)
+
+
+def _fmt(t) -> str:
+    values = t.tolist() if isinstance(t, torch.Tensor) else t
+    if isinstance(values, list):
+        return "[" + ", ".join(_fmt(x) for x in values) + "]"
+    return f"{values:.4g}" if isinstance(values, float) else str(values)
+
+
+class Inputs(dict):
+    """A check's drawn inputs; a counterexample prints them as `name=values (shape ...)`, one per line."""
+
+    def _repr_pretty_(self, p, cycle):
+        shape = lambda v: f" (shape {tuple(v.shape)})" if isinstance(v, torch.Tensor) else ""  # noqa: E731
+        p.text("\n".join(f"{k}={_fmt(v)}{shape(v)}" for k, v in self.items()))
+
+
+@st.composite
+def tensors(draw, shape: tuple):
+    values = draw(st.lists(halves, min_size=math.prod(shape), max_size=math.prod(shape)))
+    return torch.tensor(values, dtype=F64).reshape(shape)
+
+
+def _expect_tensor(out, shape: tuple, dtype, what: str) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise Violation(f"{what} returned a {type(out).__name__}, expected a tensor of shape {shape}")
+    if tuple(out.shape) != shape:
+        raise Violation(f"{what} returned shape {tuple(out.shape)}, expected {shape}")
+    if out.dtype != dtype:
+        raise Violation(f"{what} returned dtype {out.dtype}, expected {dtype}")
+
+
+# ---- 0.1 masked scaled dot-product attention ------------------------------------------------------------
+
+@st.composite
+def attention_cases(draw, mask: str = "any", min_keys: int = 1, min_d: int = 1, causal: bool = False,
+                    batched: bool = False):
+    """q (B, H, Tq, D), k and v (B, H, Tk, D), allowed None, (Tq, Tk) or (B, 1, Tq, Tk); B = H = 1 unless
+    batched. mask: "none", "any" (a row may be fully masked), "visible" (every query sees a key)."""
+    b, h = (draw(st.integers(1, 2)), draw(st.integers(1, 2))) if batched else (1, 1)
+    tk, d = draw(st.integers(min_keys, 3)), draw(st.integers(min_d, 3))
+    tq = draw(st.integers(1, tk)) if causal else draw(st.integers(1, 3))
+    case = Inputs(q=draw(tensors((b, h, tq, d))), k=draw(tensors((b, h, tk, d))),
+                  v=draw(tensors((b, h, tk, d))), allowed=None)
+    if mask != "none":
+        shape = draw(st.sampled_from([(tq, tk), (b, 1, tq, tk)]))
+        bits = draw(st.lists(st.booleans(), min_size=math.prod(shape), max_size=math.prod(shape)))
+        case["allowed"] = torch.tensor(bits, dtype=torch.bool).reshape(shape)
+        if mask == "visible":
+            case["allowed"][..., draw(st.integers(0, tk - 1))] = True
+    return case
+
+
+def naive_attention(q, k, v, allowed):
+    """The equation one query at a time, in Python floats: softmax over the visible keys, zeros if none."""
+    B, H, Tq, D = q.shape
+    Tk, Dv = k.size(2), v.size(-1)
+    mask = torch.ones(Tq, Tk, dtype=torch.bool) if allowed is None else allowed
+    mask, qs, ks, vs = mask.expand(B, H, Tq, Tk).tolist(), q.tolist(), k.tolist(), v.tolist()
+    out = [[[[0.0] * Dv for _ in range(Tq)] for _ in range(H)] for _ in range(B)]
+    for b in range(B):
+        for h in range(H):
+            for i in range(Tq):
+                keys = [j for j in range(Tk) if mask[b][h][i][j]]
+                if not keys:
+                    continue
+                s = [sum(qs[b][h][i][c] * ks[b][h][j][c] for c in range(D)) / math.sqrt(D) for j in keys]
+                w = [math.exp(x - max(s)) for x in s]
+                p = [wj / sum(w) for wj in w]
+                out[b][h][i] = [sum(pj * vs[b][h][j][c] for pj, j in zip(p, keys)) for c in range(Dv)]
+    return torch.tensor(out, dtype=F64)
+
+
+def _attend(attention, case, **kwargs):
+    """attention on copies of the case's tensors, checked for shape and dtype."""
+    q, k, v = case["q"], case["k"], case["v"]
+    out = attention(q.clone(), k.clone(), v.clone(), case["allowed"], **kwargs)
+    _expect_tensor(out, tuple(q.shape[:3]) + (v.size(-1),), F64, "attention")
+    return out
+
+
+def _worst(diff) -> tuple[int, ...]:
+    """Where the largest difference is (NaN counts as the largest)."""
+    diff = torch.nan_to_num(diff, nan=math.inf)
+    return tuple(int(x) for x in torch.nonzero(diff == diff.max())[0])
+
+
+def _at(b: int, h: int, case) -> str:
+    return f" (batch {b}, head {h})" if case["q"].size(0) * case["q"].size(1) > 1 else ""
+
+
+def _weights(attention, q, k, allowed=None):
+    """Probe: with v = the identity, the output rows are the attention weights themselves."""
+    B, H, Tk = k.size(0), k.size(1), k.size(2)
+    w = attention(q.clone(), k.clone(), torch.eye(Tk, dtype=F64).expand(B, H, Tk, Tk).clone(), allowed)
+    _expect_tensor(w, (B, H, q.size(2), Tk), F64, "attention(q, k, v = identity)")
+    return w
+
+
+@check("attention(q, k, v, allowed) equals softmax(q k^T / sqrt(d), masked to `allowed`) v computed one "
+       "query at a time (zeros for a query that sees no key), in the input's dtype", case=attention_cases())
+def matches_the_naive_oracle(attention, case):
+    out, ref = _attend(attention, case), naive_attention(case["q"], case["k"], case["v"], case["allowed"])
+    diff = (out - ref).abs()
+    if not diff.max() <= 1e-9:
+        b, h, i, _ = _worst(diff)
+        raise Violation(f"output[{b}, {h}, {i}] = {_fmt(out[b, h, i])}, the oracle gives "
+                        f"{_fmt(ref[b, h, i])}")
+
+
+@check("batches and heads are independent: each (batch, head) slice gives what it gives alone, and a "
+       "(Tq, Tk) mask applies to every batch and head", case=attention_cases(batched=True))
+def batches_and_heads_are_independent(attention, case):
+    q, k, v, allowed = case["q"], case["k"], case["v"], case["allowed"]
+    out = _attend(attention, case)
+    for b in range(q.size(0)):
+        for h in range(q.size(1)):
+            one = slice(b, b + 1), slice(h, h + 1)
+            mask = allowed if allowed is None or allowed.dim() == 2 else allowed[b:b + 1]
+            alone = attention(q[one].clone(), k[one].clone(), v[one].clone(), mask)
+            if not torch.allclose(out[b, h], alone[0, 0], atol=1e-12, rtol=0, equal_nan=True):
+                raise Violation(f"batch {b}, head {h}: {_fmt(out[b, h])} in the batch, {_fmt(alone[0, 0])} "
+                                "alone: the batches or heads mix (transpose only the last two axes of k)")
+
+
+@check("the scores are q·k / sqrt(d) with d = q.size(-1), the head size",
+       case=attention_cases(mask="none", min_keys=2, min_d=2))
+def scores_are_scaled_by_one_over_sqrt_d(attention, case):
+    q, k = case["q"], case["k"]
+    d = q.size(-1)
+    w, scores = _weights(attention, q, k), q @ k.transpose(-2, -1)
+    want = torch.softmax(scores / math.sqrt(d), dim=-1)
+    if not (w - want).abs().max() <= 1e-9:
+        b, h, i, _ = _worst((w - want).abs())
+        why = ""
+        for scale, label in [(1.0, "softmax(q·k): the scores are not divided by sqrt(d)"),
+                             (1.0 / d, "softmax(q·k / d): divided by d instead of sqrt(d)"),
+                             (k.size(2) ** -0.5, "softmax(q·k / sqrt(Tk)): divided by sqrt(number of keys)")]:
+            if torch.allclose(w, torch.softmax(scores * scale, dim=-1), atol=1e-9, rtol=0):
+                why = f"; yours are {label}"
+        raise Violation(f"with d = {d}, query {i}'s weights{_at(b, h, case)} are {_fmt(w[b, h, i])}, "
+                        f"softmax(q·k / sqrt(d)) gives {_fmt(want[b, h, i])}{why}")
+
+
+@check("softmax runs over the keys: each query's attention weights (probed with v = identity) are "
+       ">= 0 and sum to 1", case=attention_cases(mask="visible"))
+def weights_over_the_keys_sum_to_one(attention, case):
+    w = _weights(attention, case["q"], case["k"], case["allowed"])
+    sums = w.sum(dim=-1)
+    for b, h, i in torch.nonzero(torch.nan_to_num((sums - 1).abs(), nan=1.0) > 1e-9).tolist()[:1]:
+        raise Violation(f"query {i}'s weights{_at(b, h, case)} {_fmt(w[b, h, i])} sum to "
+                        f"{sums[b, h, i]:.4g}, not 1: softmax must normalise over the keys (the last axis), "
+                        "after masking")
+    for b, h, i, j in torch.nonzero(w < -1e-12).tolist()[:1]:
+        raise Violation(f"query {i}'s weight on key {j}{_at(b, h, case)} is {w[b, h, i, j]:.4g} < 0")
+
+
+def _perturbed(case, t: int) -> Inputs:
+    k, v = case["k"].clone(), case["v"].clone()
+    k[:, :, t] += 2.0
+    v[:, :, t] -= 3.0
+    return Inputs(case, k=k, v=v)
+
+
+def _change(attention, case, t: int, **kwargs):
+    """How much each query's output moves when token t's key and value are perturbed: (B, H, Tq)."""
+    moved = _attend(attention, _perturbed(case, t), **kwargs) - _attend(attention, case, **kwargs)
+    return torch.nan_to_num(moved.abs().amax(-1), nan=math.inf)
+
+
+@check("a masked key gets no weight: perturbing the key and value of a position that query i may not see "
+       "leaves query i's output unchanged", case=attention_cases(mask="any"))
+def masked_keys_get_no_weight(attention, case):
+    hidden = ~case["allowed"].expand(*case["q"].shape[:3], case["k"].size(2))
+    for j in range(case["k"].size(2)):
+        change = _change(attention, case, j)
+        for b, h, i in torch.nonzero(hidden[..., j] & (change > 1e-12)).tolist()[:1]:
+            raise Violation(f"query {i}'s output{_at(b, h, case)} changed by {change[b, h, i]:.3g} when key "
+                            f"{j}, which it may not see, was perturbed: a masked key still gets weight")
+
+
+@check("with causal=True, position p's output does not change when a later token's key and value are "
+       "perturbed (the queries are the last Tq of the Tk positions)",
+       case=attention_cases(mask="none", causal=True))
+def causal_hides_the_future(attention, case):
+    tq, tk = case["q"].size(2), case["k"].size(2)
+    for t in range(tk):
+        for b, h, i in torch.nonzero(_change(attention, case, t, causal=True) > 1e-12).tolist():
+            if t > i + tk - tq:
+                raise Violation(f"position {i + tk - tq} changed when token {t} was perturbed"
+                                f"{_at(b, h, case)}: the mask lets a query see the future")
+
+
+@st.composite
+def fully_masked_cases(draw):
+    """A (Tq, Tk) mask with at least one row all False."""
+    case = draw(attention_cases(mask="none"))
+    tq, tk = case["q"].size(2), case["k"].size(2)
+    bits = draw(st.lists(st.booleans(), min_size=tq * tk, max_size=tq * tk))
+    case["allowed"] = torch.tensor(bits, dtype=torch.bool).reshape(tq, tk)
+    case["allowed"][draw(st.integers(0, tq - 1))] = False
+    return case
+
+
+@check("a query that may see no key (a fully masked row) gets zeros, never NaN", case=fully_masked_cases())
+def fully_masked_row_gives_zeros(attention, case):
+    out = _attend(attention, case)
+    for i in torch.nonzero(~case["allowed"].any(dim=-1)).flatten().tolist():
+        row = out[0, 0, i]
+        if not (row.abs() <= 1e-12).all():
+            nan = " (NaN: a softmax over a row of -inf divides 0 by 0)" if row.isnan().any() else ""
+            raise Violation(f"query {i} may see no key, and its output is {_fmt(row)}{nan}; expected zeros")
+
+
+# ---- 0.2 the causal mask ----------------------------------------------------------------------------------
+
+def _mask(causal_mask, n_queries: int, n_cached):
+    """causal_mask(n_queries) when n_cached is None, else causal_mask(n_queries, n_queries + n_cached)."""
+    if n_cached is None:
+        m, n_keys, call = causal_mask(n_queries), n_queries, f"causal_mask({n_queries})"
+    else:
+        n_keys = n_queries + n_cached
+        m, call = causal_mask(n_queries, n_keys), f"causal_mask({n_queries}, {n_keys})"
+    _expect_tensor(m, (n_queries, n_keys), torch.bool, call)
+    return m, call, n_keys - n_queries
+
+
+@check("causal_mask(n_queries, n_keys) is a boolean tensor of shape (n_queries, n_keys); n_keys defaults "
+       "to n_queries", n_queries=st.integers(1, 8), n_cached=st.none() | st.integers(0, 8))
+def shape_and_dtype(causal_mask, n_queries, n_cached):
+    _mask(causal_mask, n_queries, n_cached)
+
+
+@check("every query sees its own position: mask[i, i] is True", n_queries=st.integers(1, 8))
+def each_query_sees_itself(causal_mask, n_queries):
+    m, call, _ = _mask(causal_mask, n_queries, None)
+    for i in range(n_queries):
+        if not m[i, i]:
+            raise Violation(f"{call}[{i}, {i}] is False: query {i} cannot see its own position (off by one "
+                            "on the diagonal)")
+
+
+@check("no query sees the future: mask[i, j] is False for every key j > i", n_queries=st.integers(1, 8))
+def no_query_sees_the_future(causal_mask, n_queries):
+    m, call, _ = _mask(causal_mask, n_queries, None)
+    for i, j in torch.nonzero(m).tolist():
+        if j > i:
+            raise Violation(f"{call}[{i}, {j}] is True: query {i} sees key {j}, a later position: the mask "
+                            "lets a query see the future")
+
+
+@check("every query sees its whole past: mask[i, j] is True for every key j < i", n_queries=st.integers(1, 8))
+def every_query_sees_its_past(causal_mask, n_queries):
+    m, call, _ = _mask(causal_mask, n_queries, None)
+    for i, j in torch.nonzero(~m).tolist():
+        if j < i:
+            raise Violation(f"{call}[{i}, {j}] is False: query {i} cannot see key {j}, an earlier position")
+
+
+@check("with n_keys > n_queries (a KV cache) the queries are the last positions: query i is position "
+       "i + (n_keys - n_queries) and sees exactly the keys up to it",
+       n_queries=st.integers(1, 8), n_cached=st.integers(1, 8))
+def queries_are_the_last_positions_with_a_cache(causal_mask, n_queries, n_cached):
+    m, call, c = _mask(causal_mask, n_queries, n_cached)
+    want = torch.tensor([[j <= i + c for j in range(n_queries + c)] for i in range(n_queries)])
+    for i in range(n_queries):
+        if not torch.equal(m[i], want[i]):
+            raise Violation(f"with {c} cached keys query {i} is position {i + c}: {call}[{i}] should be "
+                            f"{_fmt(want[i].int())}, yours is {_fmt(m[i].int())} (1 = visible)")
+
+
+# ---- 0.3 one BPE merge step -------------------------------------------------------------------------------
+
+ids_lists = st.lists(st.integers(0, 3), max_size=12)
+pairs = st.tuples(st.integers(0, 3), st.integers(0, 3))
+new_ids = st.integers(256, 300)
+
+
+def naive_merge(ids, pair, new_id):
+    """str.replace on a string with one character per id: leftmost, non-overlapping occurrences."""
+    enc = lambda xs: "".join(chr(0x1000 + x) for x in xs)  # noqa: E731
+    return [ord(c) - 0x1000 for c in enc(ids).replace(enc(pair), chr(0x1000 + new_id))]
+
+
+def _merged(merge_pair, ids, pair, new_id):
+    got = merge_pair(list(ids), tuple(pair), new_id)
+    if not isinstance(got, list):
+        raise Violation(f"merge_pair({ids}, {pair}, {new_id}) returned a {type(got).__name__}, not a list")
+    return got
+
+
+@check("every adjacent (a, b) becomes new_id and everything else is kept in order, occurrences taken from "
+       "the left without overlap", ids=ids_lists, pair=pairs, new_id=new_ids)
+def replaces_every_occurrence_left_to_right(merge_pair, ids, pair, new_id):
+    got, want = _merged(merge_pair, ids, pair, new_id), naive_merge(ids, pair, new_id)
+    if got != want:
+        raise Violation(f"merge_pair({ids}, {pair}, {new_id}) returned {got}, expected {want}")
+
+
+@check("overlapping occurrences are taken from the left: a run of n copies of a with pair (a, a) gives "
+       "n // 2 new ids, then one a if n is odd", a=st.integers(0, 3), n=st.integers(2, 7), new_id=new_ids)
+def overlapping_occurrences_taken_from_the_left(merge_pair, a, n, new_id):
+    got, want = _merged(merge_pair, [a] * n, (a, a), new_id), [new_id] * (n // 2) + [a] * (n % 2)
+    if got != want:
+        raise Violation(f"merge_pair({[a] * n}, {(a, a)}, {new_id}) returned {got}, expected {want}: after a "
+                        "merge the scan continues after both merged tokens")
+
+
+@check("without an occurrence of the pair the output equals the input",
+       ids=ids_lists, pair=pairs, new_id=new_ids)
+def no_occurrence_returns_an_equal_list(merge_pair, ids, pair, new_id):
+    assume(all((x, y) != tuple(pair) for x, y in zip(ids, ids[1:])))
+    got = _merged(merge_pair, ids, pair, new_id)
+    if got != ids:
+        raise Violation(f"merge_pair({ids}, {pair}, {new_id}) returned {got}; the pair does not occur, so "
+                        "the output must equal the input")
+
+
+@check("the end of the list is handled: a pair in the last two places is merged, and a last token that is "
+       "not merged is kept", prefix=ids_lists, pair=pairs, last=st.integers(0, 3), new_id=new_ids)
+def the_end_of_the_list_is_handled(merge_pair, prefix, pair, last, new_id):
+    for ids in (prefix + list(pair), prefix + [last]):
+        got, want = _merged(merge_pair, ids, pair, new_id), naive_merge(ids, pair, new_id)
+        if got != want:
+            raise Violation(f"merge_pair({ids}, {pair}, {new_id}) returned {got}, expected {want}")
+
+
+@check("the input list is not modified (the result is a new list)", ids=ids_lists, pair=pairs, new_id=new_ids)
+def the_input_is_not_modified(merge_pair, ids, pair, new_id):
+    arg = list(ids)
+    merge_pair(arg, tuple(pair), new_id)
+    if arg != ids:
+        raise Violation(f"merge_pair({ids}, {pair}, {new_id}) changed its input list to {arg}")
+
+
+# ---- 0.4 the most frequent pair ---------------------------------------------------------------------------
+
+pair_counts = st.dictionaries(st.tuples(st.integers(0, 9), st.integers(0, 9)), st.integers(1, 4),
+                              min_size=1, max_size=8)
+
+
+def _most_frequent(most_frequent_pair, counts):
+    arg = dict(counts)
+    got = most_frequent_pair(arg)
+    if not isinstance(got, tuple) or got not in counts:
+        raise Violation(f"most_frequent_pair({counts}) returned {got!r}, which is not one of the pairs")
+    return got, arg
+
+
+def _top(counts) -> tuple[int, list]:
+    best = max(counts.values())
+    return best, sorted(p for p, c in counts.items() if c == best)
+
+
+@check("the result is a pair with the largest count", counts=pair_counts)
+def returns_a_pair_with_the_largest_count(most_frequent_pair, counts):
+    got, _ = _most_frequent(most_frequent_pair, counts)
+    best, top = _top(counts)
+    if counts[got] != best:
+        raise Violation(f"most_frequent_pair({counts}) returned {got} with count {counts[got]}; the largest "
+                        f"count is {best} ({', '.join(map(str, top))})")
+
+
+@check("ties go to the smallest pair: among the pairs with the largest count, the result is the smallest "
+       "(a, b)", counts=pair_counts)
+def ties_go_to_the_smallest_pair(most_frequent_pair, counts):
+    got, _ = _most_frequent(most_frequent_pair, counts)
+    best, top = _top(counts)
+    if got != top[0]:
+        raise Violation(f"most_frequent_pair({counts}) returned {got}; the pairs {', '.join(map(str, top))} "
+                        f"have the largest count {best}, and the tie goes to the smallest, {top[0]}")
+
+
+@check("the result does not depend on the order in which the pairs were inserted into the dict",
+       counts=pair_counts)
+def does_not_depend_on_insertion_order(most_frequent_pair, counts):
+    items = list(counts.items())
+    orders = {"as given": items, "reversed": items[::-1], "sorted": sorted(items)}
+    results = {order: _most_frequent(most_frequent_pair, dict(items))[0] for order, items in orders.items()}
+    if len(set(results.values())) > 1:
+        got = ", ".join(f"{r} (insertion order {o})" for o, r in results.items())
+        raise Violation(f"most_frequent_pair({counts}) returned {got}: a tie must not be decided by the "
+                        "dict's order")
+
+
+@check("the counts dict is not modified", counts=pair_counts)
+def the_counts_are_not_modified(most_frequent_pair, counts):
+    _, arg = _most_frequent(most_frequent_pair, counts)
+    if arg != counts:
+        raise Violation(f"most_frequent_pair({counts}) changed its input to {arg}")
+
+
+# ---- 0.5 sampling with temperature and top-k --------------------------------------------------------------
+
+N_DRAWS = 20_000  # frequencies must be within 6 standard errors (+ 0.002) of the expected probabilities
+temperatures = st.sampled_from([1.0, 0.5, 2.0, 0.25, 0.8, 1.5, 4.0])
+seeds = st.integers(0, 2**16)
+
+
+@st.composite
+def logits_and_k(draw):
+    v = draw(st.integers(2, 6))
+    return Inputs(logits=draw(st.lists(halves, min_size=v, max_size=v)), top_k=draw(st.integers(1, v)))
+
+
+def logit_rows(v: int):
+    """Logits (B, |V|) as nested lists: 1 to 3 rows of v multiples of 1/2."""
+    return st.lists(st.lists(halves, min_size=v, max_size=v), min_size=1, max_size=3)
+
+
+def _draw(sample_next_token, rows, temperature, top_k, seed: int):
+    """One call on a copy of rows (B, |V|) with a generator seeded `seed`; checks it returns (B, 1) ids."""
+    rows = rows.clone()
+    generator = torch.Generator().manual_seed(seed)
+    out = sample_next_token(rows, temperature=temperature, top_k=top_k, generator=generator)
+    _expect_tensor(out, (rows.size(0), 1), torch.int64, "sample_next_token")
+    if out.numel() and (out.min() < 0 or out.max() >= rows.size(-1)):
+        raise Violation(f"sample_next_token drew token {int(out.max())}, outside the vocabulary "
+                        f"0..{rows.size(-1) - 1}")
+    return out
+
+
+def _expected_probs(logits, temperature, top_k):
+    if top_k is None:
+        return torch.softmax(logits / temperature, dim=-1)
+    kth = torch.sort(logits, descending=True).values[top_k - 1]
+    return torch.softmax((logits / temperature).masked_fill(logits < kth, -math.inf), dim=-1)
+
+
+def _compare_frequencies(out, logits, temperature, top_k):
+    n = out.numel()
+    p = _expected_probs(logits, temperature, top_k)
+    freq = torch.bincount(out.flatten(), minlength=logits.numel()).to(F64) / n
+    tolerance = 6 * torch.sqrt(p * (1 - p) / n) + 2e-3
+    setting = f"T = {temperature:.3g}, top_k = {top_k}"
+    for j in range(logits.numel()):
+        if p[j] == 0 and freq[j] > 0:
+            raise Violation(f"with logits {_fmt(logits)} and {setting}, token {j} was drawn "
+                            f"{round(float(freq[j]) * n)} times; only the top_k largest logits (and ties "
+                            "with the k-th) may be drawn")
+    if ((freq - p).abs() > tolerance).any():
+        why = ""
+        at_t1 = _expected_probs(logits, 1.0, top_k)
+        if temperature != 1 and torch.allclose(freq, at_t1, atol=float(tolerance.max())):
+            why = "; yours match T = 1: the temperature has no effect"
+        elif freq.max() == 1.0:
+            why = "; every draw is the same token: sample, do not take the argmax"
+        raise Violation(f"over {n} draws from logits {_fmt(logits)} with {setting}, the token frequencies "
+                        f"are {_fmt(freq)}; softmax(logits / T) over the kept tokens gives {_fmt(p)}{why}")
+
+
+@check("temperature 0 is greedy decoding: each row's token is an argmax of its logits",
+       logits=logit_rows(4), top_k=st.none() | st.integers(1, 4))
+def temperature_zero_is_argmax(sample_next_token, logits, top_k):
+    logits = torch.tensor(logits, dtype=F64)
+    out = _draw(sample_next_token, logits, 0.0, top_k, 0)
+    for b in range(logits.size(0)):
+        t = int(out[b, 0])
+        if logits[b, t] != logits[b].max():
+            raise Violation(f"row {b}: logits {_fmt(logits[b])} at temperature 0 gave token {t}; greedy "
+                            f"decoding takes the argmax, token {int(logits[b].argmax())}")
+
+
+@check("draws are token ids: an int64 tensor of shape (B, 1) with values in [0, |V|)",
+       logits=logit_rows(5), temperature=temperatures, top_k=st.none() | st.integers(1, 5), seed=seeds)
+def draws_are_token_ids_of_shape_b_by_1(sample_next_token, logits, temperature, top_k, seed):
+    _draw(sample_next_token, torch.tensor(logits, dtype=F64), temperature, top_k, seed)
+
+
+@check("without top_k, the tokens are drawn with probabilities softmax(logits / T): over many draws each "
+       "token's frequency matches", logits=st.lists(halves, min_size=2, max_size=6),
+       temperature=temperatures, seed=seeds)
+def frequencies_match_softmax_of_logits_over_t(sample_next_token, logits, temperature, seed):
+    logits = torch.tensor(logits, dtype=F64)
+    out = _draw(sample_next_token, logits.repeat(N_DRAWS, 1), temperature, None, seed)
+    _compare_frequencies(out, logits, temperature, None)
+
+
+@check("with top_k = k only the k largest logits can be drawn, with probabilities softmax(logits / T) "
+       "renormalised over them", case=logits_and_k(), temperature=temperatures, seed=seeds)
+def top_k_keeps_the_k_largest_renormalised(sample_next_token, case, temperature, seed):
+    logits, top_k = torch.tensor(case["logits"], dtype=F64), case["top_k"]
+    out = _draw(sample_next_token, logits.repeat(N_DRAWS, 1), temperature, top_k, seed)
+    _compare_frequencies(out, logits, temperature, top_k)
+
+
+@check("tokens tied with the k-th largest logit are kept (the docstring's tie rule)")
+def ties_at_the_kth_logit_are_kept(sample_next_token):
+    for values, top_k in [([2.0, 1.0, 1.0, 0.0], 2), ([0.0, 3.0, 3.0, 3.0, 1.0], 1)]:
+        logits = torch.tensor(values, dtype=F64)
+        counts = torch.bincount(_draw(sample_next_token, logits.repeat(4000, 1), 1.0, top_k, 0).flatten(),
+                                minlength=len(values)).tolist()
+        kth = sorted(values, reverse=True)[top_k - 1]
+        if any((value >= kth) != (count > 0) for value, count in zip(values, counts)):
+            raise Violation(f"logits {values} with top_k = {top_k}, 4000 draws: token counts {counts}; every "
+                            f"token whose logit is >= the {top_k}-th largest ({kth}) must be drawn, no other")
+
+
+@check("the draws come from `generator`: generators seeded alike give the same tokens whatever the global "
+       "random state, different seeds give different tokens", v=st.integers(2, 6), seed=seeds)
+def uses_the_passed_generator(sample_next_token, v, seed):
+    logits = torch.zeros(200, v, dtype=F64)
+    first = _draw(sample_next_token, logits, 1.0, None, seed)
+    torch.rand(3)  # move the global random state on
+    if not torch.equal(first, _draw(sample_next_token, logits, 1.0, None, seed)):
+        raise Violation(f"two calls with torch.Generator().manual_seed({seed}) drew different tokens: draw "
+                        "with `generator` (torch.multinomial(..., generator=generator)), not the global RNG")
+    if torch.equal(first, _draw(sample_next_token, logits, 1.0, None, seed + 1)):
+        raise Violation(f"seeds {seed} and {seed + 1} drew the same 200 tokens from equal logits: the draws "
+                        "do not depend on `generator`")
+
+
+@check("top_k=None keeps every token: from equal logits every token comes up", v=st.integers(2, 8),
+       temperature=temperatures, seed=seeds)
+def top_k_none_keeps_every_token(sample_next_token, v, temperature, seed):
+    out = _draw(sample_next_token, torch.zeros(2000, v, dtype=F64), temperature, None, seed)
+    counts = torch.bincount(out.flatten(), minlength=v)
+    for j in (counts == 0).nonzero().flatten().tolist()[:1]:
+        raise Violation(f"from equal logits over {v} tokens with top_k=None, token {j} never came up in 2000 "
+                        "draws")
+
+
+EXERCISES = {
+    "0.1": Exercise(
+        points=4,
+        hint="scores = q @ k^T / sqrt(d) has shape (B, H, Tq, Tk). Hide the masked keys *before* the softmax "
+             "(masked_fill; torch.finfo(dtype).min instead of -inf keeps a fully masked row finite), "
+             "normalise over the keys, and give a query that sees no key zeros.",
+        checks=[matches_the_naive_oracle, batches_and_heads_are_independent,
+                scores_are_scaled_by_one_over_sqrt_d, weights_over_the_keys_sum_to_one,
+                masked_keys_get_no_weight, causal_hides_the_future, fully_masked_row_gives_zeros]),
+    "0.2": Exercise(
+        points=2,
+        hint="Compare two torch.arange with broadcasting: the query positions as a column (shifted by "
+             "n_keys - n_queries, so the queries are the last positions), the key positions as a row; key j "
+             "is visible when j <= the query's position.",
+        checks=[shape_and_dtype, each_query_sees_itself, no_query_sees_the_future, every_query_sees_its_past,
+                queries_are_the_last_positions_with_a_cache]),
+    "0.3": Exercise(
+        points=3,
+        hint="Build a new list while an index i walks through ids: if ids[i], ids[i + 1] is the pair, "
+             "append new_id and jump by 2, otherwise append ids[i] and step by 1. Mind the last element, "
+             "which has no right neighbour.",
+        checks=[replaces_every_occurrence_left_to_right, overlapping_occurrences_taken_from_the_left,
+                no_occurrence_returns_an_equal_list, the_end_of_the_list_is_handled,
+                the_input_is_not_modified]),
+    "0.4": Exercise(
+        points=2,
+        hint="max(counts, key=counts.get) breaks ties by the dict's insertion order, not by the pair. A key "
+             "function may return a tuple, and tuples compare element by element.",
+        checks=[returns_a_pair_with_the_largest_count, ties_go_to_the_smallest_pair,
+                does_not_depend_on_insertion_order, the_counts_are_not_modified]),
+    "0.5": Exercise(
+        points=4,
+        hint="Temperature 0 first (greedy; no division by zero). Otherwise scale the logits by 1/T, hide "
+             "every logit below the k-th largest (torch.topk gives it), turn the logits into probabilities, "
+             "and draw with torch.multinomial, passing `generator`.",
+        checks=[temperature_zero_is_argmax, draws_are_token_ids_of_shape_b_by_1,
+                frequencies_match_softmax_of_logits_over_t, top_k_keeps_the_k_largest_renormalised,
+                ties_at_the_kth_logit_are_kept, uses_the_passed_generator, top_k_none_keeps_every_token]),
+}

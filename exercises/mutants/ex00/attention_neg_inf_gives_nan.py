@@ -1,0 +1,16 @@
+# Masks with -inf: a fully masked row becomes softmax([-inf, ..., -inf]) = NaN instead of zeros.
+import math
+from typing import Optional
+
+import torch
+
+from nanomodels.attention import _combine
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[torch.Tensor] = None,
+              *, causal: bool = False) -> torch.Tensor:
+    allowed = _combine(allowed, causal, q.size(-2), k.size(-2), q.device)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v

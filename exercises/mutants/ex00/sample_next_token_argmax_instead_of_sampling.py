@@ -1,0 +1,15 @@
+# Takes the argmax of the filtered distribution instead of drawing from it: greedy at every temperature.
+from typing import Optional
+
+import torch
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits, dim=-1).argmax(dim=-1, keepdim=True)
