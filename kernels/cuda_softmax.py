@@ -1,0 +1,84 @@
+"""Load the CUDA C row softmax (kernels/cuda/softmax.cu) from Python: nvcc builds a shared library, ctypes calls
+its host launcher with the tensors' device pointers on torch's current stream.
+
+The .cu file is torch-free `extern "C"` code: it compiles in about a second with plain nvcc, where a torch
+extension (torch/extension.h, load_inline) costs minutes and does not build at all against a CPU torch.
+Without a GPU the library still builds and loads; launching then returns a CUDA error code, raised here.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).parent / "cuda" / "softmax.cu"
+CACHE = Path(os.environ.get("NANOMODELS_CACHE", Path.home() / ".cache" / "nanomodels")) / "kernels"
+
+
+def nvcc() -> Optional[str]:
+    """Path of nvcc (PATH, then $CUDA_HOME/bin, then /usr/local/cuda/bin), or None."""
+    found = shutil.which("nvcc")
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if not found and home and (Path(home) / "bin" / "nvcc").exists():
+            found = str(Path(home) / "bin" / "nvcc")
+    return found
+
+
+def build(arch: Optional[str] = None) -> Path:
+    """Compile softmax.cu into a shared library for `arch` (e.g. "sm_90"; default: the current GPU, else sm_80).
+    Cached by source hash and arch."""
+    compiler = nvcc()
+    if compiler is None:
+        raise RuntimeError("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): the CUDA softmax needs the "
+                           "CUDA toolkit")
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0)
+        arch = f"sm_{major}{minor}"
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    lib = CACHE / f"softmax_{digest}_{arch}.so"
+    if not lib.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run([compiler, "-O3", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared", str(SOURCE), "-o",
+                        str(tmp)], check=True, capture_output=True, text=True)
+        tmp.replace(lib)  # atomic: a concurrent build never sees half a file
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def load(arch: Optional[str] = None) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build(arch)))
+    lib.softmax_rows_launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                        ctypes.c_void_p]
+    lib.softmax_rows_launch.restype = ctypes.c_int
+    lib.softmax_error_string.argtypes = [ctypes.c_int]
+    lib.softmax_error_string.restype = ctypes.c_char_p
+    return lib
+
+
+def launch(lib: ctypes.CDLL, x_ptr: int, y_ptr: int, n_rows: int, n_cols: int, version: int, stream: int) -> None:
+    """Call the host launcher; raise RuntimeError with CUDA's message on a nonzero cudaError_t."""
+    code = lib.softmax_rows_launch(x_ptr, y_ptr, n_rows, n_cols, version, stream)
+    if code != 0:
+        raise RuntimeError(f"softmax_rows_launch: CUDA error {code}: {lib.softmax_error_string(code).decode()}")
+
+
+def cuda_softmax(x: torch.Tensor, *, version: int = 2) -> torch.Tensor:
+    """Softmax over the last dimension of a float32 CUDA tensor with kernel `version` 1 (two reductions) or 2
+    (online, one read for both statistics)."""
+    if not isinstance(x, torch.Tensor) or not x.is_cuda or x.dtype != torch.float32 or x.dim() < 1:
+        raise ValueError(f"x: the CUDA C softmax takes a float32 CUDA tensor, got "
+                         f"{getattr(x, 'dtype', type(x))} on {getattr(x, 'device', '?')}")
+    if version not in (1, 2):
+        raise ValueError(f"version: 1 (two reductions) or 2 (online), got {version}")
+    rows = x.reshape(-1, x.size(-1)).contiguous()
+    y = torch.empty_like(rows)
+    launch(load(), rows.data_ptr(), y.data_ptr(), rows.size(0), rows.size(1), version,
+           torch.cuda.current_stream(x.device).cuda_stream)
+    return y.view(x.shape)

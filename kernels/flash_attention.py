@@ -1,0 +1,533 @@
+"""FlashAttention-2 in Triton, forward and backward, with the UniLM mask kinds computed inside each tile.
+
+    O = softmax(S) V,   S = Q K^T / sqrt(D) + M,   LSE_i = log sum_j exp(S_ij)   (natural log, one per query row)
+
+Forward (Dao 2023, arXiv 2307.08691): a program owns BLOCK_M query rows and walks the keys in tiles of BLOCK_N,
+the online softmax of kernels/softmax.py with a running output: per tile, S = Q K^T, m' = max(m, rowmax S),
+acc = acc * exp(m - m') + exp(S - m') V, ell likewise; O = acc / ell once at the end (FA2's deferred normalisation).
+S (T x T) never exists in memory. Scores are kept in base 2 (scale folded into sm_scale * log2 e, exp -> exp2).
+
+Masks (UniLM, arXiv 1905.03197), key j visible from query i (at position i + Tk - Tq), and always j < key_len[b]:
+
+    none (bidirectional)         every key
+    causal (left-to-right)       j <= i
+    prefix (seq2seq, prefix-LM)  j < prefix_len[b]  or  j <= i      (source bidirectional, target left-to-right)
+
+Each row sees a prefix [0, bound_i) of the keys, with bound_i growing with i. So for a query tile the key tiles
+split into three runs: fully visible tiles (no mask work), tiles cut by a mask edge (predicate from indices),
+and fully masked tiles, which are never loaded: that skipping is where a mask's speed comes from (about half
+the work for causal). A row that sees no key at all (key_len = 0) returns zeros and LSE = -inf, not NaN.
+
+Backward (FA2): P is recomputed from Q, K and the saved LSE (never stored), with delta_i = rowsum(dO * O):
+    dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = dS K / sqrt(D),   dK = dS^T Q / sqrt(D)
+We use two kernels, no atomics: one program per key tile accumulates dK, dV over the query tiles, one program
+per query tile accumulates dQ over the key tiles. S and P are computed twice, but each output is written once
+by one program: deterministic, and race-free by construction (the interpreter runs programs one at a time and
+could not expose a race in an atomic version).
+
+Kernels use plain pointer arithmetic (no block pointers, gone in Triton 3.9), so Triton 3.6 to 3.9 all work.
+Triton tutorial 06-fused-attention is the production-grade relative (warp specialisation, TMA, fp8).
+"""
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+
+from kernels import INTERPRET, backend, tl, triton
+from nanomodels.attention import attention
+
+MASK_NONE, MASK_CAUSAL, MASK_PREFIX = 0, 1, 2
+HEAD_DIMS = (16, 32, 64, 128)
+LengthsArg = Optional[Union[int, Sequence[int], torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------- the mask, in one place
+
+@triton.jit
+def _visible(q_pos, k_idx, key_len, prefix_len, MASK_KIND: tl.constexpr):
+    """True where key k_idx is visible from the query at position q_pos (both broadcast to the tile's shape)."""
+    ok = k_idx < key_len
+    if MASK_KIND == 1:
+        ok = ok & (k_idx <= q_pos)
+    elif MASK_KIND == 2:
+        ok = ok & ((k_idx < prefix_len) | (k_idx <= q_pos))
+    return ok
+
+
+@triton.jit
+def _key_range(m0, offset, key_len, prefix_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASK_KIND: tl.constexpr):
+    """Key tiles for query rows [m0, m0 + BLOCK_M): [0, full) are visible to every row, [full, hi) need the
+    mask, [hi, Tk) are fully masked and skipped. Row i sees keys [0, bound_i), bound_i growing with i."""
+    hi = key_len
+    full = key_len // BLOCK_N * BLOCK_N
+    if MASK_KIND == 1:
+        hi = tl.minimum(hi, m0 + BLOCK_M + offset)  # the last row's bound
+        full = tl.minimum(full, (m0 + offset + 1) // BLOCK_N * BLOCK_N)  # the first row's bound, whole tiles
+    elif MASK_KIND == 2:
+        hi = tl.minimum(hi, tl.maximum(prefix_len, m0 + BLOCK_M + offset))
+        full = tl.minimum(full, tl.maximum(prefix_len, m0 + offset + 1) // BLOCK_N * BLOCK_N)
+    return full, hi
+
+
+@triton.jit
+def _query_range(n0, offset, key_len, prefix_len, t_q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASK_KIND: tl.constexpr):
+    """Query tiles for key rows [n0, n0 + BLOCK_N): [lo, full) need the mask, [full, Tq) see the whole key
+    tile, [0, lo) see none of it. lo = full = Tq when the tile is all padding (n0 >= key_len)."""
+    lo = 0
+    full = 0
+    if MASK_KIND == 1:
+        lo = tl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M  # first row with position >= n0
+        full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M
+    elif MASK_KIND == 2:
+        lo = tl.where(n0 < prefix_len, 0, tl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M)
+        full = tl.where(n0 + BLOCK_N <= prefix_len, 0,
+                        tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M)
+    full = tl.where(n0 + BLOCK_N <= key_len, full, t_q)  # a tile cut by key_len always needs the mask
+    lo = tl.where(n0 < key_len, lo, t_q)
+    return lo, tl.minimum(full, t_q)
+
+
+# ----------------------------------------------------------------------------- forward
+
+@triton.jit
+def _fwd_tiles(acc, ell, m, q, q_pos, K, V, stride_kt, stride_vt, key_len, prefix_len, start, end, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASKED: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=offs_n[None, :] < key_len, other=0.0)
+        s = tl.dot(q, kt) * qk_scale  # (BLOCK_M, BLOCK_N) scores, base 2
+        if MASKED:
+            s = tl.where(_visible(q_pos[:, None], offs_n[None, :], key_len, prefix_len, MASK_KIND), s,
+                         -float("inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # a row with no visible key yet stays 0, not NaN
+        alpha = tl.exp2(m - m_ref)  # rescale what was accumulated under the old max
+        p = tl.exp2(s - m_ref[:, None])
+        ell = ell * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < key_len, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    return acc, ell, m
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, OUT, LSE, KEY_LEN, PREFIX_LEN, TILES, sm_scale, n_heads, t_q, t_k,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_lb, stride_lh,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     MASK_KIND: tl.constexpr, COUNT_TILES: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)  # grid: (query tiles, B * H)
+    b, h = bh // n_heads, bh % n_heads
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    OUT += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    key_len = tl.load(KEY_LEN + b)
+    prefix_len = tl.load(PREFIX_LEN + b)
+    offset = t_k - t_q  # query row i sits at position i + offset (the queries are the last Tq positions)
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < t_q, other=0.0)
+    m = tl.full((BLOCK_M,), -float("inf"), tl.float32)  # running max (base 2)
+    ell = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)  # running, unnormalised output
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2 e)
+
+    full, hi = _key_range(m0, offset, key_len, prefix_len, BLOCK_M, BLOCK_N, MASK_KIND)
+    q_pos = offs_m + offset
+    acc, ell, m = _fwd_tiles(acc, ell, m, q, q_pos, K, V, stride_kt, stride_vt, key_len, prefix_len, 0, full,
+                           qk_scale, HEAD_DIM, BLOCK_N, MASK_KIND, False)
+    acc, ell, m = _fwd_tiles(acc, ell, m, q, q_pos, K, V, stride_kt, stride_vt, key_len, prefix_len, full, hi,
+                           qk_scale, HEAD_DIM, BLOCK_N, MASK_KIND, True)
+
+    empty = ell == 0.0  # a fully masked row: acc = 0, so O = 0 and LSE = log(0) = -inf
+    ell = tl.where(empty, 1.0, ell)
+    tl.store(OUT + offs_m[:, None] * stride_ot + offs_d[None, :], (acc / ell[:, None]).to(OUT.dtype.element_ty),
+             mask=offs_m[:, None] < t_q)
+    lse = tl.where(empty, -float("inf"), (m + tl.log2(ell)) * 0.6931471805599453)  # back to natural log
+    tl.store(LSE + b.to(tl.int64) * stride_lb + h * stride_lh + offs_m, lse, mask=offs_m < t_q)
+    if COUNT_TILES:  # test hook: how many key tiles this program visited, unmasked and masked
+        slot = (bh * tl.cdiv(t_q, 16) + pid_m) * 2  # room for the smallest BLOCK_M (16) in any config
+        tl.store(TILES + slot, full // BLOCK_N)
+        tl.store(TILES + slot + 1, tl.cdiv(hi - full, BLOCK_N))
+
+
+# ----------------------------------------------------------------------------- backward
+
+@triton.jit
+def _attn_bwd_delta_kernel(OUT, DO, DELTA, n_heads, t_q, stride_ob, stride_oh, stride_ot,
+                           stride_dob, stride_doh, stride_dot, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m[:, None] < t_q
+    o = tl.load(OUT + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=rows, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
+                 + offs_d[None, :], mask=rows, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # = rowsum(P * dP), the softmax-backward term
+    tl.store(DELTA + bh.to(tl.int64) * t_q + offs_m, delta, mask=offs_m < t_q)
+
+
+@triton.jit
+def _bwd_dkdv_tiles(dk, dv, k, v, n_idx, Q, DO, LSE, DELTA, stride_qt, stride_dot, t_q, offset, key_len,
+                    prefix_len, start, end, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    MASK_KIND: tl.constexpr, MASKED: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        rows = offs_m < t_q
+        qt = tl.load(Q + offs_m[None, :] * stride_qt + offs_d[:, None], mask=rows[None, :], other=0.0)
+        do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=rows[:, None], other=0.0)
+        lse2 = tl.load(LSE + offs_m, mask=rows, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + offs_m, mask=rows, other=0.0)
+        st = tl.dot(k, qt) * qk_scale  # (BLOCK_N, BLOCK_M): S^T, base 2
+        if MASKED:
+            st = tl.where(_visible(offs_m[None, :] + offset, n_idx[:, None], key_len, prefix_len, MASK_KIND),
+                          st, -float("inf"))
+        pt = tl.exp2(st - lse2[None, :])  # P^T recomputed from the saved log-sum-exp
+        dv += tl.dot(pt.to(do.dtype), do)
+        dpt = tl.dot(v, tl.trans(do))
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt))
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_LEN, PREFIX_LEN, sm_scale, n_heads, t_q, t_k,
+                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          MASK_KIND: tl.constexpr):
+    pid_n, bh = tl.program_id(0), tl.program_id(1)  # grid: (key tiles, B * H)
+    b, h = bh // n_heads, bh % n_heads
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    LSE += bh.to(tl.int64) * t_q
+    DELTA += bh.to(tl.int64) * t_q
+    key_len = tl.load(KEY_LEN + b)
+    prefix_len = tl.load(PREFIX_LEN + b)
+    offset = t_k - t_q
+
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    keys = offs_n[:, None] < key_len
+    k = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=keys, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=keys, other=0.0)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    lo, full = _query_range(n0, offset, key_len, prefix_len, t_q, BLOCK_M, BLOCK_N, MASK_KIND)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, offs_n, Q, DO, LSE, DELTA, stride_qt, stride_dot, t_q, offset, key_len,
+                             prefix_len, lo, full, qk_scale, HEAD_DIM, BLOCK_M, MASK_KIND, True)
+    dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, offs_n, Q, DO, LSE, DELTA, stride_qt, stride_dot, t_q, offset, key_len,
+                             prefix_len, full, t_q, qk_scale, HEAD_DIM, BLOCK_M, MASK_KIND, False)
+
+    out = offs_n[:, None] < t_k
+    tl.store(DK + b.to(tl.int64) * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=out)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=out)
+
+
+@triton.jit
+def _bwd_dq_tiles(dq, q, do, lse2, delta, q_pos, K, V, stride_kt, stride_vt, key_len, prefix_len, start, end,
+                  qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                  MASKED: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        keys = offs_n[None, :] < key_len
+        kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=keys, other=0.0)
+        vt = tl.load(V + offs_n[None, :] * stride_vt + offs_d[:, None], mask=keys, other=0.0)
+        s = tl.dot(q, kt) * qk_scale
+        if MASKED:
+            s = tl.where(_visible(q_pos[:, None], offs_n[None, :], key_len, prefix_len, MASK_KIND), s,
+                         -float("inf"))
+        p = tl.exp2(s - lse2[:, None])
+        ds = p * (tl.dot(do, vt) - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt))
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_LEN, PREFIX_LEN, sm_scale, n_heads, t_q, t_k,
+                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                        stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                        stride_dqb, stride_dqh, stride_dqt,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        MASK_KIND: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1)  # grid: (query tiles, B * H)
+    b, h = bh // n_heads, bh % n_heads
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    key_len = tl.load(KEY_LEN + b)
+    prefix_len = tl.load(PREFIX_LEN + b)
+    offset = t_k - t_q
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m < t_q
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=rows[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
+                 + offs_d[None, :], mask=rows[:, None], other=0.0)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * t_q + offs_m, mask=rows, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * t_q + offs_m, mask=rows, other=0.0)
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    full, hi = _key_range(m0, offset, key_len, prefix_len, BLOCK_M, BLOCK_N, MASK_KIND)
+    q_pos = offs_m + offset
+    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, q_pos, K, V, stride_kt, stride_vt, key_len, prefix_len, 0, full,
+                       qk_scale, HEAD_DIM, BLOCK_N, MASK_KIND, False)
+    dq = _bwd_dq_tiles(dq, q, do, lse2, delta, q_pos, K, V, stride_kt, stride_vt, key_len, prefix_len, full, hi,
+                       qk_scale, HEAD_DIM, BLOCK_N, MASK_KIND, True)
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
+
+
+# ----------------------------------------------------------------------------- configs: one under the interpreter
+
+def _configs(gpu):
+    """`gpu` lists (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the default the compile tier checks.
+    The interpreter gets one 64 x 64 config (it cannot autotune, and its cost is per program and tile)."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu]
+
+
+# First entries: no register spills for D = 64 and 128 on sm_80 and sm_90 (checked by the compile tier).
+FWD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
+DKDV_CONFIGS = [(32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2)]
+DQ_CONFIGS = [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)]
+_KEY = ["t_q", "t_k", "HEAD_DIM", "MASK_KIND"]
+_fwd = triton.autotune(_configs(FWD_CONFIGS), key=_KEY)(_attn_fwd_kernel)
+_dkdv = triton.autotune(_configs(DKDV_CONFIGS), key=_KEY)(_attn_bwd_dkdv_kernel)
+_dq = triton.autotune(_configs(DQ_CONFIGS), key=_KEY)(_attn_bwd_dq_kernel)
+
+
+# ----------------------------------------------------------------------------- argument checks and launchers
+
+def _lengths(name: str, value: LengthsArg, batch: int, t_k: int, default: int, device) -> torch.Tensor:
+    """An int or a (B,) integer sequence/tensor with values in [0, t_k] -> int32 tensor (B,) on `device`."""
+    if value is None:
+        value = default
+    array_like = isinstance(value, (numbers.Integral, torch.Tensor, list, tuple)) or hasattr(value, "__array__")
+    if isinstance(value, bool) or not array_like:
+        raise ValueError(f"{name}: expected an int or a (B,) integer tensor, got {type(value).__name__}")
+    t = torch.as_tensor(value)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name}: must hold integers, got dtype {t.dtype}")
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"{name}: expected an int or shape (B,) = ({batch},), got shape {tuple(t.shape)}")
+    if len(t) and (int(t.min()) < 0 or int(t.max()) > t_k):
+        raise ValueError(f"{name}: every value must be in [0, Tk] = [0, {t_k}], got {t.tolist()}")
+    return t.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _check(q, k, v, causal, prefix_len, key_lengths, kernel=True):
+    """Validate everything before any launch; return (mask_kind, key_len (B,), prefix_len (B,)) as int32.
+    kernel=False (the reference) also accepts float64 and any head size."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name}: expected a tensor of shape (B, H, T, D), got {getattr(x, 'shape', x)}")
+    B, H, t_q, D = q.shape
+    t_k = k.size(2)
+    if k.shape != v.shape or k.shape[:2] != (B, H) or k.size(3) != D:
+        raise ValueError(f"k, v: expected shape (B, H, Tk, D) = ({B}, {H}, Tk, {D}) for both, got "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if t_q == 0 or t_k == 0:
+        raise ValueError(f"q, k: sequence lengths must be >= 1, got Tq={t_q}, Tk={t_k}")
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) + (() if kernel else (torch.float64,))
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in dtypes:
+        raise ValueError(f"q, k, v: one dtype among {dtypes}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v: must be on one device, got {q.device}, {k.device}, {v.device}")
+    if kernel and D not in HEAD_DIMS:
+        raise ValueError(f"q: head size D must be one of {HEAD_DIMS} (a power of two for tl.arange, >= 16 for "
+                         f"tl.dot), got {D}")
+    if causal and prefix_len is not None:
+        raise ValueError("causal, prefix_len: pick one mask kind; prefix_len already makes the target causal")
+    if (causal or prefix_len is not None) and t_k < t_q:
+        raise ValueError(f"causal/prefix_len: need Tk >= Tq (queries are the last Tq positions), got Tq={t_q}, "
+                         f"Tk={t_k}")
+    kind = MASK_PREFIX if prefix_len is not None else MASK_CAUSAL if causal else MASK_NONE
+    return (kind, _lengths("key_lengths", key_lengths, B, t_k, t_k, q.device),
+            _lengths("prefix_len", prefix_len, B, t_k, 0, q.device))
+
+
+def _strides(x: torch.Tensor):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _launch_forward(q, k, v, kind, key_len, prefix, out=None, lse=None, tile_counts=None):
+    B, H, t_q, D = q.shape
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty((B, H, t_q), device=q.device, dtype=torch.float32) if lse is None else lse
+    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _fwd[grid](q, k, v, out, lse, key_len, prefix, lse if tile_counts is None else tile_counts,
+               1.0 / math.sqrt(D), H, t_q, k.size(2), *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+               lse.stride(0), lse.stride(1), HEAD_DIM=D, MASK_KIND=kind, COUNT_TILES=tile_counts is not None)
+    return out, lse
+
+
+def _launch_backward(q, k, v, o, lse, do, kind, key_len, prefix, dq=None, dk=None, dv=None):
+    B, H, t_q, D = q.shape
+    t_k = k.size(2)
+    lse = lse.contiguous()
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    delta = torch.empty((B, H, t_q), device=q.device, dtype=torch.float32)
+    _attn_bwd_delta_kernel[(triton.cdiv(t_q, 64), B * H)](o, do, delta, H, t_q, *_strides(o), *_strides(do),
+                                                          HEAD_DIM=D, BLOCK_M=64)
+    common = (key_len, prefix, 1.0 / math.sqrt(D), H, t_q, t_k, *_strides(q), *_strides(k), *_strides(v),
+              *_strides(do))
+    _dkdv[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), B * H)](
+        q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), HEAD_DIM=D, MASK_KIND=kind)
+    _dq[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dq, *common, *_strides(dq), HEAD_DIM=D, MASK_KIND=kind)
+    return dq, dk, dv
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, kind, key_len, prefix):
+        q, k, v = _inner_contiguous(q), _inner_contiguous(k), _inner_contiguous(v)
+        o, lse = _launch_forward(q, k, v, kind, key_len, prefix)
+        ctx.save_for_backward(q, k, v, o, lse, key_len, prefix)
+        ctx.kind = kind
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, key_len, prefix = ctx.saved_tensors
+        dq, dk, dv = _launch_backward(q, k, v, o, lse, _inner_contiguous(do), ctx.kind, key_len, prefix)
+        return dq, dk, dv, None, None, None
+
+
+# ----------------------------------------------------------------------------- public API
+
+def allowed_mask(t_q: int, t_k: int, *, causal: bool = False, prefix_len: LengthsArg = None,
+                 key_lengths: LengthsArg = None, batch: int = 1, device=None) -> torch.Tensor:
+    """The boolean (B, 1, Tq, Tk) mask the kernel computes inside its tiles (True = may attend)."""
+    key_len = _lengths("key_lengths", key_lengths, batch, t_k, t_k, device)
+    prefix = _lengths("prefix_len", prefix_len, batch, t_k, 0, device)
+    q_pos = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)
+    k_idx = torch.arange(t_k, device=device)[None, :]
+    allowed = (k_idx < key_len[:, None, None])[:, None]  # (B, 1, 1, Tk)
+    if prefix_len is not None:
+        allowed = allowed & ((k_idx < prefix[:, None, None, None]) | (k_idx <= q_pos))
+    elif causal:
+        allowed = allowed & (k_idx <= q_pos)
+    return allowed.expand(batch, 1, t_q, t_k)
+
+
+def reference_attention(q, k, v, *, causal=False, prefix_len=None, key_lengths=None, return_lse=False):
+    """What `flash_attention` computes, through nanomodels.attention.attention and an explicit mask."""
+    _check(q, k, v, causal, prefix_len, key_lengths, kernel=False)
+    allowed = allowed_mask(q.size(2), k.size(2), causal=causal, prefix_len=prefix_len, key_lengths=key_lengths,
+                           batch=q.size(0), device=q.device)
+    out = attention(q, k, v, allowed)
+    if not return_lse:
+        return out
+    scores = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) / math.sqrt(q.size(-1))
+    return out, torch.logsumexp(scores.masked_fill(~allowed, -torch.inf), dim=-1)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    prefix_len: LengthsArg = None, key_lengths: LengthsArg = None, return_lse: bool = False):
+    """FlashAttention-2 with UniLM masks.   q: (B, H, Tq, D), k, v: (B, H, Tk, D) -> O (B, H, Tq, D) [, LSE].
+
+    causal: key j visible from query i when j <= i + (Tk - Tq) (left-to-right).
+    prefix_len: int or (B,) ints; seq2seq / prefix-LM: j < prefix_len[b], or j <= i + (Tk - Tq). Excludes causal.
+    key_lengths: int or (B,) ints; keys j >= key_lengths[b] are padding, never read. A row with no visible key
+        returns zeros (and LSE = -inf).
+    return_lse: also return LSE (B, H, Tq) float32, natural log, without gradient.
+    D must be one of HEAD_DIMS. Differentiable in q, k, v (FA2 backward kernels).
+    """
+    kind, key_len, prefix = _check(q, k, v, causal, prefix_len, key_lengths)
+    where = backend(q)
+    if where == "reference":
+        return reference_attention(q, k, v, causal=causal, prefix_len=prefix_len, key_lengths=key_lengths,
+                                   return_lse=return_lse)
+    dtype = q.dtype
+    if where == "interpreter" and dtype == torch.bfloat16:  # the interpreter cannot multiply bfloat16
+        q, k, v = q.float(), k.float(), v.float()
+    out, lse = _FlashAttention.apply(q, k, v, kind, key_len, prefix)
+    out = out.to(dtype)
+    return (out, lse) if return_lse else out
+
+
+def flash_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[torch.Tensor] = None,
+                       *, causal: bool = False) -> torch.Tensor:
+    """`flash_attention` behind nanomodels' attention-function signature: a drop-in `attn_fn`/`attention_fn`."""
+    if allowed is not None:
+        raise ValueError("allowed: flash_attention_fn computes its mask from indices inside each tile, so it "
+                         "takes no mask tensor. Use nanomodels.attention.attention for an arbitrary boolean mask, "
+                         "or kernels.flash_attention(q, k, v, causal=..., prefix_len=..., key_lengths=...) for "
+                         "the causal, prefix (seq2seq) and key-padding mask kinds.")
+    return flash_attention(q, k, v, causal=causal)
+
+
+# ----------------------------------------------------------------------------- test and teaching hooks
+
+def flash_attention_forward(q, k, v, *, causal=False, prefix_len=None, key_lengths=None, out=None, lse=None,
+                            tile_counts=None):
+    """Run the forward kernel once, no autograd. `out` / `lse` may be preallocated views (guard-band tests);
+    `tile_counts`, an int32 tensor of shape (B * H, cdiv(Tq, 16), 2), receives for query tile m (of
+    BLOCK_M rows, see `forward_block_sizes`) at [b * H + h, m] the number of key tiles visited without and
+    with the mask."""
+    kind, key_len, prefix = _check(q, k, v, causal, prefix_len, key_lengths)
+    return _launch_forward(q, k, v, kind, key_len, prefix, out, lse, tile_counts)
+
+
+def flash_attention_backward(q, k, v, o, lse, do, *, causal=False, prefix_len=None, key_lengths=None, dq=None,
+                             dk=None, dv=None):
+    """Run the three backward kernels once (delta, dK/dV, dQ); dq / dk / dv may be preallocated views."""
+    kind, key_len, prefix = _check(q, k, v, causal, prefix_len, key_lengths)
+    return _launch_backward(q, k, v, o, lse, do, kind, key_len, prefix, dq, dk, dv)
+
+
+def forward_block_sizes():
+    """(BLOCK_M, BLOCK_N) of the forward kernel's last call (the one config under the interpreter)."""
+    config = getattr(_fwd, "best_config", None) or _fwd.configs[0]
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+
+
+def tile_plan(allowed: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
+    """Classify the tiles of a (Tq, Tk) mask: 0 = fully masked (skipped), 1 = cut by the mask, 2 = fully
+    visible. Keys beyond Tk count as masked (a tile holding them needs the mask); query rows beyond Tq are
+    padding and count for nothing."""
+    t_q, t_k = allowed.shape
+    n_m, n_n = -(-t_q // block_m), -(-t_k // block_n)
+
+    def tiles(pad_rows: bool) -> torch.Tensor:  # (n_m, n_n, block_m * block_n)
+        padded = torch.zeros(n_m * block_m, n_n * block_n, dtype=torch.bool, device=allowed.device)
+        padded[t_q:, :t_k] = pad_rows
+        padded[:t_q, :t_k] = allowed
+        return padded.view(n_m, block_m, n_n, block_n).transpose(1, 2).reshape(n_m, n_n, -1)
+
+    return tiles(False).any(-1).long() + tiles(True).all(-1).long()
