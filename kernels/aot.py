@@ -84,7 +84,8 @@ def _triton_specs():
                           half, ("sm_scale",), consts, warps, stages))
         specs.append((f"attn_bwd_delta fp16 D={d}", fa._attn_bwd_delta_kernel, half, (),
                       {"HEAD_DIM": d, "BLOCK_M": 64}, 4, 1))
-    return specs
+    from kernels import layernorm
+    return specs + layernorm.aot_specs()
 
 
 def compile_triton(archs=ARCHS) -> list:

@@ -1,0 +1,126 @@
+"""Chapter 05's graded checks: the Sub-LN gamma, the Sub-LN feed-forward, the gamma initialization.
+
+Each check tests what the paper promises, in float64, against the learner's function (its first argument).
+Known-wrong solutions live in exercises/mutants/ex05/.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+from exercises.checking import Exercise, Violation, check
+from exercises.checks.ch04 import init_report
+
+F64 = torch.float64
+
+
+# ---- 5.1 gamma --------------------------------------------------------------------------------------------
+
+@check("encoder-only and decoder-only models with N layers get gamma = sqrt(log 2N) (natural log; the table: "
+       "N = 6 -> 1.5764, 12 -> 1.7827, 24 -> 1.9675), under the one key of the side that has layers")
+def single_stack_table(subln_gamma):
+    for n, gamma in {6: 1.5764, 12: 1.7827, 24: 1.9675}.items():
+        for side, kw in (("encoder", {"encoder_layers": n}), ("decoder", {"decoder_layers": n})):
+            got = subln_gamma(**kw)
+            if not isinstance(got, dict) or set(got) != {side}:
+                raise Violation(f"subln_gamma({side}_layers={n}) returned {got!r}; expected a dict with the one "
+                                f"key {side!r}")
+            value = float(got[side])
+            if abs(value - gamma) > 6e-5:
+                why = ""
+                if abs(value - math.sqrt(math.log(4 * n))) < 1e-9:
+                    why = "; that is sqrt(log 4N): N counts layers (blocks), not sublayers"
+                elif abs(value - math.log(2 * n)) < 1e-9:
+                    why = "; that is log 2N: the square root is missing"
+                elif abs(value - math.sqrt(math.log2(2 * n))) < 1e-9:
+                    why = "; that is log base 2: the paper uses the natural log"
+                raise Violation(f"N = {n}: got gamma = {value:.4f}, the table has {gamma}{why}")
+
+
+@check("gamma^2 = log(2N) for every N (and gamma > 1 from N = 2 on: Sub-LN multiplies the init)",
+       n=st.integers(2, 100_000))
+def gamma_squared_is_log_2n(subln_gamma, n):
+    value = float(subln_gamma(decoder_layers=n)["decoder"])
+    if abs(value ** 2 - math.log(2 * n)) > 1e-9:
+        raise Violation(f"N = {n}: gamma^2 = {value ** 2:.6g}, log(2N) = {math.log(2 * n):.6g}")
+
+
+@check("an encoder-decoder model gets encoder sqrt(log(3M) log(2N) / 3) and decoder sqrt(log 3M)")
+def encoder_decoder_table(subln_gamma):
+    for n, m in ((6, 6), (4, 20), (100, 3)):
+        got = subln_gamma(encoder_layers=n, decoder_layers=m)
+        if not isinstance(got, dict) or set(got) != {"encoder", "decoder"}:
+            raise Violation(f"subln_gamma({n}, {m}) returned {got!r}; expected keys 'encoder' and 'decoder'")
+        enc, dec = math.sqrt(math.log(3 * m) * math.log(2 * n) / 3), math.sqrt(math.log(3 * m))
+        if abs(float(got["encoder"]) - enc) > 1e-9 or abs(float(got["decoder"]) - dec) > 1e-9:
+            raise Violation(f"N = {n}, M = {m}: got encoder {float(got['encoder']):.4f}, decoder "
+                            f"{float(got['decoder']):.4f}; the paper gives {enc:.4f}, {dec:.4f}")
+
+
+# ---- 5.2 the feed-forward ---------------------------------------------------------------------------------
+
+def _ffn_parts(d: int, d_ff: int, seed: int):
+    torch.manual_seed(seed)
+    fc1, fc2 = nn.Linear(d, d_ff, dtype=F64), nn.Linear(d_ff, d, dtype=F64)
+    norm = nn.LayerNorm(d_ff, eps=0.0, dtype=F64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return fc1, norm, fc2
+
+
+def _ln(h, norm):
+    mean = h.mean(-1, keepdim=True)
+    return (h - mean) / ((h - mean) ** 2).mean(-1, keepdim=True).sqrt() * norm.weight + norm.bias
+
+
+@check("subln_ffn(x, fc1, inner_norm, fc2) = W2 LN(GELU(W1 x)) with the inner LayerNorm over d_ff, between the "
+       "activation and fc2", seed=st.integers(0, 2 ** 16), d_ff=st.sampled_from([12, 20, 40]))
+def matches_w2_ln_gelu_w1(subln_ffn, seed, d_ff):
+    fc1, norm, fc2 = _ffn_parts(8, d_ff, seed)
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    seen = []
+
+    def recording(h):
+        seen.append(h.shape[-1])
+        if h.shape[-1] != d_ff:
+            raise Violation(f"the inner norm was applied to a tensor of width {h.shape[-1]}; it normalizes over the "
+                            f"feed-forward width d_ff = {d_ff}, between the activation and fc2 (d = 8)")
+        return norm(h)
+
+    with torch.no_grad():
+        out = subln_ffn(x.clone(), fc1, recording, fc2)
+        ref = fc2(_ln(F.gelu(fc1(x)), norm))
+    if seen != [d_ff]:
+        raise Violation(f"the inner norm was called on tensors whose last dimension is {seen}; it must be called "
+                        f"once, over the feed-forward width d_ff = {d_ff} (not d = 8)")
+    diff = (out - ref).abs().max().item()
+    if not diff < 1e-10:
+        why = ""
+        if (out - fc2(F.gelu(_ln(fc1(x), norm)))).abs().max() < 1e-10:
+            why = ": yours normalizes before the activation"
+        raise Violation(f"the output differs from W2 LN(GELU(W1 x)) by {diff:.3g}{why}")
+
+
+# ---- 5.3 the init -----------------------------------------------------------------------------------------
+
+@check("xavier_normal_(gain=gamma) on v_proj, out_proj, fc1, fc2 (gamma > 1 multiplies; std within 6% of "
+       "gamma sqrt(2 / (fan_in + fan_out))), gain 1 on q_proj and k_proj, every other parameter untouched",
+       gamma=st.sampled_from([1.5, 1.9, 2.6]))
+def gamma_init_per_matrix(subln_init_, gamma):
+    init_report(subln_init_, gamma, "gamma")
+
+
+EXERCISES = {
+    "5.1": Exercise(points=2, checks=[single_stack_table, gamma_squared_is_log_2n, encoder_decoder_table],
+                    hint="math.sqrt(math.log(2 * L)) for a single stack of L layers; the enc-dec rows use 3M for "
+                         "the decoder and sqrt(log(3M) log(2N) / 3) for the encoder."),
+    "5.2": Exercise(points=2, checks=[matches_w2_ln_gelu_w1],
+                    hint="fc1, then GELU, then the inner norm (it is d_ff wide), then fc2."),
+    "5.3": Exercise(points=3, checks=[gamma_init_per_matrix],
+                    hint="The DeepNet init with gain gamma instead of beta: gamma > 1 multiplies the xavier std of "
+                         "v_proj, out_proj, fc1 and fc2; q_proj and k_proj keep gain 1."),
+}

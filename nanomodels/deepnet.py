@@ -1,0 +1,118 @@
+"""DeepNet: DeepNorm, a Post-LN residual with an up-weighted stream and a down-scaled init (arXiv 2203.00555).
+
+Post-LN, x_{l+1} = LN(x_l + G(x_l)), trains well when shallow and diverges when deep: early in training each
+of the 2N sublayers moves the output by O(1), the updates add up, and the LayerNorms amplify them. DeepNorm
+keeps the Post-LN form and bounds the total update ||F(x; theta_t) - F(x; theta_0)|| = O(1) with two
+constants:
+
+    x_{l+1} = LN(alpha * x_l + G_l(x_l))                        alpha > 1 weighs the stream, not the branch
+    xavier_normal_(W, gain=beta)  for W in {v_proj, out_proj, fc1, fc2}    beta < 1 shrinks the branches
+    xavier_normal_(W, gain=1)     for W in {q_proj, k_proj}; embeddings and the head are left as they are
+
+With N blocks (2N sublayers, each with two scaled matrices v = w = beta) the bound needs 2N (v^2 + w^2) /
+alpha^2 = O(1); alpha = (2N)^(1/4), beta = (8N)^(-1/4) make it exactly 2N * 2 beta^2 / alpha^2 = 1.
+
+| architecture          | alpha                  | beta                    |
+| encoder-only, N       | (2N)^(1/4)             | (8N)^(-1/4)             |
+| decoder-only, M       | (2M)^(1/4)             | (8M)^(-1/4)             |
+| enc-dec: encoder      | 0.81 (N^4 M)^(1/16)    | 0.87 (N^4 M)^(-1/16)    |
+| enc-dec: decoder      | (3M)^(1/4)             | (12M)^(-1/4)            |   (3 sublayers per decoder block)
+
+N and M count layers (blocks of attention + feed-forward), not sublayers.
+
+Paper vs official code (microsoft/torchscale @ 4d1e0e8): (1) `DecoderConfig(deepnorm=True)` sets
+`encoder_normalize_before=False` instead of the decoder's, so a torchscale "DeepNorm decoder" stays Pre-LN
+(with alpha and beta); the fairseq LM example even forces Pre-LN. (2) Its enc-dec encoder beta is 1.15 (N^4
+M)^(-1/16), where the paper has 0.87. (3) Its init is PyTorch's Linear default divided by init_scale = 1/beta,
+not xavier (xavier only with bert_init; microsoft/torchscale#16). This file follows the paper: Post-LN, 0.87,
+xavier normal with gain beta.
+"""
+
+import torch
+import torch.nn as nn
+
+from nanomodels.transformer import Transformer, TransformerConfig
+
+
+def _check_layers(encoder_layers, decoder_layers) -> None:
+    for name, value in (("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name}: must be an integer >= 0, got {value!r}")
+    if encoder_layers == 0 and decoder_layers == 0:
+        raise ValueError("encoder_layers, decoder_layers: at least one must be > 0 (both are 0)")
+
+
+def deepnorm_constants(encoder_layers: int = 0, decoder_layers: int = 0) -> dict:
+    """{"encoder": (alpha, beta), "decoder": (alpha, beta)}: one key per side with layers, the paper's table.
+
+    encoder_layers = N, decoder_layers = M (blocks). Encoder-only (M = 0) and decoder-only (N = 0) share one
+    formula; an encoder-decoder model gets the enc-dec rows for both sides.
+    """
+    _check_layers(encoder_layers, decoder_layers)
+    # BEGIN EXERCISE 4.1: the DeepNorm constants
+    N, M = encoder_layers, decoder_layers
+    if N and M:
+        return {"encoder": (0.81 * (N ** 4 * M) ** (1 / 16), 0.87 * (N ** 4 * M) ** (-1 / 16)),
+                "decoder": ((3 * M) ** (1 / 4), (12 * M) ** (-1 / 4))}
+    side, L = ("encoder", N) if N else ("decoder", M)
+    return {side: ((2 * L) ** (1 / 4), (8 * L) ** (-1 / 4))}
+    # END EXERCISE
+
+
+def deepnorm(x: torch.Tensor, g: torch.Tensor, alpha: float, norm) -> torch.Tensor:
+    """LN(alpha * x + g): x the residual stream (B, T, d), g = G(x) the sublayer's output, norm the LN."""
+    # BEGIN EXERCISE 4.2: the DeepNorm residual
+    return norm(alpha * x + g)
+    # END EXERCISE
+
+
+class DeepNorm(nn.Module):
+    """Residual part: LN(alpha * x + f(x)), alpha = (2N)^(1/4), N = config.n_layers (one stack of layers).
+
+    Post-LN, so no final LayerNorm. The init half of DeepNorm is `deepnorm_init_`, applied to the built model.
+    """
+
+    final_norm = False
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.alpha = deepnorm_constants(decoder_layers=config.n_layers)["decoder"][0]  # alpha
+        self.norm = nn.LayerNorm(config.d_model, bias=config.bias)
+
+    def forward(self, x, sublayer):
+        return deepnorm(x, sublayer(x), self.alpha, self.norm)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:.4f}"
+
+
+def deepnorm_init_(model: nn.Module, beta: float) -> nn.Module:
+    """In place: xavier_normal_(gain=beta) on each v_proj, out_proj, fc1, fc2 weight; gain 1 on q/k_proj.
+
+    Every other parameter (embeddings, the head, norms, biases) is left exactly as it was. Returns the model.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta: must be > 0, got {beta!r}")
+    # BEGIN EXERCISE 4.3: the DeepNorm initialization
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("v_proj", "out_proj", "fc1", "fc2"):
+            nn.init.xavier_normal_(module.weight, gain=beta)
+        elif leaf in ("q_proj", "k_proj"):
+            nn.init.xavier_normal_(module.weight, gain=1.0)
+    return model
+    # END EXERCISE
+
+
+def deepnet(config: TransformerConfig, **parts) -> Transformer:
+    """A decoder-only DeepNet: the core Transformer with residual=DeepNorm, then `deepnorm_init_`."""
+    model = Transformer(config, residual=DeepNorm, **parts)
+    return deepnorm_init_(model, deepnorm_constants(decoder_layers=config.n_layers)["decoder"][1])
+
+
+def deepnorm_bound(layers: int, alpha: float, beta: float) -> float:
+    """2N (v^2 + w^2) / alpha^2 with v = w = beta: the update bound, exactly 1 for the paper's constants."""
+    return 2 * layers * 2 * beta ** 2 / alpha ** 2
+
+
+__all__ = ["DeepNorm", "deepnet", "deepnorm", "deepnorm_bound", "deepnorm_constants", "deepnorm_init_"]
