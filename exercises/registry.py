@@ -40,6 +40,8 @@ class Chapter:
 CHAPTERS = {c.number: c for c in [
     Chapter("00", "tiny_transformer", "a tiny transformer from scratch",
             ("nanomodels/attention.py", "nanomodels/tokenizer.py", "nanomodels/transformer.py")),
+    Chapter("02", "unilm_masks", "UniLM attention masks", ("nanomodels/masks.py",)),
+    Chapter("03", "pseudo_masked_lm", "the pseudo-masked language model", ("nanomodels/pmlm.py",)),
     Chapter("04", "deepnet", "DeepNet: DeepNorm for very deep Post-LN Transformers", ("nanomodels/deepnet.py",)),
     Chapter("05", "subln_magneto", "Sub-LN and Magneto", ("nanomodels/subln.py",)),
 ]}

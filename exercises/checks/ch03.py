@@ -1,0 +1,230 @@
+"""Chapter 03's graded checks: the PMLM layout, the pseudo-mask rules, the s2s-ft signed-span-id mask.
+
+Each check tests the mechanism against the learner's function, its first argument, with a naive per-token
+transcription of the rules as the oracle. Known-wrong solutions live in exercises/mutants/ex03/.
+"""
+
+import torch
+from hypothesis import strategies as st
+
+from exercises.checking import Exercise, Violation, check
+
+AE, PSEUDO, REAL = 0, 1, 2
+M_ID, P_ID = 90, 91
+
+
+@st.composite
+def layouts(draw):
+    """x (n,), spans (disjoint contiguous position lists, sorted), a random order over them."""
+    n = draw(st.integers(1, 9))
+    cuts = sorted(set(draw(st.lists(st.integers(0, n), min_size=2, max_size=8))))
+    spans = [list(range(a, b)) for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
+    if not spans:
+        spans = [[0]]
+    order = draw(st.permutations(list(range(len(spans)))))
+    x = torch.tensor(draw(st.lists(st.integers(0, 9), min_size=n, max_size=n)))
+    return x, spans, list(order)
+
+
+def expected_layout(x, spans, order):
+    n, masked = len(x), {p for s in spans for p in s}
+    out = {"tokens": [M_ID if i in masked else int(x[i]) for i in range(n)], "positions": list(range(n)),
+           "kind": [AE] * n, "step": [-1] * n, "ae_targets": [int(x[i]) if i in masked else -100 for i in range(n)],
+           "par_targets": [-100] * n}
+    for st_, sid in enumerate(order):
+        for kind in (PSEUDO, REAL):
+            for p in spans[sid]:
+                out["tokens"].append(P_ID if kind == PSEUDO else int(x[p]))
+                out["positions"].append(p)
+                out["kind"].append(kind)
+                out["step"].append(st_)
+                out["ae_targets"].append(-100)
+                out["par_targets"].append(int(x[p]) if kind == PSEUDO else -100)
+    return out
+
+
+def rule(kq, sq, kk, sk) -> bool:
+    if kq == AE:
+        return kk == AE
+    if kk == AE:
+        return True
+    if kq == PSEUDO:
+        return (kk == REAL and sk < sq) or (kk == PSEUDO and sk == sq)
+    return kk == REAL and sk <= sq
+
+
+NAMES = {AE: "AE", PSEUDO: "[P]", REAL: "real"}
+
+
+# ---- 3.1 the layout ---------------------------------------------------------------------------------------
+
+def _layout(pmlm_layout, x, spans, order):
+    out = pmlm_layout(x, spans, order, M_ID, P_ID)
+    if not isinstance(out, dict):
+        raise Violation(f"pmlm_layout returned a {type(out).__name__}, expected a dict of tensors")
+    missing = [k for k in ("tokens", "positions", "kind", "step", "ae_targets", "par_targets") if k not in out]
+    if missing:
+        raise Violation(f"pmlm_layout's result lacks {missing}")
+    return {k: torch.as_tensor(v).tolist() for k, v in out.items()}
+
+
+def _compare(got, want, field, where):
+    if got[field] != want[field]:
+        i = next((i for i, (a, b) in enumerate(zip(got[field], want[field])) if a != b), min(len(got[field]),
+                                                                                               len(want[field])))
+        raise Violation(f"{where}: {field} = {got[field]}, expected {want[field]} (first difference at index {i})")
+
+
+@check("the paper's example (x1..x6, spans {x2}, {x4, x5}, order {x4, x5} then {x2}) gives "
+       "x1 [M] x3 [M] [M] x6 [P] [P] x4 x5 [P] x2 at positions 0 1 2 3 4 5 3 4 3 4 1 1")
+def paper_example(pmlm_layout):
+    x = torch.tensor([1, 2, 3, 4, 5, 6])
+    got, want = _layout(pmlm_layout, x, [[1], [3, 4]], [1, 0]), expected_layout(x, [[1], [3, 4]], [1, 0])
+    for field in ("tokens", "positions", "kind", "step"):
+        _compare(got, want, field, "paper example")
+
+
+@check("pseudo masks and real copies share the original position ids: pos([P]_m) = pos(x_m) = m",
+       case=layouts())
+def positions_are_shared(pmlm_layout, case):
+    got, want = _layout(pmlm_layout, *case), expected_layout(*case)
+    _compare(got, want, "positions", f"spans {case[1]}, order {case[2]}")
+
+
+@check("the AE block is x with [M] at every masked position; then, step by step in the given order, the span's "
+       "[P]s and then its real tokens (kind and step per token)", case=layouts())
+def blocks_in_factorization_order(pmlm_layout, case):
+    got, want = _layout(pmlm_layout, *case), expected_layout(*case)
+    for field in ("tokens", "kind", "step"):
+        _compare(got, want, field, f"x {case[0].tolist()}, spans {case[1]}, order {case[2]}")
+
+
+@check("L_AE is taken at the [M]s of the AE block and L_PAR at every [P], each labelled with the original token "
+       "(-100 elsewhere): |M| predictions each", case=layouts())
+def targets_of_both_losses(pmlm_layout, case):
+    got, want = _layout(pmlm_layout, *case), expected_layout(*case)
+    for field in ("ae_targets", "par_targets"):
+        _compare(got, want, field, f"x {case[0].tolist()}, spans {case[1]}, order {case[2]}")
+
+
+# ---- 3.2 the mask rules -----------------------------------------------------------------------------------
+
+@st.composite
+def kinds_and_steps(draw):
+    n_ae = draw(st.integers(0, 4))
+    sizes = draw(st.lists(st.integers(1, 3), min_size=0, max_size=4))
+    kind, step = [AE] * n_ae, [-1] * n_ae
+    for s, size in enumerate(sizes):
+        kind += [PSEUDO] * size + [REAL] * size
+        step += [s] * (2 * size)
+    perm = draw(st.permutations(list(range(len(kind)))))  # any token order: the rules depend on kind and step only
+    return torch.tensor([kind[p] for p in perm], dtype=torch.long), torch.tensor([step[p] for p in perm])
+
+
+def _mask(pmlm_mask, kind, step):
+    out = pmlm_mask(kind, step)
+    L = len(kind)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (L, L) or out.dtype != torch.bool:
+        raise Violation(f"pmlm_mask returned {getattr(out, 'shape', type(out).__name__)}, expected ({L}, {L}) bool")
+    return out
+
+
+def _against_rule(m, kind, step, only=None):
+    for q in range(len(kind)):
+        for k in range(len(kind)):
+            if only is not None and not only(int(kind[q]), int(kind[k])):
+                continue
+            want = rule(int(kind[q]), int(step[q]), int(kind[k]), int(step[k]))
+            if bool(m[q, k]) != want:
+                raise Violation(f"query {q} ({NAMES[int(kind[q])]}, step {int(step[q])}) -> key {k} "
+                                f"({NAMES[int(kind[k])]}, step {int(step[k])}) is {bool(m[q, k])}, expected {want}")
+
+
+@check("the AE block sees exactly the AE block (never a [P] or an appended real token); everyone sees the AE block",
+       case=kinds_and_steps())
+def autoencoding_block_is_closed(pmlm_mask, case):
+    kind, step = case
+    _against_rule(_mask(pmlm_mask, kind, step), kind, step, only=lambda kq, kk: kq == AE or kk == AE)
+
+
+@check("a [P] of step i sees the real tokens of steps < i (never its own or later spans) and the [P]s of its own "
+       "span only", case=kinds_and_steps())
+def pseudo_rows(pmlm_mask, case):
+    kind, step = case
+    _against_rule(_mask(pmlm_mask, kind, step), kind, step, only=lambda kq, kk: kq == PSEUDO and kk != AE)
+
+
+@check("a real token of step i sees the real tokens of steps <= i and never a [P]", case=kinds_and_steps())
+def real_rows(pmlm_mask, case):
+    kind, step = case
+    _against_rule(_mask(pmlm_mask, kind, step), kind, step, only=lambda kq, kk: kq == REAL and kk != AE)
+
+
+@check("batched input: kind and step of shape (B, L) give allowed of shape (B, L, L), row by row",
+       a=kinds_and_steps(), seed=st.integers(0, 1000))
+def works_on_a_batch(pmlm_mask, a, seed):
+    kind, step = a
+    perm = torch.randperm(len(kind), generator=torch.Generator().manual_seed(seed))
+    kinds, steps = torch.stack([kind, kind[perm]]), torch.stack([step, step[perm]])
+    out = pmlm_mask(kinds, steps)
+    L = len(kind)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, L, L):
+        raise Violation(f"for kind of shape (2, {L}) pmlm_mask returned {getattr(out, 'shape', None)}, "
+                        f"expected (2, {L}, {L})")
+    for b in range(2):
+        _against_rule(out[b], kinds[b], steps[b])
+
+
+# ---- 3.3 the s2s-ft signed-span-id mask -------------------------------------------------------------------
+
+@st.composite
+def s2s_cases(draw):
+    src = draw(st.integers(0, 4))
+    jumps = draw(st.lists(st.integers(0, 2), max_size=6))
+    return src, torch.tensor(jumps, dtype=torch.long).cumsum(0) + 1 if jumps else torch.zeros(0, dtype=torch.long)
+
+
+@check("on source ++ target ++ pseudo, the signed-span-id mask equals the PMLM rules (source = AE block, target = "
+       "real tokens, pseudo = [P]s, span id = step)", case=s2s_cases())
+def equals_the_rules(s2s_ft_mask, case):
+    src, ids = case
+    t = len(ids)
+    kind = torch.tensor([AE] * src + [REAL] * t + [PSEUDO] * t)
+    step = torch.cat([torch.full((src,), -1), ids, ids])
+    out = s2s_ft_mask(src, ids)
+    n = src + 2 * t
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, n) or out.dtype != torch.bool:
+        raise Violation(f"s2s_ft_mask({src}, {ids.tolist()}) returned {getattr(out, 'shape', None)}, "
+                        f"expected ({n}, {n}) bool")
+    try:
+        _against_rule(out, kind, step)
+    except Violation as err:
+        raise Violation(f"source {src}, target span ids {ids.tolist()}: {err}") from None
+
+
+@check("the reference note's example: source 3, target span ids [1, 1, 2, 3]")
+def official_example(s2s_ft_mask):
+    m = s2s_ft_mask(3, torch.tensor([1, 1, 2, 3]))
+    rows = {"t0": (3, [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0]), "t2": (5, [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0]),
+            "p0": (7, [1, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0]), "p2": (9, [1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 0])}
+    for name, (r, want) in rows.items():
+        got = [int(v) for v in m[r].tolist()]
+        if got != want:
+            raise Violation(f"row {name} is {got}, expected {want}")
+
+
+EXERCISES = {
+    "3.1": Exercise(points=3, checks=[paper_example, positions_are_shared, blocks_in_factorization_order,
+                                      targets_of_both_losses],
+                    hint="Start from the n original tokens with [M] at the masked positions (positions 0..n-1, kind "
+                         "AE, step -1). Then for each step st and span id sid = order[st]: append the span's [P]s, then "
+                         "its real tokens, each at its ORIGINAL position p, with kind PSEUDO / REAL and step st. The "
+                         "L_AE label sits on the AE block's [M]s, the L_PAR label on the [P]s."),
+    "3.2": Exercise(points=3, checks=[autoencoding_block_is_closed, pseudo_rows, real_rows, works_on_a_batch],
+                    hint="Broadcast kind and step as a query column (..., L, 1) and a key row (..., 1, L), write one "
+                         "boolean expression per query kind from the table in the docstring, and OR them."),
+    "3.3": Exercise(points=2, checks=[equals_the_rules, official_example],
+                    hint="w = [0]*src_len ++ ids ++ (-ids); a key is 'true' when w_key >= 0. Real rows (w_q >= 0): "
+                         "true key and w_key <= w_query. Pseudo rows (w_q < 0): true key and -w_key > w_query, or "
+                         "w_key == w_query (a pseudo of the same span)."),
+}
