@@ -7,8 +7,7 @@ Reproducibility: every batch comes from one seeded torch.Generator whose state i
 so `--resume` continues exactly where a run stopped (20 steps straight == 10 + resume + 10, tested).
 Data parallel: every rank draws the same global batch and keeps its slice; DDP averages the gradients,
 which equals the gradient of the mean loss over the global batch, so 2 processes match 1 (tested).
-Checkpoints never unpickle code: torch.save of tensors and plain values, loaded with weights_only=True,
-written to a temporary file and renamed, so a crash mid-write never leaves a broken checkpoint.
+Checkpoints never unpickle code and are written atomically (nanomodels/checkpoint.py).
 """
 
 import json
@@ -22,12 +21,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from nanomodels.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from nanomodels.data import get_batch, load_text, train_val_split
 from nanomodels.runtime import DEVICES, autocast_dtype, pick_device
 from nanomodels.tokenizer import get_tokenizer, tokenizer_from_dict
 from nanomodels.transformer import RESIDUALS, Transformer, TransformerConfig
 
-CHECKPOINT = "ckpt.pt"
 # options that may change on --resume; every other option must match the checkpoint
 RESUMABLE = {"steps", "stop_at", "eval_interval", "eval_iters", "device", "threads", "sample_tokens", "resume",
              "overwrite", "progress"}
@@ -120,24 +119,6 @@ def unigram_loss(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int
     counts = torch.bincount(train_ids, minlength=vocab_size).double() + 1.0
     logp = torch.log(counts / counts.sum())
     return float(-logp[val_ids].mean())
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: the old checkpoint stays intact until the new one is complete
-
-
-def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no file at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated file, wrong format, pickled code: all refused the same way
-        raise ValueError(f"checkpoint: {path} is corrupted or not a nanomodels checkpoint ({type(err).__name__})")
-    if not isinstance(state, dict) or not {"model", "config", "tokenizer", "step"} <= state.keys():
-        raise ValueError(f"checkpoint: {path} is not a nanomodels checkpoint (missing keys)")
-    return state
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> Transformer:
