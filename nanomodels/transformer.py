@@ -170,6 +170,9 @@ class Transformer(nn.Module):
     def hidden(self, idx, *, allowed=None, causal=True, positions=None, cache=None):
         """Final hidden states (B, T, d), before the head. `cache`: a list with one dict per layer, or None."""
         B, T = idx.shape
+        if idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < self.config.vocab_size:
+            raise ValueError(f"idx: token ids must be in [0, vocab_size={self.config.vocab_size}), "
+                             f"got values in [{int(idx.min())}, {int(idx.max())}]")
         past = cache[0]["k"].size(2) if cache and "k" in cache[0] else 0
         if positions is None:
             if past + T > self.config.block_size:

@@ -113,6 +113,8 @@ def test_too_long_sequence_and_bad_positions_raise_clear_errors():
         m(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="positions: "):
         m(torch.zeros(1, 4, dtype=torch.long), positions=torch.tensor([0, 1, 2, 16]))
+    with pytest.raises(ValueError, match=r"idx: token ids must be in \[0, vocab_size=37\), got values in \[0, 37\]"):
+        m(torch.tensor([[0, 37]]))
     with pytest.raises(ValueError, match=r"idx: expected token ids of shape \(B, T\)"):
         m(torch.zeros(4, dtype=torch.long))
 
