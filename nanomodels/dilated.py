@@ -1,0 +1,150 @@
+"""LongNet dilated attention: sparse attention whose cost is linear in the sequence length (arXiv 2307.02486).
+
+One pattern (w, r) = (segment length, dilation rate) splits the sequence into segments of w tokens and, in each
+segment, keeps every r-th row starting at offset s (head j uses s_j = j mod r):
+
+    Q~_i = [Q_{iw+s}, Q_{iw+s+r}, Q_{iw+s+2r}, ...]         (the same rows of K and V)
+    O~_i = softmax(Q~_i K~_i^T / sqrt(d)) V~_i              dense attention among the kept rows only
+    O|(w, r)  = O~_i scattered back to its rows, 0 on every row the pattern does not keep
+
+Several patterns are mixed per query with weights from each pattern's softmax denominator Z_i:
+
+    O = sum_i alpha_i O|(w_i, r_i),    alpha_i = Z_i / sum_j Z_j = softmax_i(LSE_i),    LSE_i = log Z_i
+
+This is exactly dense attention over the multiset union of the keys the patterns give a query, i.e. dense
+softmax attention with the additive bias log count(q, k) (-inf where no pattern pairs q with k). Cost per pattern:
+(T/w) segments x (w/r)^2 scores = T w / r^2, linear in T. LongNet's geometric configuration w_i = w0 a^i,
+r_i = a^i bounds the sum by T w0 a / (a - 1).
+
+Names: `segment_lengths` are the paper's w, `dilation_rates` its r, `offsets` its s_j; q, k, v are (B, H, T, D).
+T need not be a multiple of w: the last segment is shorter, and the keys padded onto it never receive weight.
+
+Paper vs official code (microsoft/torchscale @ 4d1e0e8, torchscale/component/dilated_attention.py): (1) offsets
+are implicit there: a diagonal trick gives a contiguous block of H/r heads the same offset (head j gets
+j // (H/r)), a permutation of the paper's j mod r; this file uses j mod r. (2) With H < r torchscale pads the
+heads, so some offsets are never queried; here offsets H..r-1 are never queried either, and a query kept by no
+pattern gets 0. (3) torchscale computes alpha under torch.no_grad(): the forward is exact but the backward is not
+the gradient of the combined attention; here alpha is differentiable unless `detach_weights=True`. (4) torchscale
+zero-pads to a multiple of w without a key mask, so in bidirectional use padded zero keys (score 0) absorb
+attention mass; here padded keys are masked. (5) torchscale runs only on a GPU (flash-attn or xformers); this file
+is plain PyTorch and runs anywhere.
+"""
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def check_patterns(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> tuple:
+    """Validate the patterns and return them as tuples of ints: w_i >= 1, r_i >= 1, r_i divides w_i."""
+    segment_lengths, dilation_rates = tuple(segment_lengths), tuple(dilation_rates)
+    if not segment_lengths or len(segment_lengths) != len(dilation_rates):
+        raise ValueError(f"segment_lengths, dilation_rates: need the same number (>= 1) of each, got "
+                         f"{len(segment_lengths)} and {len(dilation_rates)}")
+    for name, values in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        for value in values:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: every entry must be a positive integer, got {value!r}")
+    for w, r in zip(segment_lengths, dilation_rates):
+        if w % r:
+            raise ValueError(f"dilation_rates: r must divide its segment length w, got w={w}, r={r}")
+    return segment_lengths, dilation_rates
+
+
+def geometric_patterns(w0: int, a: int, n_patterns: int) -> tuple:
+    """LongNet's geometric configuration: segment lengths w0 a^i and dilation rates a^i, i = 0 .. n_patterns - 1."""
+    for name, value, low in (("w0", w0, 1), ("a", a, 2), ("n_patterns", n_patterns, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+    return tuple(w0 * a ** i for i in range(n_patterns)), tuple(a ** i for i in range(n_patterns))
+
+
+def head_offsets(n_heads: int, r: int) -> torch.Tensor:
+    """s_j = j mod r for heads j = 0 .. n_heads - 1: the row (mod r) within each segment that head j keeps."""
+    # BEGIN EXERCISE 6.1: the paper's head offsets
+    return torch.arange(n_heads) % r
+    # END EXERCISE
+
+
+def num_score_entries(T: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> int:
+    """Score entries one head computes: sum_i ceil(T / w_i) (w_i / r_i)^2 (a full last segment is counted)."""
+    segment_lengths, dilation_rates = check_patterns(segment_lengths, dilation_rates)
+    return sum(-(-T // w) * (w // r) ** 2 for w, r in zip(segment_lengths, dilation_rates))
+
+
+def dilated_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, r: int, *,
+                   causal: bool = False) -> tuple:
+    """One pattern (w, r): (O|(w, r), LSE), shapes (B, H, T, D) and (B, H, T); rows it does not keep: 0 and -inf."""
+    B, H, T, D = q.shape
+    n, m = -(-T // w), w // r  # segments (the last one may be short) and kept rows per segment
+    pad = n * w - T
+    s = head_offsets(H, r).to(q.device)
+    heads = torch.arange(H, device=q.device)
+
+    def keep_rows(x):  # (B, H, T, D) -> (B, H, n, m, D): in segment i, rows i*w + s_j + r*t
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(B, H, n, m, r, D)
+        return x[:, heads, :, :, s].transpose(0, 1)  # advanced indices move H first: (H, B, n, m, D) -> (B, H, ...)
+
+    # BEGIN EXERCISE 6.2: attention inside one pattern, with padded keys masked
+    qs, ks, vs = keep_rows(q), keep_rows(k), keep_rows(v)  # (B, H, n, m, D)
+    scores = qs @ ks.transpose(-2, -1) / math.sqrt(D)  # (B, H, n, m, m)
+    t = torch.arange(m, device=q.device)
+    pos = torch.arange(n, device=q.device)[:, None] * w + s[:, None, None] + r * t  # (H, n, m) original positions
+    allowed = (pos < T)[:, :, None, :]  # padded keys never receive weight
+    if causal:
+        allowed = allowed & (t[None, :] <= t[:, None])  # same offset in a segment: compressed order = original
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)  # padded query rows stay finite
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, n, m)
+    out = torch.exp(scores - lse[..., None]) @ vs  # (B, H, n, m, D)
+    # END EXERCISE
+    kept = torch.arange(r, device=q.device) == s[:, None]  # (H, r): the one row in each group of r that head j keeps
+    out = torch.where(kept[None, :, None, None, :, None], out.unsqueeze(4), 0.0)  # (B, H, n, m, r, D)
+    lse = torch.where(kept[None, :, None, None, :], lse.unsqueeze(4), -math.inf)  # (B, H, n, m, r)
+    return out.reshape(B, H, n * w, D)[:, :, :T], lse.reshape(B, H, n * w)[:, :, :T]
+
+
+def merge_by_lse(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *,
+                 detach_weights: bool = False) -> torch.Tensor:
+    """sum_i alpha_i O_i with alpha = softmax over i of LSE_i (the split-KV / flash-decoding combine).
+
+    outs: (..., T, D) each, lses: (..., T) each. A row with LSE = -inf in every input gets 0. With
+    detach_weights, alpha is a constant in the backward pass (torchscale's no_grad mixing).
+    """
+    # BEGIN EXERCISE 6.3: the LSE merge
+    lse = torch.stack(list(lses))  # (P, ..., T)
+    if detach_weights:
+        lse = lse.detach()
+    top = lse.amax(dim=0)
+    top = torch.where(torch.isfinite(top), top, 0.0)  # rows no input covers: exp(-inf - 0) = 0, no NaN
+    z = torch.exp(lse - top)  # Z_i up to the common factor exp(top)
+    total = z.sum(dim=0)
+    alpha = z / torch.where(total > 0, total, 1.0)
+    return sum(a.unsqueeze(-1) * o for a, o in zip(alpha, outs))
+    # END EXERCISE
+
+
+def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: Sequence[int],
+                      dilation_rates: Sequence[int], *, causal: bool = False,
+                      detach_weights: bool = False) -> torch.Tensor:
+    """LongNet dilated attention, q, k, v: (B, H, T, D) -> (B, H, T, D); causal hides later positions."""
+    segment_lengths, dilation_rates = check_patterns(segment_lengths, dilation_rates)
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v: must all have the same shape (B, H, T, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    branches = [dilated_branch(q, k, v, w, r, causal=causal) for w, r in zip(segment_lengths, dilation_rates)]
+    return merge_by_lse([o for o, _ in branches], [lse for _, lse in branches], detach_weights=detach_weights)
+
+
+def dilated_attention_fn(segment_lengths: Sequence[int], dilation_rates: Sequence[int], *,
+                         detach_weights: bool = False):
+    """An attention-function part `fn(q, k, v, allowed=None, *, causal=False)` for fixed patterns."""
+    segment_lengths, dilation_rates = check_patterns(segment_lengths, dilation_rates)
+
+    def fn(q, k, v, allowed=None, *, causal=False):
+        if allowed is not None:
+            raise ValueError("allowed: dilated attention chooses its own keys; pass no mask (only causal)")
+        return dilated_attention(q, k, v, segment_lengths, dilation_rates, causal=causal,
+                                 detach_weights=detach_weights)
+
+    return fn
