@@ -37,7 +37,10 @@ def _grade(args) -> int:
         if args.reference:
             source = Source("reference")
         elif args.mutant:
-            source = Source("mutant", args.mutant)
+            from exercises.mutants import find
+
+            mutant = find(chapter, args.mutant)  # KeyError naming the chapter's mutants when unknown
+            source = Source("mutant", exercises=(mutant.exercise,), mutant=mutant.name)
         else:
             source = Source("file", args.file or str(chapter.student_file))
         if source.path and not Path(source.path).is_file():
@@ -71,8 +74,8 @@ def main(argv=None) -> int:
     which = g.add_mutually_exclusive_group()
     which.add_argument("--file", help="the file to grade (default: the chapter's exercises/exNN_<topic>.py)")
     which.add_argument("--reference", action="store_true", help="grade the reference solutions (the library)")
-    which.add_argument("--mutant", metavar="PATH",
-                       help="grade the reference with this file's function swapped in")
+    which.add_argument("--mutant", metavar="NAME",
+                       help="grade the reference with this mutant's patch (exercises/mutants/chNN_<topic>.py)")
     g.add_argument("--exercise", action="append", metavar="ID", help="grade only this exercise (repeatable)")
     g.add_argument("--timeout", type=float, default=None, metavar="S", help="time limit per check (20 s)")
     g.add_argument("--json", action="store_true", help="print the results as JSON")

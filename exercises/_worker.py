@@ -60,22 +60,24 @@ def _load_file(path: str, name: str):
     return module
 
 
-def load(source: dict, marked, job: int) -> tuple[dict, str | None]:
-    """The functions to grade, by name. source: {"kind": "file" | "reference" | "mutant", "path": ...}."""
+def load(source: dict, marked, job: int, chapter) -> tuple[dict, str | None]:
+    """The functions to grade, by name. source: {"kind": "file" | "reference" | "mutant", "path": ...,
+    "mutant": the mutant's name}."""
     if source["kind"] != "file":
         reference = {m.function: getattr(import_module(m.module), m.function) for m in marked}
-        if source["kind"] == "reference":
-            return reference, None
+        if source["kind"] == "mutant":  # the reference with one function patched
+            from exercises.mutants import build, find
+
+            mutant = find(chapter, source["mutant"])
+            target = next(m for m in marked if m.id == mutant.exercise)
+            reference[target.function] = build(target, mutant)
+        return reference, None
     name = f"_graded_{job}"
     try:
         module = _load_file(source["path"], name)
     except BaseException as exc:  # noqa: BLE001 - a learner's file may raise anything at import, SystemExit too
         return {}, _error_text(exc, source["path"])
-    mine = {m.function: getattr(module, m.function) for m in marked if hasattr(module, m.function)}
-    if source["kind"] == "file":
-        return mine, None
-    # a mutant: the reference, with the functions the mutant file itself defines swapped in
-    return {**reference, **{k: f for k, f in mine.items() if getattr(f, "__module__", None) == name}}, None
+    return {m.function: getattr(module, m.function) for m in marked if hasattr(module, m.function)}, None
 
 
 def main() -> None:
@@ -109,7 +111,7 @@ def main() -> None:
         send(event="importing", job=j)
         sink = Sink()
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            functions, error = load(job["source"], marked.values(), j)
+            functions, error = load(job["source"], marked.values(), j, chapter)
         send(event="imported", job=j, error=error, printed=sink.lines, output=sink.head)
         path = job["source"].get("path")
         for n, ex in enumerate(job["exercises"]):

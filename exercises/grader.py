@@ -38,18 +38,20 @@ class GraderError(RuntimeError):
 @dataclass(frozen=True)
 class Source:
     """What to grade: a learner's file, the reference (the library itself), or a mutant (the reference with
-    the one function a file under exercises/mutants/ defines swapped in)."""
+    one exercise's region patched, by name from exercises/mutants/chNN_<topic>.py)."""
 
     kind: str  # "file" | "reference" | "mutant"
-    path: str | None = None
+    path: str | None = None  # the file, for kind "file"
     exercises: tuple[str, ...] | None = None  # grade only these (None: those grade_many is asked for)
+    mutant: str | None = None  # the mutant's name, for kind "mutant"
 
     def label(self) -> str:
         if self.kind == "reference":
             return "the reference solutions (the library itself)"
+        if self.kind == "mutant":
+            return f"mutant {self.mutant} (the reference with this patch)"
         path = Path(self.path)
-        shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-        return f"{shown} (the reference, this function swapped in)" if self.kind == "mutant" else f"{shown}"
+        return f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
 
 
 class _Events:
@@ -106,8 +108,10 @@ def grade_many(chapter: Chapter, sources: list[Source], exercises: list[str] | N
     if unknown:
         raise ValueError(f"chapter {chapter.number} has no exercise {', '.join(unknown)} "
                           f"(it has {', '.join(ids)})")
-    sources = [Source(s.kind, str(Path(s.path).resolve()) if s.path else None, s.exercises) for s in sources]
-    jobs = [{"source": {"kind": s.kind, "path": s.path}, "exercises": w} for s, w in zip(sources, wanted)]
+    sources = [Source(s.kind, str(Path(s.path).resolve()) if s.path else None, s.exercises, s.mutant)
+               for s in sources]
+    jobs = [{"source": {"kind": s.kind, "path": s.path, "mutant": s.mutant}, "exercises": w}
+            for s, w in zip(sources, wanted)]
     todo = [(j, ex) for j, w in enumerate(wanted) for ex in w]
     if not todo:
         raise ValueError("nothing to grade")

@@ -1,10 +1,15 @@
 """Which library files feed which student file: one row per chapter.
 
+One name per chapter: chapter 04 with topic "deepnet" is exercises/ex04_deepnet.py (the learner's file),
+exercises/checks/ch04_deepnet.py (points, hints, graded checks) and exercises/mutants/ch04_deepnet.py (known-wrong
+solutions as patches of the reference).
+
 Adding a chapter's exercises:
-  1. mark the regions in the library (`# BEGIN EXERCISE 2.1: title` ... `# END EXERCISE`, inside a function);
+  1. mark the regions in the library (`# BEGIN EXERCISE 6.1: title` ... `# END EXERCISE`, inside a function);
   2. add its row below;
-  3. write exercises/checks/chNN.py (points, hint and graded checks per exercise; copy ch00.py's shape);
-  4. add at least 3 known-wrong solutions under exercises/mutants/exNN/;
+  3. write exercises/checks/chNN_<topic>.py (points, hints and graded checks per exercise; copy
+     ch04_deepnet.py's shape, and take strategies and oracles from exercises/checks/common.py);
+  4. write exercises/mutants/chNN_<topic>.py: at least 3 `Mutant(...)` patches per exercise;
   5. run `python -m exercises stubs` and commit the generated exercises/exNN_<topic>.py.
 tests/test_exercises.py picks the new chapter and its mutants up by itself.
 """
@@ -26,15 +31,19 @@ class Chapter:
 
     @property
     def student_file(self) -> Path:
-        return self.directory / f"ex{self.number}_{self.topic}.py"
+        return self.directory / f"ex{self.name}.py"
+
+    @property
+    def name(self) -> str:
+        return f"{self.number}_{self.topic}"  # "04_deepnet"
 
     @property
     def checks_module(self) -> str:
-        return f"exercises.checks.ch{self.number}"
+        return f"exercises.checks.ch{self.name}"
 
     @property
-    def mutants_dir(self) -> Path:
-        return self.directory / "mutants" / f"ex{self.number}"
+    def mutants_module(self) -> str:
+        return f"exercises.mutants.ch{self.name}"
 
 
 CHAPTERS = {c.number: c for c in [

@@ -21,27 +21,14 @@ if str(ROOT) not in sys.path:  # `exercises` sits beside the library; an older e
 
 from exercises.grader import Source, format_report, grade, grade_many  # noqa: E402
 from exercises.registry import CHAPTERS, chapter_of, get_chapter  # noqa: E402
+from exercises.mutants import Mutant, PatchError, build, patched_source, region  # noqa: E402
+from exercises.mutants import load as load_mutants  # noqa: E402
 from exercises.stubs import BEGIN, END, MarkerError, generate, reset, scan, solved, write_stubs  # noqa: E402
 
 CH00 = get_chapter("00")
 
 
-def mutant_function(path: Path, chapter) -> str:
-    """The one exercise function a mutant file defines."""
-    names = {f.function for f in scan(chapter)}
-    tree = ast.parse(path.read_text())
-    defined = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in names]
-    assert len(defined) == 1, f"{path.name}: a mutant defines exactly one exercise function, found {defined}"
-    return defined[0]
-
-
-MUTANTS = [pytest.param(c, p, id=f"{c.number}/{p.stem}") for c in CHAPTERS.values()
-           for p in sorted(c.mutants_dir.glob("*.py"))]
-
-
-def exercise_of(path: Path, chapter) -> str:
-    function = mutant_function(path, chapter)
-    return next(m.id for m in scan(chapter) if m.function == function)
+MUTANTS = [pytest.param(c, m, id=f"{c.number}/{m.name}") for c in CHAPTERS.values() for m in load_mutants(c)]
 
 
 def summary(report: dict) -> str:
@@ -218,17 +205,35 @@ def test_reference_scores_full_marks_and_untouched_stub_scores_zero(chapter, tmp
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS.values(), ids=lambda c: c.number)
-def test_every_exercise_has_at_least_three_commented_mutants(chapter):
-    per_exercise = {m.id: [] for m in scan(chapter)}
-    for path in sorted(chapter.mutants_dir.glob("*.py")):
-        function = mutant_function(path, chapter)
-        prefix = function.rstrip("_") + "_"
-        assert path.stem.startswith(prefix), f"{path.name}: name it {prefix}<the mistake>.py"
-        first = path.read_text().splitlines()[0]
-        assert first.startswith("# ") and len(first) > 20, f"{path.name}: first line says what it gets wrong"
-        per_exercise[exercise_of(path, chapter)].append(path.name)
+def test_every_exercise_has_at_least_three_described_mutants(chapter):
+    marked = {m.id: m for m in scan(chapter)}
+    per_exercise = {ex: [] for ex in marked}
+    for mutant in load_mutants(chapter):
+        prefix = marked[mutant.exercise].function.rstrip("_") + "_"
+        assert mutant.name.startswith(prefix), f"{mutant.name}: name it {prefix}<the mistake>"
+        assert len(mutant.description) > 20, f"{mutant.name}: the description says what it gets wrong"
+        per_exercise[mutant.exercise].append(mutant.name)
     for ex, names in per_exercise.items():
         assert len(names) >= 3, f"exercise {ex} has {len(names)} mutants ({names}); it needs at least 3"
+
+
+@pytest.mark.parametrize("chapter, mutant", MUTANTS)
+def test_mutant_patch_applies_once_to_its_region_and_changes_the_code(chapter, mutant):
+    marked = next(m for m in scan(chapter) if m.id == mutant.exercise)
+    source = patched_source(marked, mutant)  # PatchError when `old` is no longer in the region exactly once
+    original = (ROOT / marked.source).read_text().splitlines()[marked.lines[0] - 1: marked.lines[1]]
+    assert ast.dump(ast.parse(source)) != ast.dump(ast.parse("\n".join(original))), (
+        f"{mutant.name}: the patch changes only comments or layout, not the code")
+    assert callable(build(marked, mutant))
+
+
+def test_a_patch_that_no_longer_applies_fails_naming_the_mutant():
+    marked = next(m for m in scan(CH00) if m.id == "0.2")
+    stale = Mutant("0.2", "causal_mask_stale", "a patch of code that is gone",
+                    old="this line is not in the region", new="pass")
+    with pytest.raises(PatchError, match="causal_mask_stale.*occurs 0 times"):
+        patched_source(marked, stale)
+    assert "this line is not in the region" not in region(marked)
 
 
 @pytest.fixture(scope="module")
@@ -236,21 +241,22 @@ def mutant_reports():
     """Every mutant graded on its own exercise, one worker per chapter."""
     reports = {}
     for chapter in CHAPTERS.values():
-        paths = sorted(chapter.mutants_dir.glob("*.py"))
-        sources = [Source("mutant", str(p), (exercise_of(p, chapter),)) for p in paths]
-        for path, report in zip(paths, grade_many(chapter, sources)):
-            reports[path] = report
+        mutants = load_mutants(chapter)
+        sources = [Source("mutant", exercises=(m.exercise,), mutant=m.name) for m in mutants]
+        for mutant, report in zip(mutants, grade_many(chapter, sources)):
+            reports[chapter.number, mutant.name] = report
     return reports
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("chapter, path", MUTANTS)
-def test_mutant_loses_its_exercise_points(chapter, path, mutant_reports):
-    (e,) = mutant_reports[path]["exercises"]
-    assert e["id"] == exercise_of(path, chapter)
-    assert e["points"] < e["max_points"], (f"the grader gives {path.name} (a wrong {e['function']}: "
-                                           f"{path.read_text().splitlines()[0][2:]}) full marks")
-    assert e["status"] == "failed", summary(mutant_reports[path])  # it runs and is caught by a check
+@pytest.mark.parametrize("chapter, mutant", MUTANTS)
+def test_mutant_loses_its_exercise_points(chapter, mutant, mutant_reports):
+    report = mutant_reports[chapter.number, mutant.name]
+    (e,) = report["exercises"]
+    assert e["id"] == mutant.exercise
+    assert e["points"] < e["max_points"], (f"the grader gives mutant {mutant.name} (a wrong {e['function']}: "
+                                           f"{mutant.description}) full marks")
+    assert e["status"] == "failed", summary(report)  # it runs and is caught by a check
     assert all(c["message"] for c in e["checks"] if not c["passed"])
 
 

@@ -1,7 +1,7 @@
 """Chapter 02's graded checks: the seq2seq mask, the semi-causal mask, cloze decoding with a cache.
 
 Each check tests the mechanism (who may attend to whom; cached decoding = full recompute) against the learner's
-function, its first argument. Known-wrong solutions for each exercise live in exercises/mutants/ex02/.
+function, its first argument. Known-wrong solutions: exercises/mutants/ch02_*.py.
 """
 
 import torch

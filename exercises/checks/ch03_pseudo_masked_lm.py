@@ -1,7 +1,7 @@
 """Chapter 03's graded checks: the PMLM layout, the pseudo-mask rules, the s2s-ft signed-span-id mask.
 
 Each check tests the mechanism against the learner's function, its first argument, with a naive per-token
-transcription of the rules as the oracle. Known-wrong solutions live in exercises/mutants/ex03/.
+transcription of the rules as the oracle. Known-wrong solutions: exercises/mutants/ch03_*.py.
 """
 
 import torch

@@ -1,7 +1,7 @@
 """Chapter 04's graded checks: the DeepNorm constants, the DeepNorm residual, the beta initialization.
 
 Each check tests what the paper promises, in float64, against the learner's function (its first argument).
-Known-wrong solutions live in exercises/mutants/ex04/.
+Known-wrong solutions: exercises/mutants/ch04_*.py.
 """
 
 import math

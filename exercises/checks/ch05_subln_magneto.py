@@ -1,7 +1,7 @@
 """Chapter 05's graded checks: the Sub-LN gamma, the Sub-LN feed-forward, the gamma initialization.
 
 Each check tests what the paper promises, in float64, against the learner's function (its first argument).
-Known-wrong solutions live in exercises/mutants/ex05/.
+Known-wrong solutions: exercises/mutants/ch05_*.py.
 """
 
 import math
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
-from exercises.checks.ch04 import init_report
+from exercises.checks.ch04_deepnet import init_report
 
 F64 = torch.float64
 

@@ -1,0 +1,221 @@
+"""Chapter 00's mutants (a tiny transformer from scratch): known-wrong solutions, each a patch of a reference
+region. Every mutant must lose its exercise's points, and every patch must still apply to the library's region
+(tests/test_exercises.py). The format is described in exercises/mutants/__init__.py.
+"""
+
+from exercises.mutants import Mutant
+
+MUTANTS = [
+    Mutant("0.1", "attention_fully_masked_row_uniform",
+           "forgets to zero the rows that see no key: a fully masked query averages every value uniformly",
+           old=("if allowed is None:\n"
+                "    return torch.softmax(scores, dim=-1) @ v\n"
+                "# the most negative finite number instead of -inf: a fully masked row stays finite (uniform), no NaN\n"
+                "scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)\n"
+                "weights = torch.softmax(scores, dim=-1)\n"
+                "weights = weights.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)  # fully masked row -> zeros\n"
+                "return weights @ v"),
+           new=("if allowed is not None:\n"
+                "    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)\n"
+                "return torch.softmax(scores, dim=-1) @ v")),
+    Mutant("0.1", "attention_mask_after_softmax",
+           ("applies the mask after the softmax: masked keys still enter the normaliser, so the weights do "
+            "not sum to 1"),
+           old=("scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)\n"
+                "if allowed is None:\n"
+                "    return torch.softmax(scores, dim=-1) @ v\n"
+                "# the most negative finite number instead of -inf: a fully masked row stays finite (uniform), no NaN\n"
+                "scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)\n"
+                "weights = torch.softmax(scores, dim=-1)\n"
+                "weights = weights.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)  # fully masked row -> zeros"),
+           new=("weights = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1)), dim=-1)\n"
+                "if allowed is not None:\n"
+                "    weights = weights.masked_fill(~allowed, 0.0)")),
+    Mutant("0.1", "attention_mask_inverted",
+           ("reads the mask the wrong way round: hides the keys marked True (= may attend) and keeps the "
+            "others"),
+           old=("scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)\n"
+                "weights = torch.softmax(scores, dim=-1)\n"
+                "weights = weights.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)  # fully masked row -> zeros"),
+           new=("scores = scores.masked_fill(allowed, torch.finfo(scores.dtype).min)\n"
+                "weights = torch.softmax(scores, dim=-1)\n"
+                "weights = weights.masked_fill(allowed.all(dim=-1, keepdim=True), 0.0)")),
+    Mutant("0.1", "attention_neg_inf_gives_nan",
+           "masks with -inf: a fully masked row becomes softmax([-inf, ..., -inf]) = NaN instead of zeros",
+           old=("if allowed is None:\n"
+                "    return torch.softmax(scores, dim=-1) @ v\n"
+                "# the most negative finite number instead of -inf: a fully masked row stays finite (uniform), no NaN\n"
+                "scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)\n"
+                "weights = torch.softmax(scores, dim=-1)\n"
+                "weights = weights.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)  # fully masked row -> zeros\n"
+                "return weights @ v"),
+           new=("if allowed is not None:\n"
+                "    scores = scores.masked_fill(~allowed, float(\"-inf\"))\n"
+                "return torch.softmax(scores, dim=-1) @ v")),
+    Mutant("0.1", "attention_no_scale",
+           "forgets the 1/sqrt(d) scaling: the scores are q·k, so the softmax is too peaked for large heads",
+           old="scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)",
+           new="scores = q @ k.transpose(-2, -1)"),
+    Mutant("0.1", "attention_scale_by_d",
+           "divides the scores by d instead of sqrt(d)",
+           old="scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)",
+           new="scores = (q @ k.transpose(-2, -1)) / q.size(-1)"),
+    Mutant("0.1", "attention_softmax_over_queries",
+           "takes the softmax over the wrong axis (the queries, dim=-2) instead of the keys",
+           old=("    return torch.softmax(scores, dim=-1) @ v\n"
+                "# the most negative finite number instead of -inf: a fully masked row stays finite (uniform), no NaN\n"
+                "scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)\n"
+                "weights = torch.softmax(scores, dim=-1)"),
+           new=("    return torch.softmax(scores, dim=-2) @ v\n"
+                "scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)\n"
+                "weights = torch.softmax(scores, dim=-2)")),
+    Mutant("0.2", "causal_mask_float_not_bool",
+           ("returns a 0/1 float tensor: `allowed` must be boolean (True = may attend), and ~mask fails on "
+            "floats"),
+           old=("query_pos = torch.arange(n_queries, device=device)[:, None] + (n_keys - n_queries)\n"
+                "key_pos = torch.arange(n_keys, device=device)[None, :]\n"
+                "return key_pos <= query_pos"),
+           new="return torch.tril(torch.ones(n_queries, n_keys, device=device), diagonal=n_keys - n_queries)"),
+    Mutant("0.2", "causal_mask_ignores_the_cache_offset",
+           ("ignores the cache offset: with n_keys > n_queries query i sees only keys <= i, as if it were "
+            "position i"),
+           old=("query_pos = torch.arange(n_queries, device=device)[:, None] + (n_keys - n_queries)\n"
+                "key_pos = torch.arange(n_keys, device=device)[None, :]\n"
+                "return key_pos <= query_pos"),
+           new="return torch.tril(torch.ones(n_queries, n_keys, dtype=torch.bool, device=device))"),
+    Mutant("0.2", "causal_mask_offset_wrong_sign",
+           ("shifts the queries the wrong way (i - (n_keys - n_queries)): with a cache they see too little of"
+            " the past"),
+           old="query_pos = torch.arange(n_queries, device=device)[:, None] + (n_keys - n_queries)",
+           new="query_pos = torch.arange(n_queries, device=device)[:, None] - (n_keys - n_queries)"),
+    Mutant("0.2", "causal_mask_sees_the_future",
+           "compares the wrong way round: key_pos >= query_pos shows the future and hides the past",
+           old="return key_pos <= query_pos",
+           new="return key_pos >= query_pos"),
+    Mutant("0.2", "causal_mask_strict_diagonal",
+           "off by one on the diagonal: key_pos < query_pos hides each position from itself",
+           old="return key_pos <= query_pos",
+           new="return key_pos < query_pos"),
+    Mutant("0.3", "merge_pair_does_not_skip_the_merged_token",
+           ("after a merge, steps by 1 instead of 2: the second token of the pair is emitted again ([1, 2] ->"
+            " [9, 2])"),
+           old=("        i += 2\n"
+                "    else:\n"
+                "        out.append(ids[i])\n"
+                "        i += 1"),
+           new=("    else:\n"
+                "        out.append(ids[i])\n"
+                "    i += 1")),
+    Mutant("0.3", "merge_pair_drops_the_last_token",
+           ("loops while i < len(ids) - 1 to have a right neighbour, and so drops a last token that is not "
+            "merged"),
+           old=("while i < len(ids):\n"
+                "    if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:"),
+           new=("while i < len(ids) - 1:\n"
+                "    if ids[i] == pair[0] and ids[i + 1] == pair[1]:")),
+    Mutant("0.3", "merge_pair_mutates_the_input",
+           ("merges in place (ids[i:i + 2] = [new_id]) and returns `ids`: right answer, but the caller's list"
+            " changes"),
+           old=("out, i = [], 0\n"
+                "while i < len(ids):\n"
+                "    if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:\n"
+                "        out.append(new_id)\n"
+                "        i += 2\n"
+                "    else:\n"
+                "        out.append(ids[i])\n"
+                "        i += 1\n"
+                "return out"),
+           new=("i = 0\n"
+                "while i < len(ids) - 1:\n"
+                "    if ids[i] == pair[0] and ids[i + 1] == pair[1]:\n"
+                "        ids[i:i + 2] = [new_id]\n"
+                "    i += 1\n"
+                "return ids")),
+    Mutant("0.3", "merge_pair_scans_from_the_right",
+           ("takes overlapping occurrences from the right: [1, 1, 1] with (1, 1) gives [1, 9] instead of [9, "
+            "1]"),
+           old=("out, i = [], 0\n"
+                "while i < len(ids):\n"
+                "    if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:\n"
+                "        out.append(new_id)\n"
+                "        i += 2\n"
+                "    else:\n"
+                "        out.append(ids[i])\n"
+                "        i += 1\n"
+                "return out"),
+           new=("out, i = [], len(ids) - 1\n"
+                "while i >= 0:\n"
+                "    if i >= 1 and ids[i - 1] == pair[0] and ids[i] == pair[1]:\n"
+                "        out.append(new_id)\n"
+                "        i -= 2\n"
+                "    else:\n"
+                "        out.append(ids[i])\n"
+                "        i -= 1\n"
+                "return out[::-1]")),
+    Mutant("0.4", "most_frequent_pair_least_frequent",
+           "forgets to negate the count in the min() key: returns the least frequent pair",
+           old="return min(counts, key=lambda pair: (-counts[pair], pair))",
+           new="return min(counts, key=lambda pair: (counts[pair], pair))"),
+    Mutant("0.4", "most_frequent_pair_pair_before_count",
+           "orders the key the wrong way round, (pair, -count): returns the smallest pair whatever its count",
+           old="return min(counts, key=lambda pair: (-counts[pair], pair))",
+           new="return min(counts, key=lambda pair: (pair, -counts[pair]))"),
+    Mutant("0.4", "most_frequent_pair_ties_by_insertion_order",
+           ("max(counts, key=counts.get) ignores the tie rule: among equal counts it returns the first pair "
+            "inserted"),
+           old="return min(counts, key=lambda pair: (-counts[pair], pair))",
+           new="return max(counts, key=counts.get)"),
+    Mutant("0.4", "most_frequent_pair_ties_to_the_largest_pair",
+           "breaks ties the wrong way: max over (count, pair) returns the largest of the tied pairs",
+           old="return min(counts, key=lambda pair: (-counts[pair], pair))",
+           new="return max(counts, key=lambda pair: (counts[pair], pair))"),
+    Mutant("0.5", "sample_next_token_argmax_instead_of_sampling",
+           ("takes the argmax of the filtered distribution instead of drawing from it: greedy at every "
+            "temperature"),
+           old=("probs = torch.softmax(logits, dim=-1)\n"
+                "return torch.multinomial(probs, num_samples=1, generator=generator)"),
+           new="return torch.softmax(logits, dim=-1).argmax(dim=-1, keepdim=True)"),
+    Mutant("0.5", "sample_next_token_ignores_the_generator",
+           ("ignores the generator: draws from the global random state, so a seeded generator does not "
+            "reproduce"),
+           old="return torch.multinomial(probs, num_samples=1, generator=generator)",
+           new="return torch.multinomial(probs, num_samples=1)"),
+    Mutant("0.5", "sample_next_token_no_greedy_case",
+           "forgets the greedy case: divides by temperature 0, and the softmax of +-inf logits is NaN",
+           old=("if temperature == 0:\n"
+                "    return logits.argmax(dim=-1, keepdim=True)"),
+           new=""),
+    Mutant("0.5", "sample_next_token_samples_from_the_logits",
+           ("samples from the logits, not the probabilities: torch.multinomial needs softmax(logits), not raw"
+            " scores"),
+           old=("    logits = logits.masked_fill(logits < kth, float(\"-inf\"))\n"
+                "probs = torch.softmax(logits, dim=-1)\n"
+                "return torch.multinomial(probs, num_samples=1, generator=generator)"),
+           new=("    logits = logits.masked_fill(logits < kth, 0.0)\n"
+                "return torch.multinomial(logits, num_samples=1, generator=generator)")),
+    Mutant("0.5", "sample_next_token_temperature_after_softmax",
+           "divides the probabilities by T after the softmax: multinomial renormalises, so T has no effect",
+           old=("logits = logits / temperature\n"
+                "if top_k is not None:\n"
+                "    kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]\n"
+                "    logits = logits.masked_fill(logits < kth, float(\"-inf\"))\n"
+                "probs = torch.softmax(logits, dim=-1)"),
+           new=("if top_k is not None:\n"
+                "    kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]\n"
+                "    logits = logits.masked_fill(logits < kth, float(\"-inf\"))\n"
+                "probs = torch.softmax(logits, dim=-1) / temperature")),
+    Mutant("0.5", "sample_next_token_temperature_multiplies",
+           "multiplies the logits by T instead of dividing: a high temperature sharpens instead of flattening",
+           old="logits = logits / temperature",
+           new="logits = logits * temperature"),
+    Mutant("0.5", "sample_next_token_top_k_drops_ties",
+           "keeps exactly k tokens by torch.topk indices: a token tied with the k-th largest logit is dropped",
+           old=("    kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]\n"
+                "    logits = logits.masked_fill(logits < kth, float(\"-inf\"))"),
+           new=("    top = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)\n"
+                "    logits = torch.full_like(logits, float(\"-inf\")).scatter(-1, top.indices, top.values)")),
+    Mutant("0.5", "sample_next_token_top_k_keeps_k_plus_one",
+           "off by one in top-k: takes the (k+1)-th largest logit as the threshold, so k + 1 tokens stay",
+           old="    kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]",
+           new="    kth = torch.topk(logits, min(top_k + 1, logits.size(-1)), dim=-1).values[:, -1:]"),
+]

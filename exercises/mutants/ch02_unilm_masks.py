@@ -1,0 +1,76 @@
+"""Chapter 02's mutants (UniLM attention masks): known-wrong solutions, each a patch of a reference region. Every
+mutant must lose its exercise's points, and every patch must still apply to the library's region
+(tests/test_exercises.py). The format is described in exercises/mutants/__init__.py.
+"""
+
+from exercises.mutants import Mutant
+
+MUTANTS = [
+    Mutant("2.3", "cloze_decode_keeps_the_mask_in_the_cache",
+           ("appends [MASK] to the real cache: its keys and values stay, so every later step also attends to "
+            "old [MASK]s"),
+           old=("    scratch = [dict(layer) for layer in cache]  # the [MASK] goes into a copy; its k, v are dropped\n"
+                "    logits, _ = model(torch.full((B, 1), mask_id, device=prefix.device), causal=False, cache=scratch)"),
+           new="    logits, _ = model(torch.full((B, 1), mask_id, device=prefix.device), causal=False, cache=cache)"),
+    Mutant("2.3", "cloze_decode_never_caches_the_prediction",
+           ("never feeds the predicted token back: every [MASK] sits at the same position and sees only the "
+            "prompt"),
+           old="    model(token, causal=False, cache=cache)  # the new query sees the cache and itself: both masks agree",
+           new=""),
+    Mutant("2.3", "cloze_decode_prompt_always_bidirectional",
+           ("encodes the prompt bidirectionally for both objectives: left-to-right prompt rows must not see "
+            "later tokens"),
+           old="model(prefix, causal=objective == \"left_to_right\", cache=cache)",
+           new="model(prefix, causal=False, cache=cache)"),
+    Mutant("2.3", "cloze_decode_prompt_always_causal",
+           "encodes the prompt causally for both objectives: seq2seq source rows must see the whole source",
+           old="model(prefix, causal=objective == \"left_to_right\", cache=cache)",
+           new="model(prefix, causal=True, cache=cache)"),
+    Mutant("2.2", "semi_causal_mask_column_stripe",
+           "every position sees every span position (a column stripe): tokens before a span see into it",
+           old=("same_span = (span_id[:, None] == span_id[None, :]) & (span_id[:, None] != 0)\n"
+                "return causal_mask(n) | same_span"),
+           new="return causal_mask(n) | (span_id[None, :] != 0)"),
+    Mutant("2.2", "semi_causal_mask_outside_counts_as_a_span",
+           ("compares span ids without excluding 0: all positions outside the spans become one bidirectional "
+            "\"span\""),
+           old=("same_span = (span_id[:, None] == span_id[None, :]) & (span_id[:, None] != 0)\n"
+                "return causal_mask(n) | same_span"),
+           new="return causal_mask(n) | (span_id[:, None] == span_id[None, :])"),
+    Mutant("2.2", "semi_causal_mask_span_end_inclusive",
+           ("treats the half-open span (start, end) as closed: the position `end` joins the span's "
+            "bidirectional block"),
+           old="same_span = (span_id[:, None] == span_id[None, :]) & (span_id[:, None] != 0)",
+           new=("inclusive = torch.zeros(n, dtype=torch.long)\n"
+                "for k, (start, end) in enumerate(spans):\n"
+                "    inclusive[start:end + 1] = k + 1\n"
+                "same_span = (inclusive[:, None] == inclusive[None, :]) & (inclusive[:, None] != 0)")),
+    Mutant("2.1", "seq2seq_mask_one_tril",
+           ("one tril over the whole sequence: that is the left-to-right mask; source rows no longer see the "
+            "later source"),
+           old=("query, key = torch.arange(n)[:, None], torch.arange(n)[None, :]\n"
+                "sees_source = key < src_len  # every row sees the whole source\n"
+                "target_causal = (query >= src_len) & (key <= query)  # target rows also see the target up to themselves\n"
+                "return sees_source | target_causal"),
+           new="return torch.ones(n, n, dtype=torch.bool).tril()"),
+    Mutant("2.1", "seq2seq_mask_source_off_by_one",
+           "the source boundary is off by one (key <= src_len): every row also sees the first target token",
+           old=("sees_source = key < src_len  # every row sees the whole source\n"
+                "target_causal = (query >= src_len) & (key <= query)  # target rows also see the target up to themselves\n"
+                "return sees_source | target_causal"),
+           new="return (key <= src_len) | ((query >= src_len) & (key <= query))"),
+    Mutant("2.1", "seq2seq_mask_source_sees_target",
+           ("source rows see the whole sequence (bidirectional over source AND target): the source reads the "
+            "answer"),
+           old=("sees_source = key < src_len  # every row sees the whole source\n"
+                "target_causal = (query >= src_len) & (key <= query)  # target rows also see the target up to themselves\n"
+                "return sees_source | target_causal"),
+           new="return (key < src_len) | (query < src_len) | (key <= query)"),
+    Mutant("2.1", "seq2seq_mask_target_without_diagonal",
+           ("target rows see the target strictly before themselves (key < query): the cloze [MASK] cannot see"
+            " itself"),
+           old=("sees_source = key < src_len  # every row sees the whole source\n"
+                "target_causal = (query >= src_len) & (key <= query)  # target rows also see the target up to themselves\n"
+                "return sees_source | target_causal"),
+           new="return (key < src_len) | ((query >= src_len) & (key < query))"),
+]

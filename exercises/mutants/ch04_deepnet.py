@@ -1,0 +1,53 @@
+"""Chapter 04's mutants (DeepNet: DeepNorm for very deep Post-LN Transformers): known-wrong solutions, each a
+patch of a reference region. Every mutant must lose its exercise's points, and every patch must still apply to
+the library's region (tests/test_exercises.py). The format is described in exercises/mutants/__init__.py.
+"""
+
+from exercises.mutants import Mutant
+
+MUTANTS = [
+    Mutant("4.2", "deepnorm_alpha_on_the_branch",
+           "puts alpha on the branch, LN(x + alpha G(x)), like a well-known annotated implementation",
+           old="return norm(alpha * x + g)",
+           new="return norm(x + alpha * g)"),
+    Mutant("4.1", "deepnorm_constants_counts_sublayers",
+           "lets N count sublayers (2 per block): alpha = (4N)^(1/4), beta = (16N)^(-1/4) for a single stack",
+           old="N, M = encoder_layers, decoder_layers",
+           new="N, M = 2 * encoder_layers, 2 * decoder_layers"),
+    Mutant("4.1", "deepnorm_constants_encdec_decoder_two_sublayers",
+           ("gives the decoder of an enc-dec model the decoder-only constants (2M, 8M), forgetting its cross-"
+            "attention"),
+           old="            \"decoder\": ((3 * M) ** (1 / 4), (12 * M) ** (-1 / 4))}",
+           new="            \"decoder\": ((2 * M) ** (1 / 4), (8 * M) ** (-1 / 4))}"),
+    Mutant("4.1", "deepnorm_constants_torchscale_encoder_beta",
+           "copies torchscale's enc-dec encoder beta, 1.15 (N^4 M)^(-1/16), instead of the paper's 0.87",
+           old="    return {\"encoder\": (0.81 * (N ** 4 * M) ** (1 / 16), 0.87 * (N ** 4 * M) ** (-1 / 16)),",
+           new="    return {\"encoder\": (0.81 * (N ** 4 * M) ** (1 / 16), 1.15 * (N ** 4 * M) ** (-1 / 16)),"),
+    Mutant("4.3", "deepnorm_init_beta_on_queries_and_keys",
+           "applies gain beta to q_proj and k_proj too (the paper keeps them at gain 1)",
+           old=("    leaf = name.rsplit(\".\", 1)[-1]\n"
+                "    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
+                "        nn.init.xavier_normal_(module.weight, gain=beta)\n"
+                "    elif leaf in (\"q_proj\", \"k_proj\"):\n"
+                "        nn.init.xavier_normal_(module.weight, gain=1.0)"),
+           new=("    if name.rsplit(\".\", 1)[-1] in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\", \"q_proj\", \"k_proj\"):\n"
+                "        nn.init.xavier_normal_(module.weight, gain=beta)")),
+    Mutant("4.3", "deepnorm_init_divides_by_beta",
+           ("uses gain 1 / beta (torchscale divides by init_scale = 1 / beta; dividing by beta itself up-"
+            "scales)"),
+           old="        nn.init.xavier_normal_(module.weight, gain=beta)",
+           new="        nn.init.xavier_normal_(module.weight, gain=1 / beta)"),
+    Mutant("4.3", "deepnorm_init_scales_embeddings_and_head",
+           "also re-initializes the embeddings and the LM head with gain beta (the paper leaves them alone)",
+           old="    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):",
+           new="    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\", \"wte\", \"wpe\", \"proj\"):"),
+    Mutant("4.2", "deepnorm_norm_before_the_add",
+           ("normalizes the stream before adding the branch, LN(alpha x) + G(x): a Pre-LN-like sum, not "
+            "DeepNorm"),
+           old="return norm(alpha * x + g)",
+           new="return norm(alpha * x) + g"),
+    Mutant("4.2", "deepnorm_without_layernorm",
+           "drops the LayerNorm: alpha x + G(x), a residual that grows without bound with depth",
+           old="return norm(alpha * x + g)",
+           new="return alpha * x + g"),
+]
