@@ -226,3 +226,63 @@ def exact_match(
         raise ValueError(f"data: predict returned shape {tuple(predicted.shape)}, "
                          f"expected {tuple(answers.shape)} (n, answer_len)")
     return (predicted == answers).all(dim=1).float().mean().item()
+
+
+# ---- procedural digits: tiny images for the next-token diffusion chapter (offline, from a seed) ----------
+
+# A 5x7 bitmap font: 7 rows of 5 pixels per digit.
+DIGIT_FONT = (
+    (" ### ", "#   #", "#  ##", "# # #", "##  #", "#   #", " ### "),
+    ("  #  ", " ##  ", "  #  ", "  #  ", "  #  ", "  #  ", " ### "),
+    (" ### ", "#   #", "    #", "   # ", "  #  ", " #   ", "#####"),
+    ("#####", "   # ", "  #  ", "   # ", "    #", "#   #", " ### "),
+    ("   # ", "  ## ", " # # ", "#  # ", "#####", "   # ", "   # "),
+    ("#####", "#    ", "#### ", "    #", "    #", "#   #", " ### "),
+    ("  ## ", " #   ", "#    ", "#### ", "#   #", "#   #", " ### "),
+    ("#####", "    #", "   # ", "  #  ", " #   ", " #   ", " #   "),
+    (" ### ", "#   #", "#   #", " ### ", "#   #", "#   #", " ### "),
+    (" ### ", "#   #", "#   #", " ####", "    #", "   # ", " ##  "),
+)
+
+
+def _digit_glyphs() -> torch.Tensor:
+    """(10, 1, 7, 5) float glyphs of DIGIT_FONT."""
+    return torch.tensor([[[float(ch == "#") for ch in row] for row in glyph] for glyph in DIGIT_FONT]).unsqueeze(1)
+
+
+def procedural_digits(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images (n, 1, size, size) in [0, 1] of the digits 0-9 and their labels (n,), deterministic in seed.
+
+    Each image renders a 5x7 bitmap glyph through a random affine map (rotation within +-12 degrees, shear
+    within +-0.2, scale 0.9-1.1, shift within +-1 pixel at size 16) with bilinear sampling, then a random
+    threshold sets the stroke width: clamp((v - thr) * 4, 0, 1), thr in [0.15, 0.45] (lower is bolder).
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n: must be a positive integer, got {n!r}")
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size: must be an integer >= 8, got {size!r}")
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+
+    def uniform(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+    angle = uniform(-12, 12) * torch.pi / 180
+    shear, scale = uniform(-0.2, 0.2), uniform(0.9, 1.1)
+    shift_x, shift_y = uniform(-2 / size, 2 / size), uniform(-2 / size, 2 / size)
+    thr = uniform(0.15, 0.45).float().view(n, 1, 1, 1)
+    # theta maps output coordinates in [-1, 1] to glyph coordinates; the glyph spans 3/4 of the height and
+    # about half the width of the image.
+    extent = torch.tensor([[0.55, 0.0], [0.0, 0.75]], dtype=torch.float64)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)  # (n, 2, 2)
+    shear_m = torch.eye(2, dtype=torch.float64).repeat(n, 1, 1)
+    shear_m[:, 0, 1] = shear
+    forward = rot @ shear_m * scale.view(n, 1, 1) @ extent  # glyph -> image
+    inverse = torch.linalg.inv(forward)  # image -> glyph
+    offset = -(inverse @ torch.stack([shift_x, shift_y], -1).unsqueeze(-1))  # (n, 2, 1)
+    theta = torch.cat([inverse, offset], dim=-1).float()  # (n, 2, 3)
+    grid = torch.nn.functional.affine_grid(theta, (n, 1, size, size), align_corners=False)
+    glyphs = _digit_glyphs()[labels]  # (n, 1, 7, 5)
+    v = torch.nn.functional.grid_sample(glyphs, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return ((v - thr) * 4).clamp(0, 1), labels
