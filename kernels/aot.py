@@ -2,13 +2,18 @@
 what the hardware would get: shared memory, registers, spills, and whether tensor-core instructions appear.
 
 Triton: triton.compile(ASTSource(...), target=GPUTarget("cuda", 80 | 90, 32)) runs the real lowering (TTIR ->
-TTGIR -> LLVM -> PTX -> cubin) with each kernel's default config; the ptxas shipped in the Triton wheel
+TTGIR -> LLVM -> PTX -> cubin) with each spec's config; the ptxas shipped in the Triton wheel
 (the same binary and flags Triton uses, plus -v) reports registers and spills. Pointers and strides are given
 the divisibility-by-16 hints a real launch with torch tensors gets: without them loads are not vectorised and
 the register counts would be those of a kernel nobody runs.
 CUDA C: nvcc -cubin -Xptxas -v. Neither checks numerics or speed: that is the interpreter and GPU tiers.
 
-    python -m kernels.aot          # a table      (--json: machine-readable, used by the tests)
+What to compile comes from the registry: every module in kernels.KERNEL_MODULES lists AotSpec (Triton) and
+CudaSpec (nvcc) entries in its AOT_SPECS, each with the checks it must pass (shared memory, spills, tensor-core
+instructions); `problems(row)` applies them and every row carries the result.
+
+    python -m kernels.aot                      # a table; exit status 1 when a check fails
+    python -m kernels.aot --only layernorm     # some modules; --archs 80: some archs; --json: for the tests
 
 Triton must not be in interpreter mode here (@triton.jit then builds interpreter objects, not compilable ones),
 so the module re-runs itself with TRITON_INTERPRET=0 when needed.
@@ -23,9 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from kernels import CudaSpec
+
 ARCHS = (80, 90)
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block (A100, H100)
-CU_SOURCE = Path(__file__).parent / "cuda" / "softmax.cu"
 
 
 def _ptxas_info(text: str) -> dict:
@@ -59,36 +65,32 @@ def _triton_ptxas(arch: int) -> str:
         return ptxas_path()
 
 
-def _triton_specs():
-    """(name, jit function, pointer dtypes, float args, constexprs, num_warps, num_stages) for each kernel's
-    default config: the first GPU autotune config of the attention kernels, fp16 inputs, D = 64 and 128."""
-    from kernels import flash_attention as fa
-    from kernels import softmax as sm
+def collect(modules=None):
+    """(specs, errors): [(module name, AotSpec | CudaSpec)] from each kernel module's AOT_SPECS, and
+    {module: error text} for the modules that fail to import (the others still compile)."""
+    import kernels
 
-    specs = [("softmax (BLOCK 4096)", sm._softmax_kernel, {"X": "*fp32", "Y": "*fp32"}, (), {"BLOCK": 4096},
-              sm._num_warps(4096), 1),
-             ("softmax (BLOCK 8192, the fused limit)", sm._softmax_kernel, {"X": "*fp32", "Y": "*fp32"}, (),
-              {"BLOCK": 8192}, sm._num_warps(8192), 1),
-             ("online_softmax (BLOCK_N 1024)", sm._online_softmax_kernel, {"X": "*fp32", "Y": "*fp32"}, (),
-              {"BLOCK_N": 1024}, sm._num_warps(1024), 1)]
-    half = dict.fromkeys(["Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"], "*fp16")
-    half.update(LSE="*fp32", DELTA="*fp32", KEY_LEN="*i32", PREFIX_LEN="*i32", TILES="*i32")
-    for d in (64, 128):
-        for name, tuner, gpu in (("attn_fwd", fa._fwd, fa.FWD_CONFIGS), ("attn_bwd_dkdv", fa._dkdv, fa.DKDV_CONFIGS),
-                                 ("attn_bwd_dq", fa._dq, fa.DQ_CONFIGS)):
-            bm, bn, warps, stages = gpu[0]
-            consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "MASK_KIND": fa.MASK_PREFIX}
-            if name == "attn_fwd":
-                consts["COUNT_TILES"] = False
-            specs.append((f"{name} fp16 D={d} prefix mask ({bm}x{bn}, {warps} warps, {stages} stages)", tuner.fn,
-                          half, ("sm_scale",), consts, warps, stages))
-        specs.append((f"attn_bwd_delta fp16 D={d}", fa._attn_bwd_delta_kernel, half, (),
-                      {"HEAD_DIM": d, "BLOCK_M": 64}, 4, 1))
-    from kernels import layernorm
-    return specs + layernorm.aot_specs()
+    specs, errors = [], {}
+    for name in modules or kernels.KERNEL_MODULES:
+        try:
+            module = kernels.kernel_module(name)
+        except Exception as e:  # a broken kernel file must not hide the report on the others
+            errors[name] = f"{type(e).__name__}: {e}"
+            continue
+        specs += [(name, spec) for spec in getattr(module, "AOT_SPECS", ())]
+    return specs, errors
 
 
-def compile_triton(archs=ARCHS) -> list:
+def _jit_function(kernel):
+    """The JITFunction under any @triton.autotune / @triton.heuristics wrappers."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def compile_triton(specs, archs=ARCHS) -> list:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -96,28 +98,33 @@ def compile_triton(archs=ARCHS) -> list:
     ptxas = ptxas_path()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fn, pointers, floats, consts, warps, stages in _triton_specs():
+        for module, spec in specs:
+            fn = _jit_function(spec.kernel)
             signature, attrs = {}, {}
             for i, p in enumerate(fn.params):
                 if p.is_constexpr:
                     signature[p.name] = "constexpr"
-                elif p.name in pointers:
-                    signature[p.name] = pointers[p.name]
+                elif p.name in spec.pointers:
+                    signature[p.name] = spec.pointers[p.name]
                     attrs[(i,)] = [["tt.divisibility", 16]]  # what the launcher sees for torch allocations
                 else:
-                    signature[p.name] = "fp32" if p.name in floats else "i32"
-                    if p.name.startswith("stride_") and not p.name.startswith("stride_l"):
-                        attrs[(i,)] = [["tt.divisibility", 16]]  # multiples of D >= 16 (not so the LSE's)
-            for arch in archs:
+                    signature[p.name] = spec.scalars.get(p.name, "i32")
+                    aligned = (p.name in spec.divisible if spec.divisible is not None
+                               else p.name.startswith("stride_"))
+                    if aligned and signature[p.name] in ("i32", "i64"):
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+            for arch in (a for a in spec.archs if a in archs):
                 start = time.perf_counter()
-                kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+                kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=spec.constexprs,
+                                                  attrs=attrs),
                                         target=GPUTarget("cuda", arch, 32),
-                                        options={"num_warps": warps, "num_stages": stages})
+                                        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
                 ptx = kernel.asm["ptx"]
-                row = {"kernel": name, "arch": f"sm_{arch}", "shared_bytes": kernel.metadata.shared,
-                       "smem_limit": SMEM_LIMIT[arch], "mma_sync": ptx.count("mma.sync"),
-                       "wgmma": ptx.count("wgmma.mma_async"), "registers": None, "spill_bytes": None,
-                       "compile_s": round(time.perf_counter() - start, 2)}
+                row = {"module": module, "kernel": spec.name, "arch": f"sm_{arch}",
+                       "shared_bytes": kernel.metadata.shared, "smem_limit": SMEM_LIMIT[arch],
+                       "mma_sync": ptx.count("mma.sync"), "wgmma": ptx.count("wgmma.mma_async"),
+                       "registers": None, "spill_bytes": None, "compile_s": round(time.perf_counter() - start, 2),
+                       "max_spill_bytes": spec.max_spill_bytes, "mma": spec.mma}
                 if ptxas:  # the ptxas and flags Triton itself uses to build this cubin, plus -v
                     target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
                     path = Path(tmp) / f"k{len(results)}.ptx"
@@ -126,43 +133,71 @@ def compile_triton(archs=ARCHS) -> list:
                                           f"--gpu-name={target}", str(path), "-o", str(path) + ".o"],
                                          capture_output=True, text=True, check=True)
                     row.update(_ptxas_info(out.stdout + out.stderr))
+                row["problems"] = problems(row)
                 results.append(row)
     return results
 
 
-def compile_cuda(archs=ARCHS) -> list:
+def problems(row: dict) -> list:
+    """What a compiled row violates among its spec's checks (an empty list: it passes)."""
+    found = []
+    where = f"{row['kernel']} on {row['arch']}"
+    if "smem_limit" in row and not row["shared_bytes"] <= row["smem_limit"]:
+        found.append(f"{where}: {row['shared_bytes']} B of shared memory, over the {row['smem_limit']} B limit")
+    if row["spill_bytes"] is not None and row["spill_bytes"] > row["max_spill_bytes"]:
+        found.append(f"{where}: {row['spill_bytes']} B of register spills ({row['registers']} registers), "
+                     f"allowed {row['max_spill_bytes']}")
+    if row.get("mma"):
+        count, what = (row["mma_sync"], "mma.sync") if row["arch"] == "sm_80" else (row["wgmma"], "wgmma.mma_async")
+        if not count:
+            found.append(f"{where}: no {what} in the PTX (tl.dot fell off the tensor cores)")
+    for pattern, count in row.get("sass", {}).items():
+        if not count:
+            found.append(f"{where}: no {pattern} in the SASS")
+    return found
+
+
+def compile_cuda(specs, archs=ARCHS) -> list:
     from kernels.cuda_softmax import nvcc
 
     compiler = nvcc()
     if compiler is None:
         return []
+    cuobjdump = Path(ptxas_path() or "/nonexistent").with_name("cuobjdump")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in archs:
-            cubin = Path(tmp) / f"softmax_sm{arch}.cubin"
-            out = subprocess.run([compiler, f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", str(CU_SOURCE), "-o",
-                                  str(cubin)], capture_output=True, text=True, check=True)
-            text = out.stdout + out.stderr
-            for fn, body in re.findall(r"Compiling entry function '(\w+)' for 'sm_\d+'\n(.*?)(?=Compiling entry|\Z)",
-                                       text, re.S):
-                row = {"kernel": f"softmax.cu {fn}", "arch": f"sm_{arch}", **_ptxas_info(body)}
-                row["shared_bytes"] = int(re.search(r"(\d+) bytes smem", body).group(1))
-                results.append(row)
-            cuobjdump = Path(ptxas_path() or "/nonexistent").with_name("cuobjdump")
-            if cuobjdump.exists():
-                sass = subprocess.run([str(cuobjdump), "--dump-sass", str(cubin)], capture_output=True, text=True,
-                                      check=True).stdout
-                for row in results[-2:]:
-                    row["shfl_in_sass"] = sass.count("SHFL.BFLY")
+        for module, spec in specs:
+            for arch in (a for a in spec.archs if a in archs):
+                cubin = Path(tmp) / f"{module}_{len(results)}_sm{arch}.cubin"
+                out = subprocess.run([compiler, f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", str(spec.source),
+                                      "-o", str(cubin)], capture_output=True, text=True)
+                if out.returncode:
+                    raise RuntimeError(f"nvcc failed on {spec.source} for sm_{arch}:\n{out.stderr[-4000:]}")
+                text = out.stdout + out.stderr
+                sass = ""
+                if spec.sass and cuobjdump.exists():
+                    sass = subprocess.run([str(cuobjdump), "--dump-sass", str(cubin)], capture_output=True,
+                                          text=True, check=True).stdout
+                entries = re.findall(r"Compiling entry function '(\w+)' for 'sm_\d+'\n(.*?)(?=Compiling entry|\Z)",
+                                     text, re.S)
+                for fn, body in entries:
+                    row = {"module": module, "kernel": f"{spec.name} {fn}", "arch": f"sm_{arch}",
+                           **_ptxas_info(body), "max_spill_bytes": spec.max_spill_bytes,
+                           "shared_bytes": int(re.search(r"(\d+) bytes smem", body).group(1))}
+                    if sass:  # counted over the whole cubin: every entry shares the helpers that shuffle
+                        row["sass"] = {pattern: sass.count(pattern) for pattern in spec.sass}
+                    row["problems"] = problems(row)
+                    results.append(row)
     return results
 
 
-def report(archs=ARCHS) -> dict:
+def report(archs=ARCHS, modules=None) -> dict:
     """Run the compile tier in a fresh process with TRITON_INTERPRET=0: {"triton": [...], "cuda": [...],
-    "missing": [reasons]}."""
+    "missing": [reasons], "errors": {module: import error}}. `modules`: a subset of KERNEL_MODULES."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    out = subprocess.run([sys.executable, "-m", "kernels.aot", "--json", "--archs", *map(str, archs)],
-                         capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent)
+    argv = ["--json", *(["--only", *modules] if modules else []), "--archs", *map(str, archs)]
+    out = subprocess.run([sys.executable, "-m", "kernels.aot", *argv], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parent.parent)
     if out.returncode:
         raise RuntimeError(f"python -m kernels.aot failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -185,24 +220,44 @@ def missing_toolchains() -> list:
 
 def table(result: dict) -> str:
     """The report as an aligned text table."""
-    lines = [f"{'kernel':<62} {'arch':<6} {'smem B':>7} {'regs':>5} {'spill B':>8} {'mma.sync':>8} {'wgmma':>6}"]
+    lines = [f"{'kernel':<62} {'arch':<6} {'smem B':>7} {'regs':>5} {'spill B':>8} {'mma.sync':>8} {'wgmma':>6}  "
+             f"checks"]
     for r in result["triton"] + result["cuda"]:
         lines.append(f"{r['kernel']:<62} {r['arch']:<6} {r['shared_bytes']:>7} {str(r['registers']):>5} "
-                     f"{str(r['spill_bytes']):>8} {str(r.get('mma_sync', '-')):>8} {str(r.get('wgmma', '-')):>6}")
+                     f"{str(r['spill_bytes']):>8} {str(r.get('mma_sync', '-')):>8} {str(r.get('wgmma', '-')):>6}  "
+                     + ("ok" if not r["problems"] else "FAIL"))
+    lines += [f"FAIL: {p}" for r in result["triton"] + result["cuda"] for p in r["problems"]]
     lines += [f"skipped: {m}" for m in result["missing"]]
+    lines += [f"not imported: kernels.{m}: {e}" for m, e in result["errors"].items()]
     return "\n".join(lines)
 
 
+def _option(argv, flag):
+    """The values after `flag` up to the next --option, or None."""
+    if flag not in argv:
+        return None
+    values = argv[argv.index(flag) + 1:]
+    return [v for v in values[:next((i for i, v in enumerate(values) if v.startswith("--")), len(values))]]
+
+
 def main(argv):
-    archs = tuple(int(a) for a in argv[argv.index("--archs") + 1:]) if "--archs" in argv else ARCHS
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         os.execve(sys.executable, [sys.executable, "-m", "kernels.aot", *argv],
                   {**os.environ, "TRITON_INTERPRET": "0"})
+    archs = tuple(int(a) for a in _option(argv, "--archs") or ARCHS)
     missing = missing_toolchains()
+    specs, errors = collect(_option(argv, "--only"))
     can_compile_triton = not any("triton" in reason for reason in missing)  # triton and its ptxas
-    result = {"triton": compile_triton(archs) if can_compile_triton else [], "cuda": compile_cuda(archs),
-              "missing": missing}
-    print(json.dumps(result) if "--json" in argv else table(result))
+    triton_specs = [(m, s) for m, s in specs if not isinstance(s, CudaSpec)]
+    cuda_specs = [(m, s) for m, s in specs if isinstance(s, CudaSpec)]
+    result = {"triton": compile_triton(triton_specs, archs) if can_compile_triton else [],
+              "cuda": compile_cuda(cuda_specs, archs), "missing": missing, "errors": errors}
+    if "--json" in argv:
+        print(json.dumps(result))
+        return
+    print(table(result))
+    if errors or any(r["problems"] for r in result["triton"] + result["cuda"]):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

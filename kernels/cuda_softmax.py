@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from kernels import Benchmark, CudaSpec
+
 SOURCE = Path(__file__).parent / "cuda" / "softmax.cu"
 CACHE = Path(os.environ.get("NANOMODELS_CACHE", Path.home() / ".cache" / "nanomodels")) / "kernels"
 
@@ -82,3 +84,23 @@ def cuda_softmax(x: torch.Tensor, *, version: int = 2) -> torch.Tensor:
     launch(load(), rows.data_ptr(), y.data_ptr(), rows.size(0), rows.size(1), version,
            torch.cuda.current_stream(x.device).cuda_stream)
     return y.view(x.shape)
+
+
+# ----------------------------------------------------------------------------- registry
+
+AOT_SPECS = [CudaSpec("softmax.cu", SOURCE, sass=("SHFL.BFLY",))]
+
+
+def _bench_gpu(quick: bool, time_ms) -> list:
+    if nvcc() is None:
+        return []
+    x = torch.randn(4096, 4096, device="cuda")
+    rows = []
+    for version, impl in ((1, "CUDA C v1 (two reductions)"), (2, "CUDA C v2 (online)")):
+        ms = time_ms(lambda: cuda_softmax(x, version=version))
+        rows.append({"impl": impl, "mode": "fwd", "shape": "4096x4096 float32", "case": "-", "ms": ms,
+                     "gbs": 2 * x.numel() * x.element_size() / ms / 1e6})
+    return rows
+
+
+BENCHMARKS = [Benchmark("cuda_softmax", gpu=_bench_gpu)]

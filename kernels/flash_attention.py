@@ -29,13 +29,14 @@ Kernels use plain pointer arithmetic (no block pointers, gone in Triton 3.9), so
 Triton tutorial 06-fused-attention is the production-grade relative (warp specialisation, TMA, fp8).
 """
 
+import inspect
 import math
 import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 
-from kernels import INTERPRET, backend, tl, triton
+from kernels import INTERPRET, AotSpec, Benchmark, backend, tl, triton
 from nanomodels.attention import attention
 
 MASK_NONE, MASK_CAUSAL, MASK_PREFIX = 0, 1, 2
@@ -321,6 +322,34 @@ _dkdv = triton.autotune(_configs(DKDV_CONFIGS), key=_KEY)(_attn_bwd_dkdv_kernel)
 _dq = triton.autotune(_configs(DQ_CONFIGS), key=_KEY)(_attn_bwd_dq_kernel)
 
 
+def _aot_specs():
+    """The default (first) GPU config of each kernel, fp16, D = 64 and 128, the prefix mask (the most mask code)."""
+    half = dict.fromkeys(["Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"], "*fp16")
+    half.update(LSE="*fp32", DELTA="*fp32", KEY_LEN="*i32", PREFIX_LEN="*i32", TILES="*i32")
+    specs = []
+    for d in (64, 128):
+        for name, tuner, gpu in (("attn_fwd", _fwd, FWD_CONFIGS), ("attn_bwd_dkdv", _dkdv, DKDV_CONFIGS),
+                                 ("attn_bwd_dq", _dq, DQ_CONFIGS)):
+            bm, bn, warps, stages = gpu[0]
+            consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "MASK_KIND": MASK_PREFIX}
+            if name == "attn_fwd":
+                consts["COUNT_TILES"] = False
+            fn = tuner
+            while hasattr(fn, "fn"):  # the Python function under the autotune and jit wrappers
+                fn = fn.fn
+            strides = tuple(p for p in inspect.signature(fn).parameters  # multiples of D, not so the LSE's
+                            if p.startswith("stride_") and not p.startswith("stride_l"))
+            specs.append(AotSpec(f"{name} fp16 D={d} prefix mask ({bm}x{bn}, {warps} warps, {stages} stages)",
+                                 tuner, half, consts, scalars={"sm_scale": "fp32"}, num_warps=warps,
+                                 num_stages=stages, divisible=strides, mma=True))
+        specs.append(AotSpec(f"attn_bwd_delta fp16 D={d}", _attn_bwd_delta_kernel, half,
+                             {"HEAD_DIM": d, "BLOCK_M": 64}))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
+
+
 # ----------------------------------------------------------------------------- argument checks and launchers
 
 def _lengths(name: str, value: LengthsArg, batch: int, t_k: int, default: int, device) -> torch.Tensor:
@@ -531,3 +560,103 @@ def tile_plan(allowed: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor
         return padded.view(n_m, block_m, n_n, block_n).transpose(1, 2).reshape(n_m, n_n, -1)
 
     return tiles(False).any(-1).long() + tiles(True).all(-1).long()
+
+
+# ----------------------------------------------------------------------------- registry (benchmark)
+
+MASK_KINDS = {"none": {}, "causal": {"causal": True}, "prefix": {"prefix_len": "half"},
+              "prefix+key_lengths": {"prefix_len": "half", "key_lengths": "3/4"}}
+
+
+def _mask(kind: str, batch: int, n: int) -> dict:
+    values = {"half": n // 2, "3/4": [3 * n // 4] * batch}
+    return {k: values.get(v, v) for k, v in MASK_KINDS[kind].items()}
+
+
+def visible_fraction(kind: str, n: int) -> float:
+    """Fraction of the N x N (query, key) pairs a mask keeps: the FLOPs a perfect kernel does. Row i sees
+    min(key_len, max(prefix, i + 1)) keys; causal counts as exactly one half (the usual convention)."""
+    if kind in ("none", "causal"):
+        return 1.0 if kind == "none" else 0.5
+    mask = _mask(kind, 1, n)
+    key_len = mask.get("key_lengths", [n])[0]
+    seen = torch.arange(1, n + 1).clamp(min=mask.get("prefix_len", 0)).clamp(max=key_len)
+    return seen.sum().item() / n**2
+
+
+def tile_fractions(kind: str, n: int, block_m: int = 128, block_n: int = 64) -> dict:
+    """Share of the (query tile, key tile) pairs visited with and without the mask, and skipped."""
+    plan = tile_plan(allowed_mask(n, n, batch=1, **_mask(kind, 1, n))[0, 0], block_m, block_n)
+    total = plan.numel()
+    return {"full": (plan == 2).sum().item() / total, "masked": (plan == 1).sum().item() / total,
+            "skipped": (plan == 0).sum().item() / total}
+
+
+def correctness_sweep(quick: bool = False) -> list:
+    """Every mask kind x dtype x head size through the kernel vs the float64 reference: max |error| of O, LSE
+    and the three gradients, as rows {"dtype", "D", "mask", "errors": [O, LSE, dQ, dK, dV]}."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    B, H, T = 2, 1, 200
+    for dtype in (torch.float32, torch.float16):
+        for d in ((64,) if quick else (32, 64)):
+            for kind in MASK_KINDS:
+                g = torch.Generator().manual_seed(d)
+                q, k, v, do = (torch.randn(B, H, T, d, generator=g).to(device, dtype) for _ in range(4))
+                mask = _mask(kind, B, T)
+                leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+                out, lse = flash_attention(*leaves, return_lse=True, **mask)
+                out.backward(do)
+                ref = [x.double().requires_grad_() for x in (q, k, v)]
+                ref_out, ref_lse = reference_attention(*ref, return_lse=True, **mask)
+                ref_out.backward(do.double())
+                errs = [(out.double() - ref_out).abs().max().item(), (lse.double() - ref_lse).abs().max().item()]
+                errs += [(a.grad.double() - r.grad).abs().max().item() for a, r in zip(leaves, ref)]
+                rows.append({"dtype": str(dtype)[6:], "D": d, "mask": kind, "errors": errs})
+    return rows
+
+
+def print_sweep(rows) -> None:
+    print(f"{'dtype':<8} {'D':>3} {'mask':<20} {'O':>9} {'LSE':>9} {'dQ':>9} {'dK':>9} {'dV':>9}")
+    for r in rows:
+        print(f"{r['dtype']:<8} {r['D']:>3} {r['mask']:<20} " + " ".join(f"{e:>9.1e}" for e in r["errors"]))
+
+
+def _bench_cpu(quick: bool) -> list:
+    rows = [{"case": f"{r['dtype']} D={r['D']} {r['mask']}", **dict(zip(("O err", "LSE err", "dQ err", "dK err",
+                                                                            "dV err"), r["errors"]))}
+            for r in correctness_sweep(quick)]
+    for kind in ("none", "causal", "prefix"):  # what the masks save, whatever the hardware (128 x 64 tiles)
+        f = tile_fractions(kind, 4096)
+        rows.append({"case": f"N=4096 {kind}: share of", "visible pairs": visible_fraction(kind, 4096),
+                     "tiles unmasked": f["full"], "tiles masked": f["masked"], "tiles skipped": f["skipped"]})
+    return rows
+
+
+def _bench_gpu(quick: bool, time_ms) -> list:
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rows = []
+    B, H = 4, 16
+    for n in (1024,) if quick else (1024, 2048, 4096, 8192, 16384):
+        for d in (64, 128):
+            for kind in ("none", "causal", "prefix"):
+                q, k, v = (torch.randn(B, H, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                           for _ in range(3))
+                mask = _mask(kind, B, n)
+                impls = {"flash (ours)": lambda: flash_attention(q, k, v, **mask)}
+                if kind == "prefix":  # SDPA has no prefix mask: it gets the dense boolean mask (N^2 bytes)
+                    dense = allowed_mask(n, n, batch=1, device=q.device, **mask)
+                    impls["SDPA + dense mask"] = lambda: sdpa(q, k, v, attn_mask=dense)
+                else:
+                    impls["SDPA"] = lambda: sdpa(q, k, v, is_causal=kind == "causal")
+                flops = 4 * B * H * n * n * d * visible_fraction(kind, n)
+                do = torch.randn_like(q)
+                for impl, fn in impls.items():
+                    for mode, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+                        ms = time_ms(fn) if mode == "fwd" else time_ms(lambda: fn().backward(do), grads=[q, k, v])
+                        rows.append({"impl": impl, "mode": mode, "shape": f"B{B} H{H} N{n} D{d} bf16", "case": kind,
+                                     "ms": ms, "tflops": mult * flops / ms / 1e9})
+    return rows
+
+
+BENCHMARKS = [Benchmark("flash_attention", gpu=_bench_gpu, cpu=_bench_cpu)]

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from kernels import INTERPRET, backend, tl, triton
+from kernels import INTERPRET, AotSpec, Benchmark, backend, tl, triton
 
 MAX_COLS = 16384  # the whole row lives in registers
 
@@ -225,17 +225,68 @@ def deepnorm_add_norm(x, g, norm: torch.nn.LayerNorm, alpha: float) -> torch.Ten
     return add_norm(x, g, norm.weight, norm.bias, alpha=alpha, eps=norm.eps)
 
 
-def aot_specs():
-    """The kernels' default configs for the compile tier (the tuple layout of kernels.aot._triton_specs)."""
+# ----------------------------------------------------------------------------- registry
+
+def _aot_specs():
     ptrs = dict.fromkeys(["X", "G", "W", "B", "Y", "DY", "DX", "DG"], "*fp16")
     ptrs.update(MEAN="*fp32", RSTD="*fp32", DW_PART="*fp32", DB_PART="*fp32")
     specs = []
     for block in (1024, 8192):
         for rms in (False, True):
             kind = "rms_norm" if rms else "layer_norm"
-            consts = {"HAS_G": True, "HAS_BIAS": not rms, "RMS": rms, "BLOCK": block}
-            specs.append((f"{kind} add fwd fp16 (BLOCK {block})", _add_norm_fwd_kernel, ptrs,
-                          ("alpha", "eps"), consts, _num_warps(block), 1))
-            specs.append((f"{kind} add bwd fp16 (BLOCK {block})", _add_norm_bwd_kernel, ptrs, ("alpha",),
-                          {"HAS_G": True, "RMS": rms, "BLOCK": block}, _num_warps(block), 1))
+            specs.append(AotSpec(f"{kind} add fwd fp16 (BLOCK {block})", _add_norm_fwd_kernel, ptrs,
+                                 {"HAS_G": True, "HAS_BIAS": not rms, "RMS": rms, "BLOCK": block},
+                                 scalars={"alpha": "fp32", "eps": "fp32"}, num_warps=_num_warps(block)))
+            specs.append(AotSpec(f"{kind} add bwd fp16 (BLOCK {block})", _add_norm_bwd_kernel, ptrs,
+                                 {"HAS_G": True, "RMS": rms, "BLOCK": block}, scalars={"alpha": "fp32"},
+                                 num_warps=_num_warps(block)))
     return specs
+
+
+AOT_SPECS = _aot_specs()
+
+
+def _bench_gpu(quick: bool, time_ms) -> list:
+    rows = []
+    m, n = 4096, 4096
+    x, g = (torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w, b = (torch.randn(n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    layer_norm_eager = torch.nn.functional.layer_norm
+    impls = {  # (case, bytes moved: x [and g] read, y written)
+        ("layer_norm", 2): {"triton": lambda: layer_norm(x, w, b),
+                            "F.layer_norm": lambda: layer_norm_eager(x, (n,), w, b)},
+        ("DeepNorm LN(2x + g)", 3): {"triton": lambda: add_norm(x, g, w, b, alpha=2.0),
+                                     "eager (3 kernels)": lambda: layer_norm_eager(2.0 * x + g, (n,), w, b)},
+        ("rms_norm", 2): {"triton": lambda: rms_norm(x, w),
+                          "eager": lambda: add_norm_reference(x, weight=w, rms=True)},
+    }
+    for (case, arrays), fns in impls.items():
+        for impl, fn in fns.items():
+            ms = time_ms(fn)
+            rows.append({"impl": impl, "mode": "fwd", "shape": f"{m}x{n} bfloat16", "case": case, "ms": ms,
+                         "gbs": arrays * x.numel() * x.element_size() / ms / 1e6})
+    return rows
+
+
+def _bench_cpu(quick: bool) -> list:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    x, g = (torch.randn(37, 1000, generator=gen).to(device).requires_grad_() for _ in range(2))
+    w, b = (torch.randn(1000, generator=gen).to(device).requires_grad_() for _ in range(2))
+    dy = torch.randn(37, 1000, generator=gen).to(device)
+    rows = []
+    for rms in (False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, g, w, b)]
+        add_norm(*leaves, alpha=2.0, rms=rms).backward(dy)
+        ref = [t.detach().double().requires_grad_() for t in (x, g, w, b)]
+        expected = add_norm_reference(*ref, alpha=2.0, rms=rms)
+        expected.backward(dy.double())
+        y = add_norm(*(t.detach() for t in leaves), alpha=2.0, rms=rms)
+        errors = {"y err": (y.double() - expected).abs().max().item()}
+        errors.update({f"d{name} err": (a.grad.double() - r.grad).abs().max().item()
+                       for name, a, r in zip(("x", "g", "w", "b"), leaves, ref)})
+        rows.append({"case": f"{'RMSNorm' if rms else 'LayerNorm'}(2x + g) fp32 37x1000", **errors})
+    return rows
+
+
+BENCHMARKS = [Benchmark("layernorm", gpu=_bench_gpu, cpu=_bench_cpu)]

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from kernels import backend, tl, triton
+from kernels import AotSpec, Benchmark, backend, tl, triton
 
 MAX_FUSED_COLS = 8192  # longer rows would spill registers in the one-pass kernel: they take the online kernel
 
@@ -137,3 +137,40 @@ def online_softmax(x: torch.Tensor, *, block_n: Optional[int] = None,
         return y if out is None else out.copy_(y)
     block_n = block_n or min(triton.next_power_of_2(x.size(-1)), 1024)
     return _launch(_online_softmax_kernel, x, out, block_n)
+
+
+# ----------------------------------------------------------------------------- registry (compile tier)
+
+_ROWS = {"X": "*fp32", "Y": "*fp32"}
+AOT_SPECS = [AotSpec("softmax (BLOCK 4096)", _softmax_kernel, _ROWS, {"BLOCK": 4096}, num_warps=_num_warps(4096)),
+             AotSpec("softmax (BLOCK 8192, the fused limit)", _softmax_kernel, _ROWS, {"BLOCK": 8192},
+                     num_warps=_num_warps(8192)),
+             AotSpec("online_softmax (BLOCK_N 1024)", _online_softmax_kernel, _ROWS, {"BLOCK_N": 1024},
+                     num_warps=_num_warps(1024))]
+
+
+# ----------------------------------------------------------------------------- registry (benchmark)
+
+def _bench_gpu(quick: bool, time_ms) -> list:
+    rows = []
+    m = n = 4096
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(m, n, device="cuda", dtype=dtype)
+        impls = {"triton one-pass": lambda: softmax(x), "triton online": lambda: online_softmax(x),
+                 "torch.softmax": lambda: torch.softmax(x, -1), "eager (5 kernels)": lambda: softmax_reference(x)}
+        for impl, fn in impls.items():
+            ms = time_ms(fn)
+            rows.append({"impl": impl, "mode": "fwd", "shape": f"{m}x{n} {str(dtype)[6:]}", "case": "-", "ms": ms,
+                         "gbs": 2 * x.numel() * x.element_size() / ms / 1e6})
+    return rows
+
+
+def _bench_cpu(quick: bool) -> list:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(37, 1000, generator=torch.Generator().manual_seed(0)).to(device)
+    expected = softmax_reference(x.double())
+    return [{"case": f"{name} fp32 37x1000", "max err": (fn(x).double() - expected).abs().max().item()}
+            for name, fn in (("softmax", softmax), ("online_softmax", lambda t: online_softmax(t, block_n=128)))]
+
+
+BENCHMARKS = [Benchmark("softmax", gpu=_bench_gpu, cpu=_bench_cpu)]

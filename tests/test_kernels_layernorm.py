@@ -7,11 +7,7 @@
 4. TestGPU           (-m gpu) bf16 / fp16 numerics on the device.
 """
 
-import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -195,21 +191,12 @@ class TestInterpreter:
 
 # ------------------------------------------------------------------------------------------------ tier 3
 
-AOT_SCRIPT = ("import json, kernels.aot as a, kernels.layernorm as ln; a._triton_specs = ln.aot_specs; "
-              "print(json.dumps(a.compile_triton()))")
-
-
 @pytest.fixture(scope="module")
 def compiled():
     missing = aot.missing_toolchains()
     if "triton is not installed" in missing:
         pytest.skip("triton is not installed: nothing to compile")
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    out = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if out.returncode:
-        raise RuntimeError(f"AOT compile failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1]), missing
+    return aot.report(modules=["layernorm"])["triton"], missing
 
 
 class TestCompile:
