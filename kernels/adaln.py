@@ -22,7 +22,7 @@ other side of a matmul, so it is not part of this row kernel. Computed in float3
 
 import torch
 
-from kernels import backend, tl, triton
+from kernels import AotSpec, backend, tl, triton
 
 MAX_COLS = 16384  # the whole row lives in registers
 
@@ -149,10 +149,13 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     return y.to(x.dtype).view(x.shape)
 
 
-def aot_specs():
-    """The default configs for the compile tier, in kernels/layernorm.py's tuple layout."""
+def _aot_specs():
+    """The default configs for the compile tier: fp16 rows of 1024 and 8192 columns, forward and backward."""
     ptrs = dict.fromkeys(["X", "SHIFT", "SCALE", "Y", "DY", "DX", "DSHIFT", "DSCALE"], "*fp16")
     ptrs.update(MEAN="*fp32", RSTD="*fp32")
-    return [(f"adaln_modulate {kind} fp16 (BLOCK {block})", kernel, ptrs, ("eps",) if kind == "fwd" else (),
-             {"BLOCK": block}, _num_warps(block), 1)
+    return [AotSpec(f"adaln_modulate {kind} fp16 (BLOCK {block})", kernel, ptrs, {"BLOCK": block},
+                    scalars={"eps": "fp32"} if kind == "fwd" else {}, num_warps=_num_warps(block))
             for block in (1024, 8192) for kind, kernel in (("fwd", _adaln_fwd_kernel), ("bwd", _adaln_bwd_kernel))]
+
+
+AOT_SPECS = _aot_specs()
