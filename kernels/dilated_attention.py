@@ -1,0 +1,186 @@
+"""LongNet dilated attention in Triton: "dilation = strided loads", then the LSE merge (arXiv 2307.02486).
+
+One pattern (w, r): head h keeps, in segment i, the rows i*w + s_h + r*t (s_h = h mod r, t = 0 .. w/r - 1).
+Those rows are equally spaced, so a program reads them with the row stride r * stride_t: no gather, no copy.
+
+    grid = (query blocks of the w/r kept rows, segments, B * H)
+    program: Q~ = BLOCK_M kept rows; for each block of kept keys: S = Q~ K~^T / sqrt(D), online softmax (FA2)
+    writes O at its kept rows and LSE = log sum_j exp(S_ij) there; every other row keeps O = 0, LSE = -inf
+
+Keys past the end of the sequence (a short last segment) are masked inside the tile, never read. Causal: within a
+segment all kept rows share the offset, so compressed order is position order and key blocks past the query
+block's diagonal are skipped. The patterns are then mixed by alpha_i = softmax_i(LSE_i), nanomodels.dilated's
+`merge_by_lse` (the split-KV / flash-decoding combine).
+
+Forward only: the backward needs the gradient through LSE (alpha is differentiable), which the FlashAttention
+backward does not take yet; train with nanomodels.dilated.dilated_attention.
+"""
+
+import math
+from typing import Sequence
+
+import torch
+
+from kernels import INTERPRET, AotSpec, Benchmark, backend, tl, triton
+from nanomodels.dilated import check_patterns, dilated_branch, merge_by_lse
+
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+@triton.jit
+def _dilated_fwd_kernel(Q, K, V, OUT, LSE, sm_scale, n_heads, t, w, r,
+                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                        stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_lb, stride_lh,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CAUSAL: tl.constexpr):
+    pid_m, seg, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // n_heads, bh % n_heads
+    first = seg * w + h % r  # position of kept row 0 of this (segment, head)
+    kept = w // r
+    # BEGIN EXERCISE 6.4: dilation as a strided load
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + first.to(tl.int64) * stride_qt
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + first.to(tl.int64) * stride_kt
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + first.to(tl.int64) * stride_vt
+    OUT += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + first.to(tl.int64) * stride_ot
+    n_rows = tl.minimum(kept, (t - first + r - 1) // r)  # kept rows that exist (the last segment may be short)
+    step_q, step_k, step_v, step_o = r * stride_qt, r * stride_kt, r * stride_vt, r * stride_ot  # one kept row
+    # END EXERCISE
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m < n_rows
+    q = tl.load(Q + offs_m[:, None].to(tl.int64) * step_q + offs_d[None, :], mask=rows[:, None], other=0.0)
+    m = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+    ell = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x log2 e)
+    hi = tl.minimum(n_rows, (pid_m + 1) * BLOCK_M) if CAUSAL else n_rows
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        cols = offs_n < n_rows
+        kt = tl.load(K + offs_n[None, :].to(tl.int64) * step_k + offs_d[:, None], mask=cols[None, :], other=0.0)
+        s = tl.dot(q, kt) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
+        visible = cols[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(visible, s, -float("inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows past the end see nothing: stay finite
+        alpha = tl.exp2(m - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        ell = ell * alpha + tl.sum(p, axis=1)
+        vv = tl.load(V + offs_n[:, None].to(tl.int64) * step_v + offs_d[None, :], mask=cols[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
+        m = m_new
+    ell = tl.where(ell == 0.0, 1.0, ell)
+    tl.store(OUT + offs_m[:, None].to(tl.int64) * step_o + offs_d[None, :], (acc / ell[:, None]).to(
+        OUT.dtype.element_ty), mask=rows[:, None])
+    lse = (m + tl.log2(ell)) * 0.6931471805599453  # natural log
+    lse_rows = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + first + offs_m.to(tl.int64) * r
+    tl.store(lse_rows, lse, mask=rows)
+
+
+def _configs(gpu):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU, the first being the default; one config interpreted."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns) for bm, bn, nw, ns in gpu]
+
+
+FWD_CONFIGS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)]
+_fwd = triton.autotune(_configs(FWD_CONFIGS), key=["w", "r", "HEAD_DIM", "CAUSAL"])(_dilated_fwd_kernel)
+
+
+def _check(q, k, v):
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v: must all have the same shape (B, H, T, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v: dtype must be float16, bfloat16 or float32 (all the same), got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    if q.size(-1) not in HEAD_DIMS:
+        raise ValueError(f"q: head size D must be one of {HEAD_DIMS}, got {q.size(-1)}")
+
+
+def dilated_branch_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, r: int, *,
+                          causal: bool = False, out=None, lse=None) -> tuple:
+    """One pattern (w, r) by the Triton kernel: (O|(w, r), LSE), as nanomodels.dilated.dilated_branch.
+
+    `out` (B, H, T, D) and `lse` (B, H, T, float32, contiguous rows), when given, are filled in place."""
+    check_patterns([w], [r])
+    _check(q, k, v)
+    if backend(q) == "reference":
+        out, lse = dilated_branch(q, k, v, w, r, causal=causal)
+        return out, lse.float()
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, T, D = q.shape
+    out = torch.zeros_like(q) if out is None else out.zero_()  # rows this pattern does not keep stay 0 ...
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32) if lse is None else lse
+    lse.fill_(-math.inf)  # ... with LSE = -inf
+    if out.shape != q.shape or out.stride(-1) != 1 or lse.shape != (B, H, T) or lse.stride(-1) != 1:
+        raise ValueError(f"out, lse: need shapes {tuple(q.shape)} and {(B, H, T)} with contiguous rows")
+    grid = lambda meta: (triton.cdiv(w // r, meta["BLOCK_M"]), triton.cdiv(T, w), B * H)  # noqa: E731
+    _fwd[grid](q, k, v, out, lse, 1.0 / math.sqrt(D), H, T, w, r, *q.stride()[:3], *k.stride()[:3],
+               *v.stride()[:3], *out.stride()[:3], lse.stride(0), lse.stride(1), HEAD_DIM=D, CAUSAL=causal)
+    return out, lse
+
+
+def dilated_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: Sequence[int],
+                             dilation_rates: Sequence[int], *, causal: bool = False) -> torch.Tensor:
+    """Dilated attention, q, k, v (B, H, T, D) -> (B, H, T, D): one kernel launch per pattern, then the merge."""
+    segment_lengths, dilation_rates = check_patterns(segment_lengths, dilation_rates)
+    _check(q, k, v)
+    branches = [dilated_branch_kernel(q, k, v, w, r, causal=causal) for w, r in zip(segment_lengths, dilation_rates)]
+    out = merge_by_lse([o.float() for o, _ in branches], [lse for _, lse in branches])
+    return out.to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def _aot_specs():
+    specs = []
+    for d in (64, 128):
+        bm, bn, nw, ns = FWD_CONFIGS[0]
+        specs.append(AotSpec(f"dilated_fwd fp16 D={d} causal ({bm}x{bn}, {nw} warps, {ns} stages)",
+                             _dilated_fwd_kernel, dict.fromkeys(["Q", "K", "V", "OUT"], "*fp16") | {"LSE": "*fp32"},
+                             {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True},
+                             scalars={"sm_scale": "fp32"}, num_warps=nw, num_stages=ns, mma=True))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
+
+
+def _bench_gpu(quick: bool, time_ms) -> list:
+    from nanomodels.attention import sdpa_attention
+
+    rows = []
+    ws, rs = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
+    for T in ((16384,) if quick else (16384, 65536)):
+        q, k, v = (torch.randn(1, 16, T, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+        flops = sum(4 * 16 * T * (w // r) * 64 for w, r in zip(ws, rs))  # per pattern: T queries x w/r keys
+        for impl, fn in (("triton dilated", lambda: dilated_attention_kernel(q, k, v, ws, rs)),
+                         ("torch dilated", lambda: merge_by_lse(*zip(*[dilated_branch(q, k, v, w, r)
+                                                                       for w, r in zip(ws, rs)]))),
+                         ("sdpa dense", lambda: sdpa_attention(q, k, v))):
+            ms = time_ms(fn)
+            work = 4 * 16 * T * T * 64 if impl == "sdpa dense" else flops
+            rows.append({"impl": impl, "mode": "fwd", "shape": f"1x16x{T}x64", "case": "w 2K-16K, r 1-8",
+                         "ms": ms, "tflops": work / ms / 1e9})
+    return rows
+
+
+def _bench_cpu(quick: bool) -> list:
+    rows = []
+    for causal in (False, True):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 4, 200, 32, generator=g) for _ in range(3))
+        want = merge_by_lse(*zip(*[dilated_branch(q.double(), k.double(), v.double(), w, r, causal=causal)
+                                   for w, r in ((32, 1), (64, 2), (128, 4))]))
+        got = dilated_attention_kernel(q, k, v, (32, 64, 128), (1, 2, 4), causal=causal)
+        rows.append({"case": f"fp32 T=200 {'causal' if causal else 'bidirectional'}",
+                     "O err": (got.double() - want).abs().max().item()})
+    return rows
+
+
+BENCHMARKS = [Benchmark("dilated_attention", gpu=_bench_gpu, cpu=_bench_cpu)]
