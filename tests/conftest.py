@@ -1,8 +1,10 @@
-"""Shared test setup: one thread (stable and fast on small ops), hypothesis profiles, the gpu marker.
+"""Shared test setup: one thread (stable and fast on small ops), hypothesis profiles, the gpu marker, and the
+graded checks as property tests: a test module that sets CHAPTER = "04" and asks for a `graded_check` argument
+runs once per check of every exercise of that chapter, against the library (exercises/checks/common.py).
 
 TRITON_INTERPRET=1 is set here, before anything imports triton, unless a CUDA device is present: the
-kernels' interpreter tier then runs on CPU tensors. Set NANOMODELS_GPU_TESTS=1 on a GPU machine to
-keep the real compiler (the `-m gpu` tier).
+kernels' interpreter tier then runs on CPU tensors; with a CUDA device the real compiler runs (the `-m gpu`
+tier). Setting TRITON_INTERPRET yourself overrides this.
 """
 
 import os
@@ -32,3 +34,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_generate_tests(metafunc):
+    if "graded_check" in metafunc.fixturenames:
+        from exercises.checks.common import library_checks
+
+        checks = library_checks(metafunc.module.CHAPTER)
+        metafunc.parametrize("graded_check", checks, ids=[c.id for c in checks])

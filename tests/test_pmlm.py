@@ -1,4 +1,9 @@
-"""Property tests for nanomodels.pmlm (UniLMv2 pseudo-masked LM): layout, mask rules, leaks, reuse, losses."""
+"""Property tests for nanomodels.pmlm (UniLMv2 pseudo-masked LM): layout, mask rules, leaks, reuse, losses.
+
+The invariants of the layout, the mask rules and the s2s-ft mask are the graded checks of chapter 03
+(exercises/checks/ch03_pseudo_masked_lm.py), run here against the library; this file adds what the grader does
+not check.
+"""
 
 import pytest
 import torch
@@ -13,6 +18,8 @@ from nanomodels.transformer import Transformer, TransformerConfig
 
 V = 13
 M_ID, P_ID = 13, 14  # [M] and [P] are the two ids past the toy vocabulary
+
+CHAPTER = "03"  # tests/conftest.py runs its graded checks as `graded_check`
 
 
 def model64(seed=0):
@@ -33,26 +40,13 @@ def layouts(draw):
     return x, spans, order
 
 
+def test_graded_invariant_holds_for_the_library(graded_check):
+    graded_check()
+
+
 def paper_example():
     x = torch.tensor([1, 2, 3, 4, 5, 6])  # x1..x6
     return x, pmlm_layout(x, [[1], [3, 4]], [1, 0], M_ID, P_ID)  # spans {x2}, {x4, x5}; order {x4, x5} -> {x2}
-
-
-def test_paper_example_layout():
-    _, lay = paper_example()
-    assert lay["tokens"].tolist() == [1, M_ID, 3, M_ID, M_ID, 6, P_ID, P_ID, 4, 5, P_ID, 2]
-    assert lay["positions"].tolist() == [0, 1, 2, 3, 4, 5, 3, 4, 3, 4, 1, 1]
-
-
-def test_official_mask_example():
-    expected = torch.tensor([
-        [1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0],   # t0: real span-1 tokens see each other
-        [1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0],   # t2
-        [1, 1, 1, 0, 0, 0, 0, 1, 1, 0, 0],   # p0: source + own-span pseudos
-        [1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 0]], dtype=torch.bool)  # p2: real span-1, not its own real token
-    m = s2s_ft_mask(3, torch.tensor([1, 1, 2, 3]))
-    assert torch.equal(m[[3, 5, 7, 9]], expected)
-    assert not m[:3, 3:].any(), "source never sees target or pseudo"
 
 
 @given(case=layouts())
@@ -61,37 +55,6 @@ def test_spans_are_disjoint_contiguous_and_count_exactly(case):
     flat = [p for s in spans for p in s]
     assert len(flat) == len(set(flat)) and all(0 <= p < len(x) for p in flat)
     assert all(s == list(range(s[0], s[0] + len(s))) for s in spans), "spans are contiguous"
-
-
-@given(case=layouts())
-def test_positions_shared_and_prediction_counts(case):
-    x, spans, order = case
-    lay = pmlm_layout(x, spans, order, M_ID, P_ID)
-    n, masked = len(x), sorted(p for s in spans for p in s)
-    assert len(lay["tokens"]) == n + 2 * len(masked)
-    for kind in (PSEUDO, REAL):
-        assert sorted(lay["positions"][lay["kind"] == kind].tolist()) == masked, "pos([P]_m) = pos(real_m) = m"
-    real = lay["kind"] == REAL
-    assert torch.equal(lay["tokens"][real], x[lay["positions"][real]]), "real copies hold x at their position"
-    ae, par = lay["ae_targets"] != -100, lay["par_targets"] != -100
-    assert int(ae.sum()) == int(par.sum()) == len(masked), "|L_AE| = |L_PAR| = |M|"
-    assert torch.equal(lay["par_targets"][par], x[lay["positions"][par]])
-    assert sorted(lay["positions"][ae].tolist()) == masked and (lay["tokens"][:n][ae[:n]] == M_ID).all()
-
-
-@given(case=layouts())
-def test_rules_hold_on_random_layouts(case):
-    lay = pmlm_layout(*case, M_ID, P_ID)
-    m, kind, step = pmlm_mask(lay["kind"], lay["step"]), lay["kind"], lay["step"]
-    ae = kind == AE
-    assert m[ae][:, ae].all() and not m[ae][:, ~ae].any(), "AE block sees exactly the AE block"
-    assert m[~ae][:, ae].all(), "everyone sees the AE block"
-    for q in (~ae).nonzero().flatten().tolist():
-        for k in (~ae).nonzero().flatten().tolist():
-            if kind[q] == REAL and kind[k] == PSEUDO:
-                assert not m[q, k], "a real token never sees a [P]"
-            if kind[q] == PSEUDO and kind[k] == REAL:
-                assert bool(m[q, k]) == bool(step[k] < step[q]), "[P] sees real tokens of earlier steps only"
 
 
 @given(src=st.integers(0, 5), ids=st.lists(st.integers(0, 2), min_size=0, max_size=7))

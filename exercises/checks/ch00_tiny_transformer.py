@@ -16,42 +16,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
-
-F64 = torch.float64
-
-# tensor entries are multiples of 1/2 in [-3, 3]: enough to break every wrong mechanism, quick to shrink,
-# and a shrunk counterexample reads well (0, 0.5, -1 rather than 1.2870939124)
-halves = st.integers(-6, 6).map(lambda n: n / 2)
-
-
-def _fmt(t) -> str:
-    values = t.tolist() if isinstance(t, torch.Tensor) else t
-    if isinstance(values, list):
-        return "[" + ", ".join(_fmt(x) for x in values) + "]"
-    return f"{values:.4g}" if isinstance(values, float) else str(values)
-
-
-class Inputs(dict):
-    """A check's drawn inputs; a counterexample prints them as `name=values (shape ...)`, one per line."""
-
-    def _repr_pretty_(self, p, cycle):
-        shape = lambda v: f" (shape {tuple(v.shape)})" if isinstance(v, torch.Tensor) else ""  # noqa: E731
-        p.text("\n".join(f"{k}={_fmt(v)}{shape(v)}" for k, v in self.items()))
-
-
-@st.composite
-def tensors(draw, shape: tuple):
-    values = draw(st.lists(halves, min_size=math.prod(shape), max_size=math.prod(shape)))
-    return torch.tensor(values, dtype=F64).reshape(shape)
-
-
-def _expect_tensor(out, shape: tuple, dtype, what: str) -> None:
-    if not isinstance(out, torch.Tensor):
-        raise Violation(f"{what} returned a {type(out).__name__}, expected a tensor of shape {shape}")
-    if tuple(out.shape) != shape:
-        raise Violation(f"{what} returned shape {tuple(out.shape)}, expected {shape}")
-    if out.dtype != dtype:
-        raise Violation(f"{what} returned dtype {out.dtype}, expected {dtype}")
+from exercises.checks.common import F64, Inputs, expect_tensor, fmt, halves, seeds, tensors
 
 
 # ---- 0.1 masked scaled dot-product attention ------------------------------------------------------------
@@ -99,7 +64,7 @@ def _attend(attention, case, **kwargs):
     """attention on copies of the case's tensors, checked for shape and dtype."""
     q, k, v = case["q"], case["k"], case["v"]
     out = attention(q.clone(), k.clone(), v.clone(), case["allowed"], **kwargs)
-    _expect_tensor(out, tuple(q.shape[:3]) + (v.size(-1),), F64, "attention")
+    expect_tensor(out, tuple(q.shape[:3]) + (v.size(-1),), F64, "attention")
     return out
 
 
@@ -117,7 +82,7 @@ def _weights(attention, q, k, allowed=None):
     """Probe: with v = the identity, the output rows are the attention weights themselves."""
     B, H, Tk = k.size(0), k.size(1), k.size(2)
     w = attention(q.clone(), k.clone(), torch.eye(Tk, dtype=F64).expand(B, H, Tk, Tk).clone(), allowed)
-    _expect_tensor(w, (B, H, q.size(2), Tk), F64, "attention(q, k, v = identity)")
+    expect_tensor(w, (B, H, q.size(2), Tk), F64, "attention(q, k, v = identity)")
     return w
 
 
@@ -128,8 +93,8 @@ def matches_the_naive_oracle(attention, case):
     diff = (out - ref).abs()
     if not diff.max() <= 1e-9:
         b, h, i, _ = _worst(diff)
-        raise Violation(f"output[{b}, {h}, {i}] = {_fmt(out[b, h, i])}, the oracle gives "
-                        f"{_fmt(ref[b, h, i])}")
+        raise Violation(f"output[{b}, {h}, {i}] = {fmt(out[b, h, i])}, the oracle gives "
+                        f"{fmt(ref[b, h, i])}")
 
 
 @check("batches and heads are independent: each (batch, head) slice gives what it gives alone, and a "
@@ -143,7 +108,7 @@ def batches_and_heads_are_independent(attention, case):
             mask = allowed if allowed is None or allowed.dim() == 2 else allowed[b:b + 1]
             alone = attention(q[one].clone(), k[one].clone(), v[one].clone(), mask)
             if not torch.allclose(out[b, h], alone[0, 0], atol=1e-12, rtol=0, equal_nan=True):
-                raise Violation(f"batch {b}, head {h}: {_fmt(out[b, h])} in the batch, {_fmt(alone[0, 0])} "
+                raise Violation(f"batch {b}, head {h}: {fmt(out[b, h])} in the batch, {fmt(alone[0, 0])} "
                                 "alone: the batches or heads mix (transpose only the last two axes of k)")
 
 
@@ -162,8 +127,8 @@ def scores_are_scaled_by_one_over_sqrt_d(attention, case):
                              (k.size(2) ** -0.5, "softmax(q·k / sqrt(Tk)): divided by sqrt(number of keys)")]:
             if torch.allclose(w, torch.softmax(scores * scale, dim=-1), atol=1e-9, rtol=0):
                 why = f"; yours are {label}"
-        raise Violation(f"with d = {d}, query {i}'s weights{_at(b, h, case)} are {_fmt(w[b, h, i])}, "
-                        f"softmax(q·k / sqrt(d)) gives {_fmt(want[b, h, i])}{why}")
+        raise Violation(f"with d = {d}, query {i}'s weights{_at(b, h, case)} are {fmt(w[b, h, i])}, "
+                        f"softmax(q·k / sqrt(d)) gives {fmt(want[b, h, i])}{why}")
 
 
 @check("softmax runs over the keys: each query's attention weights (probed with v = identity) are "
@@ -172,7 +137,7 @@ def weights_over_the_keys_sum_to_one(attention, case):
     w = _weights(attention, case["q"], case["k"], case["allowed"])
     sums = w.sum(dim=-1)
     for b, h, i in torch.nonzero(torch.nan_to_num((sums - 1).abs(), nan=1.0) > 1e-9).tolist()[:1]:
-        raise Violation(f"query {i}'s weights{_at(b, h, case)} {_fmt(w[b, h, i])} sum to "
+        raise Violation(f"query {i}'s weights{_at(b, h, case)} {fmt(w[b, h, i])} sum to "
                         f"{sums[b, h, i]:.4g}, not 1: softmax must normalise over the keys (the last axis), "
                         "after masking")
     for b, h, i, j in torch.nonzero(w < -1e-12).tolist()[:1]:
@@ -233,7 +198,7 @@ def fully_masked_row_gives_zeros(attention, case):
         row = out[0, 0, i]
         if not (row.abs() <= 1e-12).all():
             nan = " (NaN: a softmax over a row of -inf divides 0 by 0)" if row.isnan().any() else ""
-            raise Violation(f"query {i} may see no key, and its output is {_fmt(row)}{nan}; expected zeros")
+            raise Violation(f"query {i} may see no key, and its output is {fmt(row)}{nan}; expected zeros")
 
 
 # ---- 0.2 the causal mask ----------------------------------------------------------------------------------
@@ -245,7 +210,7 @@ def _mask(causal_mask, n_queries: int, n_cached):
     else:
         n_keys = n_queries + n_cached
         m, call = causal_mask(n_queries, n_keys), f"causal_mask({n_queries}, {n_keys})"
-    _expect_tensor(m, (n_queries, n_keys), torch.bool, call)
+    expect_tensor(m, (n_queries, n_keys), torch.bool, call)
     return m, call, n_keys - n_queries
 
 
@@ -290,7 +255,7 @@ def queries_are_the_last_positions_with_a_cache(causal_mask, n_queries, n_cached
     for i in range(n_queries):
         if not torch.equal(m[i], want[i]):
             raise Violation(f"with {c} cached keys query {i} is position {i + c}: {call}[{i}] should be "
-                            f"{_fmt(want[i].int())}, yours is {_fmt(m[i].int())} (1 = visible)")
+                            f"{fmt(want[i].int())}, yours is {fmt(m[i].int())} (1 = visible)")
 
 
 # ---- 0.3 one BPE merge step -------------------------------------------------------------------------------
@@ -418,7 +383,6 @@ def the_counts_are_not_modified(most_frequent_pair, counts):
 
 N_DRAWS = 20_000  # frequencies must be within 6 standard errors (+ 0.002) of the expected probabilities
 temperatures = st.sampled_from([1.0, 0.5, 2.0, 0.25, 0.8, 1.5, 4.0])
-seeds = st.integers(0, 2**16)
 
 
 @st.composite
@@ -437,7 +401,7 @@ def _draw(sample_next_token, rows, temperature, top_k, seed: int):
     rows = rows.clone()
     generator = torch.Generator().manual_seed(seed)
     out = sample_next_token(rows, temperature=temperature, top_k=top_k, generator=generator)
-    _expect_tensor(out, (rows.size(0), 1), torch.int64, "sample_next_token")
+    expect_tensor(out, (rows.size(0), 1), torch.int64, "sample_next_token")
     if out.numel() and (out.min() < 0 or out.max() >= rows.size(-1)):
         raise Violation(f"sample_next_token drew token {int(out.max())}, outside the vocabulary "
                         f"0..{rows.size(-1) - 1}")
@@ -459,7 +423,7 @@ def _compare_frequencies(out, logits, temperature, top_k):
     setting = f"T = {temperature:.3g}, top_k = {top_k}"
     for j in range(logits.numel()):
         if p[j] == 0 and freq[j] > 0:
-            raise Violation(f"with logits {_fmt(logits)} and {setting}, token {j} was drawn "
+            raise Violation(f"with logits {fmt(logits)} and {setting}, token {j} was drawn "
                             f"{round(float(freq[j]) * n)} times; only the top_k largest logits (and ties "
                             "with the k-th) may be drawn")
     if ((freq - p).abs() > tolerance).any():
@@ -469,8 +433,8 @@ def _compare_frequencies(out, logits, temperature, top_k):
             why = "; yours match T = 1: the temperature has no effect"
         elif freq.max() == 1.0:
             why = "; every draw is the same token: sample, do not take the argmax"
-        raise Violation(f"over {n} draws from logits {_fmt(logits)} with {setting}, the token frequencies "
-                        f"are {_fmt(freq)}; softmax(logits / T) over the kept tokens gives {_fmt(p)}{why}")
+        raise Violation(f"over {n} draws from logits {fmt(logits)} with {setting}, the token frequencies "
+                        f"are {fmt(freq)}; softmax(logits / T) over the kept tokens gives {fmt(p)}{why}")
 
 
 @check("temperature 0 is greedy decoding: each row's token is an argmax of its logits",
@@ -481,7 +445,7 @@ def temperature_zero_is_argmax(sample_next_token, logits, top_k):
     for b in range(logits.size(0)):
         t = int(out[b, 0])
         if logits[b, t] != logits[b].max():
-            raise Violation(f"row {b}: logits {_fmt(logits[b])} at temperature 0 gave token {t}; greedy "
+            raise Violation(f"row {b}: logits {fmt(logits[b])} at temperature 0 gave token {t}; greedy "
                             f"decoding takes the argmax, token {int(logits[b].argmax())}")
 
 

@@ -4,15 +4,15 @@ Each check tests what the paper promises, in float64, against the learner's func
 Known-wrong solutions: exercises/mutants/ch04_*.py.
 """
 
-import math
 
 import torch
 import torch.nn as nn
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
+from exercises.checks.common import F64, naive_layer_norm, xavier_std
+from nanomodels.transformer import Transformer, TransformerConfig
 
-F64 = torch.float64
 TABLE = {6: (1.8612, 0.3799), 12: (2.2134, 0.3195), 18: (2.4495, 0.2887), 24: (2.6321, 0.2686),
          100: (3.7606, 0.1880), 1000: (6.6874, 0.1057)}
 ENC_DEC = {(6, 6): ((1.4179, 0.4970), (2.0598, 0.3433)), (12, 12): ((1.7609, 0.4002), (2.4495, 0.2887)),
@@ -87,9 +87,7 @@ def _norm(d: int, seed: int) -> nn.LayerNorm:
 
 
 def _ln(h, norm):
-    mean = h.mean(-1, keepdim=True)
-    var = ((h - mean) ** 2).mean(-1, keepdim=True)
-    return (h - mean) / var.sqrt() * norm.weight + norm.bias
+    return naive_layer_norm(h, norm.weight, norm.bias)
 
 
 @check("with the branch g = 0, deepnorm(x, 0, alpha, norm) = LN(alpha x) = LN(x) (eps = 0)",
@@ -130,50 +128,24 @@ def known_branch_gives_layernorm_of_alpha_x_plus_g(deepnorm, seed, alpha):
 
 # ---- 4.3 the init -----------------------------------------------------------------------------------------
 
-class _Attn(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d, dtype=F64) for _ in range(4))
-
-
-class _FFN(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, 2 * d, dtype=F64), nn.Linear(2 * d, d, dtype=F64)
-
-
-class _Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.attn, self.ffn, self.norm = _Attn(d), _FFN(d), nn.LayerNorm(d, dtype=F64)
-
-
-class _Model(nn.Module):
-    """Named like the core Transformer: wte, wpe, blocks[i].attn.{q,k,v,out}_proj, blocks[i].ffn.fc{1,2}, head.proj."""
-
-    def __init__(self, d=96, layers=2):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(50, d, dtype=F64), nn.Embedding(16, d, dtype=F64)
-        self.blocks = nn.ModuleList(_Block(d) for _ in range(layers))
-        self.head = nn.Module()
-        self.head.proj = nn.Linear(d, 50, bias=False, dtype=F64)
-        for p in self.parameters():
-            nn.init.normal_(p, std=0.02)
+def _model() -> nn.Module:
+    """The core Transformer in float64 (its matrices are named q_proj, k_proj, v_proj, out_proj, fc1, fc2)."""
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=50, block_size=16, n_layers=2, d_model=96, n_heads=4, d_ff=192)
+    return Transformer(config).to(F64)
 
 
 def init_report(init_fn, scale: float, what: str, scaled=("v_proj", "out_proj", "fc1", "fc2")):
     """Run init_fn(model, scale) and check every matrix: xavier normal with gain `scale` on `scaled`, gain 1 on
     q_proj/k_proj, everything else bit-identical."""
-    torch.manual_seed(0)
-    model = _Model()
+    model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     init_fn(model, scale)
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else None
         if leaf in scaled or leaf in ("q_proj", "k_proj"):
             gain = scale if leaf in scaled else 1.0
-            fan_out, fan_in = p.shape
-            want = gain * math.sqrt(2.0 / (fan_in + fan_out))
+            want = xavier_std(p, gain)
             std = p.detach().std().item()
             if abs(std / want - 1) > 0.06:
                 why = ""

@@ -1,0 +1,129 @@
+"""What every chapter's checks share: strategies, oracles, result checks, and the library's own checks as tests.
+
+The grader's checks ARE the ideas' property tests: tests/test_<idea>.py runs every check of its chapter against
+the library (`library_checks`, wired in by tests/conftest.py), so an invariant is written once, here in
+exercises/checks/, and tests/ keeps only what the grader does not check (error messages, integration, training).
+"""
+
+import math
+from dataclasses import dataclass
+from importlib import import_module
+from typing import Callable
+
+import torch
+from hypothesis import strategies as st
+
+from exercises.checking import Check, Violation, run_check
+
+F64 = torch.float64
+
+# tensor entries are multiples of 1/2 in [-3, 3]: enough to break most wrong mechanisms, quick to shrink, and a
+# shrunk counterexample reads well (0, 0.5, -1 rather than 1.2870939124)
+halves = st.integers(-6, 6).map(lambda n: n / 2)
+seeds = st.integers(0, 2 ** 16)
+
+
+def fmt(t) -> str:
+    """A tensor or nested list as a short readable list: floats to 4 significant digits."""
+    values = t.tolist() if isinstance(t, torch.Tensor) else t
+    if isinstance(values, (list, tuple)):
+        return "[" + ", ".join(fmt(x) for x in values) + "]"
+    return f"{values:.4g}" if isinstance(values, float) else str(values)
+
+
+class Inputs(dict):
+    """A check's drawn inputs; a counterexample prints them as `name=values (shape ...)`, one per line."""
+
+    def _repr_pretty_(self, p, cycle):
+        shape = lambda v: f" (shape {tuple(v.shape)})" if isinstance(v, torch.Tensor) else ""  # noqa: E731
+        p.text("\n".join(f"{k}={fmt(v)}{shape(v)}" for k, v in self.items()))
+
+
+@st.composite
+def tensors(draw, shape: tuple, elements=halves, dtype=F64):
+    values = draw(st.lists(elements, min_size=math.prod(shape), max_size=math.prod(shape)))
+    return torch.tensor(values, dtype=dtype).reshape(shape)
+
+
+def expect_tensor(out, shape: tuple, dtype, what: str) -> torch.Tensor:
+    """The result is exactly a torch.Tensor (not a subclass, not a list) of this shape and dtype."""
+    if type(out) is not torch.Tensor:
+        raise Violation(f"{what} returned a {type(out).__name__}, expected a tensor of shape {shape} and "
+                        f"dtype {dtype}")
+    if tuple(out.shape) != tuple(shape):
+        raise Violation(f"{what} returned shape {tuple(out.shape)}, expected {tuple(shape)} (a wrong shape, "
+                        "before any value is compared)")
+    if out.dtype != dtype:
+        raise Violation(f"{what} returned dtype {out.dtype}, expected {dtype}")
+    return out
+
+
+def expect_unchanged(before, after, what: str) -> None:
+    """An argument is bit-identical after the call: the function must not edit its inputs in place."""
+    if isinstance(before, torch.Tensor):
+        same = (type(after) is torch.Tensor and before.shape == after.shape and before.dtype == after.dtype
+                and torch.equal(before, after))
+    else:
+        same = type(before) is type(after) and before == after
+    if not same:
+        raise Violation(f"{what} was changed by the call (from {fmt(before)} to {fmt(after)}): edit a copy, "
+                        "never the caller's argument")
+
+
+def expect_fresh(out: torch.Tensor, inputs, what: str) -> None:
+    """The result shares no memory with an input: a caller may edit it (and a cached result) freely."""
+    for name, t in inputs.items():
+        if isinstance(t, torch.Tensor) and t.numel() and out.numel() and out.untyped_storage().data_ptr() == \
+                t.untyped_storage().data_ptr():
+            raise Violation(f"{what} returned a view of its argument `{name}`: editing the result would edit "
+                            "the caller's tensor; return a new tensor")
+
+
+def naive_layer_norm(x, weight=None, bias=None, eps: float = 0.0):
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis, variance with 1/d (biased), written out."""
+    mean = x.sum(-1, keepdim=True) / x.size(-1)
+    var = ((x - mean) ** 2).sum(-1, keepdim=True) / x.size(-1)
+    out = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    return out + bias if bias is not None else out
+
+
+def xavier_std(weight: torch.Tensor, gain: float = 1.0) -> float:
+    """gain * sqrt(2 / (fan_in + fan_out)) for a Linear weight (fan_out, fan_in)."""
+    fan_out, fan_in = weight.shape
+    return gain * math.sqrt(2.0 / (fan_in + fan_out))
+
+
+# ---- the library's checks as tests ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LibraryCheck:
+    """One graded check run against the library's own function (the reference solution)."""
+
+    exercise: str
+    function: Callable
+    check: Check
+
+    @property
+    def id(self) -> str:
+        return f"{self.exercise}-{self.check.name}"
+
+    def __call__(self, max_examples: int | None = None) -> None:
+        """Run it; AssertionError naming the invariant, what broke, and the counterexample if it fails."""
+        kwargs = {} if max_examples is None else {"max_examples": max_examples}
+        result = run_check(self.check, self.function, **kwargs)
+        if not result["passed"]:
+            raise AssertionError(f"exercise {self.exercise}, invariant: {self.check.invariant}\n"
+                                 f"violated: {result['message']}\n{result['counterexample']}")
+
+
+def library_checks(chapter_number: str) -> list[LibraryCheck]:
+    """Every check of every exercise of a chapter, paired with the library function it grades."""
+    from exercises.registry import get_chapter
+    from exercises.stubs import scan
+
+    chapter = get_chapter(chapter_number)
+    spec = import_module(chapter.checks_module).EXERCISES
+    return [LibraryCheck(m.id, getattr(import_module(m.module), m.function), c)
+            for m in scan(chapter) for c in spec[m.id].checks]
