@@ -185,7 +185,8 @@ class MoE(nn.Module):
 
     num_experts = E, k = top-k, capacity_factor and eval_capacity_fraction (f) set C; router: "linear",
     "xmoe" or "xmoe_torchscale" (routing_dim = d_e); heads = h > 1 makes it MH-MoE; d_expert = each expert's
-    hidden width (config.d_ff); dispatch: "einsum" (dense (S, E, C) masks) or "sorted" (gather by expert).
+    hidden width (config.d_ff); dispatch: "einsum" (dense (S, E, C) masks), "sorted" (gather by expert) or a
+    function with sorted_dispatch's signature (kernels/grouped_gemm.py's grouped_gemm_dispatch).
     aux_weight multiplies the aux loss the model adds. expert_parallel: the E experts are split over the
     ranks of the default process group (E / world each), tokens are exchanged with all_to_all."""
 
@@ -204,8 +205,8 @@ class MoE(nn.Module):
             raise ValueError(f"router: must be one of {sorted(ROUTERS)}, got {router!r}")
         if not isinstance(heads, int) or heads < 1 or config.d_model % heads:
             raise ValueError(f"heads: must be a positive integer dividing d_model ({config.d_model}), got {heads!r}")
-        if dispatch not in ("einsum", "sorted"):
-            raise ValueError(f"dispatch: must be 'einsum' or 'sorted', got {dispatch!r}")
+        if dispatch not in ("einsum", "sorted") and not callable(dispatch):
+            raise ValueError(f"dispatch: must be 'einsum', 'sorted' or a function like sorted_dispatch, got {dispatch!r}")
         world = dist.get_world_size() if expert_parallel else 1
         if num_experts % world or (expert_parallel and dispatch != "einsum"):
             raise ValueError(f"expert_parallel: needs dispatch='einsum' and num_experts ({num_experts}) divisible "
@@ -243,7 +244,7 @@ class MoE(nn.Module):
         else:
             routing = top_k_routing(logits, self.k, C)
             self.aux_loss = routing.aux_loss
-            y = sorted_dispatch(h, routing, self.experts)
+            y = (sorted_dispatch if self.dispatch == "sorted" else self.dispatch)(h, routing, self.experts)
         y = y.reshape(shape)
         return self.merge_proj(y) if self.heads > 1 else y
 
