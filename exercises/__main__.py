@@ -22,7 +22,7 @@ def _chapters(name: str):
 
 
 def _grade(args) -> int:
-    from exercises.grader import GraderError, Source, format_json, format_report, grade
+    from exercises.grader import GraderError, Source, format_json, format_report, format_total, grade
 
     chapters = _chapters(args.chapter)
     if (args.file or args.mutant) and len(chapters) > 1:
@@ -62,6 +62,8 @@ def _grade(args) -> int:
         return 2
     if args.json:
         print(format_json(reports))
+    elif len(reports) > 1:
+        print(format_total(reports))
     return 0 if all(r["full_marks"] for r in reports) else 1
 
 

@@ -308,6 +308,18 @@ def _details(e: dict) -> list[str]:
     return out
 
 
+def format_total(reports: list[dict]) -> str:
+    """The grand total over several chapters, one line per chapter."""
+    width = max(len(f"{r['chapter']}  {r['title']}") for r in reports)
+    lines = ["All chapters:"]
+    for r in reports:
+        name = f"{r['chapter']}  {r['title']}"
+        lines.append(f"  {name:<{width}}  {r['score']:>3}/{r['max_score']}")
+    score, max_score = sum(r["score"] for r in reports), sum(r["max_score"] for r in reports)
+    lines.append(f"  {'grand total':<{width}}  {score:>3}/{max_score}")
+    return "\n".join(lines)
+
+
 def format_json(reports: list[dict]) -> str:
     score, max_score = sum(r["score"] for r in reports), sum(r["max_score"] for r in reports)
     return json.dumps({"score": score, "max_score": max_score, "full_marks": score == max_score,

@@ -7,6 +7,7 @@ Grading runs in worker processes (torch is imported once per worker), so each te
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -55,6 +56,16 @@ def test_every_marked_exercise_has_points_a_hint_and_checks(chapter):
         assert e.hint.strip() and e.checks, f"{ex}: a hint and at least one check"
         assert len({c.name for c in e.checks}) == len(e.checks), f"{ex}: check names repeat"
         assert all(c.invariant.strip() for c in e.checks)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS.values(), ids=lambda c: c.number)
+def test_readme_lists_every_exercise_with_its_title_and_points(chapter):
+    readme = (ROOT / "exercises" / "README.md").read_text()
+    spec = import_module(chapter.checks_module).EXERCISES
+    row = next((line for line in readme.splitlines() if f"[`ex{chapter.name}.py`]" in line), "")
+    assert row, f"exercises/README.md has no row for chapter {chapter.number} (ex{chapter.name}.py)"
+    for m in scan(chapter):
+        assert f"{m.id} {m.title} ({spec[m.id].points})" in row, f"the README's row lacks `{m.id} {m.title}`"
 
 
 def test_chapter_00_has_the_four_required_exercises():
@@ -355,3 +366,7 @@ def test_cli_json_has_the_fields_and_exit_status_is_zero_only_at_full_marks():
     assert run_cli("grade", "00", "--file", "no/such/file.py").returncode == 2
     assert run_cli("grade", "00", "--exercise", "9.9").returncode == 2
     assert run_cli("stubs", "--check").returncode == 0
+    both = run_cli("grade", "all", "--reference", "--exercise", "0.2", "--exercise", "4.1")
+    assert both.returncode == 0, both.stderr
+    assert "Chapter 00" in both.stdout and "Chapter 04" in both.stdout
+    assert re.search(r"grand total\s+4/4", both.stdout), both.stdout[-500:]
