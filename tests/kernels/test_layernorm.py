@@ -1,10 +1,7 @@
-"""The fused (scaled residual +) LayerNorm / RMSNorm kernel, in the tiers of tests/test_kernels.py:
-
-1. TestReference     the reference against the written-out equation and torch's norms (float64), argument checks.
-2. TestInterpreter   the Triton kernels under TRITON_INTERPRET=1 on CPU tensors: fp32 and fp16, odd widths,
-                     forward and backward against the float64 reference, guard bands, DeepNorm drop-in.
-3. TestCompile       both kernels compiled ahead of time for sm_80 and sm_90: it builds, fits, no spills.
-4. TestGPU           (-m gpu) bf16 / fp16 numerics on the device.
+"""The fused (scaled residual +) LayerNorm / RMSNorm kernels (kernels/layernorm.py), in the tiers of tiers.py:
+the reference against the written-out equation and torch's norms (float64), argument checks; the Triton
+kernels under the interpreter (fp32 and fp16, odd widths, forward and backward against the float64 reference,
+guard bands, DeepNorm drop-in); (-m gpu) bf16 / fp16 on the device. The compile tier is tests/kernels/test_compile.py.
 """
 
 import math
@@ -15,33 +12,9 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import kernels
-from kernels import aot
 from kernels.layernorm import (add_norm, add_norm_backward, add_norm_forward, add_norm_reference, deepnorm_add_norm,
                                layer_norm, rms_norm)
-
-SENTINEL = 12345.0
-
-
-@pytest.fixture(autouse=True)
-def float32_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.set_default_dtype(old)
-
-
-def randn(*shape, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float32).to(dtype)
-
-
-def assert_close(actual, expected, what, atol):
-    diff = (actual.double() - expected.double()).abs().nan_to_num(nan=math.inf)
-    if not diff.max() <= atol:
-        idx = tuple(int(i) for i in (diff == diff.max()).nonzero()[0])
-        raise AssertionError(f"{what}: max |diff| {diff.max():.3g}, mean {diff.mean():.3g} (atol {atol}); at {idx}: "
-                             f"got {actual[idx].item():.6g}, expected {expected[idx].item():.6g}")
+from tiers import SENTINEL, assert_close, needs_interpreter, randn
 
 
 def naive_add_norm(x, g, w, b, alpha, eps, rms):
@@ -56,7 +29,6 @@ def naive_add_norm(x, g, w, b, alpha, eps, rms):
     return out
 
 
-# ------------------------------------------------------------------------------------------------ tier 1
 
 class TestReference:
     @given(st.integers(1, 5), st.integers(1, 40), st.floats(0.1, 8.0), st.booleans(), st.booleans(),
@@ -84,12 +56,8 @@ class TestReference:
             call()
 
 
-# ------------------------------------------------------------------------------------------------ tier 2
-
-needs_interpreter = pytest.mark.skipif(not (kernels.HAS_TRITON and kernels.INTERPRET),
-                                       reason="needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets it "
-                                              "when there is no CUDA device)")
 ATOL = {torch.float32: 2e-5, torch.float16: 4e-3}
+
 
 
 def check_fwd_bwd(rows, cols, dtype, alpha, rms, with_g, with_bias, seed=0):
@@ -112,6 +80,7 @@ def check_fwd_bwd(rows, cols, dtype, alpha, rms, with_g, with_bias, seed=0):
         if t is not None:
             scale = max(1.0, r.grad.abs().max().item())  # dw, db are sums over the rows
             assert_close(t.grad, r.grad, f"{what}: {name}", atol * scale)
+
 
 
 @needs_interpreter
@@ -189,35 +158,6 @@ class TestInterpreter:
                      "kernel vs nanomodels.deepnet.deepnorm", 2e-5)
 
 
-# ------------------------------------------------------------------------------------------------ tier 3
-
-@pytest.fixture(scope="module")
-def compiled():
-    missing = aot.missing_toolchains()
-    if "triton is not installed" in missing:
-        pytest.skip("triton is not installed: nothing to compile")
-    return aot.report(modules=["layernorm"])["triton"], missing
-
-
-class TestCompile:
-    def test_both_kernels_build_for_sm80_and_sm90(self, compiled):
-        rows, _ = compiled
-        assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
-        assert len(rows) == 16, [r["kernel"] for r in rows]
-
-    def test_shared_memory_fits(self, compiled):
-        for r in compiled[0]:
-            assert r["shared_bytes"] <= r["smem_limit"], r
-
-    def test_no_register_spills(self, compiled):
-        rows, missing = compiled
-        if rows[0]["spill_bytes"] is None:
-            pytest.skip(f"no ptxas in the triton wheel: registers and spills unknown ({'; '.join(missing)})")
-        for r in rows:
-            assert r["spill_bytes"] == 0, f"{r['kernel']} on {r['arch']} spills {r['spill_bytes']} bytes"
-
-
-# ------------------------------------------------------------------------------------------------ tier 4
 
 @pytest.mark.gpu
 class TestGPU:
@@ -235,3 +175,4 @@ class TestGPU:
         tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
         assert_close(y, ry, "y", tol)
         assert_close(x.grad, ref[0].grad, "dx", tol * 10)
+
