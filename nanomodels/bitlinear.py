@@ -79,6 +79,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def bitlinear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, bias=None, eps: float = 1e-5,
+              binary: bool = False) -> torch.Tensor:
+    """y = activation_quant(RMSNorm(x)) weight_quant(W)^T (+ bias), both quantizers with a straight-through
+    estimator: the forward sees the quantized values, the backward the identity. weight: the latent W
+    (out, in); norm_weight: the RMSNorm gain; binary: BitNet b1's weight_quant_binary instead."""
+    # BEGIN EXERCISE 8.3: BitLinear with straight-through estimators
+    h = rms_norm(x, norm_weight, eps)
+    x_q = h + (activation_quant(h) - h).detach()  # forward: quantized; backward: identity
+    quant = weight_quant_binary if binary else weight_quant
+    w_q = weight + (quant(weight) - weight).detach()
+    return F.linear(x_q, w_q, bias)
+    # END EXERCISE
+
+
 class BitLinear(nn.Linear):
     """nn.Linear drop-in: y = activation_quant(RMSNorm(x)) weight_quant(W)^T (+ bias), both quantizers with STE.
 
@@ -100,13 +114,7 @@ class BitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.size(-1) != self.in_features:
             raise ValueError(f"x: last dimension must be in_features={self.in_features}, got {tuple(x.shape)}")
-        # BEGIN EXERCISE 8.3: BitLinear with straight-through estimators
-        h = rms_norm(x, self.norm_weight, self.eps)
-        x_q = h + (activation_quant(h) - h).detach()  # forward: quantized; backward: identity
-        quant = weight_quant_binary if self.binary else weight_quant
-        w_q = self.weight + (quant(self.weight) - self.weight).detach()
-        return F.linear(x_q, w_q, self.bias)
-        # END EXERCISE
+        return bitlinear(x, self.weight, self.norm_weight, self.bias, self.eps, self.binary)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", eps={self.eps}" + (", binary=True" if self.binary else "")
@@ -223,6 +231,6 @@ def to_ternary(model: nn.Module, gemm=None) -> nn.Module:
     return model
 
 
-__all__ = ["BitLinear", "BitNetResidual", "TernaryLinear", "activation_quant", "pack_ternary", "quantize_activation",
+__all__ = ["BitLinear", "BitNetResidual", "TernaryLinear", "activation_quant", "bitlinear", "pack_ternary", "quantize_activation",
            "quantize_weight", "rms_norm", "ternary_matmul_reference", "to_ternary", "unpack_ternary", "weight_quant",
            "weight_quant_binary"]
