@@ -10,13 +10,18 @@ from hypothesis import strategies as st
 
 from nanomodels.data import procedural_digits
 from nanomodels.diffusion import (DiffusionHead, alpha_bar, cosine_schedule, ddim_sample, dpm_solver_sample,
-                                  modulate, q_sample, sampling_timesteps)
+                                  q_sample, sampling_timesteps)
 from nanomodels.sigma_vae import (PlainVAE, SigmaVAE, gaussian_kl, latents_to_sequence, sequence_to_latents,
                                   sigma_vae_sample)
 from nanomodels.transformer import TransformerConfig
 
 SAMPLERS = {"ddim": ddim_sample, "dpm": dpm_solver_sample}
 ABAR = alpha_bar(cosine_schedule(1000))
+CHAPTER = "09"  # tests/conftest.py runs its graded checks (exercises/checks/ch09_*) as `graded_check`
+
+
+def test_graded_invariant_holds_for_the_library(graded_check):
+    graded_check()
 
 
 def _diff(a, b) -> str:
@@ -25,22 +30,6 @@ def _diff(a, b) -> str:
 
 
 # ---- naive oracles: the equations, written out one scalar at a time -----------------------------------------
-
-def oracle_cosine_betas(T):
-    def abar(tau):
-        return math.cos((tau + 0.008) / 1.008 * math.pi / 2) ** 2
-    return [min(1 - abar((t + 1) / T) / abar(t / T), 0.999) for t in range(T)]
-
-
-def oracle_ddim(eps_fn, x, abar, steps):
-    """x_s = sqrt(a_s) (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) + sqrt(1 - a_s) eps; a = 1 after the last step."""
-    for i, t in enumerate(steps):
-        eps = eps_fn(x, torch.full((x.shape[0],), t, dtype=torch.long))
-        a_t = abar[t].item()
-        a_s = abar[steps[i + 1]].item() if i + 1 < len(steps) else 1.0
-        x = math.sqrt(a_s) * (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t) + math.sqrt(1 - a_s) * eps
-    return x
-
 
 def oracle_dpmpp_2m(eps_fn, x, abar, steps):
     """DPM-Solver++(2M), Lu et al. 2022 Alg. 2, with alpha_t, sigma_t and lambda_t = log(alpha_t / sigma_t)."""
@@ -78,17 +67,6 @@ def oracle_denoiser(x0, abar):
 def smooth_eps(x, t):
     """A deterministic, non-trivial eps_fn: depends on x nonlinearly and on t."""
     return torch.tanh(x) * (0.5 + t[:, None].double() / 1000) + 0.1 * x.roll(1, dims=-1)
-
-
-# ---- the schedule -------------------------------------------------------------------------------------------
-
-@settings(deadline=None, max_examples=20)
-@given(T=st.integers(1, 2000))
-def test_cosine_schedule_is_the_improved_ddpm_formula(T):
-    betas = cosine_schedule(T)
-    assert betas.dtype == torch.float64 and betas.shape == (T,)
-    expected = torch.tensor(oracle_cosine_betas(T), dtype=torch.float64)
-    assert torch.allclose(betas, expected, rtol=0, atol=1e-12), f"beta_t != the formula: {_diff(betas, expected)}"
 
 
 def test_alphas_cumprod_strictly_decreases_from_one_to_zero():
@@ -132,14 +110,6 @@ def test_oracle_denoiser_recovers_x0_exactly(sampler, num_steps, batch, dim, see
     x_T = torch.randn(batch, dim, generator=g, dtype=torch.float64)
     out = SAMPLERS[sampler](oracle_denoiser(x0, ABAR), x_T, ABAR, num_steps)
     assert torch.allclose(out, x0, rtol=0, atol=1e-10), f"{sampler} must return x0: {_diff(out, x0)}"
-
-
-@pytest.mark.parametrize("num_steps", [1, 2, 3, 10, 50])
-def test_ddim_matches_the_literal_update(num_steps):
-    x_T = torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    out = ddim_sample(smooth_eps, x_T, ABAR, num_steps)
-    expected = oracle_ddim(smooth_eps, x_T, ABAR, sampling_timesteps(1000, num_steps))
-    assert torch.allclose(out, expected, rtol=0, atol=1e-10), f"DDIM != its equation: {_diff(out, expected)}"
 
 
 @pytest.mark.parametrize("num_steps", [1, 2, 3, 10, 50])
@@ -196,16 +166,6 @@ def _head(**kw):
     return DiffusionHead(TransformerConfig(d_model=16, n_heads=2), latent_dim=3, width=8, **kw).double()
 
 
-def test_modulate_is_layernorm_times_one_plus_scale_plus_shift():
-    g = torch.Generator().manual_seed(4)
-    x, shift, scale = (torch.randn(5, 6, generator=g, dtype=torch.float64) for _ in range(3))
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)  # biased, as LayerNorm
-    expected = (x - mean) / torch.sqrt(var + 1e-6) * (1 + scale) + shift
-    out = modulate(x, shift, scale)
-    assert torch.allclose(out, expected, rtol=0, atol=1e-10), f"adaLN modulate: {_diff(out, expected)}"
-
-
 def test_head_outputs_exactly_zero_at_init_so_the_first_loss_is_one():
     head = _head()
     g = torch.Generator().manual_seed(5)
@@ -236,14 +196,6 @@ def test_loss_is_the_mse_of_eps_over_batch_mul_noisy_copies():
     c = head(h).reshape(-1, 8).repeat_interleave(3, 0)
     expected = ((head.predict(x_t, t, c) - eps) ** 2).mean()
     assert torch.allclose(loss, expected, rtol=0, atol=1e-12), f"loss: {_diff(loss, expected)}"
-
-
-def test_timesteps_are_drawn_per_token_not_per_sequence():
-    x0 = torch.zeros(4096, 2, dtype=torch.float64)
-    _, t, _ = q_sample(x0, ABAR, torch.Generator().manual_seed(8))
-    assert t.shape == (4096,) and t.dtype == torch.long
-    assert t.unique().numel() > 900, f"only {t.unique().numel()} distinct timesteps over 4096 tokens"
-    assert 0 <= t.min() and t.max() <= 999
 
 
 def test_v_prediction_converts_back_to_eps():
@@ -303,16 +255,6 @@ def test_sigma_vae_sample_variance_is_the_fixed_scale_whatever_the_encoder(noise
     target = (noise_std / 0.8) ** 2
     for v in variances:
         assert abs(v / target - 1) < 0.05, f"E[(z - mu)^2] = {v:.4f}, expected (C/0.8)^2 = {target:.4f}"
-
-
-def test_sigma_vae_draws_one_sigma_per_example():
-    mu = torch.zeros(2000, 4, 4, 4, dtype=torch.float64)
-    z = sigma_vae_sample(mu, 0.75, torch.Generator().manual_seed(11))
-    per_example = z.flatten(1).std(1)  # ~ |sigma_b|: varies from example to example
-    assert per_example.std() > 0.3, "sigma must be random per example, not one fixed scale"
-    # |sigma| of a N(0, s^2) draw has mean s sqrt(2/pi)
-    expected = 0.75 / 0.8 * math.sqrt(2 / math.pi)
-    assert abs(per_example.mean().item() / expected - 1) < 0.05
 
 
 def test_sigma_vae_loss_is_reconstruction_plus_weighted_mu_squared():
