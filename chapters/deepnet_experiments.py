@@ -1,4 +1,5 @@
-"""Chapter 04/05 experiments: Post-LN vs Pre-LN vs DeepNorm (vs Sub-LN) on a tiny synthetic LM, no warmup.
+"""Chapter 04's experiments (chapter 05 reuses them): Post-LN vs Pre-LN vs DeepNorm (vs Sub-LN) on a tiny synthetic
+LM, no warmup.
 
 The task: x_t = (x_{t-2} + 1) mod |V| ("lag2"), with 10% of the tokens replaced by random ones; a decoder-only
 LM predicts the next token. It needs one attention hop (two positions back) and a lookup, so a stable model
@@ -6,17 +7,20 @@ learns it within a few hundred steps at width 32. (reference/03 §6 uses x_t = (
 rule="fib"; in pilot runs at width 32 no variant got below 2.47 nats on it within 300 steps.) ln|V| = 3.47 is the loss
 of a model that learned nothing; the best possible loss is about 0.65 nats (the random tokens are unpredictable).
 
-    OMP_NUM_THREADS=1 python scripts/ch04_deepnet.py sweep --variants post pre deepnorm post-gpt2 --out ch04_sweep.json
-    OMP_NUM_THREADS=1 python scripts/ch04_deepnet.py deep --depths 200 --variants deepnorm post --seeds 0 \
-        --out ch04_deep.json
+    OMP_NUM_THREADS=1 python chapters/deepnet_experiments.py sweep --depths 12 24 48 \
+        --variants post pre deepnorm post-gpt2 --seeds 0 1 2 --steps 300 --out ch04_sweep.json
+    OMP_NUM_THREADS=1 python chapters/deepnet_experiments.py deep --depths 200 --variants deepnorm post --seeds 0 \
+        --steps 300 --out ch04_deep.json
 
-The chapter notebooks import these helpers (the library code itself lives in nanomodels/).
+Results go to chapters/results/. The chapter notebooks (which run in chapters/) import these helpers as
+`deepnet_experiments`; the library code itself lives in nanomodels/.
 """
 
 import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,8 +30,9 @@ from nanomodels.deepnet import deepnet, deepnorm_init_
 from nanomodels.subln import magneto
 from nanomodels.transformer import PostNorm, PreNorm, Transformer, TransformerConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "chapters" / "results"
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
 VARIANTS = ("post", "pre", "deepnorm", "subln", "post-gpt2")
 LABELS = {"post": "Post-LN", "pre": "Pre-LN", "deepnorm": "DeepNorm", "subln": "Sub-LN (Magneto)",
           "post-gpt2": "Post-LN, GPT-2 init"}
@@ -162,7 +167,7 @@ def main(argv=None) -> None:
                     print(f"{LABELS[variant]:<18} N={depth:<4} lr={lr:<7g} seed={seed} final={r['final']:.3f} "
                           f"({verdict(r['final'])}, {r['sec_per_step'] * 1e3:.0f} ms/step)", flush=True)
     out = args.out or f"ch04_{args.what}.json"
-    cmd = f"OMP_NUM_THREADS=1 python {os.path.relpath(os.sys.argv[0], ROOT)} " + " ".join(os.sys.argv[1:])
+    cmd = f"OMP_NUM_THREADS=1 python {os.path.relpath(sys.argv[0], ROOT)} " + " ".join(sys.argv[1:])
     path = _save(out, {"command": cmd, "toy": TOY, "steps": args.steps, "seconds": time.perf_counter() - start,
                        "torch": torch.__version__, "threads": torch.get_num_threads(), "flush_denormal": True,
                        "runs": runs})
