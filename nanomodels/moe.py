@@ -96,13 +96,18 @@ def top_k_gating(logits: torch.Tensor, k: int, capacity: int):
     """GShard / torchscale top-k gating: logits (S, E) -> (combine (S, E, C) float, dispatch (S, E, C) bool,
     aux_loss scalar). combine[s, e, c] = g where token s holds slot c of expert e, else 0."""
     r = top_k_routing(logits, k, capacity)
+    return (*dense_masks(r, capacity), r.aux_loss)
+
+
+def dense_masks(r: Routing, capacity: int):
+    """The routing as the dense (S, E, C) combine weights and dispatch mask."""
     S, E = r.probs.shape
-    token = torch.arange(S, device=logits.device)[:, None].expand(S, k)[r.kept]
-    combine = r.probs.new_zeros(S, E, capacity).index_put((token, r.experts[r.kept], r.slots[r.kept]),
-                                                          r.gates[r.kept])
-    dispatch = torch.zeros(S, E, capacity, dtype=torch.bool, device=logits.device)
-    dispatch[token, r.experts[r.kept], r.slots[r.kept]] = True
-    return combine, dispatch, r.aux_loss
+    token = torch.arange(S, device=r.probs.device)[:, None].expand_as(r.experts)[r.kept]
+    where = (token, r.experts[r.kept], r.slots[r.kept])
+    combine = r.probs.new_zeros(S, E, capacity).index_put(where, r.gates[r.kept])
+    dispatch = torch.zeros(S, E, capacity, dtype=torch.bool, device=r.probs.device).index_put_(
+        where, torch.ones((), dtype=torch.bool, device=r.probs.device))
+    return combine, dispatch
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
@@ -237,13 +242,13 @@ class MoE(nn.Module):
         h = x.reshape(-1, shape[-1] // self.heads)  # (S, d / heads): sub-tokens in token order
         logits = self.router(h)
         C = self.capacity(h.size(0))
+        routing = top_k_routing(logits, self.k, C)
+        self.aux_loss, self.last_experts = routing.aux_loss, routing.experts.detach()  # (S, k) for diagnostics
         if self.dispatch == "einsum":
-            combine, dispatch, self.aux_loss = top_k_gating(logits, self.k, C)
+            combine, dispatch = dense_masks(routing, C)
             expert_in = torch.einsum("sec,sd->ecd", dispatch.to(h.dtype), h)  # (E, C, d)
             y = torch.einsum("sec,ecd->sd", combine.to(h.dtype), self._run_experts(expert_in))
         else:
-            routing = top_k_routing(logits, self.k, C)
-            self.aux_loss = routing.aux_loss
             y = (sorted_dispatch if self.dispatch == "sorted" else self.dispatch)(h, routing, self.experts)
         y = y.reshape(shape)
         return self.merge_proj(y) if self.heads > 1 else y
@@ -276,5 +281,5 @@ def sorted_dispatch(h: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
     return h.new_zeros(h.shape).index_add_(0, token, out)
 
 
-__all__ = ["MoE", "LinearRouter", "Routing", "XMoERouter", "expert_capacity", "load_balancing_loss",
+__all__ = ["MoE", "LinearRouter", "Routing", "XMoERouter", "dense_masks", "expert_capacity", "load_balancing_loss",
            "sorted_dispatch", "top_k_gating", "top_k_routing", "xmoe_scores", "xmoe_torchscale_scores"]

@@ -1,0 +1,180 @@
+"""Chapter 07's graded checks: top-k routing with capacity, the load-balancing loss, the X-MoE scores.
+
+Each check tests the mechanism in float64 against the learner's function (its first argument), with naive loop
+oracles. Known-wrong solutions: exercises/mutants/ch07_mixture_of_experts.py.
+"""
+
+import math
+
+import torch
+from hypothesis import strategies as st
+
+from exercises.checking import Exercise, Violation, check
+
+F64 = torch.float64
+
+
+def _logits(S, E, seed, scale=2.0):
+    return torch.randn(S, E, generator=torch.Generator().manual_seed(seed), dtype=F64) * scale
+
+
+def _oracle(logits, k, C):
+    """{(s, e): (slot, gate)} for kept choices, by the rule written out one token at a time."""
+    S, E = logits.shape
+    p = torch.softmax(logits, -1).tolist()
+    picks = []
+    for row in p:
+        e1 = max(range(E), key=lambda e: (row[e], -e))
+        chosen = [e1] + ([max((e for e in range(E) if e != e1), key=lambda e: (row[e], -e))] if k == 2 else [])
+        total = sum(row[e] for e in chosen) if k == 2 else 1.0
+        picks.append([(e, row[e] / total) for e in chosen])
+    fill, kept = [0] * E, {}
+    for j in range(k):  # every first choice, then every second choice
+        for s in range(S):
+            e, g = picks[s][j]
+            if fill[e] < C:
+                kept[s, e] = (fill[e], g)
+            fill[e] += 1
+    return kept
+
+
+def _kept(routing):
+    out = {}
+    for s in range(routing.experts.size(0)):
+        for j in range(routing.experts.size(1)):
+            if bool(routing.kept[s, j]):
+                out[s, int(routing.experts[s, j])] = (int(routing.slots[s, j]), float(routing.gates[s, j]))
+    return out
+
+
+# ---- 7.1 top-k routing ------------------------------------------------------------------------------------
+
+@check("the kept (token, expert, slot, gate) choices equal the rule: softmax, e1 = argmax, e2 = argmax of the rest, "
+       "slots per expert in token order with every first choice before any second choice, a slot >= C dropped, "
+       "gate p[e1] for k = 1 and p[e_j] / (p[e1] + p[e2]) for k = 2 (before dropping)",
+       S=st.integers(1, 16), E=st.integers(2, 6), k=st.sampled_from([1, 2]), C=st.integers(1, 6),
+       seed=st.integers(0, 10_000))
+def routing_matches_the_rule(top_k_routing, S, E, k, C, seed):
+    logits = _logits(S, E, seed)
+    got, want = _kept(top_k_routing(logits, k, C)), _oracle(logits, k, C)
+    if set(got) != set(want):
+        raise Violation(f"kept (token, expert) pairs {sorted(got)}, the rule keeps {sorted(want)}")
+    for key, (slot, gate) in want.items():
+        if got[key][0] != slot or abs(got[key][1] - gate) > 1e-10:
+            raise Violation(f"token {key[0]} at expert {key[1]}: got slot {got[key][0]}, gate {got[key][1]:.6f}; "
+                            f"the rule gives slot {slot}, gate {gate:.6f}")
+
+
+@check("with capacity 1 each expert keeps exactly the first token (in token order) that chose it first",
+       S=st.integers(1, 20), E=st.integers(2, 6), k=st.sampled_from([1, 2]), seed=st.integers(0, 10_000))
+def capacity_one_keeps_the_first_token(top_k_routing, S, E, k, seed):
+    logits = _logits(S, E, seed)
+    got = _kept(top_k_routing(logits, k, 1))
+    e1 = logits.argmax(-1).tolist()
+    for e in sorted(set(e1)):
+        holders = sorted(s for (s, ee) in got if ee == e)
+        if holders != [e1.index(e)]:
+            raise Violation(f"expert {e} holds tokens {holders}; the first token choosing it first is {e1.index(e)}")
+
+
+@check("routing returns the load-balancing loss of its probabilities and first choices, and probs = softmax(logits)",
+       S=st.integers(1, 12), E=st.integers(2, 6), seed=st.integers(0, 10_000))
+def routing_returns_probs_and_aux(top_k_routing, S, E, seed):
+    logits = _logits(S, E, seed)
+    r = top_k_routing(logits, 2, 3)
+    if (r.probs - torch.softmax(logits, -1)).abs().max() > 1e-12:
+        raise Violation("probs is not softmax(logits)")
+    p = torch.softmax(logits, -1)
+    f = torch.nn.functional.one_hot(p.argmax(-1), E).to(F64).mean(0)
+    want = E * float((p.mean(0) * f).sum())
+    if abs(float(r.aux_loss) - want) > 1e-10:
+        raise Violation(f"aux loss {float(r.aux_loss):.6f}, expected {want:.6f}")
+
+
+# ---- 7.2 the load-balancing loss --------------------------------------------------------------------------
+
+@check("l_aux = E sum_e mean_s p[s, e] * mean_s 1[e1(s) = e]: 1 at uniform routing, E at collapse, and the "
+       "written-out sum on random probabilities", S=st.integers(1, 12), E=st.integers(2, 6),
+       seed=st.integers(0, 10_000))
+def aux_loss_value(load_balancing_loss, S, E, seed):
+    p = torch.softmax(_logits(S, E, seed), -1)
+    e1 = p.argmax(-1)
+    want = E * sum(sum(float(p[s, e]) for s in range(S)) / S * sum(int(e1[s]) == e for s in range(S)) / S
+                   for e in range(E))
+    got = float(load_balancing_loss(p, e1))
+    if abs(got - want) > 1e-10:
+        raise Violation(f"got {got:.6f}, the equation gives {want:.6f}")
+    uniform = torch.full((2 * E, E), 1.0 / E, dtype=F64)
+    if abs(float(load_balancing_loss(uniform, torch.arange(2 * E) % E)) - 1) > 1e-10:
+        raise Violation("uniform probabilities with balanced first choices must give exactly 1")
+    collapsed = torch.zeros(4, E, dtype=F64)
+    collapsed[:, 0] = 1
+    if abs(float(load_balancing_loss(collapsed, torch.zeros(4, dtype=torch.long))) - E) > 1e-10:
+        raise Violation(f"every token on one expert with probability 1 must give E = {E}")
+
+
+@check("the gradient flows only through the mean probability: d l_aux / d p[s, e] = (E / S) f_e",
+       S=st.integers(1, 12), E=st.integers(2, 6), seed=st.integers(0, 10_000))
+def aux_loss_gradient(load_balancing_loss, S, E, seed):
+    p = torch.softmax(_logits(S, E, seed), -1).requires_grad_()
+    e1 = p.detach().argmax(-1)
+    load_balancing_loss(p, e1).backward()
+    f = torch.nn.functional.one_hot(e1, E).to(F64).mean(0)
+    want = (E / S) * f.expand(S, E)
+    if p.grad is None or (p.grad - want).abs().max() > 1e-12:
+        diff = "no gradient" if p.grad is None else f"max |diff| {(p.grad - want).abs().max():.3g}"
+        raise Violation(f"gradient w.r.t. p differs from (E / S) f_e ({diff}): the argmax fraction must be a constant")
+
+
+# ---- 7.3 X-MoE scores -------------------------------------------------------------------------------------
+
+def _cos_oracle(h, W, e, tau):
+    out = torch.empty(h.size(0), e.size(0), dtype=F64)
+    for s in range(h.size(0)):
+        z = (W @ h[s]).tolist()
+        for k in range(e.size(0)):
+            ek = e[k].tolist()
+            dot = sum(a * b for a, b in zip(z, ek))
+            out[s, k] = dot / (math.sqrt(sum(a * a for a in z)) * math.sqrt(sum(b * b for b in ek))) / tau
+    return out
+
+
+@check("s_k = cos(W h, e_k) / tau, written out per token and expert", S=st.integers(1, 5), E=st.integers(1, 5),
+       de=st.integers(2, 5), tau=st.sampled_from([0.07, 0.5, 2.0]), seed=st.integers(0, 10_000))
+def xmoe_scores_equation(xmoe_scores, S, E, de, tau, seed):
+    g = torch.Generator().manual_seed(seed)
+    h, W, e = (torch.randn(*shape, generator=g, dtype=F64) for shape in ((S, 8), (de, 8), (E, de)))
+    got, want = xmoe_scores(h, W, e, torch.tensor(tau, dtype=F64)), _cos_oracle(h, W, e, tau)
+    if got.shape != want.shape or (got - want).abs().max() > 1e-9:
+        raise Violation(f"max |diff| {(got - want).abs().max() if got.shape == want.shape else got.shape} "
+                        f"against cos(W h, e_k) / tau")
+
+
+@check("scores lie in [-1/tau, 1/tau] and do not change when h or the expert embeddings are scaled by c > 0",
+       c=st.sampled_from([0.01, 3.0, 1000.0]), seed=st.integers(0, 10_000))
+def xmoe_scores_bounded_and_scale_free(xmoe_scores, c, seed):
+    g = torch.Generator().manual_seed(seed)
+    h, W, e = torch.randn(6, 8, generator=g, dtype=F64), torch.randn(4, 8, generator=g, dtype=F64), \
+        torch.randn(3, 4, generator=g, dtype=F64)
+    tau = torch.tensor(0.1, dtype=F64)
+    base = xmoe_scores(h, W, e, tau)
+    if base.abs().max() > 10 + 1e-9:
+        raise Violation(f"max |s| = {base.abs().max():.4f} > 1/tau = 10")
+    for what, scaled in (("h", xmoe_scores(c * h, W, e, tau)), ("e", xmoe_scores(h, W, c * e, tau))):
+        if (scaled - base).abs().max() > 1e-9:
+            raise Violation(f"scaling {what} by {c} changed the scores by {(scaled - base).abs().max():.3g}")
+
+
+EXERCISES = {
+    "7.1": Exercise(points=4, checks=[routing_matches_the_rule, capacity_one_keeps_the_first_token,
+                                      routing_returns_probs_and_aux],
+                    hint="cumsum of a one-hot mask over tokens, minus 1, is each token's slot; second choices add "
+                         "the count of first choices per expert (mask1.sum(0)). Renormalize the two gates before "
+                         "any token is dropped; the slots may exceed C (kept = slots < C is computed for you)."),
+    "7.2": Exercise(points=2, checks=[aux_loss_value, aux_loss_gradient],
+                    hint="The first-choice fraction comes from a one-hot of e1: an integer count, no gradient. "
+                         "Multiply by the mean probability per expert, sum over experts, times E."),
+    "7.3": Exercise(points=2, checks=[xmoe_scores_equation, xmoe_scores_bounded_and_scale_free],
+                    hint="Project h with W (h @ W.T), L2-normalize it and the expert embeddings (F.normalize), "
+                         "take the dot products, divide by tau."),
+}

@@ -1,0 +1,52 @@
+"""Chapter 07's mutants (sparse mixture of experts): known-wrong solutions, each a patch of a reference region.
+Every mutant must lose its exercise's points, and every patch must still apply to the library's region
+(tests/test_exercises.py). The format is described in exercises/mutants/__init__.py.
+"""
+
+from exercises.mutants import Mutant
+
+MUTANTS = [
+    Mutant("7.1", "top_k_routing_second_choices_first",
+           "places the second choices before the first choices in each expert's queue",
+           old="slot1 = (mask1.cumsum(0) - 1).gather(1, e1[:, None])  # earlier tokens win",
+           new="slot1 = (mask1.cumsum(0) - 1 + F.one_hot(p.masked_fill(mask1.bool(), float('-inf')).argmax(-1), "
+               "E).sum(0) * (k == 2)).gather(1, e1[:, None])"),
+    Mutant("7.1", "top_k_routing_renormalizes_after_dropping",
+           "renormalizes the top-2 gates over the kept choices only (after dropping), not before",
+           old="gates = gates / gates.sum(1, keepdim=True)  # before dropping",
+           new="gates = gates * (slots < capacity)\n"
+               "    gates = gates / gates.sum(1, keepdim=True).clamp(min=1e-30)"),
+    Mutant("7.1", "top_k_routing_interleaves_choices_in_token_order",
+           "counts capacity over both choices in token order (token 0's second choice before token 1's first)",
+           old="slot2 = (mask2.cumsum(0) - 1 + mask1.sum(0)).gather(1, e2[:, None])  # after every first choice",
+           new="slot2 = (mask2.cumsum(0) - 1 + mask1.cumsum(0)).gather(1, e2[:, None])"),
+    Mutant("7.1", "top_k_routing_top1_gate_renormalized",
+           "renormalizes the top-1 gate to 1 (the gate must stay p_max)",
+           old="gates = p.gather(1, experts)\nif k == 2:",
+           new="gates = torch.ones_like(p.gather(1, experts))\nif k == 2:"),
+    Mutant("7.2", "load_balancing_loss_gradient_through_the_fraction",
+           "lets the gradient flow through the argmax fraction (a straight-through estimate): same value, wrong "
+           "gradient",
+           old="fraction = F.one_hot(e1, E).to(probs.dtype).mean(0)  # an argmax count: constant for autograd",
+           new="fraction = (F.one_hot(e1, E).to(probs.dtype) + probs - probs.detach()).mean(0)"),
+    Mutant("7.2", "load_balancing_loss_soft_fraction",
+           "uses the mean probability for both factors (E sum me^2): differentiable, but not the balance loss",
+           old="fraction = F.one_hot(e1, E).to(probs.dtype).mean(0)  # an argmax count: constant for autograd",
+           new="fraction = probs.mean(0)"),
+    Mutant("7.2", "load_balancing_loss_missing_factor_e",
+           "averages over experts instead of summing (E^2 mean = E sum; this is E mean): 1/E at uniform routing",
+           old="return E * (probs.mean(0) * fraction).sum()",
+           new="return E * (probs.mean(0) * fraction).mean()"),
+    Mutant("7.3", "xmoe_scores_token_not_normalized",
+           "leaves the token side unnormalized, like torchscale (scores grow with ||W h||)",
+           old="token = F.normalize(h @ projection.t(), dim=-1)  # (S, d_e), on the unit sphere",
+           new="token = h @ projection.t()"),
+    Mutant("7.3", "xmoe_scores_expert_not_normalized",
+           "normalizes the token but not the expert embeddings",
+           old="experts = F.normalize(expert_embeddings, dim=-1)  # (E, d_e)",
+           new="experts = expert_embeddings"),
+    Mutant("7.3", "xmoe_scores_temperature_multiplies",
+           "multiplies by tau instead of dividing",
+           old="return token @ experts.t() / temperature",
+           new="return token @ experts.t() * temperature"),
+]
