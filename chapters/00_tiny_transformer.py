@@ -188,7 +188,7 @@ model = Transformer(config)
 print(config)
 print(f"{model.num_params():,} parameters (without position embeddings)")
 print(model.blocks[0])
-post_ln = Transformer(config, residual=PostNorm)  # one part swapped: the original Post-LN Transformer
+post_ln = Transformer(config, residual=PostNorm, final_norm=None)  # one part swapped: the original Post-LN Transformer
 print("Post-LN final norm:", post_ln.final_norm)
 
 # %% [markdown]

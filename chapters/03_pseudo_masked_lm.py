@@ -127,7 +127,7 @@ kind, step, n = lay["kind"], lay["step"], 12
 print(f"spans {spans}, order {order}")
 
 store = {}
-hook = m64.wte.register_forward_hook(lambda mod, inp, out: store.setdefault("e", out.detach().requires_grad_(True)))
+hook = m64.embed.wte.register_forward_hook(lambda mod, inp, out: store.setdefault("e", out.detach().requires_grad_(True)))
 leaks, needed = 0, 0
 for q in (kind == PSEUDO).nonzero().flatten().tolist():
     store.clear()

@@ -146,7 +146,7 @@ for name, p in model.blocks[0].named_parameters():
     if p.dim() == 2:
         xavier = math.sqrt(2 / sum(p.shape))
         print(f"  {name:<22} {tuple(p.shape)!s:<11} std {p.std():.4f}   ratio to xavier {p.std() / xavier:.3f}")
-print(f"  {'wte (embedding)':<22} std {model.wte.weight.std():.4f} (the core's init, untouched)")
+print(f"  {'wte (embedding)':<22} std {model.embed.wte.weight.std():.4f} (the core's init, untouched)")
 
 # %% [markdown]
 # ### Paper vs official code

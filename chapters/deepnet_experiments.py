@@ -60,9 +60,9 @@ def build(variant: str, n_layers: int, seed: int, toy: dict = TOY) -> Transforme
                             d_model=toy["d_model"], n_heads=toy["n_heads"], d_ff=toy["d_ff"])
     torch.manual_seed(seed)
     if variant == "post":
-        return deepnorm_init_(Transformer(cfg, residual=PostNorm), 1.0)
+        return deepnorm_init_(Transformer(cfg, residual=PostNorm, final_norm=None), 1.0)
     if variant == "post-gpt2":
-        return Transformer(cfg, residual=PostNorm)
+        return Transformer(cfg, residual=PostNorm, final_norm=None)
     if variant == "pre":
         return deepnorm_init_(Transformer(cfg, residual=PreNorm), 1.0)
     if variant == "deepnorm":

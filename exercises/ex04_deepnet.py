@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from nanomodels.deepnet import _check_layers
+from nanomodels.transformer import init_branches_
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanomodels.transformer import init_branches_
+
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 5.1: the Sub-LN gamma (2 points)

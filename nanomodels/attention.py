@@ -96,38 +96,46 @@ def as_4d_mask(allowed: Optional[torch.Tensor], tq: int, tk: int) -> Optional[to
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head self-attention with separate q/k/v/out projections (DeepNet and Sub-LN treat them differently).
+    """Multi-head attention with separate q/k/v/out projections (DeepNet and Sub-LN treat them differently).
 
-    `attn_fn` is the attention function part (`attention`, `sdpa_attention`, or a kernel); `linear` the linear
-    layer class (nn.Linear, later BitLinear). A `cache` dict, when given, holds this layer's past keys and values.
+    Built like every part of the core, `MultiHeadAttention(config, attn_fn=..., linear=...)`: `attn_fn` is the
+    attention function part (`attention`, `sdpa_attention`, or a kernel), `linear` the linear layer class
+    (nn.Linear, or BitLinear). Self-attention by default; with `memory` (B, S, C) the keys and values come from
+    it (cross-attention: an encoder-decoder's decoder attending to the encoder's output). A `cache` dict, when
+    given, holds this layer's past keys and values (for cross-attention: the memory's, computed once).
     """
 
-    def __init__(self, d_model: int, n_heads: int, *, attn_fn: AttentionFn = sdpa_attention,
-                 linear: type = nn.Linear, bias: bool = True, dropout: float = 0.0):
+    def __init__(self, config, *, attn_fn: AttentionFn = sdpa_attention, linear: type = nn.Linear):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"n_heads: must divide d_model ({d_model}), got {n_heads}")
-        self.n_heads, self.attn_fn = n_heads, attn_fn
-        self.q_proj = linear(d_model, d_model, bias=bias)
-        self.k_proj = linear(d_model, d_model, bias=bias)
-        self.v_proj = linear(d_model, d_model, bias=bias)
-        self.out_proj = linear(d_model, d_model, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.n_heads, self.attn_fn = config.n_heads, attn_fn
+        d, bias = config.d_model, config.bias
+        self.q_proj = linear(d, d, bias=bias)
+        self.k_proj = linear(d, d, bias=bias)
+        self.v_proj = linear(d, d, bias=bias)
+        self.out_proj = linear(d, d, bias=bias)
+        self.dropout = nn.Dropout(config.dropout)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         return x.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, H, T, D)
 
-    def attend(self, x: torch.Tensor, allowed=None, causal: bool = False, cache: Optional[dict] = None):
+    def attend(self, x: torch.Tensor, allowed=None, causal: bool = False, cache: Optional[dict] = None,
+               memory: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Everything up to (not including) the output projection: (B, T, C) -> (B, T, C)."""
         B, T, C = x.shape
-        q, k, v = self.split_heads(self.q_proj(x)), self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
-        if cache is not None:
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+        q = self.split_heads(self.q_proj(x))
+        if memory is not None and cache is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]  # cross-attention: the memory's keys and values do not change
+        else:
+            source = x if memory is None else memory
+            k, v = self.split_heads(self.k_proj(source)), self.split_heads(self.v_proj(source))
+            if cache is not None:
+                if memory is None and "k" in cache:
+                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
         y = self.attn_fn(q, k, v, as_4d_mask(allowed, T, k.size(2)), causal=causal)  # (B, H, T, D)
         return y.transpose(1, 2).reshape(B, T, C)
 
-    def forward(self, x: torch.Tensor, allowed=None, causal: bool = False, cache: Optional[dict] = None):
-        return self.dropout(self.out_proj(self.attend(x, allowed, causal, cache)))
+    def forward(self, x: torch.Tensor, allowed=None, causal: bool = False, cache: Optional[dict] = None,
+                memory: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.dropout(self.out_proj(self.attend(x, allowed, causal, cache, memory)))

@@ -20,18 +20,23 @@ alpha^2 = O(1); alpha = (2N)^(1/4), beta = (8N)^(-1/4) make it exactly 2N * 2 be
 
 N and M count layers (blocks of attention + feed-forward), not sublayers.
 
-Paper vs official code (microsoft/torchscale @ 4d1e0e8): (1) `DecoderConfig(deepnorm=True)` sets
-`encoder_normalize_before=False` instead of the decoder's, so a torchscale "DeepNorm decoder" stays Pre-LN
-(with alpha and beta); the fairseq LM example even forces Pre-LN. (2) Its enc-dec encoder beta is 1.15 (N^4
-M)^(-1/16), where the paper has 0.87. (3) Its init is PyTorch's Linear default divided by init_scale = 1/beta,
-not xavier (xavier only with bert_init; microsoft/torchscale#16). This file follows the paper: Post-LN, 0.87,
-xavier normal with gain beta.
+Paper vs official code. (1) At microsoft/torchscale commit 4d1e0e8, `DecoderConfig(deepnorm=True)` sets
+`encoder_normalize_before=False` instead of the decoder's, so a torchscale "DeepNorm decoder" stays Pre-LN (with
+alpha and beta), and `EncoderDecoderConfig` has the same slip on the decoder side; a regression at that commit:
+the released torchscale 0.3.0 sets `decoder_normalize_before=False` correctly. Its fairseq LM example forces Pre-LN
+either way. (2) Its enc-dec encoder beta is 1.15 (N^4 M)^(-1/16), where the paper has 0.87. (3) It never applies
+xavier: weights keep PyTorch's Linear default (kaiming uniform) divided by init_scale = 1/beta, or N(0, 0.02) with
+bert_init; the xavier `reset_parameters` of its attention is never called by Encoder/Decoder (microsoft/torchscale#16).
+This file follows the paper: Post-LN, 0.87, xavier normal with gain beta.
 """
+
+from functools import partial
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from nanomodels.transformer import Transformer, TransformerConfig
+from nanomodels.transformer import EncoderDecoder, Transformer, TransformerConfig, init_branches_
 
 
 def _check_layers(encoder_layers, decoder_layers) -> None:
@@ -69,14 +74,13 @@ def deepnorm(x: torch.Tensor, g: torch.Tensor, alpha: float, norm) -> torch.Tens
 class DeepNorm(nn.Module):
     """Residual part: LN(alpha * x + f(x)), alpha = (2N)^(1/4), N = config.n_layers (one stack of layers).
 
-    Post-LN, so no final LayerNorm. The init half of DeepNorm is `deepnorm_init_`, applied to the built model.
+    Post-LN: build the model with final_norm=None. `alpha` overrides the decoder-only constant (an
+    encoder-decoder model has one alpha per side). The init half of DeepNorm is `deepnorm_init_`.
     """
 
-    final_norm = False
-
-    def __init__(self, config: TransformerConfig):
+    def __init__(self, config: TransformerConfig, alpha: Optional[float] = None):
         super().__init__()
-        self.alpha = deepnorm_constants(decoder_layers=config.n_layers)["decoder"][0]  # alpha
+        self.alpha = deepnorm_constants(decoder_layers=config.n_layers)["decoder"][0] if alpha is None else alpha
         self.norm = nn.LayerNorm(config.d_model, bias=config.bias)
 
     def forward(self, x, sublayer):
@@ -94,20 +98,26 @@ def deepnorm_init_(model: nn.Module, beta: float) -> nn.Module:
     if not beta > 0:
         raise ValueError(f"beta: must be > 0, got {beta!r}")
     # BEGIN EXERCISE 4.3: the DeepNorm initialization
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("v_proj", "out_proj", "fc1", "fc2"):
-            nn.init.xavier_normal_(module.weight, gain=beta)
-        elif leaf in ("q_proj", "k_proj"):
-            nn.init.xavier_normal_(module.weight, gain=1.0)
-    return model
+    return init_branches_(model, beta, qk_gain=1.0)
     # END EXERCISE
 
 
 def deepnet(config: TransformerConfig, **parts) -> Transformer:
-    """A decoder-only DeepNet: the core Transformer with residual=DeepNorm, then `deepnorm_init_`."""
-    model = Transformer(config, residual=DeepNorm, **parts)
+    """A decoder-only DeepNet: the core Transformer with residual=DeepNorm (Post-LN), then `deepnorm_init_`."""
+    model = Transformer(config, residual=DeepNorm, final_norm=None, **parts)
     return deepnorm_init_(model, deepnorm_constants(decoder_layers=config.n_layers)["decoder"][1])
+
+
+def deepnet_encoder_decoder(config: TransformerConfig, encoder_layers: int, **parts) -> EncoderDecoder:
+    """An encoder-decoder DeepNet: N = encoder_layers, M = config.n_layers; each side gets its own row of the
+    table, alpha in its residual and beta in its init (the decoder's cross-attention v/out included)."""
+    constants = deepnorm_constants(encoder_layers, config.n_layers)
+    (enc_alpha, enc_beta), (dec_alpha, dec_beta) = constants["encoder"], constants["decoder"]
+    model = EncoderDecoder(config, encoder_layers=encoder_layers, encoder_residual=partial(DeepNorm, alpha=enc_alpha),
+                           decoder_residual=partial(DeepNorm, alpha=dec_alpha), final_norm=None, **parts)
+    deepnorm_init_(model.encoder, enc_beta)
+    deepnorm_init_(model.decoder, dec_beta)
+    return model
 
 
 def deepnorm_bound(layers: int, alpha: float, beta: float) -> float:
@@ -115,4 +125,4 @@ def deepnorm_bound(layers: int, alpha: float, beta: float) -> float:
     return 2 * layers * 2 * beta ** 2 / alpha ** 2
 
 
-__all__ = ["DeepNorm", "deepnet", "deepnorm", "deepnorm_bound", "deepnorm_constants", "deepnorm_init_"]
+__all__ = ["DeepNorm", "deepnet", "deepnet_encoder_decoder", "deepnorm", "deepnorm_bound", "deepnorm_constants", "deepnorm_init_"]

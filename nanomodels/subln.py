@@ -17,14 +17,15 @@ gamma comes from the DeepNet theory (natural logarithms):
 | enc-dec: encoder              | sqrt(log(3M) log(2N) / 3)    |
 | enc-dec: decoder              | sqrt(log 3M)                 |
 
-gamma > 1: Sub-LN *multiplies* these weights (DeepNet divides them). The inner LN makes the sublayer's output
-invariant to the scale of W^V (and of W_1 without bias), so gamma acts on the optimization, not on the forward
-pass.
+gamma > 1: Sub-LN *multiplies* these weights (DeepNet divides them). It is not a reparametrization of the forward
+pass: the inner LN cancels the scale of W^V (the attention output is linear in V), but not of W_1 (GELU is not
+scale-invariant), and gamma also scales W^O and W_2, which come after the inner LN (chapter 05 measures both).
 
-Paper vs official code (microsoft/torchscale @ 4d1e0e8): `subln=True` is the default in every config, so a
-default torchscale model is Magneto; cross-attention gets no inner LN; the init is PyTorch's Linear default
-times gamma, not xavier times gamma (xavier only with bert_init). This file follows the paper: xavier normal
-with gain gamma.
+Paper vs official code (microsoft/torchscale 0.3.0 and commit 4d1e0e8 alike): `subln=True` is the default in
+every config, so a default torchscale model is Magneto; cross-attention gets no inner LN (here neither); the decoder's
+init skips the cross-attention (`encoder_attn`), which this file scales like the self-attention; the init is
+PyTorch's Linear default times gamma, or N(0, 0.02) with bert_init: torchscale never applies xavier. This file
+follows the paper: xavier normal with gain gamma.
 """
 
 import math
@@ -34,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanomodels.attention import MultiHeadAttention
-from nanomodels.transformer import MLP, PreNorm, Transformer, TransformerConfig
+from nanomodels.transformer import MLP, EncoderDecoder, PreNorm, Transformer, TransformerConfig, init_branches_
 
 
 def subln_gamma(encoder_layers: int = 0, decoder_layers: int = 0) -> dict:
@@ -68,20 +69,19 @@ def subln_ffn(x: torch.Tensor, fc1, inner_norm, fc2) -> torch.Tensor:
 class SubLNAttention(MultiHeadAttention):
     """Multi-head attention with an inner LayerNorm over d between the attention and the output projection."""
 
-    def __init__(self, config: TransformerConfig, attn_fn, linear: type = nn.Linear):
-        super().__init__(config.d_model, config.n_heads, attn_fn=attn_fn, linear=linear, bias=config.bias,
-                         dropout=config.dropout)
+    def __init__(self, config: TransformerConfig, *, attn_fn, linear: type = nn.Linear):
+        super().__init__(config, attn_fn=attn_fn, linear=linear)
         self.inner_norm = nn.LayerNorm(config.d_model, bias=config.bias)
 
-    def forward(self, x, allowed=None, causal: bool = False, cache=None):
-        return self.dropout(self.out_proj(self.inner_norm(self.attend(x, allowed, causal, cache))))
+    def forward(self, x, allowed=None, causal: bool = False, cache=None, memory=None):
+        return self.dropout(self.out_proj(self.inner_norm(self.attend(x, allowed, causal, cache, memory))))
 
 
 class SubLNMLP(MLP):
     """The dense MLP with an inner LayerNorm over d_ff between the activation and fc2."""
 
-    def __init__(self, config: TransformerConfig, linear: type = nn.Linear):
-        super().__init__(config, linear)
+    def __init__(self, config: TransformerConfig, *, linear: type = nn.Linear):
+        super().__init__(config, linear=linear)
         self.inner_norm = nn.LayerNorm(config.d_ff, bias=config.bias)
 
     def forward(self, x):
@@ -95,13 +95,7 @@ def subln_init_(model: nn.Module, gamma: float) -> nn.Module:
     if not gamma > 0:
         raise ValueError(f"gamma: must be > 0, got {gamma!r}")
     # BEGIN EXERCISE 5.3: the Sub-LN initialization
-    for name, module in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("v_proj", "out_proj", "fc1", "fc2"):
-            nn.init.xavier_normal_(module.weight, gain=gamma)
-        elif leaf in ("q_proj", "k_proj"):
-            nn.init.xavier_normal_(module.weight, gain=1.0)
-    return model
+    return init_branches_(model, gamma, qk_gain=1.0)
     # END EXERCISE
 
 
@@ -111,4 +105,15 @@ def magneto(config: TransformerConfig, **parts) -> Transformer:
     return subln_init_(model, subln_gamma(decoder_layers=config.n_layers)["decoder"])
 
 
-__all__ = ["SubLNAttention", "SubLNMLP", "magneto", "subln_ffn", "subln_gamma", "subln_init_"]
+def magneto_encoder_decoder(config: TransformerConfig, encoder_layers: int, **parts) -> EncoderDecoder:
+    """An encoder-decoder Magneto: N = encoder_layers, M = config.n_layers; Sub-LN self-attention and
+    feed-forward on both sides, plain cross-attention (no inner LN), gamma per side from the enc-dec rows."""
+    gamma = subln_gamma(encoder_layers, config.n_layers)
+    model = EncoderDecoder(config, encoder_layers=encoder_layers, attention=SubLNAttention,
+                           cross_attention=MultiHeadAttention, ffn=SubLNMLP, residual=PreNorm, **parts)
+    subln_init_(model.encoder, gamma["encoder"])
+    subln_init_(model.decoder, gamma["decoder"])
+    return model
+
+
+__all__ = ["SubLNAttention", "SubLNMLP", "magneto", "magneto_encoder_decoder", "subln_ffn", "subln_gamma", "subln_init_"]

@@ -108,8 +108,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("wpe")]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("wpe")]
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed.wpe")]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.startswith("embed.wpe")]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
@@ -122,7 +122,8 @@ def unigram_loss(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> Transformer:
-    return Transformer(cfg.model_config(vocab_size), residual=RESIDUALS[cfg.norm])
+    residual, final_norm = RESIDUALS[cfg.norm]
+    return Transformer(cfg.model_config(vocab_size), residual=residual, final_norm=final_norm)
 
 
 def check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:

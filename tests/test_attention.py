@@ -8,8 +8,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nanomodels.attention import MultiHeadAttention, as_4d_mask, attention, causal_mask, sdpa_attention
+from nanomodels.transformer import TransformerConfig
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float64_by_default():
+    """Exact checks in float64; restored afterwards, so no other test module inherits the default."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def naive_attention(q, k, v, allowed):
@@ -117,12 +126,12 @@ def test_mask_shape_and_dtype_errors_name_the_argument():
 
 def test_multihead_attention_rejects_heads_not_dividing_width():
     with pytest.raises(ValueError, match="n_heads: must divide d_model"):
-        MultiHeadAttention(10, 3)
+        TransformerConfig(d_model=10, n_heads=3)
 
 
 def test_multihead_attention_with_cache_equals_full_sequence():
     torch.manual_seed(0)
-    mha = MultiHeadAttention(16, 4, attn_fn=attention).eval()
+    mha = MultiHeadAttention(TransformerConfig(vocab_size=8, d_model=16, n_heads=4), attn_fn=attention).eval()
     x = torch.randn(2, 6, 16)
     full = mha(x, causal=True)
     cache = {}

@@ -85,7 +85,7 @@ def _embedding_grads(model, idx, allowed, row):
         store["x"] = out.detach().requires_grad_(True)
         return store["x"]
 
-    handle = model.wte.register_forward_hook(leaf)
+    handle = model.embed.wte.register_forward_hook(leaf)
     try:
         logits_of(model, idx, allowed)[0, row].sum().backward()
     finally:

@@ -87,7 +87,7 @@ def _grads_wrt_inputs(model, lay, row):
         store["x"] = out.detach().requires_grad_(True)
         return store["x"]
 
-    handle = model.wte.register_forward_hook(leaf)
+    handle = model.embed.wte.register_forward_hook(leaf)
     try:
         allowed = pmlm_mask(lay["kind"], lay["step"])
         logits, _ = model(lay["tokens"][None], allowed=allowed, causal=False, positions=lay["positions"])

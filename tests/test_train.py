@@ -41,14 +41,14 @@ def test_resume_continues_exactly(corpus, tmp_path):
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), f"{key} differs after 10 + resume + 10 steps"
-    assert not torch.equal(halfway["model"]["wte.weight"], resumed["wte.weight"]), "the resumed steps changed nothing"
+    assert not torch.equal(halfway["model"]["embed.wte.weight"], resumed["embed.wte.weight"]), "the resumed steps changed nothing"
 
 
 def test_resume_must_change_something_to_be_exact(corpus, tmp_path):
     # the resume test above is only meaningful if a different seed gives different weights
     train(tiny(corpus, tmp_path / "a"))
     train(tiny(corpus, tmp_path / "c", seed=7))
-    assert not torch.equal(weights(tmp_path / "a")["wte.weight"], weights(tmp_path / "c")["wte.weight"])
+    assert not torch.equal(weights(tmp_path / "a")["embed.wte.weight"], weights(tmp_path / "c")["embed.wte.weight"])
 
 
 @pytest.mark.slow
@@ -64,7 +64,7 @@ def test_two_processes_match_one_with_the_same_global_batch(corpus, tmp_path):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    moved = (a["wte.weight"] - load_initial(corpus, tmp_path)).abs().max()
+    moved = (a["embed.wte.weight"] - load_initial(corpus, tmp_path)).abs().max()
     assert moved > 1e-3, "training did not move the weights: the comparison would be vacuous"
     for key in a:
         diff = (a[key] - b[key]).abs().max().item()
@@ -76,7 +76,7 @@ def load_initial(corpus, tmp_path):
     from nanomodels.train import build_model
     cfg = tiny(corpus, tmp_path / "init", block_size=16, batch_size=8)
     torch.manual_seed(cfg.seed)
-    return build_model(cfg, get_tokenizer("char", TEXT).vocab_size).wte.weight.detach()
+    return build_model(cfg, get_tokenizer("char", TEXT).vocab_size).embed.wte.weight.detach()
 
 
 def test_existing_run_is_never_overwritten_silently(corpus, tmp_path):

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from nanomodels.attention import attention, sdpa_attention
-from nanomodels.transformer import (PostNorm, PreNorm, Transformer, TransformerConfig, sample_next_token)
+from functools import partial
+
+import torch.nn as nn
+
+from nanomodels.attention import MultiHeadAttention
+from nanomodels.transformer import (IGNORE_INDEX, ContinuousEmbedding, EncoderDecoder, LMHead, PostNorm, PreNorm,
+                                    Transformer, TransformerConfig, init_branches_, layer_norm, sample_next_token)
 
 
 def tiny(**overrides):
@@ -41,9 +47,10 @@ def test_prenorm_with_zero_sublayer_is_identity_and_postnorm_is_layernorm():
     assert torch.allclose(PostNorm(cfg).double()(x, zero), expected, atol=1e-12)
 
 
-def test_final_norm_only_for_prenorm():
+def test_final_norm_is_an_explicit_choice():
     assert isinstance(Transformer(tiny()).final_norm, torch.nn.LayerNorm)
-    assert isinstance(Transformer(tiny(), residual=PostNorm).final_norm, torch.nn.Identity)
+    assert isinstance(Transformer(tiny(), residual=PostNorm, final_norm=None).final_norm, torch.nn.Identity)
+    assert isinstance(Transformer(tiny(), residual=PostNorm, final_norm=layer_norm).final_norm, torch.nn.LayerNorm)
 
 
 def test_logits_at_t_do_not_depend_on_later_tokens():
@@ -67,11 +74,11 @@ def test_bidirectional_forward_does_see_later_tokens():
     assert not torch.allclose(a[0, 0], b[0, 0]), "without the causal mask position 0 must see position 7"
 
 
-@pytest.mark.parametrize("residual", [PreNorm, PostNorm])
-def test_reference_and_sdpa_attention_give_same_model_output(residual):
+@pytest.mark.parametrize("residual,final_norm", [(PreNorm, layer_norm), (PostNorm, None)])
+def test_reference_and_sdpa_attention_give_same_model_output(residual, final_norm):
     idx = torch.randint(0, 37, (2, 12))
-    ref, _ = model64(attention_fn=attention, residual=residual)(idx)
-    fast, _ = model64(attention_fn=sdpa_attention, residual=residual)(idx)
+    ref, _ = model64(attention_fn=attention, residual=residual, final_norm=final_norm)(idx)
+    fast, _ = model64(attention_fn=sdpa_attention, residual=residual, final_norm=final_norm)(idx)
     assert torch.allclose(ref, fast, atol=1e-10), f"max diff {(ref - fast).abs().max():.3g}"
 
 
@@ -115,8 +122,10 @@ def test_too_long_sequence_and_bad_positions_raise_clear_errors():
         m(torch.zeros(1, 4, dtype=torch.long), positions=torch.tensor([0, 1, 2, 16]))
     with pytest.raises(ValueError, match=r"idx: token ids must be in \[0, vocab_size=37\), got values in \[0, 37\]"):
         m(torch.tensor([[0, 37]]))
-    with pytest.raises(ValueError, match=r"idx: expected token ids of shape \(B, T\)"):
+    with pytest.raises(ValueError, match=r"inputs: expected a batch of sequences, \(B, T\) token ids"):
         m(torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"idx: expected token ids of shape \(B, T\)"):
+        m(torch.zeros(1, 4, 2, dtype=torch.long))
 
 
 def test_explicit_positions_equal_default_positions():
@@ -127,8 +136,9 @@ def test_explicit_positions_equal_default_positions():
 
 def test_head_is_tied_to_token_embedding():
     m = Transformer(tiny())
-    assert m.head.proj.weight is m.wte.weight
-    assert Transformer(tiny(tie_weights=False)).head.proj.weight is not Transformer(tiny()).wte.weight
+    assert m.head.proj.weight is m.embed.wte.weight
+    untied = Transformer(tiny(tie_weights=False))
+    assert untied.head.proj.weight is not untied.embed.wte.weight
 
 
 def test_greedy_and_top1_are_argmax():
@@ -150,3 +160,248 @@ def test_temperature_sharpens_and_flattens_the_distribution():
         freq = torch.bincount(draws, minlength=3).double() / len(draws)
         expected = torch.softmax(logits[0].double() / temperature, dim=-1)
         assert torch.allclose(freq, expected, atol=0.015), f"T={temperature}: {freq} vs {expected}"
+
+
+# ---- the seeded numbers of every chapter's model are unchanged by the parts refactor --------------------------
+
+def _regression_builders():
+    from nanomodels.deepnet import deepnet, deepnorm_init_
+    from nanomodels.subln import magneto
+
+    def cfg(**kw):
+        return TransformerConfig(**{**dict(vocab_size=37, block_size=24, n_layers=3, d_model=32, n_heads=4, d_ff=48),
+                                    **kw})
+    return {
+        "gpt": lambda: Transformer(cfg()),
+        "post_ln": lambda: Transformer(cfg(), residual=PostNorm, final_norm=None),
+        "post_ln_xavier": lambda: deepnorm_init_(Transformer(cfg(), residual=PostNorm, final_norm=None), 1.0),
+        "pre_ln_xavier": lambda: deepnorm_init_(Transformer(cfg(), residual=PreNorm), 1.0),
+        "deepnet": lambda: deepnet(cfg()),
+        "magneto": lambda: magneto(cfg()),
+        "untied_nobias": lambda: Transformer(cfg(tie_weights=False, bias=False)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_regression_builders()))
+def test_seeded_logits_losses_and_samples_are_unchanged_by_the_parts_refactor(name):
+    """tests/data/core_regression.pt was written by main at 459edc2 (before the core took parts as
+    part(config, ...)): float64 logits (causal, seq2seq mask, explicit positions), the loss, 3 AdamW steps and a
+    top-k sample, all from torch.manual_seed(1234). Equal to 1e-12 (SDPA's CPU kernel and the thread count may
+    reorder float reductions; the parameters themselves are bit-identical)."""
+    from nanomodels.masks import seq2seq_mask
+    ref = torch.load("tests/data/core_regression.pt")
+    want = ref["models"][name]
+    idx, targets, positions = ref["idx"], ref["targets"], ref["positions"]
+    torch.manual_seed(1234)
+    model = _regression_builders()[name]().double().eval()
+    with torch.no_grad():
+        got = dict(zip(("logits", "loss", "s2s", "pos"), (*model(idx, targets),
+                                                          model(idx, allowed=seq2seq_mask(8, 12), causal=False)[0],
+                                                          model(idx, positions=positions)[0])))
+    for key, value in got.items():
+        diff = (value - want[key]).abs().max().item()
+        assert diff < 1e-12, f"{name}: {key} changed by {diff:.3g}"
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        _, step_loss = model(idx, targets)
+        opt.zero_grad()
+        step_loss.backward()
+        opt.step()
+        losses.append(step_loss.item())
+    # thread count changes the order of float reductions in the backward: equal to 1e-12, not bit for bit
+    diff = (torch.tensor(losses, dtype=torch.float64) - want["losses"]).abs().max().item()
+    assert diff < 1e-12, f"{name}: training changed, max loss difference {diff:.3g}"
+    model.eval()
+    torch.manual_seed(0)
+    gen = model.generate(idx[:, :4], 8, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(gen, want["gen"]), f"{name}: sampling changed"
+
+
+# ---- parts: every constructor is part(config, ...) -------------------------------------------------------------
+
+def test_every_part_is_built_from_the_config():
+    cfg = tiny()
+    seen = []
+
+    def spy(part):
+        def build(config, **kw):
+            seen.append((part.__name__, config is cfg))
+            return part(config, **kw)
+        return build
+    Transformer(cfg, attention=spy(MultiHeadAttention), ffn=spy(__import__("nanomodels.transformer").transformer.MLP),
+                residual=spy(PreNorm), final_norm=spy(layer_norm), head=spy(LMHead))
+    names = {n for n, _ in seen}
+    assert names == {"MultiHeadAttention", "MLP", "PreNorm", "layer_norm", "LMHead"}
+    assert all(same for _, same in seen), "a part was built from something other than the model's config"
+
+
+def test_head_linear_is_chosen_independently_of_the_body_linear():
+    class Marked(nn.Linear):
+        pass
+    m = Transformer(tiny(), linear=Marked)
+    assert isinstance(m.blocks[0].attn.q_proj, Marked) and isinstance(m.blocks[0].ffn.fc1, Marked)
+    assert type(m.head.proj) is nn.Linear, "the head keeps nn.Linear unless head_linear says otherwise"
+    m2 = Transformer(tiny(), head_linear=Marked)
+    assert type(m2.blocks[0].attn.q_proj) is nn.Linear and isinstance(m2.head.proj, Marked)
+    assert m2.head.proj.weight is not m2.embed.wte.weight, "only a plain nn.Linear head is tied to the embedding"
+
+
+class _AuxFFN(nn.Module):
+    """A feed-forward part with an auxiliary loss: the mean square of its input, weighted 0.25."""
+
+    def __init__(self, config, *, linear=nn.Linear):
+        super().__init__()
+        self.fc = linear(config.d_model, config.d_model)
+        self.aux_weight = 0.25
+        self.aux_loss = None
+
+    def forward(self, x):
+        self.aux_loss = x.square().mean()
+        return self.fc(x)
+
+
+def test_aux_losses_are_added_to_the_loss_with_their_weight():
+    torch.manual_seed(0)
+    m = Transformer(tiny(), ffn=_AuxFFN).double()
+    idx, targets = torch.randint(0, 37, (2, 8)), torch.randint(0, 37, (2, 8))
+    logits, loss = m(idx, targets)
+    aux = m.aux_losses()
+    assert sorted(aux) == ["blocks.0.ffn", "blocks.1.ffn"]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 37), targets.reshape(-1))
+    expected = ce + 0.25 * (aux["blocks.0.ffn"] + aux["blocks.1.ffn"])
+    assert torch.allclose(loss, expected, atol=1e-12), f"loss {loss.item()} vs CE + 0.25 aux {expected.item()}"
+    loss.backward()
+    assert m.embed.wte.weight.grad is not None
+
+
+def test_head_owns_its_loss():
+    class ZeroLossHead(LMHead):
+        def loss(self, h, targets, outputs=None):
+            return h.sum() * 0.0
+    m = Transformer(tiny(), head=ZeroLossHead)
+    _, loss = m(torch.randint(0, 37, (1, 4)), torch.randint(0, 37, (1, 4)))
+    assert loss.item() == 0.0
+    assert IGNORE_INDEX == -100
+
+
+def test_continuous_embedding_takes_latents_and_stays_causal():
+    torch.manual_seed(0)
+    m = Transformer(tiny(), embed=partial(ContinuousEmbedding, in_features=5)).double().eval()
+    x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    h = m.hidden(x)
+    (h[:, 3] * torch.randn(32, dtype=torch.float64)).sum().backward()  # a plain sum of a LayerNorm output is 0
+    assert x.grad[:, 4:].abs().max() == 0, "position 3 depends on later latents"
+    assert x.grad[:, :4].abs().max() > 0
+    with pytest.raises(ValueError, match=r"inputs: expected shape \(B, T, 5\)"):
+        m(torch.randn(2, 7, 4))
+
+
+def test_segment_embeddings_change_the_output_only_when_configured():
+    torch.manual_seed(0)
+    m = Transformer(tiny(n_segments=2)).double().eval()
+    idx = torch.randint(0, 37, (1, 6))
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    with_seg, _ = m(idx, segments=seg)
+    expected = m.embed.wte(idx) + m.embed.wpe(torch.arange(6)) + m.embed.wse(seg)
+    assert torch.equal(m.embed(idx, torch.arange(6), seg), expected)
+    assert not torch.allclose(with_seg, m(idx)[0])
+    with pytest.raises(ValueError, match="segments: this model has no segment embeddings"):
+        model64()(idx, segments=seg)
+    with pytest.raises(ValueError, match="segments: expected shape"):
+        m(idx, segments=torch.tensor([[0, 0, 0, 1, 1, 2]]))
+    with pytest.raises(ValueError, match="n_segments: must be an integer >= 0"):
+        tiny(n_segments=-1)
+
+
+def test_init_branches_touches_only_the_named_matrices_with_xavier_normal():
+    torch.manual_seed(0)
+    m = Transformer(tiny(n_layers=1, d_model=64, n_heads=4, d_ff=256, vocab_size=50))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    init_branches_(m, 0.5, qk_gain=2.0)
+    for n, p in m.named_parameters():
+        changed = not torch.equal(p, before[n])
+        leaf = n.split(".")[-2] if n.endswith(".weight") else ""
+        assert changed == (leaf in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")), n
+    fc1 = m.blocks[0].ffn.fc1.weight
+    want = 0.5 * (2 / (64 + 256)) ** 0.5
+    assert abs(fc1.std().item() / want - 1) < 0.05, "fc1: xavier normal std with gain 0.5"
+    q = m.blocks[0].attn.q_proj.weight
+    assert abs(q.std().item() / (2.0 * (2 / 128) ** 0.5) - 1) < 0.08, "q_proj: xavier normal with qk_gain"
+
+
+# ---- the encoder-decoder assembly -------------------------------------------------------------------------------
+
+def encdec64(seed=0, **kw):
+    torch.manual_seed(seed)
+    return EncoderDecoder(tiny(), encoder_layers=2, attention_fn=attention, **kw).double().eval()
+
+
+def test_encoder_decoder_decoder_is_causal_and_sees_the_whole_source():
+    m = encdec64()
+    src, tgt = torch.randint(0, 37, (2, 9)), torch.randint(0, 37, (2, 6))
+    base, _ = m(src, tgt)
+    other_tgt = tgt.clone()
+    other_tgt[:, 4:] = (other_tgt[:, 4:] + 1) % 37
+    assert torch.allclose(m(src, other_tgt)[0][:, :4], base[:, :4], atol=1e-12), "decoder saw the future"
+    other_src = src.clone()
+    other_src[:, -1] = (other_src[:, -1] + 1) % 37
+    assert not torch.allclose(m(other_src, tgt)[0][:, 0], base[:, 0]), "target 0 must see the last source token"
+
+
+def test_encoder_decoder_padded_source_tokens_are_invisible():
+    m = encdec64()
+    src, tgt = torch.randint(0, 37, (1, 9)), torch.randint(0, 37, (1, 5))
+    keep = torch.tensor([[True] * 6 + [False] * 3])
+    base, _ = m(src, tgt, src_keep=keep)
+    other = src.clone()
+    other[:, 6:] = (other[:, 6:] + 5) % 37
+    assert torch.allclose(m(other, tgt, src_keep=keep)[0], base, atol=1e-12)
+    short, _ = m(src[:, :6], tgt)
+    assert torch.allclose(short, base, atol=1e-12), "padding must equal a shorter source"
+
+
+def test_encoder_decoder_cached_greedy_decoding_equals_recompute():
+    m = encdec64()
+    src = torch.randint(0, 37, (3, 7))
+    out = m.generate(src, bos=1, max_new_tokens=6)
+    seq = torch.full((3, 1), 1)
+    for _ in range(6):
+        logits, _ = m(src, seq)
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+
+
+def test_encoder_decoder_deepnet_and_magneto_use_the_enc_dec_rows():
+    from nanomodels.deepnet import DeepNorm, deepnet_encoder_decoder, deepnorm_constants
+    from nanomodels.subln import SubLNAttention, magneto_encoder_decoder, subln_gamma
+    cfg = tiny(n_layers=3, d_model=64, d_ff=256)
+    torch.manual_seed(0)
+    dn = deepnet_encoder_decoder(cfg, encoder_layers=6)
+    c = deepnorm_constants(6, 3)
+    assert isinstance(dn.encoder[0].attn_residual, DeepNorm) and dn.encoder[0].attn_residual.alpha == c["encoder"][0]
+    assert dn.decoder[0].cross_residual.alpha == c["decoder"][0]
+    assert isinstance(dn.final_norm, nn.Identity)
+    for stack, beta in ((dn.encoder, c["encoder"][1]), (dn.decoder, c["decoder"][1])):
+        w = stack[0].ffn.fc1.weight
+        assert abs(w.std().item() / (beta * (2 / (64 + 256)) ** 0.5) - 1) < 0.05
+    torch.manual_seed(0)
+    mg = magneto_encoder_decoder(cfg, encoder_layers=6)
+    g = subln_gamma(6, 3)
+    assert isinstance(mg.decoder[0].attn, SubLNAttention) and not isinstance(mg.decoder[0].cross_attn, SubLNAttention)
+    for stack, gamma in ((mg.encoder, g["encoder"]), (mg.decoder, g["decoder"])):
+        w = stack[0].ffn.fc1.weight
+        assert abs(w.std().item() / (gamma * (2 / (64 + 256)) ** 0.5) - 1) < 0.05
+    src, tgt = torch.randint(0, 37, (2, 5)), torch.randint(0, 37, (2, 4))
+    for model in (dn, mg):
+        _, loss = model(src, tgt, tgt)
+        assert torch.isfinite(loss)
+
+
+def test_encoder_decoder_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="encoder_layers: must be a positive integer"):
+        EncoderDecoder(tiny(), encoder_layers=0)
+    m = encdec64()
+    with pytest.raises(ValueError, match="src_keep: expected a boolean tensor"):
+        m(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long), src_keep=torch.ones(1, 4))

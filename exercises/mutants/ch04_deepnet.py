@@ -25,22 +25,20 @@ MUTANTS = [
            new="    return {\"encoder\": (0.81 * (N ** 4 * M) ** (1 / 16), 1.15 * (N ** 4 * M) ** (-1 / 16)),"),
     Mutant("4.3", "deepnorm_init_beta_on_queries_and_keys",
            "applies gain beta to q_proj and k_proj too (the paper keeps them at gain 1)",
-           old=("    leaf = name.rsplit(\".\", 1)[-1]\n"
-                "    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=beta)\n"
-                "    elif leaf in (\"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=1.0)"),
-           new=("    if name.rsplit(\".\", 1)[-1] in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\", \"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=beta)")),
+           old="return init_branches_(model, beta, qk_gain=1.0)",
+           new="return init_branches_(model, beta, qk_gain=beta)"),
     Mutant("4.3", "deepnorm_init_divides_by_beta",
            ("uses gain 1 / beta (torchscale divides by init_scale = 1 / beta; dividing by beta itself up-"
             "scales)"),
-           old="        nn.init.xavier_normal_(module.weight, gain=beta)",
-           new="        nn.init.xavier_normal_(module.weight, gain=1 / beta)"),
+           old="return init_branches_(model, beta, qk_gain=1.0)",
+           new="return init_branches_(model, 1 / beta, qk_gain=1.0)"),
     Mutant("4.3", "deepnorm_init_scales_embeddings_and_head",
            "also re-initializes the embeddings and the LM head with gain beta (the paper leaves them alone)",
-           old="    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):",
-           new="    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\", \"wte\", \"wpe\", \"proj\"):"),
+           old="return init_branches_(model, beta, qk_gain=1.0)",
+           new=("for name, module in model.named_modules():\n"
+                "    if name.rsplit(\".\", 1)[-1] in (\"wte\", \"wpe\", \"proj\"):\n"
+                "        torch.nn.init.xavier_normal_(module.weight, gain=beta)\n"
+                "return init_branches_(model, beta, qk_gain=1.0)")),
     Mutant("4.2", "deepnorm_norm_before_the_add",
            ("normalizes the stream before adding the branch, LN(alpha x) + G(x): a Pre-LN-like sum, not "
             "DeepNorm"),

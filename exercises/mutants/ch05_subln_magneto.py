@@ -47,28 +47,19 @@ MUTANTS = [
                 "return {side: math.log(2 * L)}")),
     Mutant("5.3", "subln_init_divides_by_gamma",
            "divides by gamma (the DeepNet habit): gain 1 / gamma, but Sub-LN's gamma > 1 multiplies",
-           old="        nn.init.xavier_normal_(module.weight, gain=gamma)",
-           new="        nn.init.xavier_normal_(module.weight, gain=1 / gamma)"),
+           old="return init_branches_(model, gamma, qk_gain=1.0)",
+           new="return init_branches_(model, 1 / gamma, qk_gain=1.0)"),
     Mutant("5.3", "subln_init_gamma_on_queries_and_keys",
            "applies gain gamma to q_proj and k_proj too (the paper keeps them at gain 1)",
-           old=("    leaf = name.rsplit(\".\", 1)[-1]\n"
-                "    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=gamma)\n"
-                "    elif leaf in (\"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=1.0)"),
-           new=("    if name.rsplit(\".\", 1)[-1] in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\", \"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=gamma)")),
+           old="return init_branches_(model, gamma, qk_gain=1.0)",
+           new="return init_branches_(model, gamma, qk_gain=gamma)"),
     Mutant("5.3", "subln_init_torchscale_default_times_gamma",
            ("multiplies the existing (non-xavier) init by gamma, as torchscale does, instead of xavier normal"
             " with gain gamma"),
-           old=("for name, module in model.named_modules():\n"
-                "    leaf = name.rsplit(\".\", 1)[-1]\n"
-                "    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=gamma)\n"
-                "    elif leaf in (\"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=1.0)"),
+           old="return init_branches_(model, gamma, qk_gain=1.0)",
            new=("with torch.no_grad():\n"
                 "    for name, module in model.named_modules():\n"
                 "        if name.rsplit(\".\", 1)[-1] in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "            module.weight.mul_(gamma)")),
+                "            module.weight.mul_(gamma)\n"
+                "return model")),
 ]
