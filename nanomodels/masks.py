@@ -13,6 +13,10 @@ and only `allowed` (query i may attend to key j) differs between the objectives:
     semi_causal     j <= i, or i and j in the same span       (MetaLM, arXiv 2206.06336: causal with
                                                                bidirectional blocks on the diagonal)
 
+The semi-causal mask is a single-stack simplification of MetaLM: there the bidirectional spans are read by
+separate non-causal encoders docked into the causal decoder through a connector; here one shared Transformer
+reads them under an all-ones block of the mask.
+
 A batch mixes the objectives 1/3 bidirectional, 1/3 seq2seq, 1/6 left-to-right, 1/6 right-to-left, and
 segment ids double as objective identifiers (`SEGMENT_IDS`, from the official loader's `new_segment_ids`).
 
@@ -27,6 +31,10 @@ the source columns with ones and copies one `tril` into the target block; s2s-ft
 `allowed = w_key <= w_query` with `w = [0] * src ++ target positions`. Cloze masking follows the paper's 15%
 (ours: every picked token becomes [MASK]; the paper's 80/10/10 replacement and n-gram masking are left out).
 Tokens: the synthetic tasks have no spare symbol, so [MASK] is one id past the task vocabulary (`mask_id`).
+`unilm_batch` departs from the paper's pre-training in two ways: it masks only the target of a seq2seq row
+(a masked source token would be predicted bidirectionally, which the bidirectional rows already train; it is
+also what s2s-ft fine-tuning does), and it has no next-sentence prediction (the synthetic tasks have no
+sentence pairs to tell apart).
 """
 
 import torch
