@@ -156,11 +156,13 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"codes: must be a 2-D integer tensor (N, K), got {getattr(codes, 'shape', codes)!r}")
     if codes.numel() and (codes.min() < -1 or codes.max() > 1):
         raise ValueError(f"codes: values must be in {{-1, 0, 1}}, got [{int(codes.min())}, {int(codes.max())}]")
+    # BEGIN EXERCISE 8.4: 2-bit packing, four codes per byte
     N, K = codes.shape
     padded = torch.ones(N, 4 * math.ceil(K / 4), dtype=torch.uint8, device=codes.device)  # code 1 = weight 0
     padded[:, :K] = (codes + 1).to(torch.uint8)
     fields = padded.view(N, -1, 4)  # (N, K/4, 4): the 4 codes of one byte
     return fields[..., 0] | fields[..., 1] << 2 | fields[..., 2] << 4 | fields[..., 3] << 6
+    # END EXERCISE
 
 
 def unpack_ternary(packed: torch.Tensor, K: int) -> torch.Tensor:

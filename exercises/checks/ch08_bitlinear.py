@@ -1,0 +1,218 @@
+"""Chapter 08's graded checks: the ternary weight quantizer, the 8-bit activation quantizer, BitLinear with its
+straight-through estimators, and the 2-bit packing the kernels read.
+
+Each check tests what the BitNet b1.58 training code (the FAQ of microsoft/unilm bitnet/) promises, in float64,
+against the learner's function (its first argument). Known-wrong solutions: exercises/mutants/ch08_bitlinear.py.
+"""
+
+import math
+
+import torch
+from hypothesis import strategies as st
+
+from exercises.checking import Exercise, Violation, check
+from exercises.checks.common import F64, expect_tensor, seeds
+
+shapes = st.tuples(st.integers(1, 6), st.integers(2, 30))
+scales = st.sampled_from([1e-3, 0.37, 1.0, 52.0])
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def naive_weight_quant(w):
+    """scale = 1 / max(mean|w|, 1e-5) over the whole tensor; clamp(round(w scale), -1, 1) / scale per element."""
+    flat = w.flatten().tolist()
+    scale = 1.0 / max(sum(abs(v) for v in flat) / len(flat), 1e-5)
+    return torch.tensor([min(1.0, max(-1.0, round(v * scale))) / scale for v in flat], dtype=F64).view(w.shape)
+
+
+def naive_activation_quant(x):
+    """Per row: scale = 127 / max(max|x|, 1e-5); clamp(round(x scale), -128, 127) / scale."""
+    out = []
+    for row in x.reshape(-1, x.size(-1)).tolist():
+        scale = 127.0 / max(max(abs(v) for v in row), 1e-5)
+        out.append([min(127.0, max(-128.0, round(v * scale))) / scale for v in row])
+    return torch.tensor(out, dtype=F64).view(x.shape)
+
+
+def naive_rms_norm(x, g, eps):
+    out = [[v / math.sqrt(sum(u * u for u in row) / len(row) + eps) * gj for v, gj in zip(row, g.tolist())]
+           for row in x.reshape(-1, x.size(-1)).tolist()]
+    return torch.tensor(out, dtype=F64).view(x.shape)
+
+
+def _max_diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ---- 8.1 weight_quant -------------------------------------------------------------------------------------
+
+@check("weight_quant(W) = clamp(round(W / mean|W|), -1, 1) * mean|W|, one scale for the whole tensor (the FAQ "
+       "code), for every shape and scale of W", shape=shapes, c=scales, seed=seeds)
+def weight_quant_matches_the_faq(weight_quant, shape, c, seed):
+    w = _randn(*shape, seed=seed) * c
+    out = expect_tensor(weight_quant(w.clone()), shape, F64, "weight_quant")
+    ref = naive_weight_quant(w)
+    if not _max_diff(out, ref) <= 1e-12 * c:
+        codes = (out / w.abs().mean()).round().unique().tolist()
+        raise Violation(f"weight_quant differs from clamp(round(W / mean|W|), -1, 1) mean|W| by {_max_diff(out, ref):.3g} "
+                        f"(mean|W| = {w.abs().mean():.4g}); your values / mean|W| take the values {codes}")
+
+
+@check("weight_quant(W) / mean|W| is exactly -1, 0 or +1, and for Gaussian W about 31% of the codes are 0 "
+       "(P(|z| < mean|z| / 2) = 0.310)", seed=seeds)
+def weight_codes_are_ternary(weight_quant, seed):
+    w = _randn(256, 256, seed=seed)
+    ratio = weight_quant(w) / w.abs().mean()
+    values = sorted(ratio.round(decimals=9).unique().tolist())
+    if not set(values) <= {-1.0, 0.0, 1.0}:
+        raise Violation(f"weight_quant(W) / mean|W| takes the values {values[:8]}; it must be in {{-1, 0, 1}}")
+    zeros = (ratio.abs() < 0.5).double().mean().item()
+    if abs(zeros - 0.3101) > 0.015:
+        raise Violation(f"for Gaussian W {zeros:.3f} of the codes are 0; round(W / mean|W|) gives 0.310")
+
+
+@check("one scale per tensor: a row of small weights next to rows of large ones quantizes to 0 (a per-row "
+       "scale would keep it)")
+def weight_scale_is_per_tensor(weight_quant):
+    w = torch.tensor([[0.01, -0.02, 0.015], [1.0, -2.0, 1.5], [0.9, 1.1, -1.3]], dtype=F64)
+    out = weight_quant(w)
+    if not _max_diff(out, naive_weight_quant(w)) <= 1e-12:
+        raise Violation(f"for W = {w.tolist()} got {out.tolist()}; with one per-tensor scale mean|W| = "
+                        f"{w.abs().mean():.4f} the first row is all 0: {naive_weight_quant(w).tolist()}")
+
+
+# ---- 8.2 activation_quant ---------------------------------------------------------------------------------
+
+@check("activation_quant(x) = clamp(round(x s), -128, 127) / s with s = 127 / max|x| over the last dimension "
+       "(one scale per token), for every shape and scale", shape=shapes, c=scales, seed=seeds)
+def activation_quant_matches_the_faq(activation_quant, shape, c, seed):
+    x = _randn(*shape, seed=seed) * c
+    out = expect_tensor(activation_quant(x.clone()), shape, F64, "activation_quant")
+    ref = naive_activation_quant(x)
+    if not _max_diff(out, ref) <= 1e-12 * c:
+        raise Violation(f"activation_quant differs from the per-token absmax equation by {_max_diff(out, ref):.3g} "
+                        f"for x of shape {shape} times {c}")
+
+
+@check("each row's codes x_q * 127 / max|x| are integers in [-127, 127], each row keeps its absmax, and scaling "
+       "one row by 100 scales its quantized row by 100 and leaves the others alone", seed=seeds)
+def activation_codes_per_token(activation_quant, seed):
+    x = _randn(4, 50, seed=seed)
+    out = activation_quant(x)
+    codes = out * 127 / x.abs().amax(-1, keepdim=True)
+    if not ((codes - codes.round()).abs().max() < 1e-9 and codes.abs().max() <= 127 + 1e-9):
+        raise Violation(f"x_q * 127 / max|x| per row should be integers in [-127, 127]; got values from "
+                        f"{codes.min():.4f} to {codes.max():.4f}, {((codes - codes.round()).abs() > 1e-9).sum()} "
+                        f"non-integers")
+    if not _max_diff(out.abs().amax(-1), x.abs().amax(-1)) <= 1e-12:
+        raise Violation(f"row absmax changed: {x.abs().amax(-1).tolist()} -> {out.abs().amax(-1).tolist()}")
+    y = x.clone()
+    y[1] *= 100
+    out2 = activation_quant(y)
+    if not (_max_diff(out2[1], 100 * out[1]) <= 1e-10 and _max_diff(out2[[0, 2, 3]], out[[0, 2, 3]]) <= 1e-12):
+        raise Violation("scaling row 1 of x by 100 changed the other rows (or did not scale row 1 by 100): the "
+                        "scale must be per token, over the last dimension only")
+
+
+# ---- 8.3 bitlinear ----------------------------------------------------------------------------------------
+
+def _layer(k, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g, dtype=F64) * 0.1
+    gain = 1 + 0.3 * torch.randn(k, generator=g, dtype=F64)
+    x = torch.randn(3, k, generator=g, dtype=F64) * 2
+    return x, w, gain
+
+
+@check("bitlinear(x, W, g) = activation_quant(RMSNorm(x) * g) weight_quant(W)^T (+ bias), the RMSNorm "
+       "x / sqrt(mean(x^2) + eps) inside", k=st.integers(2, 24), n=st.integers(1, 8), with_bias=st.booleans(),
+       seed=seeds)
+def bitlinear_forward(bitlinear, k, n, with_bias, seed):
+    x, w, gain = _layer(k, n, seed)
+    b = torch.linspace(-1, 1, n, dtype=F64) if with_bias else None
+    out = expect_tensor(bitlinear(x, w, gain, b, 1e-5), (3, n), F64, "bitlinear")
+    ref = naive_activation_quant(naive_rms_norm(x, gain, 1e-5)) @ naive_weight_quant(w).T
+    ref = ref if b is None else ref + b
+    if not _max_diff(out, ref) <= 1e-10:
+        why = ""
+        if _max_diff(out, naive_activation_quant(x) @ naive_weight_quant(w).T + (0 if b is None else b)) < 1e-10:
+            why = ": the RMSNorm of the input is missing"
+        raise Violation(f"bitlinear differs from aq(RMSNorm(x)) wq(W)^T by {_max_diff(out, ref):.3g}{why}")
+
+
+@check("straight-through estimators: the gradient w.r.t. the latent W is g_y^T x_q (the gradient w.r.t. W_q), "
+       "and the gradient w.r.t. x and the gain is that of F.linear(RMSNorm(x) g, W_q) (the quantizers act as the "
+       "identity in the backward)", seed=seeds)
+def bitlinear_straight_through(bitlinear, seed):
+    x, w, gain = _layer(12, 5, seed)
+    gy = _randn(3, 5, seed=seed + 1)
+    xl, wl, gl = (t.clone().requires_grad_() for t in (x, w, gain))
+    bitlinear(xl, wl, gl, None, 1e-5).backward(gy)
+    if wl.grad is None or xl.grad is None or gl.grad is None:
+        missing = [n for n, t in (("W", wl), ("x", xl), ("gain", gl)) if t.grad is None]
+        raise Violation(f"no gradient reached {', '.join(missing)}: the quantized values must stay connected to "
+                        f"the graph through v + (q(v) - v).detach()")
+    xq = naive_activation_quant(naive_rms_norm(x, gain, 1e-5))
+    if not _max_diff(wl.grad, gy.T @ xq) <= 1e-10:
+        raise Violation(f"dL/dW differs from g_y^T x_q by {_max_diff(wl.grad, gy.T @ xq):.3g} (max |g_y^T x_q| "
+                        f"{(gy.T @ xq).abs().max():.3g}); the STE passes dL/dW_q to W unchanged")
+    xr, gr = x.clone().requires_grad_(), gain.clone().requires_grad_()
+    h = xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-5) * gr
+    (h @ naive_weight_quant(w).T).backward(gy)
+    if not (_max_diff(xl.grad, xr.grad) <= 1e-10 and _max_diff(gl.grad, gr.grad) <= 1e-10):
+        raise Violation(f"dL/dx differs from the gradient through RMSNorm with identity quantizers by "
+                        f"{_max_diff(xl.grad, xr.grad):.3g} (dL/dgain by {_max_diff(gl.grad, gr.grad):.3g})")
+
+
+@check("with eps = 0 the output does not depend on the scale of the input (the RMSNorm comes first)",
+       c=st.sampled_from([1e-3, 0.1, 30.0, 1e4]), seed=seeds)
+def bitlinear_scale_invariant(bitlinear, c, seed):
+    x, w, gain = _layer(16, 4, seed)
+    a, b = bitlinear(x, w, gain, None, 0.0), bitlinear(c * x, w, gain, None, 0.0)
+    if not _max_diff(a, b) <= 1e-10 * max(1.0, a.abs().max().item()):
+        raise Violation(f"bitlinear({c} x) differs from bitlinear(x) by {_max_diff(a, b):.3g}: normalize the input "
+                        f"first (RMSNorm), so that the per-token scale cannot leak into the output")
+
+
+# ---- 8.4 pack_ternary -------------------------------------------------------------------------------------
+
+@check("codes [-1, 0, 1, 1, 1] pack to the two bytes 0b10100100, 0b01010110: code + 1 in bits 2(k mod 4) of byte "
+       "k // 4 (little-endian fields), the last byte padded with code 1 (weight 0)")
+def packing_layout(pack_ternary):
+    out = pack_ternary(torch.tensor([[-1, 0, 1, 1, 1]], dtype=torch.int8))
+    out = expect_tensor(out, (1, 2), torch.uint8, "pack_ternary of a (1, 5) tensor")
+    if out.tolist() != [[0b10100100, 0b01010110]]:
+        raise Violation(f"got bytes {[f'{b:08b}' for b in out[0].tolist()]}, expected ['10100100', '01010110']")
+
+
+@check("unpack_ternary(pack_ternary(codes), K) == codes for every (N, K), and the packed tensor is (N, ceil(K/4)) "
+       "uint8", n=st.integers(1, 6), k=st.integers(1, 40), seed=seeds)
+def packing_round_trip(pack_ternary, n, k, seed):
+    from nanomodels.bitlinear import unpack_ternary
+
+    codes = torch.randint(-1, 2, (n, k), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+    packed = expect_tensor(pack_ternary(codes.clone()), (n, math.ceil(k / 4)), torch.uint8, "pack_ternary")
+    back = unpack_ternary(packed, k)
+    if not torch.equal(back, codes):
+        i = tuple(int(v) for v in (back != codes).nonzero()[0])
+        raise Violation(f"round trip changed code {i}: {int(codes[i])} -> {int(back[i])} (codes {codes.tolist()})")
+
+
+EXERCISES = {
+    "8.1": Exercise(points=2, checks=[weight_quant_matches_the_faq, weight_codes_are_ternary,
+                                      weight_scale_is_per_tensor],
+                    hint="scale = 1 / mean|W| (clamped at 1e-5), one number for the whole tensor; round, clamp to "
+                         "[-1, 1], divide by the scale."),
+    "8.2": Exercise(points=2, checks=[activation_quant_matches_the_faq, activation_codes_per_token],
+                    hint="scale = 127 / max|x| over the last dimension (keepdim, clamped at 1e-5); round, clamp to "
+                         "[-128, 127], divide by the scale."),
+    "8.3": Exercise(points=3, checks=[bitlinear_forward, bitlinear_straight_through, bitlinear_scale_invariant],
+                    hint="h = rms_norm(x, norm_weight, eps); x_q = h + (activation_quant(h) - h).detach(); the same "
+                         "for the weight; then F.linear(x_q, w_q, bias)."),
+    "8.4": Exercise(points=2, checks=[packing_layout, packing_round_trip],
+                    hint="Pad K to a multiple of 4 with code 1, store code + 1 as uint8, view as (N, K/4, 4) and "
+                         "OR the four fields shifted by 0, 2, 4, 6 bits."),
+}
