@@ -22,7 +22,7 @@ Versions: 1 `moe_ffn_reference` (einsum over the dense (S, E, C) masks, nanomode
 import torch
 import torch.nn.functional as F
 
-from kernels import AotSpec, backend, tl, triton
+from kernels import AotSpec, Benchmark, backend, tl, triton
 from nanomodels.moe import Routing, top_k_gating
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32  # the default (and the interpreter's only) config
@@ -141,11 +141,14 @@ def grouped_gemm(a, w, a_rows, c_rows, block_expert, expert_blocks, out_rows: in
     expert of p's block); other rows are 0. a (M, K), w (E, N, K). Differentiable in a and w."""
     if a.dim() != 2 or w.dim() != 3 or a.size(1) != w.size(2):
         raise ValueError(f"a, w: need a (M, K) and w (E, N, K) with equal K, got {tuple(a.shape)}, {tuple(w.shape)}")
-    if a.dtype != w.dtype or a.dtype not in (torch.float16, torch.float32):
-        raise ValueError(f"a, w: dtype must be float16 or float32 and equal, got {a.dtype}, {w.dtype}")
+    if a.dtype != w.dtype or a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"a, w: dtype must be float16, bfloat16 or float32 and equal, got {a.dtype}, {w.dtype}")
     if len(a_rows) != len(c_rows) or len(a_rows) != len(block_expert) * BLOCK_M:
         raise ValueError(f"a_rows, c_rows: need length len(block_expert) * BLOCK_M = {len(block_expert) * BLOCK_M}")
     rows = [t.to(torch.int64).contiguous() for t in (a_rows, c_rows)]
+    if a.dtype == torch.bfloat16 and backend(a) == "interpreter":  # the interpreter cannot multiply bf16
+        out = grouped_gemm(a.float(), w.float(), *rows, block_expert, expert_blocks, out_rows)
+        return out.to(torch.bfloat16)
     return _GroupedGEMM.apply(a.contiguous(), w.contiguous(), *rows, block_expert.to(torch.int32).contiguous(),
                               expert_blocks.to(torch.int32).contiguous(), out_rows)
 
@@ -203,3 +206,54 @@ def _aot_specs():
 
 
 AOT_SPECS = _aot_specs()
+
+
+def _bench_gpu(quick: bool, time_ms) -> list:
+    """The MoE feed-forward (top-2, capacity factor 1) in bf16: the grouped GEMM vs the einsum reference and a
+    per-expert loop of torch matmuls over the sorted tokens (nanomodels.moe.sorted_dispatch's scheme)."""
+    from nanomodels.moe import sorted_dispatch, top_k_routing
+
+    rows = []
+    S, d, f = 8192, 1024, 2048
+    for E in ((8,) if quick else (8, 32, 64)):
+        gen = torch.Generator(device="cuda").manual_seed(E)
+        h = torch.randn(S, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        logits = torch.randn(S, E, device="cuda", generator=gen)
+        w1, w2 = (torch.randn(E, *shape, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+                  for shape in ((f, d), (d, f)))
+        b1, b2 = torch.zeros(E, f, device="cuda", dtype=torch.bfloat16), torch.zeros(E, d, device="cuda",
+                                                                                      dtype=torch.bfloat16)
+        C = 2 * -(-S // E)
+        routing = top_k_routing(logits, 2, C)
+        experts = [lambda x, e=e: F.linear(F.gelu(F.linear(x, w1[e], b1[e])), w2[e], b2[e]) for e in range(E)]
+
+        impls = {"triton grouped GEMM": lambda: moe_ffn(h, routing, w1, b1, w2, b2),
+                 "per-expert loop": lambda: sorted_dispatch(h, routing, experts),
+                 "einsum (S, E, C)": lambda: moe_ffn_reference(h, logits, 2, C, w1, b1, w2, b2)}
+        flops = 2 * 2 * int(routing.kept.sum()) * d * f  # two matmuls per kept (token, expert) pair
+        for impl, fn in impls.items():
+            ms = time_ms(fn)
+            rows.append({"impl": impl, "mode": "fwd", "shape": f"S={S} d={d} F={f} bfloat16",
+                         "case": f"E={E} top-2", "ms": ms, "tflops": flops / ms / 1e9})
+    return rows
+
+
+def _bench_cpu(quick: bool) -> list:
+    """Without a GPU: the interpreter's forward error against the float64 einsum reference."""
+    from nanomodels.moe import top_k_routing
+
+    gen = torch.Generator().manual_seed(0)
+    S, d, f, E = 40, 32, 48, 4
+    h, logits = torch.randn(S, d, generator=gen), torch.randn(S, E, generator=gen)
+    w = [torch.randn(E, f, d, generator=gen) * 0.2, torch.randn(E, f, generator=gen) * 0.1,
+         torch.randn(E, d, f, generator=gen) * 0.2, torch.randn(E, d, generator=gen) * 0.1]
+    rows = []
+    for k, C in ((1, 10), (2, 12)):
+        y = moe_ffn(h, top_k_routing(logits, k, C), *w)
+        ref = moe_ffn_reference(h.double(), logits.double(), k, C, *(t.double() for t in w))
+        err = (y.double() - ref).abs().max().item()
+        rows.append({"case": f"fp32 S={S} d={d} F={f} E={E} top-{k} C={C}", "y err": err})
+    return rows
+
+
+BENCHMARKS = [Benchmark("grouped_gemm", gpu=_bench_gpu, cpu=_bench_cpu)]

@@ -52,7 +52,8 @@ class Routing(NamedTuple):
 
 def _check_gating(logits, k, capacity) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
-        raise ValueError(f"logits: expected a floating (S, E) tensor, got {getattr(logits, 'shape', logits)!r}")
+        got = getattr(logits, "shape", logits)
+        raise ValueError(f"logits: expected a floating (S, E) tensor, got {got!r}")
     if k not in (1, 2) or isinstance(k, bool):
         raise ValueError(f"k: must be 1 or 2, got {k!r}")
     if k > logits.size(1):
@@ -195,7 +196,8 @@ class MoE(nn.Module):
     aux_weight multiplies the aux loss the model adds. expert_parallel: the E experts are split over the
     ranks of the default process group (E / world each), tokens are exchanged with all_to_all."""
 
-    def __init__(self, config: TransformerConfig, linear: type = nn.Linear, *, num_experts: int = 8, k: int = 1,
+    def __init__(self, config: TransformerConfig, linear: type = nn.Linear, *, num_experts: int = 8,
+                 k: int = 1,
                  capacity_factor: float = 1.0, eval_capacity_fraction: float = 0.25, router: str = "linear",
                  routing_dim: int = 16, heads: int = 1, d_expert: int = None, dispatch: str = "einsum",
                  aux_weight: float = 0.01, expert_parallel: bool = False):
@@ -209,13 +211,15 @@ class MoE(nn.Module):
         if router not in ROUTERS:
             raise ValueError(f"router: must be one of {sorted(ROUTERS)}, got {router!r}")
         if not isinstance(heads, int) or heads < 1 or config.d_model % heads:
-            raise ValueError(f"heads: must be a positive integer dividing d_model ({config.d_model}), got {heads!r}")
+            raise ValueError(f"heads: must be a positive integer dividing d_model ({config.d_model}), "
+                             f"got {heads!r}")
         if dispatch not in ("einsum", "sorted") and not callable(dispatch):
-            raise ValueError(f"dispatch: must be 'einsum', 'sorted' or a function like sorted_dispatch, got {dispatch!r}")
+            raise ValueError(f"dispatch: must be 'einsum', 'sorted' or a function like sorted_dispatch, "
+                             f"got {dispatch!r}")
         world = dist.get_world_size() if expert_parallel else 1
         if num_experts % world or (expert_parallel and dispatch != "einsum"):
-            raise ValueError(f"expert_parallel: needs dispatch='einsum' and num_experts ({num_experts}) divisible "
-                             f"by the world size ({world})")
+            raise ValueError(f"expert_parallel: needs dispatch='einsum' and num_experts ({num_experts}) "
+                             f"divisible by the world size ({world})")
         self.num_experts, self.k, self.heads, self.dispatch = num_experts, k, heads, dispatch
         self.capacity_factor, self.eval_capacity_fraction = capacity_factor, eval_capacity_fraction
         self.aux_weight, self.expert_parallel = aux_weight, expert_parallel
@@ -243,7 +247,8 @@ class MoE(nn.Module):
         logits = self.router(h)
         C = self.capacity(h.size(0))
         routing = top_k_routing(logits, self.k, C)
-        self.aux_loss, self.last_experts = routing.aux_loss, routing.experts.detach()  # (S, k) for diagnostics
+        self.aux_loss = routing.aux_loss
+        self.last_experts = routing.experts.detach()  # (S, k), for diagnostics
         if self.dispatch == "einsum":
             combine, dispatch = dense_masks(routing, C)
             expert_in = torch.einsum("sec,sd->ecd", dispatch.to(h.dtype), h)  # (E, C, d)
@@ -281,5 +286,6 @@ def sorted_dispatch(h: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
     return h.new_zeros(h.shape).index_add_(0, token, out)
 
 
-__all__ = ["MoE", "LinearRouter", "Routing", "XMoERouter", "dense_masks", "expert_capacity", "load_balancing_loss",
-           "sorted_dispatch", "top_k_gating", "top_k_routing", "xmoe_scores", "xmoe_torchscale_scores"]
+__all__ = ["MoE", "LinearRouter", "Routing", "XMoERouter", "dense_masks", "expert_capacity",
+           "load_balancing_loss", "sorted_dispatch", "top_k_gating", "top_k_routing", "xmoe_scores",
+           "xmoe_torchscale_scores"]

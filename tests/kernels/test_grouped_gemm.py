@@ -135,6 +135,17 @@ def test_kernel_writes_only_the_scattered_rows(trans_w):
 
 
 @needs_interpreter
+def test_bfloat16_is_computed_in_float32_under_the_interpreter():
+    S, d, f, E = 20, 16, 24, 3
+    h, logits = randn(S, d, seed=4, dtype=torch.bfloat16), randn(S, E, seed=5)
+    w = [t.bfloat16() for t in weights(E, d, f, seed=6)]
+    out = moe_ffn(h, top_k_routing(logits, 2, 20), *w)
+    assert out.dtype == torch.bfloat16
+    ref = moe_ffn_reference(h.double(), logits.double(), 2, 20, *(t.double() for t in w))
+    assert_close(out, ref, "bf16 grouped GEMM (fp32 inside the interpreter)", 3e-2, rtol=3e-2)
+
+
+@needs_interpreter
 def test_drop_in_dispatch_for_the_moe_part():
     config = TransformerConfig(vocab_size=40, block_size=16, n_layers=1, d_model=16, n_heads=2, d_ff=24)
     torch.manual_seed(0)
