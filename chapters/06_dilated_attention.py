@@ -1,0 +1,320 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# *This notebook is built from its source `chapters/06_dilated_attention.py` (jupytext percent format): edit the source,
+# then rebuild with `python chapters/build.py 06` (add `--execute` to run it and save the outputs, `--quick` with it
+# for quick mode).*
+
+# %% [markdown]
+# # Chapter 06 — LongNet: dilated attention, linear in the sequence length
+#
+# Dense attention compares every query with every key: $T^2$ scores, so doubling the context quadruples the work.
+# LongNet (Ding et al. 2023, [arXiv 2307.02486](https://arxiv.org/abs/2307.02486)) keeps softmax attention but lets
+# each query see a sparse, structured set of keys. A **pattern** $(w, r)$ cuts the sequence into segments of $w$
+# tokens and keeps every $r$-th row of each segment, starting at an offset $s$; dense attention runs among the kept
+# rows only, and the result is scattered back:
+#
+# $$\tilde Q_i = [Q_{iw+s}, Q_{iw+s+r}, \dots],\qquad \tilde O_i = \mathrm{softmax}\!\Big(\frac{\tilde Q_i \tilde K_i^\top}{\sqrt d}\Big)\tilde V_i .$$
+#
+# One pattern costs $(T/w)\,(w/r)^2 = Tw/r^2$ scores: linear in $T$. Short segments with no dilation see the
+# neighbourhood in full; long segments with large dilation see far, sparsely. Head $j$ uses the offset $s_j = j \bmod r$,
+# so the heads together cover every row. The patterns are mixed per query with the weight of each pattern's softmax
+# denominator $Z_i$,
+#
+# $$O = \sum_i \alpha_i\, O|_{(w_i, r_i)},\qquad \alpha_i = \frac{Z_i}{\sum_j Z_j} = \mathrm{softmax}_i(\mathrm{LSE}_i),$$
+#
+# which is exactly dense softmax attention over the *multiset* union of the keys the patterns give a query: dense
+# attention with an additive bias $\log \mathrm{count}(q, k)$ ($-\infty$ where no pattern pairs them). With LongNet's
+# geometric configuration $w_i = w_0 a^i$, $r_i = a^i$ the cost is bounded by $T w_0\, a/(a-1)$, and any two tokens
+# are linked by a path of $O(\log T)$ hops.
+#
+# This chapter: the patterns drawn per head, the log-count identity checked numerically (outputs and gradients), what
+# torchscale does differently, the cost against $T$ on a CPU (time and memory, to 128K tokens), the Triton kernel
+# ("dilation = strided loads"), the sequence split across processes, and a long-range retrieval toy.
+
+# %%
+import json
+import math
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+import kernels  # noqa: F401  (without a GPU it sets TRITON_INTERPRET=1 before anything imports triton)
+from nanomodels.attention import attention
+from nanomodels.dilated import (dilated_attention, dilated_attention_fn, dilated_branch, geometric_patterns,
+                                head_offsets, merge_by_lse, num_score_entries)
+from nanomodels.runtime import quick_mode
+
+import dilated_experiments as exp  # chapters/dilated_experiments.py: the benchmark, the toy, the process runs
+from show import show  # chapters/show.py: prints library code; an exercise's function as its stub
+
+QUICK = quick_mode()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+RESULTS = Path("results")
+print("quick mode" if QUICK else "full run")
+
+# %% [markdown]
+# ## 1. One pattern, one head
+#
+# `dilated_branch` computes one pattern for every head: pad the sequence to a multiple of $w$, view each segment as
+# $(w/r) \times r$ rows, take column $s_j$ for head $j$, attend, and scatter back with zeros (and $\mathrm{LSE} = -\infty$) on
+# the rows the pattern does not keep. Padded keys of a short last segment are masked. Its core is exercise 6.2, the
+# offsets are 6.1.
+
+# %%
+show(head_offsets)
+show(dilated_branch)
+
+# %% [markdown]
+# The picture: which (query, key) pairs each pattern computes, for $T = 32$ and $H = 4$ heads, patterns
+# $(8, 1), (16, 2), (32, 4)$; the last column is the count over patterns, i.e. the multiplicity that becomes the
+# $\log\mathrm{count}$ bias.
+
+# %%
+T_PIC, H_PIC = 32, 4
+WS, RS = (8, 16, 32), (1, 2, 4)
+
+
+def pair_mask(T, H, w, r, causal=False):
+    """(H, T, T) boolean: pattern (w, r) computes the score of (query t, key u) for head j."""
+    t = torch.arange(T)
+    same = (t[:, None] // w) == (t[None, :] // w)
+    mask = torch.stack([same & (t[:, None] % r == j % r) & (t[None, :] % r == j % r) for j in range(H)])
+    return mask & (t[None, :] <= t[:, None]) if causal else mask
+
+
+fig, axes = plt.subplots(H_PIC, len(WS) + 1, figsize=(11, 11))
+count = sum(pair_mask(T_PIC, H_PIC, w, r).int() for w, r in zip(WS, RS))
+for j in range(H_PIC):
+    for c, (w, r) in enumerate(zip(WS, RS)):
+        axes[j, c].imshow(pair_mask(T_PIC, H_PIC, w, r)[j], cmap="Blues", vmin=0, vmax=1)
+        axes[j, c].set_title(f"head {j}: w={w}, r={r}, s={j % r}", fontsize=9)
+    im = axes[j, -1].imshow(count[j], cmap="viridis", vmin=0, vmax=3)
+    axes[j, -1].set_title(f"head {j}: count (patterns)", fontsize=9)
+for ax in axes.flat:
+    ax.set_xlabel("key position", fontsize=7)
+    ax.set_ylabel("query position", fontsize=7)
+    ax.tick_params(labelsize=6)
+fig.colorbar(im, ax=axes[:, -1], shrink=0.6, label="count(q, k)")
+fig.suptitle("Dilated attention: computed (query, key) pairs per pattern and head, and their multiplicity")
+plt.show()
+covered = (count > 0).float().mean(dim=(1, 2))
+print("share of (q, k) pairs covered per head:", [f"{c:.3f}" for c in covered.tolist()],
+      f"| dense: 1.000 | score entries per head: {num_score_entries(T_PIC, WS, RS)} of {T_PIC ** 2}")
+
+# %% [markdown]
+# ## 2. The mixture is dense attention with a log-count bias — outputs and gradients
+#
+# `merge_by_lse` is the split-KV / flash-decoding combine (exercise 6.3): it mixes the patterns' outputs with
+# $\alpha = \mathrm{softmax}(\mathrm{LSE})$ and gives 0 to a query no pattern covers.
+
+# %%
+show(merge_by_lse)
+show(dilated_attention)
+
+# %%
+def log_count_oracle(q, k, v, count):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + torch.log(count)
+    return torch.softmax(scores.masked_fill(count == 0, -math.inf), dim=-1) @ v
+
+
+for causal in (False, True):
+    q, k, v = (torch.randn(2, H_PIC, T_PIC, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    count = sum(pair_mask(T_PIC, H_PIC, w, r, causal).double() for w, r in zip(WS, RS))
+    ours, oracle = dilated_attention(q, k, v, WS, RS, causal=causal), log_count_oracle(q, k, v, count)
+    g_ours = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    g_oracle = torch.autograd.grad(oracle.square().sum(), (q, k, v))
+    detached = dilated_attention(q, k, v, WS, RS, causal=causal, detach_weights=True)
+    g_det = torch.autograd.grad(detached.square().sum(), (q, k, v))
+    print(f"causal={causal!s:5}: forward max |diff| {(ours - oracle).abs().max():.1e}; gradient max |diff| "
+          f"{max((a - b).abs().max().item() for a, b in zip(g_ours, g_oracle)):.1e}; with torchscale's detached "
+          f"alpha the forward still matches ({(detached - oracle).abs().max():.1e}) but dq is off by "
+          f"{(g_det[0] - g_oracle[0]).abs().max():.2f}")
+
+# %% [markdown]
+# ## 3. Paper vs official code (torchscale @ 4d1e0e8)
+#
+# `torchscale/component/dilated_attention.py` computes the same mixture with four differences (reference note 05 §2):
+#
+# - **Offsets are implicit**: a diagonal trick gives a contiguous block of $H/r$ heads the same offset, a permutation
+#   of $j \bmod r$ (same coverage, other heads).
+# - **$H < r$**: some offsets are never queried; here too — those rows get nothing from that pattern, and a row no
+#   pattern covers outputs 0.
+# - **Mixing weights under `torch.no_grad()`**: the forward is exact, the backward is not the gradient of the
+#   combined attention — the last column above.
+# - **Padding**: sequences are zero-padded to a multiple of $w$ with no key mask. For a bidirectional model the padded
+#   zero keys (score 0) take attention mass. The cell below measures it: the same inputs, once with padded keys masked
+#   (ours) and once with zero keys attended (torchscale's padding, emulated by padding the inputs before the call).
+
+# %%
+q, k, v = (torch.randn(1, 4, 40, 16, dtype=torch.float64) for _ in range(3))
+pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, 64 - 40))  # noqa: E731
+masked = dilated_attention(q, k, v, (32, 64), (1, 2))
+zero_keys = dilated_attention(pad(q), pad(k), pad(v), (32, 64), (1, 2))[:, :, :40]
+print(f"T = 40, patterns (32, 1), (64, 2): outputs differ by up to {(masked - zero_keys).abs().max():.3f} "
+      f"(mean {(masked - zero_keys).abs().mean():.3f}) when the 24 padded zero keys are attended")
+
+# %% [markdown]
+# ## 4. The cost against $T$
+#
+# Score entries per head: $\sum_i \lceil T/w_i\rceil (w_i/r_i)^2$, against $T^2$. For the benchmark's patterns
+# $w = (256, 512, 1024, 2048)$, $r = (1, 2, 4, 8)$ that is $480\,T$ once $T \ge 2048$; for LongNet's LM configuration
+# $w = (2048, \dots, 32768)$, $r = (1, 2, 4, 6, 12)$ about $\sum_i w_i/r_i^2 \approx 4267$ keys per query. (That
+# configuration has $r = 6$ and $12$, which do not divide a power of two: torchscale pads each segment to a multiple
+# of $r$; `dilated_attention` refuses it with a ValueError, so the LM column below is the formula.)
+
+# %%
+LONGNET_LM = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
+print(f"{'T':>9} | {'benchmark patterns':>18} | {'% of dense':>10} | {'LongNet LM keys/query':>21} | {'% of dense':>10}")
+for T in (2048, 8192, 32768, 131072, 1 << 20):
+    ours, lm = num_score_entries(T, *exp.SCALE_PATTERNS), sum(T * w / r ** 2 for w, r in zip(*LONGNET_LM))
+    print(f"{T:>9} | {ours:>18,} | {100 * ours / T ** 2:>10.2f} | {lm / T:>21.0f} | {100 * lm / T ** 2:>10.2f}")
+print("geometric_patterns(64, 4, 3) =", geometric_patterns(64, 4, 3))
+
+# %% [markdown]
+# Measured on this machine, one thread, float32, $(B, H, D) = (1, 1, 64)$, non-causal: `dilated_attention` against
+# torch's SDPA (on a CPU a fused kernel that never stores the scores) and against the equation as written
+# (`nanomodels.attention.attention`, which stores the $T\times T$ matrix). A full run reads the table that
+# `python chapters/dilated_experiments.py scale` saved (one fresh process per measurement, so that each peak
+# memory is that call's); quick mode times a few small $T$ here.
+
+# %%
+scale_file = RESULTS / "ch06_scale.json"
+if not QUICK and scale_file.exists():
+    saved = json.loads(scale_file.read_text())
+    rows = saved["rows"]
+    print(f"from {scale_file} ({saved['machine']}):\n  {saved['command']}")
+else:
+    rows = exp.scale([512, 1024, 2048] if QUICK else [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072],
+                     repeats=1 if QUICK else 3, fresh_process=not QUICK)
+print(exp.table(rows))
+
+fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+for method, style in (("dilated", "o-"), ("sdpa", "s--"), ("dense", "^:")):
+    mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["T"])
+    ax_t.loglog([r["T"] for r in mine], [r["ms"] for r in mine], style, label=method, base=2)
+    if all(r["peak_mib"] is not None for r in mine):
+        ax_m.loglog([r["T"] for r in mine], [max(r["peak_mib"], 0.1) for r in mine], style, label=method, base=2)
+ax_t.set(title="time per call (1 thread)", xlabel="sequence length T", ylabel="ms")
+ax_m.set(title="extra peak memory per call" + (" (full run only)" if QUICK else ""), xlabel="sequence length T",
+         ylabel="MiB")
+for ax in (ax_t, ax_m):
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend()
+plt.show()
+
+# %% [markdown]
+# ## 5. The kernel: dilation is a strided load
+#
+# The kept rows of a (segment, head) are equally spaced, so a Triton program reads them with the row stride
+# $r \cdot$ `stride_t`: no gather, no copy. One program per (query block, segment, batch·head) runs the online softmax
+# of FlashAttention over the kept keys and writes $O$ and the LSE at its rows; `merge_by_lse` combines the patterns.
+# Here it runs in Triton's interpreter on the CPU (the compile tier builds it for sm_80 / sm_90 with no spills:
+# `python -m kernels.aot --only dilated_attention`). Forward only: its backward needs the gradient through the LSE.
+
+# %%
+from kernels.dilated_attention import _dilated_fwd_kernel, dilated_attention_kernel
+
+show(_dilated_fwd_kernel)
+
+# %%
+q, k, v = (torch.randn(1, 4, 100 if QUICK else 300, 32) for _ in range(3))
+for causal in (False, True):
+    got = dilated_attention_kernel(q, k, v, (16, 32, 64), (1, 2, 4), causal=causal)
+    want = dilated_attention(q.double(), k.double(), v.double(), (16, 32, 64), (1, 2, 4), causal=causal)
+    print(f"backend {kernels.backend(q)}, T = {q.size(2)}, causal={causal}: max |kernel - float64 reference| = "
+          f"{(got.double() - want).abs().max():.1e}")
+
+# %% [markdown]
+# ## 6. The sequence split across processes
+#
+# LongNet's distributed algorithm: each of $P$ ranks holds a contiguous chunk of $L$ positions. A pattern with
+# $w \le L$ is local. For $w > L$ each rank first sparsifies its own keys and values ($L/r$ rows per head) and the ranks
+# of a segment all-gather those: a rank receives fewer than $w/r$ rows per head and pattern, however large $T$ and $P$
+# grow. `nanomodels/dilated_parallel.py` does this on `torch.distributed` (gloo here, nccl on GPUs), and its test checks
+# that outputs and gradients equal one process. Below: $P$ processes with $L = 16$ each, patterns
+# $(16, 1), (32, 2), (64, 4)$, causal; bytes each rank receives, and the difference from one process.
+
+# %%
+comm = exp.communication([2] if QUICK else [1, 2, 4, 8])
+bound = sum(2 * (w // r) * 4 * 8 * 8 for w, r in ((32, 2), (64, 4)))  # K and V, w/r rows, H = 4, D = 8, float64
+print(f"{'P':>3} {'T':>5} | {'bytes received per rank':>23} | {'max |diff| vs 1 process':>23}")
+for row in comm:
+    print(f"{row['world']:>3} {row['T']:>5} | {row['max_bytes']:>23,} | {row['max_err']:>23.1e}")
+print(f"bound sum 2 (w/r) H D 8 bytes over the patterns longer than a chunk: {bound:,} bytes")
+
+# %% [markdown]
+# ## 7. Reach: a value far back
+#
+# The toy of reference note E5: a sequence of filler tokens holds one value, written over 16 consecutive positions
+# (the largest dilation rate, so every head offset meets a copy), ending $D$ positions before a query marker; the
+# model must output the value at the marker. The same one-layer model is trained with three attention functions,
+# swapped in one line:
+#
+# ```python
+# Transformer(config, attention_fn=dilated_attention_fn((64, 256, 1024), (1, 4, 16)))   # or sdpa_attention
+# ```
+#
+# local attention $(64, 1)$ sees the last 49 positions before the marker (the marker sits at position 1008, 48 into its
+# 64-token segment); the dilated mix adds $(256, 4)$ and $(1024, 16)$; dense attention sees everything. Exact match at
+# the marker per distance $D$, over seeds. A full run reads `results/ch06_reach.json` from
+# `python chapters/dilated_experiments.py reach --seeds 0 1 2`; quick mode trains a few steps of a smaller version
+# (T = 241) and shows that the code runs, not the result.
+
+# %%
+show(exp.reach_batch)
+
+# %%
+reach_file = RESULTS / "ch06_reach.json"
+if not QUICK and reach_file.exists():
+    saved = json.loads(reach_file.read_text())
+    reach_rows, reach_cfg = saved["rows"], saved["config"]
+    print(f"from {reach_file} ({saved['machine']}):\n  {saved['command']}")
+else:
+    reach_cfg = dict(exp.QUICK_REACH, steps=15, batch=8) if QUICK else exp.REACH
+    reach_rows = exp.reach([0] if QUICK else [0, 1, 2], cfg=reach_cfg, progress=lambda s: None)
+distances = [int(d) for d in reach_cfg["distances"]]
+print(exp.reach_table(reach_rows, distances))
+
+fig, ax = plt.subplots(figsize=(8, 4))
+for kind, style in (("local", "o:"), ("dilated", "s-"), ("dense", "^--")):
+    mine = [r for r in reach_rows if r["kind"] == kind]
+    acc = [sum(r["accuracy"][str(d)] if str(d) in r["accuracy"] else r["accuracy"][d] for r in mine) / len(mine)
+           for d in distances]
+    ax.plot(distances, acc, style, label=kind)
+ax.set(xscale="log", xlabel="distance D from the value to the query marker (tokens)", ylabel="exact match",
+       title=f"Long-range retrieval, T = {reach_cfg['T']}, mean over {len({r['seed'] for r in reach_rows})} seed(s)")
+ax.axhline(1 / reach_cfg["n_values"], color="gray", lw=0.8, label="chance")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# ## Exercises
+#
+# Fill in your file, `exercises/ex06_dilated_attention.py`, then run `python -m exercises grade 06`.
+#
+# | # | function | what the grader checks |
+# |---|---|---|
+# | 6.1 | `head_offsets` (`nanomodels/dilated.py`) | $s_j = j \bmod r$ for every head, also $H < r$ and $r = 1$ |
+# | 6.2 | `dilated_branch` | kept rows and their LSE, zero elsewhere; padded keys get no weight; $w \ge T, r = 1$ is dense |
+# | 6.3 | `merge_by_lse` | the split-KV identity; disjoint inputs select; uncovered rows give 0; gradients flow through $\alpha$ |
+# | 6.4 | `_dilated_fwd_kernel` (`kernels/dilated_attention.py`) | the strided pointers: the kernel equals `dilated_branch` |
+#
+# Known-wrong solutions the grader must reject are in `exercises/mutants/ch06_dilated_attention.py` (offsets ignored,
+# padded keys attended, $\alpha$ detached, mixing by output norm, ...).
