@@ -31,9 +31,13 @@ is plain PyTorch and runs anywhere.
 """
 
 import math
-from typing import Sequence
+from functools import partial
+from typing import Optional, Sequence
 
 import torch
+import torch.nn as nn
+
+from nanomodels.attention import MultiHeadAttention
 
 
 def check_patterns(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> tuple:
@@ -83,21 +87,30 @@ def dilated_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, r:
     heads = torch.arange(H, device=q.device)
 
     def keep_rows(x):  # (B, H, T, D) -> (B, H, n, m, D): in segment i, rows i*w + s_j + r*t
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(B, H, n, m, r, D)
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+        if r == 1:
+            return x.reshape(B, H, n, m, D)
+        x = x.reshape(B, H, n, m, r, D)
         return x[:, heads, :, :, s].transpose(0, 1)  # advanced indices move H first: (H, B, n, m, D) -> (B, H, ...)
 
     # BEGIN EXERCISE 6.2: attention inside one pattern, with padded keys masked
     qs, ks, vs = keep_rows(q), keep_rows(k), keep_rows(v)  # (B, H, n, m, D)
-    scores = qs @ ks.transpose(-2, -1) / math.sqrt(D)  # (B, H, n, m, m)
+    scores = (qs / math.sqrt(D)) @ ks.transpose(-2, -1)  # (B, H, n, m, m); scaling q is m times cheaper
     t = torch.arange(m, device=q.device)
     pos = torch.arange(n, device=q.device)[:, None] * w + s[:, None, None] + r * t  # (H, n, m) original positions
     allowed = (pos < T)[:, :, None, :]  # padded keys never receive weight
     if causal:
         allowed = allowed & (t[None, :] <= t[:, None])  # same offset in a segment: compressed order = original
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)  # padded query rows stay finite
-    lse = torch.logsumexp(scores, dim=-1)  # (B, H, n, m)
-    out = torch.exp(scores - lse[..., None]) @ vs  # (B, H, n, m, D)
+    if causal or pad:
+        scores.masked_fill_(~allowed, torch.finfo(scores.dtype).min)  # padded query rows stay finite
+    top = scores.amax(dim=-1, keepdim=True).detach()  # any constant works: it cancels in O and in d LSE
+    p = scores.sub_(top).exp_()  # in place: the (n, m, m) score tensor is the only large one
+    total = p.sum(dim=-1, keepdim=True)
+    out = (p @ vs) / total  # (B, H, n, m, D)
+    lse = (top + torch.log(total)).squeeze(-1)  # (B, H, n, m)
     # END EXERCISE
+    if r == 1:
+        return out.reshape(B, H, n * w, D)[:, :, :T], lse.reshape(B, H, n * w)[:, :, :T]
     kept = torch.arange(r, device=q.device) == s[:, None]  # (H, r): the one row in each group of r that head j keeps
     out = torch.where(kept[None, :, None, None, :, None], out.unsqueeze(4), 0.0)  # (B, H, n, m, r, D)
     lse = torch.where(kept[None, :, None, None, :], lse.unsqueeze(4), -math.inf)  # (B, H, n, m, r)
@@ -148,3 +161,32 @@ def dilated_attention_fn(segment_lengths: Sequence[int], dilation_rates: Sequenc
                                  detach_weights=detach_weights)
 
     return fn
+
+
+class DilatedAttention(MultiHeadAttention):
+    """Multi-head attention whose attention function is dilated attention: the LongNet attention sublayer.
+
+    Built like every attention part, DilatedAttention(config, attn_fn=..., linear=..., segment_lengths=...,
+    dilation_rates=...); the `attn_fn` the Transformer passes in is replaced. Decoding with a KV cache would
+    query fewer rows than there are keys, which the segments do not define: generate with use_cache=False.
+    """
+
+    def __init__(self, config, *, attn_fn=None, linear: type = nn.Linear, segment_lengths: Sequence[int],
+                 dilation_rates: Sequence[int], detach_weights: bool = False):
+        self_attention = dilated_attention_fn(segment_lengths, dilation_rates, detach_weights=detach_weights)
+        super().__init__(config, attn_fn=self_attention, linear=linear)
+        self.segment_lengths, self.dilation_rates = check_patterns(segment_lengths, dilation_rates)
+
+    def forward(self, x: torch.Tensor, allowed=None, causal: bool = False, cache: Optional[dict] = None,
+                memory: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if cache is not None:
+            raise ValueError("cache: dilated attention recomputes the whole sequence; generate with use_cache=False")
+        if memory is not None:
+            raise ValueError("memory: dilated attention is self-attention; use MultiHeadAttention to cross-attend")
+        return super().forward(x, allowed, causal)
+
+
+def longnet(segment_lengths: Sequence[int], dilation_rates: Sequence[int], *, detach_weights: bool = False):
+    """The attention part with these patterns: Transformer(config, attention=longnet(*geometric_patterns(64, 4, 3)))."""
+    return partial(DilatedAttention, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
+                   detach_weights=detach_weights)

@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanomodels.attention import attention
-from nanomodels.dilated import (check_patterns, dilated_attention, dilated_branch, geometric_patterns, head_offsets,
-                                merge_by_lse, num_score_entries)
+from nanomodels.dilated import (DilatedAttention, check_patterns, dilated_attention, dilated_branch, geometric_patterns,
+                                head_offsets, longnet, merge_by_lse, num_score_entries)
+from nanomodels.transformer import Transformer, TransformerConfig
 
 TOL = 1e-10
 
@@ -219,3 +220,39 @@ def test_mismatched_shapes_raise_value_error():
     q, k, v = qkv(1, 1, 8, 2)
     with pytest.raises(ValueError, match="same shape"):
         dilated_attention(q, k[:, :, :4], v, [4], [1])
+
+
+def test_part_swapped_in_one_line_trains_and_rejects_masks_and_cache():
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=16, block_size=32, n_layers=2, d_model=32, n_heads=4)
+    model = Transformer(config, attention=longnet([8, 16, 32], [1, 2, 4]))
+    assert isinstance(model.blocks[0].attn, DilatedAttention)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 16, (4, 32))
+    losses = []
+    for _ in range(8):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, f"loss did not fall: {losses}"
+    with pytest.raises(ValueError, match="cache"):
+        model.generate(x[:, :4], 2)
+    assert model.generate(x[:, :4], 2, use_cache=False).shape == (4, 6)
+    with pytest.raises(ValueError, match="allowed"):
+        model(x, allowed=torch.ones(32, 32, dtype=torch.bool))
+
+
+def test_part_attention_equals_the_function_on_its_projections():
+    torch.manual_seed(1)
+    config = TransformerConfig(vocab_size=16, block_size=16, n_layers=1, d_model=8, n_heads=2)
+    part = DilatedAttention(config, segment_lengths=[4, 8], dilation_rates=[1, 2]).double()
+    x = torch.randn(2, 13, 8, dtype=torch.float64)
+    q, k, v = (part.split_heads(p(x)) for p in (part.q_proj, part.k_proj, part.v_proj))
+    y = dilated_attention(q, k, v, [4, 8], [1, 2], causal=True).transpose(1, 2).reshape(2, 13, 8)
+    want = part.out_proj(y)
+    got = part(x, causal=True)
+    assert torch.allclose(got, want, atol=TOL, rtol=0), report("part vs function", got, want)
+    with pytest.raises(ValueError, match="r must divide"):
+        longnet([6], [4])(config)
