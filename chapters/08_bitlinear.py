@@ -195,6 +195,18 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
+# **BitNet b1 for comparison.** The first BitNet paper used binary weights, $\mathrm{sign}(W - \overline{W})\,
+# \overline{|W|}$ (the FAQ's code), with the same 8-bit activations. One run at the widest width, seed 0, the BitNet
+# learning rate:
+
+# %%
+b1_run = exp.train_run("b1", WIDTHS[-1], SEEDS[0], STEPS, data)
+b1_run.pop("model")
+same_seed = {r["kind"]: r for r in result["runs"] if r["width"] == WIDTHS[-1] and r["seed"] == SEEDS[0]}
+print(f"width {WIDTHS[-1]}, seed {SEEDS[0]}, {STEPS} steps, final val loss: FP {same_seed['fp']['val'][-1]:.3f}, "
+      f"b1.58 (ternary) {same_seed['bit']['val'][-1]:.3f}, b1 (binary) {b1_run['val'][-1]:.3f}")
+
+# %% [markdown]
 # ## 5. The ternary codes over training
 #
 # At the (Gaussian) init 31% of the codes are 0 and 34.5% each are ±1. The FAQ reports that trained ternary values

@@ -21,6 +21,7 @@ Results go to chapters/results/. The notebook (which runs in chapters/) imports 
 
 import argparse
 import copy
+import functools
 import io
 import json
 import math
@@ -41,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 TOY = dict(block_size=32, n_layers=2, n_heads=4, batch_size=16, warmup=30, weight_decay=0.1, eval_every=20,
            eval_batches=4)
-LR = {"fp": 2e-3, "bit": 1e-2}  # BitNet: 5x the FP rate (the FAQ: 1.5e-3 vs 2.5e-4 for LLaMA at 700M)
+LR = {"fp": 2e-3, "bit": 1e-2, "b1": 1e-2}  # BitNet: 5x the FP rate (the FAQ: 1.5e-3 vs 2.5e-4 for LLaMA at 700M)
 
 
 def corpus():
@@ -60,7 +61,9 @@ def build(kind: str, width: int, vocab_size: int, seed: int) -> Transformer:
         return Transformer(cfg)
     if kind == "bit":
         return Transformer(cfg, linear=BitLinear, residual=BitNetResidual)
-    raise ValueError(f"kind: 'fp' or 'bit', got {kind!r}")
+    if kind == "b1":  # BitNet b1: binary weights sign(W - mean W) mean|W|, the same activations
+        return Transformer(cfg, linear=functools.partial(BitLinear, binary=True), residual=BitNetResidual)
+    raise ValueError(f"kind: 'fp', 'bit' or 'b1', got {kind!r}")
 
 
 def two_stage(step: int, steps: int, lr: float, warmup: int = TOY["warmup"], wd: float = TOY["weight_decay"]):
