@@ -62,17 +62,8 @@ def moe_layers(model):
 
 
 def total_loss(model, x, y):
-    _, loss = model(x, y)
-    if not hasattr(model, "aux_losses"):  # until the core adds the parts' aux losses itself
-        loss = loss + sum(m.aux_weight * m.aux_loss for m in moe_layers(model))
-    return loss
-
-
-def usage_entropy(model) -> float:
-    """Entropy (nats) of the share of the last batch's first choices per expert; ln E = perfectly balanced."""
-    counts = torch.bincount(moe_layers(model)[0].last_experts[:, 0], minlength=moe_layers(model)[0].num_experts)
-    p = counts.double() / counts.sum()
-    return float(-(p[p > 0] * p[p > 0].log()).sum())
+    """The LM loss plus aux_weight * aux_loss of each MoE layer (the core adds them)."""
+    return model(x, y)[1]
 
 
 TEMPERATURE_LR = 1e-4
