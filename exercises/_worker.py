@@ -80,6 +80,40 @@ def load(source: dict, marked, job: int, chapter) -> tuple[dict, str | None]:
     return {m.function: getattr(module, m.function) for m in marked if hasattr(module, m.function)}, None
 
 
+def _guard_library(marked, student_module: str) -> dict:
+    """Replace each exercise function in its library module by a guard that raises when the learner's file
+    calls it (a wrapper around the library's answer), and otherwise calls the library. Installed before the
+    learner's file is imported, so `from nanomodels... import f` binds the guard: detected by identity.
+    Returns {(module, name): (original, guard)}."""
+    from exercises.checking import Violation
+
+    guards = {}
+    for m in marked:
+        module = import_module(m.module)
+        original = getattr(module, m.function)
+
+        def guard(*args, __original=original, __name=m.function, __module=m.module, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__") == student_module:
+                raise Violation(f"your code calls the library's own `{__name}` ({__module}): it earns no "
+                                "points; write the mechanism yourself")
+            return __original(*args, **kwargs)
+
+        guard.__name__, guard.__module__, guard.__wrapped_library__ = m.function, m.module, original
+        setattr(module, m.function, guard)
+        guards[(module, m.function)] = (original, guard)
+    return guards
+
+
+def _library_object(fn, m, guards) -> str | None:
+    """Why fn is the library's own function (imported from nanomodels), or None."""
+    originals = {g: o for o, g in guards.values()}
+    original = originals.get(fn, fn)
+    if original is not fn or getattr(fn, "__module__", "").split(".")[0] == "nanomodels":
+        return (f"`{m.function}` in your file is the library's own function (from {original.__module__}), "
+                "imported, not written: it earns no points")
+    return None
+
+
 def main() -> None:
     payload = json.loads(open(sys.argv[1]).read())
     channel = os.fdopen(payload["fd"], "w", buffering=1)
@@ -110,6 +144,7 @@ def main() -> None:
             continue
         send(event="importing", job=j)
         sink = Sink()
+        guards = _guard_library(marked.values(), f"_graded_{j}") if job["source"]["kind"] == "file" else {}
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             functions, error = load(job["source"], marked.values(), j, chapter)
         send(event="imported", job=j, error=error, printed=sink.lines, output=sink.head)
@@ -130,12 +165,19 @@ def main() -> None:
                 torch.manual_seed(0)  # code that draws from the global state grades the same each time
                 random.seed(0)
                 checks = []
+                library = _library_object(fn, m, guards) if job["source"]["kind"] == "file" else None
                 for c in spec[ex].checks:  # each check reports when done: the time limit is per check
+                    if library:
+                        checks.append({"name": c.name, "invariant": c.invariant, "passed": False,
+                                       "kind": "library", "message": library, "counterexample": ""})
+                        continue
                     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
                         checks.append(run_check(c, fn, max_examples=payload["max_examples"],
-                                                student_file=path))
+                                                student_file=path, exercise=spec[ex]))
                     send(event="check", job=j, exercise=ex, result=checks[-1], printed=sink.lines)
             send(event="result", job=j, exercise=ex, checks=checks, printed=sink.lines, output=sink.head)
+        for (module, name), (original, _) in guards.items():
+            setattr(module, name, original)
     send(event="done")
 
 

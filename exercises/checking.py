@@ -9,15 +9,25 @@
 A check receives the learner's function first, then one value per hypothesis strategy (none: it runs once).
 It raises `Violation` with what went wrong, in words; any other exception comes from the learner's code.
 `Exercise` gives an exercise its points, hint and checks; all checks must pass to earn the points.
+
+Every call a check makes goes through `guarded`: the learner's function gets the check's real arguments, and
+after the call each must be unchanged (a function that edits its input in place corrupts a caller's KV cache,
+logits or ids), a returned tensor must not share memory with an argument, and for a `pure` exercise (same
+arguments, same result: the masks) a second call must not return what the caller edited in the first result
+(a memoized tensor). `mutates` names the arguments an exercise changes on purpose (an in-place init).
+`Check(max_examples=...)` runs a cheap check on more examples; `examples=[{...}]` always tries known hard cases.
 """
 
 import builtins
+import copy
+import functools
+import inspect
 import re
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis.reporting import with_reporter
 
 MAX_EXAMPLES = 25  # per check; grades are reproducible: derandomized, no example database
@@ -51,11 +61,14 @@ class Check:
     invariant: str  # one sentence: what must hold
     body: Callable
     strategies: dict = field(default_factory=dict)
+    max_examples: int | None = None  # None: MAX_EXAMPLES
+    examples: list = field(default_factory=list)  # explicit cases (dicts of strategy values), always run first
 
 
-def check(invariant: str, **strategies) -> Callable[[Callable], Check]:
+def check(invariant: str, *, max_examples: int | None = None, examples=(), **strategies) -> Callable[[Callable],
+                                                                                                    Check]:
     def wrap(body: Callable) -> Check:
-        return Check(body.__name__, invariant, body, strategies)
+        return Check(body.__name__, invariant, body, strategies, max_examples, list(examples))
     return wrap
 
 
@@ -64,6 +77,119 @@ class Exercise:
     points: int
     hint: str
     checks: list[Check]
+    hints: tuple[str, ...] = ()  # progressive hints, levels 1, 2, 3 (`python -m exercises hint 4.3`)
+    pure: bool = False  # same arguments, same result: a second call must not return an edited first result
+    mutates: tuple[str, ...] = ()  # arguments the function changes on purpose (an in-place init)
+
+
+# ---- the guard around every call of the learner's function ------------------------------------------------
+
+def _snapshot(value):
+    if type(value).__name__ == "Tensor" and hasattr(value, "detach"):
+        return value.detach().clone()
+    if hasattr(value, "state_dict") and callable(value.state_dict):  # a module: its parameters and buffers
+        return {k: v.detach().clone() for k, v in value.state_dict().items()}
+    if isinstance(value, (list, dict, tuple, set)):
+        try:
+            return copy.deepcopy(value)
+        except Exception:  # noqa: BLE001 - an argument that cannot be copied is not compared
+            return None
+    return None
+
+
+def _same(value, snap) -> bool:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "meta":  # no values to compare
+            return value.shape == snap.shape and value.dtype == snap.dtype
+        return (value.shape == snap.shape and value.dtype == snap.dtype
+                and bool(torch.equal(value.detach(), snap) or (value.isnan().any() and torch.allclose(
+                    value.detach(), snap, rtol=0, atol=0, equal_nan=True))))
+    if isinstance(snap, dict) and hasattr(value, "state_dict"):
+        now = value.state_dict()
+        return now.keys() == snap.keys() and all(torch.equal(now[k], snap[k]) for k in snap)
+    return type(value) is type(snap) and value == snap
+
+
+def _tensors(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _storage(t) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr() if t.numel() else None
+    except (RuntimeError, NotImplementedError):  # meta tensors have no storage to share
+        return None
+
+
+def _edit_in_place(value) -> None:
+    import torch
+
+    for t in _tensors(value):
+        if t.numel() and t.device.type != "meta":
+            with torch.no_grad():
+                if t.dtype == torch.bool:
+                    t.logical_not_()
+                else:
+                    t.add_(1)
+
+
+def value_version(value) -> int | None:
+    """A tensor's in-place write counter (None for anything else)."""
+    return getattr(value, "_version", None) if type(value).__name__ == "Tensor" else None
+
+
+def guarded(fn: Callable, name: str, exercise: Exercise | None = None) -> Callable:
+    """fn with the guard: real arguments unchanged, fresh results, no memoized result (pure exercises)."""
+    mutates = exercise.mutates if exercise else ()
+    pure = exercise.pure if exercise else False
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        signature = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            named = dict(signature.bind(*args, **kwargs).arguments) if signature else {}
+        except TypeError:
+            named = {}
+        named = named or {f"argument {i + 1}": a for i, a in enumerate(args)} | kwargs
+        watched = {k: (v, _snapshot(v)) for k, v in named.items() if k not in mutates}
+        versions = {k: t._version for k, (t, _) in watched.items() if type(t).__name__ == "Tensor"}
+        out = fn(*args, **kwargs)
+        for arg, (value, snap) in watched.items():
+            # an in-place write counts even when it keeps the values (it breaks autograd on the caller's tensor)
+            if snap is not None and (not _same(value, snap) or versions.get(arg, value_version(value)) !=
+                                     value_version(value)):
+                raise Violation(f"{name} changed its argument `{arg}` in place: a caller's tensor (a KV cache, "
+                                "logits, token ids, a model) must come back as it went in; compute on a copy")
+        inputs = {_storage(t): arg for arg, (value, _) in watched.items() for t in _tensors(value)}
+        for t in _tensors(out):
+            if _storage(t) is not None and _storage(t) in inputs:
+                raise Violation(f"{name} returned a view of its argument `{inputs[_storage(t)]}`: when the "
+                                "caller edits the result, its own tensor changes; return a new tensor")
+        if pure and any(True for _ in _tensors(out)):
+            first = copy.deepcopy(out)
+            _edit_in_place(out)  # the caller edits the result it got
+            again = fn(*args, **kwargs)
+            if any(not _same(a, b) for a, b in zip(_tensors(again), _tensors(first))):
+                raise Violation(f"{name} returned a tensor it keeps (a cached or global buffer): after the caller "
+                                "edited the first result, a second call with the same arguments returned the "
+                                "edited values; return a new tensor each call")
+            return again
+        return out
+    return call
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -93,18 +219,25 @@ def _where(exc: BaseException, student_file: str | None) -> str:
     return f" (line {frames[-1].lineno}: {frames[-1].line.strip()})" if frames else ""
 
 
-def run_check(chk: Check, fn: Callable, *, max_examples: int = MAX_EXAMPLES,
-              student_file: str | None = None) -> dict:
-    """Run one check against the learner's function; never raises. Returns a JSON-able result."""
+def run_check(chk: Check, fn: Callable, *, max_examples: int | None = None, student_file: str | None = None,
+              exercise: Exercise | None = None) -> dict:
+    """Run one check against the learner's function (guarded); never raises. Returns a JSON-able result.
+    max_examples: None for the check's own count (or MAX_EXAMPLES)."""
+    graded = guarded(fn, getattr(fn, "__name__", "your function"), exercise)
+
     def test(**kwargs):
-        chk.body(fn, **kwargs)
+        chk.body(graded, **kwargs)
 
     test.__name__ = chk.name
     if chk.strategies:
-        test = settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
+        n = max_examples or chk.max_examples or MAX_EXAMPLES
+        test = given(**chk.strategies)(test)
+        for case in reversed(chk.examples):
+            test = example(**case)(test)
+        test = settings(max_examples=n, deadline=None, derandomize=True, database=None,
                         report_multiple_bugs=False, print_blob=False,
                         phases=[Phase.explicit, Phase.generate, Phase.shrink],
-                        suppress_health_check=list(HealthCheck))(given(**chk.strategies)(test))
+                        suppress_health_check=list(HealthCheck))(test)
     result = {"name": chk.name, "invariant": chk.invariant, "passed": False, "kind": None,
               "message": "", "counterexample": ""}
     try:

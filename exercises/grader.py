@@ -23,10 +23,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exercises.checking import MAX_EXAMPLES
 from exercises.registry import ROOT, Chapter
 
-DEFAULT_TIMEOUT_S = 20.0  # per check (each check runs up to MAX_EXAMPLES examples, then shrinks a failure)
+DEFAULT_TIMEOUT_S = 20.0  # per check (each check runs its examples, then shrinks a failure)
 STARTUP_LIMIT_S = 120.0  # importing torch and the checks, before any learner code runs
 WIDTH = 110
 
@@ -98,7 +97,7 @@ def _failed(meta: dict, kind: str, message: str) -> list[dict]:
 
 
 def grade_many(chapter: Chapter, sources: list[Source], exercises: list[str] | None = None, *,
-               timeout: float = DEFAULT_TIMEOUT_S, max_examples: int = MAX_EXAMPLES) -> list[dict]:
+               timeout: float = DEFAULT_TIMEOUT_S, max_examples: int | None = None) -> list[dict]:
     """Grade several files in one worker (torch is imported once); one report per source, in order."""
     from exercises.stubs import scan
 
@@ -220,7 +219,7 @@ def _status(checks: list[dict]) -> str:
     for kind in ("timed out", "crashed"):
         if kind in kinds:
             return kind
-    for kind in ("import error", "missing"):
+    for kind in ("import error", "missing", "library"):
         if kind in kinds:
             return kind
     return "not implemented" if "not implemented" in kinds else "failed"
@@ -295,7 +294,7 @@ def _details(e: dict) -> list[str]:
         return [_wrap(f"{head}: not implemented yet (`{e['function']}` raises NotImplementedError).", "",
                       "    "),
                 _wrap(e["hint"], "  hint: ", "        ")]
-    if e["status"] in ("timed out", "crashed", "missing", "import error"):
+    if e["status"] in ("timed out", "crashed", "missing", "import error", "library"):
         return [_wrap(f"{head}: {failing[0]['message']}.", "", "    ")]
     out = [f"{head}: {len(failing)} of {e['checks_total']} checks fail."]
     for c in failing:

@@ -190,7 +190,8 @@ def sample_next_token(logits, temperature=1.0, top_k=None, generator=None):
         return torch.max(logits, dim=-1, keepdim=True).indices
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_k is not None:
-        kth = probs.sort(dim=-1, descending=True).values[:, top_k - 1: top_k]
+        k = min(top_k, probs.size(-1))
+        kth = probs.sort(dim=-1, descending=True).values[:, k - 1: k]
         probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
         probs = probs / probs.sum(-1, keepdim=True)
     u = torch.rand(probs.size(0), 1, generator=generator, dtype=probs.dtype)

@@ -23,14 +23,15 @@ from exercises.checks.common import F64, Inputs, expect_tensor, fmt, halves, see
 
 @st.composite
 def attention_cases(draw, mask: str = "any", min_keys: int = 1, min_d: int = 1, causal: bool = False,
-                    batched: bool = False):
+                    batched: bool = False, elements=halves):
     """q (B, H, Tq, D), k and v (B, H, Tk, D), allowed None, (Tq, Tk) or (B, 1, Tq, Tk); B = H = 1 unless
     batched. mask: "none", "any" (a row may be fully masked), "visible" (every query sees a key)."""
     b, h = (draw(st.integers(1, 2)), draw(st.integers(1, 2))) if batched else (1, 1)
     tk, d = draw(st.integers(min_keys, 3)), draw(st.integers(min_d, 3))
+    dv = draw(st.sampled_from([d, d + 1]))  # the values' width need not be the head size of q and k
     tq = draw(st.integers(1, tk)) if causal else draw(st.integers(1, 3))
-    case = Inputs(q=draw(tensors((b, h, tq, d))), k=draw(tensors((b, h, tk, d))),
-                  v=draw(tensors((b, h, tk, d))), allowed=None)
+    case = Inputs(q=draw(tensors((b, h, tq, d), elements)), k=draw(tensors((b, h, tk, d), elements)),
+                  v=draw(tensors((b, h, tk, dv), elements)), allowed=None)
     if mask != "none":
         shape = draw(st.sampled_from([(tq, tk), (b, 1, tq, tk)]))
         bits = draw(st.lists(st.booleans(), min_size=math.prod(shape), max_size=math.prod(shape)))
@@ -201,6 +202,39 @@ def fully_masked_row_gives_zeros(attention, case):
             raise Violation(f"query {i} may see no key, and its output is {fmt(row)}{nan}; expected zeros")
 
 
+wide = st.integers(-400, 400).map(float)  # scores far beyond +-30 and below any "large negative" fill value
+
+
+@check("with wide values (scores up to about 1e5 in size) the output still equals the oracle: the softmax is "
+       "shifted by the row maximum, and a masked key stays hidden whatever the visible scores are",
+       case=attention_cases(mask="any", elements=wide), max_examples=60)
+def wide_scores_stay_exact(attention, case):
+    out, ref = _attend(attention, case), naive_attention(case["q"], case["k"], case["v"], case["allowed"])
+    diff = (out - ref).abs() / (1 + ref.abs())
+    if not diff.max() <= 1e-9:
+        b, h, i, _ = _worst(diff)
+        why = " (NaN or inf: exp() of an unshifted score overflows)" if not out[b, h, i].isfinite().all() else (
+            ": a masked key got weight, so the fill value is not low enough for these scores (use "
+            "torch.finfo(dtype).min or -inf)")
+        raise Violation(f"output[{b}, {h}, {i}] = {fmt(out[b, h, i])}, the oracle gives {fmt(ref[b, h, i])}{why}")
+
+
+@check("float32 and float16 inputs give an output of the same dtype that matches the float64 oracle (to the "
+       "dtype's precision), with zeros for a fully masked row and no NaN",
+       case=attention_cases(mask="any"), dtype=st.sampled_from([torch.float32, torch.float16]), max_examples=40)
+def float32_and_float16_keep_their_dtype(attention, case, dtype):
+    q, k, v = (case[name].to(dtype) for name in "qkv")
+    out = attention(q, k, v, case["allowed"])
+    expect_tensor(out, tuple(q.shape[:3]) + (v.size(-1),), dtype, f"attention on {dtype} inputs")
+    ref = naive_attention(q.double(), k.double(), v.double(), case["allowed"])
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    diff = (out.double() - ref).abs()
+    if not diff.max() <= tolerance * (1 + ref.abs().max()):
+        b, h, i, _ = _worst(diff)
+        raise Violation(f"in {dtype}, output[{b}, {h}, {i}] = {fmt(out[b, h, i].double())}, the oracle gives "
+                        f"{fmt(ref[b, h, i])}" + (" (NaN)" if out[b, h, i].isnan().any() else ""))
+
+
 # ---- 0.2 the causal mask ----------------------------------------------------------------------------------
 
 def _mask(causal_mask, n_queries: int, n_cached):
@@ -215,12 +249,12 @@ def _mask(causal_mask, n_queries: int, n_cached):
 
 
 @check("causal_mask(n_queries, n_keys) is a boolean tensor of shape (n_queries, n_keys); n_keys defaults "
-       "to n_queries", n_queries=st.integers(1, 8), n_cached=st.none() | st.integers(0, 8))
+       "to n_queries", n_queries=st.integers(1, 40), n_cached=st.none() | st.integers(0, 40), max_examples=100)
 def shape_and_dtype(causal_mask, n_queries, n_cached):
     _mask(causal_mask, n_queries, n_cached)
 
 
-@check("every query sees its own position: mask[i, i] is True", n_queries=st.integers(1, 8))
+@check("every query sees its own position: mask[i, i] is True", n_queries=st.integers(1, 40), max_examples=100)
 def each_query_sees_itself(causal_mask, n_queries):
     m, call, _ = _mask(causal_mask, n_queries, None)
     for i in range(n_queries):
@@ -229,7 +263,8 @@ def each_query_sees_itself(causal_mask, n_queries):
                             "on the diagonal)")
 
 
-@check("no query sees the future: mask[i, j] is False for every key j > i", n_queries=st.integers(1, 8))
+@check("no query sees the future: mask[i, j] is False for every key j > i", n_queries=st.integers(1, 40),
+       max_examples=100)
 def no_query_sees_the_future(causal_mask, n_queries):
     m, call, _ = _mask(causal_mask, n_queries, None)
     for i, j in torch.nonzero(m).tolist():
@@ -238,7 +273,8 @@ def no_query_sees_the_future(causal_mask, n_queries):
                             "lets a query see the future")
 
 
-@check("every query sees its whole past: mask[i, j] is True for every key j < i", n_queries=st.integers(1, 8))
+@check("every query sees its whole past: mask[i, j] is True for every key j < i", n_queries=st.integers(1, 40),
+       max_examples=100)
 def every_query_sees_its_past(causal_mask, n_queries):
     m, call, _ = _mask(causal_mask, n_queries, None)
     for i, j in torch.nonzero(~m).tolist():
@@ -248,7 +284,7 @@ def every_query_sees_its_past(causal_mask, n_queries):
 
 @check("with n_keys > n_queries (a KV cache) the queries are the last positions: query i is position "
        "i + (n_keys - n_queries) and sees exactly the keys up to it",
-       n_queries=st.integers(1, 8), n_cached=st.integers(1, 8))
+       n_queries=st.integers(1, 40), n_cached=st.integers(1, 40), max_examples=100)
 def queries_are_the_last_positions_with_a_cache(causal_mask, n_queries, n_cached):
     m, call, c = _mask(causal_mask, n_queries, n_cached)
     want = torch.tensor([[j <= i + c for j in range(n_queries + c)] for i in range(n_queries)])
@@ -258,11 +294,25 @@ def queries_are_the_last_positions_with_a_cache(causal_mask, n_queries, n_cached
                             f"{fmt(want[i].int())}, yours is {fmt(m[i].int())} (1 = visible)")
 
 
+@check("the mask is built on `device`: causal_mask(n, device='meta') is a meta tensor (the argument is used, "
+       "not ignored)", n_queries=st.integers(1, 5))
+def built_on_the_given_device(causal_mask, n_queries):
+    m = causal_mask(n_queries, device="meta")
+    if type(m) is not torch.Tensor or m.device.type != "meta":
+        where = m.device if isinstance(m, torch.Tensor) else type(m).__name__
+        raise Violation(f"causal_mask({n_queries}, device='meta') returned a mask on {where}: build it on "
+                        "`device` (torch.arange(..., device=device)), so a GPU model gets a GPU mask")
+
+
 # ---- 0.3 one BPE merge step -------------------------------------------------------------------------------
 
-ids_lists = st.lists(st.integers(0, 3), max_size=12)
-pairs = st.tuples(st.integers(0, 3), st.integers(0, 3))
-new_ids = st.integers(256, 300)
+# a small alphabet so that pairs occur, with one-, two- and three-digit ids and ids past a byte
+token_ids = st.sampled_from([0, 1, 2, 3, 11, 12, 21, 255, 256, 300])
+ids_lists = st.lists(token_ids, max_size=16)
+pairs = st.tuples(token_ids, token_ids)
+new_ids = st.integers(256, 1000)
+HARD_MERGES = [dict(ids=[1, 12, 11, 1], pair=(1, 1), new_id=300),  # "1 12 11 1" contains "1 1" twice
+               dict(ids=[300, 256, 300, 256], pair=(300, 256), new_id=999)]  # ids past a byte
 
 
 def naive_merge(ids, pair, new_id):
@@ -272,14 +322,20 @@ def naive_merge(ids, pair, new_id):
 
 
 def _merged(merge_pair, ids, pair, new_id):
-    got = merge_pair(list(ids), tuple(pair), new_id)
-    if not isinstance(got, list):
-        raise Violation(f"merge_pair({ids}, {pair}, {new_id}) returned a {type(got).__name__}, not a list")
+    arg = list(ids)
+    got = merge_pair(arg, tuple(pair), new_id)
+    if type(got) is not list or any(type(x) is not int for x in got):
+        raise Violation(f"merge_pair({ids}, {pair}, {new_id}) returned {got!r} of type {type(got).__name__}; "
+                        "expected a plain list of ints")
+    if got is arg:
+        raise Violation(f"merge_pair({ids}, {pair}, {new_id}) returned its input list itself; the docstring asks "
+                        "for a new list (a caller that edits the result would edit its ids)")
     return got
 
 
 @check("every adjacent (a, b) becomes new_id and everything else is kept in order, occurrences taken from "
-       "the left without overlap", ids=ids_lists, pair=pairs, new_id=new_ids)
+       "the left without overlap", ids=ids_lists, pair=pairs, new_id=new_ids, max_examples=300,
+       examples=HARD_MERGES)
 def replaces_every_occurrence_left_to_right(merge_pair, ids, pair, new_id):
     got, want = _merged(merge_pair, ids, pair, new_id), naive_merge(ids, pair, new_id)
     if got != want:
@@ -295,8 +351,8 @@ def overlapping_occurrences_taken_from_the_left(merge_pair, a, n, new_id):
                         "merge the scan continues after both merged tokens")
 
 
-@check("without an occurrence of the pair the output equals the input",
-       ids=ids_lists, pair=pairs, new_id=new_ids)
+@check("without an occurrence of the pair the output equals the input (a new list)",
+       ids=ids_lists, pair=pairs, new_id=new_ids, max_examples=200)
 def no_occurrence_returns_an_equal_list(merge_pair, ids, pair, new_id):
     assume(all((x, y) != tuple(pair) for x, y in zip(ids, ids[1:])))
     got = _merged(merge_pair, ids, pair, new_id)
@@ -306,7 +362,7 @@ def no_occurrence_returns_an_equal_list(merge_pair, ids, pair, new_id):
 
 
 @check("the end of the list is handled: a pair in the last two places is merged, and a last token that is "
-       "not merged is kept", prefix=ids_lists, pair=pairs, last=st.integers(0, 3), new_id=new_ids)
+       "not merged is kept", prefix=ids_lists, pair=pairs, last=token_ids, new_id=new_ids, max_examples=200)
 def the_end_of_the_list_is_handled(merge_pair, prefix, pair, last, new_id):
     for ids in (prefix + list(pair), prefix + [last]):
         got, want = _merged(merge_pair, ids, pair, new_id), naive_merge(ids, pair, new_id)
@@ -324,14 +380,17 @@ def the_input_is_not_modified(merge_pair, ids, pair, new_id):
 
 # ---- 0.4 the most frequent pair ---------------------------------------------------------------------------
 
-pair_counts = st.dictionaries(st.tuples(st.integers(0, 9), st.integers(0, 9)), st.integers(1, 4),
+pair_counts = st.dictionaries(st.tuples(st.integers(0, 20), st.integers(0, 20)), st.integers(1, 4),
                               min_size=1, max_size=8)
+HARD_COUNTS = [dict(counts={(2, 9): 3, (2, 7): 3, (5, 1): 1}),  # a tie on the first element
+               dict(counts={(10, 1): 2, (9, 5): 2}),  # (9, 5) < (10, 1) as numbers, not as strings
+               dict(counts={(3, 4): 1, (1, 20): 5, (1, 3): 5})]
 
 
 def _most_frequent(most_frequent_pair, counts):
     arg = dict(counts)
     got = most_frequent_pair(arg)
-    if not isinstance(got, tuple) or got not in counts:
+    if type(got) is not tuple or any(type(x) is not int for x in got) or got not in counts:
         raise Violation(f"most_frequent_pair({counts}) returned {got!r}, which is not one of the pairs")
     return got, arg
 
@@ -341,7 +400,7 @@ def _top(counts) -> tuple[int, list]:
     return best, sorted(p for p, c in counts.items() if c == best)
 
 
-@check("the result is a pair with the largest count", counts=pair_counts)
+@check("the result is a pair with the largest count", counts=pair_counts, max_examples=200)
 def returns_a_pair_with_the_largest_count(most_frequent_pair, counts):
     got, _ = _most_frequent(most_frequent_pair, counts)
     best, top = _top(counts)
@@ -351,7 +410,8 @@ def returns_a_pair_with_the_largest_count(most_frequent_pair, counts):
 
 
 @check("ties go to the smallest pair: among the pairs with the largest count, the result is the smallest "
-       "(a, b)", counts=pair_counts)
+       "(a, b)", counts=pair_counts, max_examples=200,
+       examples=HARD_COUNTS)
 def ties_go_to_the_smallest_pair(most_frequent_pair, counts):
     got, _ = _most_frequent(most_frequent_pair, counts)
     best, top = _top(counts)
@@ -361,7 +421,7 @@ def ties_go_to_the_smallest_pair(most_frequent_pair, counts):
 
 
 @check("the result does not depend on the order in which the pairs were inserted into the dict",
-       counts=pair_counts)
+       counts=pair_counts, max_examples=200, examples=HARD_COUNTS)
 def does_not_depend_on_insertion_order(most_frequent_pair, counts):
     items = list(counts.items())
     orders = {"as given": items, "reversed": items[::-1], "sorted": sorted(items)}
@@ -472,6 +532,43 @@ def top_k_keeps_the_k_largest_renormalised(sample_next_token, case, temperature,
     _compare_frequencies(out, logits, temperature, top_k)
 
 
+@check("each row is filtered by its own k-th largest logit: rows with different logits in one batch keep "
+       "different tokens", perm=st.permutations([0.0, 1.0, 2.0, 3.0, 4.0]), top_k=st.integers(1, 4), seed=seeds)
+def each_row_uses_its_own_top_k(sample_next_token, perm, top_k, seed):
+    rows = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0], list(perm)], dtype=F64).repeat_interleave(500, dim=0)
+    out = _draw(sample_next_token, rows, 1.0, top_k, seed)
+    for b in (0, 500):
+        kth = sorted(rows[b].tolist(), reverse=True)[top_k - 1]
+        drawn = sorted(set(out[b:b + 500].flatten().tolist()))
+        bad = [t for t in drawn if rows[b, t] < kth]
+        if bad:
+            raise Violation(f"row {fmt(rows[b])} with top_k = {top_k} drew token {bad[0]} (logit {rows[b, bad[0]]:.3g}), "
+                            f"below its own k-th largest logit {kth:.3g}: the threshold must be taken per row "
+                            "(torch.topk(..., dim=-1) keeps one value per row), not from the first row")
+
+
+@check("top_k larger than the vocabulary keeps every token (no error): it is the same as top_k=None",
+       v=st.integers(2, 6), extra=st.integers(1, 50), seed=seeds)
+def top_k_larger_than_the_vocabulary_keeps_every_token(sample_next_token, v, extra, seed):
+    out = _draw(sample_next_token, torch.zeros(2000, v, dtype=F64), 1.0, v + extra, seed)
+    counts = torch.bincount(out.flatten(), minlength=v)
+    for j in (counts == 0).nonzero().flatten().tolist()[:1]:
+        raise Violation(f"from equal logits over {v} tokens with top_k = {v + extra} > |V|, token {j} never came "
+                        "up in 2000 draws")
+
+
+@check("huge or very negative logits (e.g. 1000, 999, 998 or -30000, ...) and float32 logits give the right "
+       "frequencies, not NaN: the softmax is computed stably, and hidden tokens get probability exactly 0")
+def extreme_logits_are_sampled_stably(sample_next_token):
+    for values, dtype, temperature, top_k in [([1000.0, 999.0, 998.0], F64, 1.0, None),
+                                              ([100.0, 99.0, 98.0], torch.float32, 0.5, None),
+                                              ([-30000.0, -30001.0, -30002.0], F64, 1.0, 2),
+                                              ([-30000.0, -30001.0, -30002.0], F64, 1.0, 1)]:
+        logits = torch.tensor(values, dtype=dtype)
+        out = _draw(sample_next_token, logits.repeat(4000, 1), temperature, top_k, 0)
+        _compare_frequencies(out, logits.double(), temperature, top_k)
+
+
 @check("tokens tied with the k-th largest logit are kept (the docstring's tie rule)")
 def ties_at_the_kth_logit_are_kept(sample_next_token):
     for values, top_k in [([2.0, 1.0, 1.0, 0.0], 2), ([0.0, 3.0, 3.0, 3.0, 1.0], 1)]:
@@ -485,15 +582,16 @@ def ties_at_the_kth_logit_are_kept(sample_next_token):
 
 
 @check("the draws come from `generator`: generators seeded alike give the same tokens whatever the global "
-       "random state, different seeds give different tokens", v=st.integers(2, 6), seed=seeds)
-def uses_the_passed_generator(sample_next_token, v, seed):
+       "random state, different seeds give different tokens, with or without top_k", v=st.integers(3, 6),
+       top_k=st.none() | st.integers(2, 6), seed=seeds)
+def uses_the_passed_generator(sample_next_token, v, top_k, seed):
     logits = torch.zeros(200, v, dtype=F64)
-    first = _draw(sample_next_token, logits, 1.0, None, seed)
+    first = _draw(sample_next_token, logits, 1.0, top_k, seed)
     torch.rand(3)  # move the global random state on
-    if not torch.equal(first, _draw(sample_next_token, logits, 1.0, None, seed)):
+    if not torch.equal(first, _draw(sample_next_token, logits, 1.0, top_k, seed)):
         raise Violation(f"two calls with torch.Generator().manual_seed({seed}) drew different tokens: draw "
                         "with `generator` (torch.multinomial(..., generator=generator)), not the global RNG")
-    if torch.equal(first, _draw(sample_next_token, logits, 1.0, None, seed + 1)):
+    if torch.equal(first, _draw(sample_next_token, logits, 1.0, top_k, seed + 1)):
         raise Violation(f"seeds {seed} and {seed + 1} drew the same 200 tokens from equal logits: the draws "
                         "do not depend on `generator`")
 
@@ -516,14 +614,16 @@ EXERCISES = {
              "normalise over the keys, and give a query that sees no key zeros.",
         checks=[matches_the_naive_oracle, batches_and_heads_are_independent,
                 scores_are_scaled_by_one_over_sqrt_d, weights_over_the_keys_sum_to_one,
-                masked_keys_get_no_weight, causal_hides_the_future, fully_masked_row_gives_zeros]),
+                masked_keys_get_no_weight, causal_hides_the_future, fully_masked_row_gives_zeros,
+                wide_scores_stay_exact, float32_and_float16_keep_their_dtype]),
     "0.2": Exercise(
         points=2,
         hint="Compare two torch.arange with broadcasting: the query positions as a column (shifted by "
              "n_keys - n_queries, so the queries are the last positions), the key positions as a row; key j "
              "is visible when j <= the query's position.",
         checks=[shape_and_dtype, each_query_sees_itself, no_query_sees_the_future, every_query_sees_its_past,
-                queries_are_the_last_positions_with_a_cache]),
+                queries_are_the_last_positions_with_a_cache, built_on_the_given_device],
+        pure=True),
     "0.3": Exercise(
         points=3,
         hint="Build a new list while an index i walks through ids: if ids[i], ids[i + 1] is the pair, "
@@ -545,5 +645,7 @@ EXERCISES = {
              "and draw with torch.multinomial, passing `generator`.",
         checks=[temperature_zero_is_argmax, draws_are_token_ids_of_shape_b_by_1,
                 frequencies_match_softmax_of_logits_over_t, top_k_keeps_the_k_largest_renormalised,
-                ties_at_the_kth_logit_are_kept, uses_the_passed_generator, top_k_none_keeps_every_token]),
+                ties_at_the_kth_logit_are_kept, uses_the_passed_generator, top_k_none_keeps_every_token,
+                each_row_uses_its_own_top_k, top_k_larger_than_the_vocabulary_keeps_every_token,
+                extreme_logits_are_sampled_stably]),
 }

@@ -8,6 +8,7 @@ import torch
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
+from exercises.checks.common import expect_tensor
 from nanomodels.attention import attention, causal_mask
 from nanomodels.transformer import Transformer, TransformerConfig
 
@@ -15,7 +16,7 @@ lengths = st.integers(0, 8)
 
 
 def _bool_square(out, n: int, what: str) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor):
+    if type(out) is not torch.Tensor:
         raise Violation(f"{what} returned a {type(out).__name__}, expected a boolean tensor of shape ({n}, {n})")
     if tuple(out.shape) != (n, n) or out.dtype != torch.bool:
         raise Violation(f"{what} returned shape {tuple(out.shape)} and dtype {out.dtype}, expected ({n}, {n}) bool")
@@ -66,14 +67,16 @@ def target_block_is_left_to_right(seq2seq_mask, src, tgt):
 def span_sets(draw):
     n = draw(st.integers(1, 10))
     cuts = sorted(set(draw(st.lists(st.integers(0, n), max_size=6))))
-    return n, [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
+    spans = [(a, b) for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
+    return n, list(draw(st.permutations(spans)))  # the spans in any order
 
 
 def _semi(semi_causal_mask, n, spans):
     return _bool_square(semi_causal_mask(n, spans), n, f"semi_causal_mask({n}, {spans})")
 
 
-@check("allowed[i, j] = (j <= i) or (i and j inside the same span); nothing else is visible", case=span_sets())
+@check("allowed[i, j] = (j <= i) or (i and j inside the same span); nothing else is visible", case=span_sets(),
+       max_examples=100)
 def matches_the_rule(semi_causal_mask, case):
     n, spans = case
     m = _semi(semi_causal_mask, n, spans)
@@ -116,9 +119,15 @@ V, MASK = 11, 11
 
 
 def _model(seed: int) -> Transformer:
+    """A tiny float64 model whose weights are large enough that its greedy choices depend on the input (with
+    the usual 0.02 init every row of a batch would predict the same tokens)."""
     torch.manual_seed(seed)
     cfg = TransformerConfig(vocab_size=V + 1, block_size=16, n_layers=2, d_model=16, n_heads=2)
-    return Transformer(cfg, attention_fn=attention).double().eval()
+    model = Transformer(cfg, attention_fn=attention).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    return model
 
 
 def _full_recompute(model, prefix, steps, objective):
@@ -135,7 +144,7 @@ def _full_recompute(model, prefix, steps, objective):
     return seq[:, src:], torch.stack(logits, dim=1)
 
 
-decode_cases = st.fixed_dictionaries({"seed": st.integers(0, 10_000), "batch": st.integers(1, 3),
+decode_cases = st.fixed_dictionaries({"seed": st.integers(0, 10_000), "batch": st.integers(2, 3),
                                       "src": st.integers(1, 6), "steps": st.integers(1, 6)})
 
 
@@ -143,7 +152,7 @@ def _check_decoder(cloze_decode, case, objective):
     model = _model(case["seed"])
     prefix = torch.randint(0, V, (case["batch"], case["src"]), generator=torch.Generator().manual_seed(case["seed"]))
     out = cloze_decode(model, prefix, case["steps"], MASK, objective=objective)
-    if not (isinstance(out, tuple) and len(out) == 2):
+    if not (type(out) is tuple and len(out) == 2):
         raise Violation(f"cloze_decode returned {type(out).__name__}, expected a pair (tokens, logits)")
     tokens, logits = out
     ref_tokens, ref_logits = _full_recompute(model, prefix, case["steps"], objective)
@@ -154,7 +163,8 @@ def _check_decoder(cloze_decode, case, objective):
     for t in (diff > 1e-9).nonzero().flatten().tolist()[:1]:
         raise Violation(f"{objective}, source length {case['src']}: the logits at step {t} differ from re-running "
                         f"the whole prefix + [MASK] with the {objective} mask by {diff[t]:.3g}")
-    if not torch.equal(torch.as_tensor(tokens), ref_tokens):
+    expect_tensor(tokens, tuple(ref_tokens.shape), torch.int64, "cloze_decode's tokens")
+    if not torch.equal(tokens, ref_tokens):
         raise Violation(f"{objective}: the tokens {torch.as_tensor(tokens).tolist()} are not the greedy choices "
                         f"{ref_tokens.tolist()}")
 
@@ -172,16 +182,31 @@ def left_to_right_cached_equals_full_recompute(cloze_decode, case):
     _check_decoder(cloze_decode, case, "left_to_right")
 
 
+@check("steps=0 decodes nothing: tokens of shape (B, 0) (int64) and logits of shape (B, 0, |V|), no error",
+       objective=st.sampled_from(["seq2seq", "left_to_right"]), batch=st.integers(1, 3))
+def zero_steps_return_empty_results(cloze_decode, objective, batch):
+    model = _model(0)
+    out = cloze_decode(model, torch.zeros(batch, 3, dtype=torch.long), 0, MASK, objective=objective)
+    if not (type(out) is tuple and len(out) == 2):
+        raise Violation(f"cloze_decode(..., steps=0) returned {type(out).__name__}, expected a pair (tokens, logits)")
+    expect_tensor(out[0], (batch, 0), torch.int64, "cloze_decode(..., steps=0)'s tokens")
+    if type(out[1]) is not torch.Tensor or tuple(out[1].shape) != (batch, 0, V + 1):
+        raise Violation(f"cloze_decode(..., steps=0)'s logits have shape {tuple(getattr(out[1], 'shape', ()))}, "
+                        f"expected ({batch}, 0, {V + 1})")
+
+
 EXERCISES = {
     "2.1": Exercise(points=2, checks=[shape_and_dtype, source_rows_never_see_the_target,
                                       every_row_sees_the_whole_source, target_block_is_left_to_right],
                     hint="Compare a column of query indices with a row of key indices (broadcasting). A key is "
                          "visible when it is in the source (key < src_len), or when the query is in the target "
-                         "and key <= query. One tril over everything is the left-to-right mask, not this one."),
+                         "and key <= query. One tril over everything is the left-to-right mask, not this one.",
+                    pure=True),
     "2.2": Exercise(points=2, checks=[matches_the_rule, nothing_before_a_span_sees_it, reductions],
                     hint="span_id is 0 outside every span and k + 1 inside spans[k]. Two positions share a span "
-                         "when their ids are equal AND not 0; OR that with causal_mask(n)."),
-    "2.3": Exercise(points=4, checks=[seq2seq_cached_equals_full_recompute, left_to_right_cached_equals_full_recompute],
+                         "when their ids are equal AND not 0; OR that with causal_mask(n).", pure=True),
+    "2.3": Exercise(points=4, checks=[seq2seq_cached_equals_full_recompute, left_to_right_cached_equals_full_recompute,
+                                      zero_steps_return_empty_results],
                     hint="Encode the prefix once with a fresh cache ([{} for each block]; causal only for "
                          "left_to_right). Per step: run [MASK] with causal=False on a copy of the cache "
                          "([dict(layer) for layer in cache]) and take the argmax; then run the predicted token "

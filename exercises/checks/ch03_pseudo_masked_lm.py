@@ -8,6 +8,7 @@ import torch
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
+from exercises.checks.common import expect_tensor
 
 AE, PSEUDO, REAL = 0, 1, 2
 M_ID, P_ID = 90, 91
@@ -15,10 +16,20 @@ M_ID, P_ID = 90, 91
 
 @st.composite
 def layouts(draw):
-    """x (n,), spans (disjoint contiguous position lists, sorted), a random order over them."""
+    """x (n,), spans (disjoint position lists: contiguous and sorted as sample_spans makes them, or any distinct
+    positions in any order, which pmlm_layout accepts too), a random order over them."""
     n = draw(st.integers(1, 9))
-    cuts = sorted(set(draw(st.lists(st.integers(0, n), min_size=2, max_size=8))))
-    spans = [list(range(a, b)) for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
+    if draw(st.booleans()):
+        cuts = sorted(set(draw(st.lists(st.integers(0, n), min_size=2, max_size=8))))
+        spans = [list(range(a, b)) for a, b in zip(cuts[::2], cuts[1::2]) if a < b]
+    else:
+        chosen = draw(st.permutations(list(range(n))))[:draw(st.integers(1, n))]
+        sizes = draw(st.lists(st.integers(1, 3), min_size=len(chosen), max_size=len(chosen)))
+        spans, i = [], 0
+        for size in sizes:
+            if i < len(chosen):
+                spans.append(list(chosen[i:i + size]))
+                i += size
     if not spans:
         spans = [[0]]
     order = draw(st.permutations(list(range(len(spans)))))
@@ -60,12 +71,15 @@ NAMES = {AE: "AE", PSEUDO: "[P]", REAL: "real"}
 
 def _layout(pmlm_layout, x, spans, order):
     out = pmlm_layout(x, spans, order, M_ID, P_ID)
-    if not isinstance(out, dict):
+    if type(out) is not dict:
         raise Violation(f"pmlm_layout returned a {type(out).__name__}, expected a dict of tensors")
     missing = [k for k in ("tokens", "positions", "kind", "step", "ae_targets", "par_targets") if k not in out]
     if missing:
         raise Violation(f"pmlm_layout's result lacks {missing}")
-    return {k: torch.as_tensor(v).tolist() for k, v in out.items()}
+    L = len(x) + 2 * sum(len(s) for s in spans)
+    for k in ("tokens", "positions", "kind", "step", "ae_targets", "par_targets"):
+        expect_tensor(out[k], (L,), torch.int64, f"pmlm_layout's {k!r}")
+    return {k: v.tolist() for k, v in out.items()}
 
 
 def _compare(got, want, field, where):
@@ -110,9 +124,9 @@ def targets_of_both_losses(pmlm_layout, case):
 # ---- 3.2 the mask rules -----------------------------------------------------------------------------------
 
 @st.composite
-def kinds_and_steps(draw):
-    n_ae = draw(st.integers(0, 4))
-    sizes = draw(st.lists(st.integers(1, 3), min_size=0, max_size=4))
+def kinds_and_steps(draw, min_ae: int = 0, min_spans: int = 0):
+    n_ae = draw(st.integers(min_ae, 4))
+    sizes = draw(st.lists(st.integers(1, 3), min_size=min_spans, max_size=4))
     kind, step = [AE] * n_ae, [-1] * n_ae
     for s, size in enumerate(sizes):
         kind += [PSEUDO] * size + [REAL] * size
@@ -124,7 +138,7 @@ def kinds_and_steps(draw):
 def _mask(pmlm_mask, kind, step):
     out = pmlm_mask(kind, step)
     L = len(kind)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (L, L) or out.dtype != torch.bool:
+    if type(out) is not torch.Tensor or tuple(out.shape) != (L, L) or out.dtype != torch.bool:
         raise Violation(f"pmlm_mask returned {getattr(out, 'shape', type(out).__name__)}, expected ({L}, {L}) bool")
     return out
 
@@ -161,16 +175,17 @@ def real_rows(pmlm_mask, case):
 
 
 @check("batched input: kind and step of shape (B, L) give allowed of shape (B, L, L), row by row",
-       a=kinds_and_steps(), seed=st.integers(0, 1000))
+       a=kinds_and_steps(min_ae=1, min_spans=1), seed=st.integers(0, 1000))
 def works_on_a_batch(pmlm_mask, a, seed):
     kind, step = a
     perm = torch.randperm(len(kind), generator=torch.Generator().manual_seed(seed))
     kinds, steps = torch.stack([kind, kind[perm]]), torch.stack([step, step[perm]])
     out = pmlm_mask(kinds, steps)
     L = len(kind)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, L, L):
-        raise Violation(f"for kind of shape (2, {L}) pmlm_mask returned {getattr(out, 'shape', None)}, "
-                        f"expected (2, {L}, {L})")
+    if type(out) is not torch.Tensor or tuple(out.shape) != (2, L, L) or out.dtype != torch.bool:
+        raise Violation(f"for kind and step of shape (2, {L}) (a batch of two sequences) pmlm_mask returned "
+                        f"{getattr(out, 'shape', type(out).__name__)}, expected a (2, {L}, {L}) bool mask: index "
+                        "the last axis (kind[..., :, None], kind[..., None, :]), not the first, so a batch works")
     for b in range(2):
         _against_rule(out[b], kinds[b], steps[b])
 
@@ -193,7 +208,7 @@ def equals_the_rules(s2s_ft_mask, case):
     step = torch.cat([torch.full((src,), -1), ids, ids])
     out = s2s_ft_mask(src, ids)
     n = src + 2 * t
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, n) or out.dtype != torch.bool:
+    if type(out) is not torch.Tensor or tuple(out.shape) != (n, n) or out.dtype != torch.bool:
         raise Violation(f"s2s_ft_mask({src}, {ids.tolist()}) returned {getattr(out, 'shape', None)}, "
                         f"expected ({n}, {n}) bool")
     try:
@@ -222,9 +237,10 @@ EXERCISES = {
                          "L_AE label sits on the AE block's [M]s, the L_PAR label on the [P]s."),
     "3.2": Exercise(points=3, checks=[autoencoding_block_is_closed, pseudo_rows, real_rows, works_on_a_batch],
                     hint="Broadcast kind and step as a query column (..., L, 1) and a key row (..., 1, L), write one "
-                         "boolean expression per query kind from the table in the docstring, and OR them."),
+                         "boolean expression per query kind from the table in the docstring, and OR them.",
+                    pure=True),
     "3.3": Exercise(points=2, checks=[equals_the_rules, official_example],
                     hint="w = [0]*src_len ++ ids ++ (-ids); a key is 'true' when w_key >= 0. Real rows (w_q >= 0): "
                          "true key and w_key <= w_query. Pseudo rows (w_q < 0): true key and -w_key > w_query, or "
-                         "w_key == w_query (a pseudo of the same span)."),
+                         "w_key == w_query (a pseudo of the same span).", pure=True),
 }

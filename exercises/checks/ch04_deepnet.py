@@ -10,7 +10,7 @@ import torch.nn as nn
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import F64, naive_layer_norm, xavier_std
+from exercises.checks.common import F64, expect_tensor, naive_layer_norm, xavier_std
 from nanomodels.transformer import Transformer, TransformerConfig
 
 TABLE = {6: (1.8612, 0.3799), 12: (2.2134, 0.3195), 18: (2.4495, 0.2887), 24: (2.6321, 0.2686),
@@ -20,9 +20,12 @@ ENC_DEC = {(6, 6): ((1.4179, 0.4970), (2.0598, 0.3433)), (12, 12): ((1.7609, 0.4
 
 
 def _pair(value, what):
-    if not (isinstance(value, tuple) and len(value) == 2):
-        raise Violation(f"{what} should be a tuple (alpha, beta), got {value!r}")
-    return float(value[0]), float(value[1])
+    if not (type(value) is tuple and len(value) == 2 and all(type(v) is float for v in value)):
+        raise Violation(f"{what} should be a tuple of two Python floats (alpha, beta), got {value!r} "
+                        f"({type(value).__name__} of {', '.join(type(v).__name__ for v in value)})"
+                        if isinstance(value, (tuple, list)) else f"{what} should be a tuple (alpha, beta), got "
+                        f"{value!r}")
+    return value
 
 
 # ---- 4.1 the constants ------------------------------------------------------------------------------------
@@ -53,10 +56,22 @@ def update_bound_is_one(deepnorm_constants, n):
         raise Violation(f"N = {n}: alpha = {a:.6g}, beta = {b:.6g} give 2N * 2 beta^2 / alpha^2 = {value:.6g}, not 1")
 
 
+@check("alpha = (2N)^(1/4) and beta = (8N)^(-1/4) exactly (to 1e-12, not rounded to the table's 4 decimals) "
+       "for every N, the table's N included", n=st.integers(1, 100_000), max_examples=200,
+       examples=[dict(n=n) for n in TABLE])
+def exact_at_every_n(deepnorm_constants, n):
+    a, b = _pair(deepnorm_constants(decoder_layers=n)["decoder"], "['decoder']")
+    want = ((2 * n) ** 0.25, (8 * n) ** -0.25)
+    if abs(a / want[0] - 1) > 1e-12 or abs(b / want[1] - 1) > 1e-12:
+        raise Violation(f"N = {n}: got ({a!r}, {b!r}), the formulas give ({want[0]!r}, {want[1]!r}); compute "
+                        "them, do not copy the table's rounded values")
+
+
 @check("an encoder-decoder model (N encoder, M decoder layers) gets encoder (0.81 (N^4 M)^(1/16), "
-       "0.87 (N^4 M)^(-1/16)) and decoder ((3M)^(1/4), (12M)^(-1/4)), both keys present")
+       "0.87 (N^4 M)^(-1/16)) and decoder ((3M)^(1/4), (12M)^(-1/4)), both keys present, exact to 1e-12")
 def encoder_decoder_table(deepnorm_constants):
-    cases = dict(ENC_DEC)
+    cases = {(n, m): ((0.81 * (n ** 4 * m) ** (1 / 16), 0.87 * (n ** 4 * m) ** (-1 / 16)),
+                      ((3 * m) ** 0.25, (12 * m) ** -0.25)) for n, m in ENC_DEC}
     cases[(3, 50)] = ((0.81 * (3 ** 4 * 50) ** (1 / 16), 0.87 * (3 ** 4 * 50) ** (-1 / 16)),
                       ((150) ** 0.25, (600) ** -0.25))
     for (n, m), (enc, dec) in cases.items():
@@ -65,7 +80,7 @@ def encoder_decoder_table(deepnorm_constants):
             raise Violation(f"deepnorm_constants({n}, {m}) returned {got!r}; expected keys 'encoder' and 'decoder'")
         for side, want in (("encoder", enc), ("decoder", dec)):
             a, b = _pair(got[side], f"[{side!r}]")
-            if abs(a - want[0]) > 6e-5 or abs(b - want[1]) > 6e-5:
+            if abs(a / want[0] - 1) > 1e-12 or abs(b / want[1] - 1) > 1e-12:
                 why = ""
                 if side == "encoder" and abs(b - 1.15 * (n ** 4 * m) ** (-1 / 16)) < 1e-9:
                     why = "; 1.15 is torchscale's constant, the paper has 0.87"
@@ -99,8 +114,7 @@ def zero_branch_gives_layernorm_of_x(deepnorm, seed, alpha):
     with torch.no_grad():
         out = deepnorm(x.clone(), torch.zeros_like(x), alpha, norm)
         ref = _ln(x, norm)
-    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-        raise Violation(f"returned {type(out).__name__} of shape {getattr(out, 'shape', None)}, expected {x.shape}")
+    expect_tensor(out, tuple(x.shape), F64, "deepnorm")
     diff = (out - ref).abs().max().item()
     if not diff < 1e-10:
         raise Violation(f"alpha = {alpha:.3g}: with g = 0 the output differs from LN(x) by {diff:.3g}: the result "
@@ -126,25 +140,78 @@ def known_branch_gives_layernorm_of_alpha_x_plus_g(deepnorm, seed, alpha):
             raise Violation(f"alpha = {alpha:.3g}: the output differs from LN(alpha x + g) by {diff:.3g}{why}")
 
 
+class _RMS:
+    """A norm that is not nn.LayerNorm (RMSNorm with a weight): deepnorm must apply the `norm` it is given."""
+
+    def __init__(self, d: int, seed: int, dtype=F64):
+        self.weight = torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+    def __call__(self, h):
+        return h / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * self.weight
+
+
+@check("deepnorm applies the `norm` it is given, with that norm's own eps and weights: an nn.LayerNorm with "
+       "eps = 0.5, and an RMSNorm (not a LayerNorm at all), in float64 and float32 (the dtype is kept)",
+       seed=st.integers(0, 2 ** 16), alpha=st.floats(1.2, 8.0), dtype=st.sampled_from([F64, torch.float32]))
+def applies_the_given_norm(deepnorm, seed, alpha, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    x, g = torch.randn(2, 3, 8, generator=gen, dtype=dtype), torch.randn(2, 3, 8, generator=gen, dtype=dtype)
+    layer_norm = _norm(8, seed).to(dtype)
+    layer_norm.eps = 0.5
+    tolerance = 1e-10 if dtype == F64 else 1e-5
+    for norm, name in ((layer_norm, "nn.LayerNorm(eps=0.5)"), (_RMS(8, seed, dtype), "an RMSNorm")):
+        with torch.no_grad():
+            out = deepnorm(x, g, alpha, norm)
+            expect_tensor(out, tuple(x.shape), dtype, f"deepnorm with {name} on {dtype} inputs")
+            ref = norm(alpha * x + g)
+            diff = (out - ref).abs().max().item()
+        if not diff < tolerance:
+            why = ""
+            if norm is layer_norm and (out - naive_layer_norm(alpha * x + g, norm.weight, norm.bias)).abs().max() \
+                    < tolerance:
+                why = ": yours is a LayerNorm with eps = 0, ignoring the norm's eps (0.5 here); call `norm` itself"
+            elif norm is layer_norm:
+                why = (": call `norm` itself: a LayerNorm written out (unbiased variance, another eps) is not the "
+                       "norm the model passes")
+            raise Violation(f"with {name}, alpha = {alpha:.3g}: the output differs from norm(alpha x + g) by "
+                            f"{diff:.3g}{why}")
+
+
 # ---- 4.3 the init -----------------------------------------------------------------------------------------
 
-def _model() -> nn.Module:
-    """The core Transformer in float64 (its matrices are named q_proj, k_proj, v_proj, out_proj, fc1, fc2)."""
+def _model(**parts) -> nn.Module:
+    """The core Transformer in float64 (its matrices are named q_proj, k_proj, v_proj, out_proj, fc1, fc2), its
+    norms' weights and biases drawn at random so that an init that touches them is seen."""
     torch.manual_seed(0)
     config = TransformerConfig(vocab_size=50, block_size=16, n_layers=2, d_model=96, n_heads=4, d_ff=192)
-    return Transformer(config).to(F64)
+    model = Transformer(config, **parts).to(F64)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                if m.bias is not None:
+                    m.bias.uniform_(-0.5, 0.5)
+    return model
 
 
-def init_report(init_fn, scale: float, what: str, scaled=("v_proj", "out_proj", "fc1", "fc2")):
-    """Run init_fn(model, scale) and check every matrix: xavier normal with gain `scale` on `scaled`, gain 1 on
-    q_proj/k_proj, everything else bit-identical."""
-    model = _model()
+def init_report(init_fn, scale: float, what: str, scaled=("v_proj", "out_proj", "fc1", "fc2"), **parts):
+    """Run init_fn(model, scale) on the core Transformer (built with `parts`) and check every matrix: xavier
+    NORMAL with gain `scale` on `scaled`, gain 1 on q_proj/k_proj (each re-drawn), everything else (norms, inner
+    norms, embeddings, biases) bit-identical, the model returned."""
+    model = _model(**parts)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    init_fn(model, scale)
+    out = init_fn(model, scale)
+    if out is not model:
+        raise Violation(f"the init returned {type(out).__name__ if out is not None else 'None'}, not the model it "
+                        "was given: end with `return model` (so `model = init(model, ...)` works)")
+    pooled = []  # every initialized weight divided by its xavier std: standard normal if the init is right
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else None
         if leaf in scaled or leaf in ("q_proj", "k_proj"):
             gain = scale if leaf in scaled else 1.0
+            if torch.equal(p, before[name]):
+                raise Violation(f"{name} was not re-initialized: it gets xavier normal with gain {gain:.4g}"
+                                + (" (q_proj and k_proj are re-drawn too, with gain 1)" if gain == 1.0 else ""))
             want = xavier_std(p, gain)
             std = p.detach().std().item()
             if abs(std / want - 1) > 0.06:
@@ -154,8 +221,18 @@ def init_report(init_fn, scale: float, what: str, scaled=("v_proj", "out_proj", 
                 elif abs(std / (want / scale ** 2) - 1) < 0.06:
                     why = f": that is xavier x 1/{what}, divided instead of multiplied"
                 raise Violation(f"{name}: std {std:.4g}, xavier normal with gain {gain:.4g} gives {want:.4g}{why}")
+            pooled.append(p.detach().flatten() / want)
         elif not torch.equal(p, before[name]):
             raise Violation(f"{name} changed: embeddings, the head, norms and biases must be left untouched")
+    z = torch.cat(pooled)
+    within_one, beyond_two = (z.abs() < 1).double().mean().item(), (z.abs() > 2).double().mean().item()
+    # a normal distribution has 68.3% within one std and 4.55% beyond two; uniform 57.7% and 0%
+    if abs(within_one - 0.6827) > 0.015 or abs(beyond_two - 0.0455) > 0.01 or abs(z.mean().item()) > 0.02:
+        why = " (that is a uniform distribution: xavier_uniform_, not xavier_normal_)" if abs(
+            within_one - 0.577) < 0.015 and beyond_two < 0.005 else ""
+        raise Violation(f"the initialized weights have the right std, but not a zero-mean normal distribution: "
+                        f"{within_one:.1%} of them lie within one std (normal: 68.3%), {beyond_two:.2%} beyond two "
+                        f"(normal: 4.55%), mean {z.mean().item():.3g} std{why}")
 
 
 BETAS = st.sampled_from([0.2, 0.35, 0.6])
@@ -168,14 +245,15 @@ def beta_init_per_matrix(deepnorm_init_, beta):
 
 
 EXERCISES = {
-    "4.1": Exercise(points=2, checks=[single_stack_table, update_bound_is_one, encoder_decoder_table],
+    "4.1": Exercise(points=2, checks=[single_stack_table, update_bound_is_one, exact_at_every_n, encoder_decoder_table],
                     hint="Single stack with L layers: ((2L) ** 0.25, (8L) ** -0.25). Encoder-decoder: the encoder "
                          "uses (N ** 4 * M) ** (1 / 16) with 0.81 and 0.87, the decoder 3M and 12M (3 sublayers per "
                          "block). Return only the sides that have layers."),
-    "4.2": Exercise(points=2, checks=[zero_branch_gives_layernorm_of_x, known_branch_gives_layernorm_of_alpha_x_plus_g],
+    "4.2": Exercise(points=2, checks=[zero_branch_gives_layernorm_of_x, known_branch_gives_layernorm_of_alpha_x_plus_g,
+                                      applies_the_given_norm],
                     hint="One line: the LayerNorm of (alpha times the stream) plus the branch."),
     "4.3": Exercise(points=3, checks=[beta_init_per_matrix],
                     hint="Walk model.named_modules(); the last part of the name says which matrix it is. "
                          "nn.init.xavier_normal_(module.weight, gain=...) with beta for v_proj, out_proj, fc1, fc2 "
-                         "and 1 for q_proj, k_proj; touch nothing else."),
+                         "and 1 for q_proj, k_proj; touch nothing else.", mutates=("model",)),
 }

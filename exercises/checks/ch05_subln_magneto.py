@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import F64, naive_layer_norm
+from exercises.checks.common import F64, expect_tensor, naive_layer_norm
 from exercises.checks.ch04_deepnet import init_report
+from nanomodels.subln import SubLNAttention, SubLNMLP
 
 
 
@@ -25,7 +26,7 @@ def single_stack_table(subln_gamma):
     for n, gamma in {6: 1.5764, 12: 1.7827, 24: 1.9675}.items():
         for side, kw in (("encoder", {"encoder_layers": n}), ("decoder", {"decoder_layers": n})):
             got = subln_gamma(**kw)
-            if not isinstance(got, dict) or set(got) != {side}:
+            if type(got) is not dict or set(got) != {side}:
                 raise Violation(f"subln_gamma({side}_layers={n}) returned {got!r}; expected a dict with the one "
                                 f"key {side!r}")
             value = float(got[side])
@@ -40,11 +41,18 @@ def single_stack_table(subln_gamma):
                 raise Violation(f"N = {n}: got gamma = {value:.4f}, the table has {gamma}{why}")
 
 
-@check("gamma^2 = log(2N) for every N (and gamma > 1 from N = 2 on: Sub-LN multiplies the init)",
-       n=st.integers(2, 100_000))
+def _float(value, what: str) -> float:
+    if type(value) is not float:
+        raise Violation(f"{what} is {value!r} of type {type(value).__name__}; return a Python float")
+    return value
+
+
+@check("gamma = sqrt(log 2N) exactly (to 1e-12, not rounded to the table's 4 decimals) for every N, the table's "
+       "N included (and gamma > 1 from N = 2 on: Sub-LN multiplies the init)", n=st.integers(2, 100_000),
+       max_examples=200, examples=[dict(n=6), dict(n=12), dict(n=24)])
 def gamma_squared_is_log_2n(subln_gamma, n):
-    value = float(subln_gamma(decoder_layers=n)["decoder"])
-    if abs(value ** 2 - math.log(2 * n)) > 1e-9:
+    value = _float(subln_gamma(decoder_layers=n)["decoder"], f"subln_gamma(decoder_layers={n})['decoder']")
+    if abs(value / math.sqrt(math.log(2 * n)) - 1) > 1e-12:
         raise Violation(f"N = {n}: gamma^2 = {value ** 2:.6g}, log(2N) = {math.log(2 * n):.6g}")
 
 
@@ -52,10 +60,11 @@ def gamma_squared_is_log_2n(subln_gamma, n):
 def encoder_decoder_table(subln_gamma):
     for n, m in ((6, 6), (4, 20), (100, 3)):
         got = subln_gamma(encoder_layers=n, decoder_layers=m)
-        if not isinstance(got, dict) or set(got) != {"encoder", "decoder"}:
+        if type(got) is not dict or set(got) != {"encoder", "decoder"}:
             raise Violation(f"subln_gamma({n}, {m}) returned {got!r}; expected keys 'encoder' and 'decoder'")
         enc, dec = math.sqrt(math.log(3 * m) * math.log(2 * n) / 3), math.sqrt(math.log(3 * m))
-        if abs(float(got["encoder"]) - enc) > 1e-9 or abs(float(got["decoder"]) - dec) > 1e-9:
+        got = {side: _float(v, f"subln_gamma({n}, {m})[{side!r}]") for side, v in got.items()}
+        if abs(got["encoder"] / enc - 1) > 1e-12 or abs(got["decoder"] / dec - 1) > 1e-12:
             raise Violation(f"N = {n}, M = {m}: got encoder {float(got['encoder']):.4f}, decoder "
                             f"{float(got['decoder']):.4f}; the paper gives {enc:.4f}, {dec:.4f}")
 
@@ -104,22 +113,36 @@ def matches_w2_ln_gelu_w1(subln_ffn, seed, d_ff):
         raise Violation(f"the output differs from W2 LN(GELU(W1 x)) by {diff:.3g}{why}")
 
 
+@check("float32 parts and input give a float32 output equal to W2 LN(GELU(W1 x)) (the dtype is kept)",
+       seed=st.integers(0, 2 ** 16))
+def keeps_float32(subln_ffn, seed):
+    fc1, norm, fc2 = (part.float() for part in _ffn_parts(8, 16, seed))
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(seed)).float()
+    with torch.no_grad():
+        out = subln_ffn(x, fc1, norm, fc2)
+        expect_tensor(out, (2, 3, 8), torch.float32, "subln_ffn on float32 input")
+        diff = (out - fc2(norm(F.gelu(fc1(x))))).abs().max().item()
+    if not diff < 1e-5:
+        raise Violation(f"in float32 the output differs from W2 LN(GELU(W1 x)) by {diff:.3g}")
+
+
 # ---- 5.3 the init -----------------------------------------------------------------------------------------
 
 @check("xavier_normal_(gain=gamma) on v_proj, out_proj, fc1, fc2 (gamma > 1 multiplies; std within 6% of "
-       "gamma sqrt(2 / (fan_in + fan_out))), gain 1 on q_proj and k_proj, every other parameter untouched",
+       "gamma sqrt(2 / (fan_in + fan_out))), gain 1 on q_proj and k_proj, every other parameter of a Sub-LN model "
+       "(its inner norms included) untouched",
        gamma=st.sampled_from([1.5, 1.9, 2.6]))
 def gamma_init_per_matrix(subln_init_, gamma):
-    init_report(subln_init_, gamma, "gamma")
+    init_report(subln_init_, gamma, "gamma", attention=SubLNAttention, ffn=SubLNMLP)
 
 
 EXERCISES = {
     "5.1": Exercise(points=2, checks=[single_stack_table, gamma_squared_is_log_2n, encoder_decoder_table],
                     hint="math.sqrt(math.log(2 * L)) for a single stack of L layers; the enc-dec rows use 3M for "
                          "the decoder and sqrt(log(3M) log(2N) / 3) for the encoder."),
-    "5.2": Exercise(points=2, checks=[matches_w2_ln_gelu_w1],
+    "5.2": Exercise(points=2, checks=[matches_w2_ln_gelu_w1, keeps_float32],
                     hint="fc1, then GELU, then the inner norm (it is d_ff wide), then fc2."),
     "5.3": Exercise(points=3, checks=[gamma_init_per_matrix],
                     hint="The DeepNet init with gain gamma instead of beta: gamma > 1 multiplies the xavier std of "
-                         "v_proj, out_proj, fc1 and fc2; q_proj and k_proj keep gain 1."),
+                         "v_proj, out_proj, fc1 and fc2; q_proj and k_proj keep gain 1.", mutates=("model",)),
 }

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from hypothesis import strategies as st
 
-from exercises.checking import Check, Violation, run_check
+from exercises.checking import Check, Exercise, Violation, run_check
 
 F64 = torch.float64
 
@@ -104,6 +104,7 @@ class LibraryCheck:
     exercise: str
     function: Callable
     check: Check
+    spec: Exercise
 
     @property
     def id(self) -> str:
@@ -111,8 +112,7 @@ class LibraryCheck:
 
     def __call__(self, max_examples: int | None = None) -> None:
         """Run it; AssertionError naming the invariant, what broke, and the counterexample if it fails."""
-        kwargs = {} if max_examples is None else {"max_examples": max_examples}
-        result = run_check(self.check, self.function, **kwargs)
+        result = run_check(self.check, self.function, max_examples=max_examples, exercise=self.spec)
         if not result["passed"]:
             raise AssertionError(f"exercise {self.exercise}, invariant: {self.check.invariant}\n"
                                  f"violated: {result['message']}\n{result['counterexample']}")
@@ -125,5 +125,5 @@ def library_checks(chapter_number: str) -> list[LibraryCheck]:
 
     chapter = get_chapter(chapter_number)
     spec = import_module(chapter.checks_module).EXERCISES
-    return [LibraryCheck(m.id, getattr(import_module(m.module), m.function), c)
+    return [LibraryCheck(m.id, getattr(import_module(m.module), m.function), c, spec[m.id])
             for m in scan(chapter) for c in spec[m.id].checks]

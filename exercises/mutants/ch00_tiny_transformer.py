@@ -218,4 +218,111 @@ MUTANTS = [
            "off by one in top-k: takes the (k+1)-th largest logit as the threshold, so k + 1 tokens stay",
            old="    kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]",
            new="    kth = torch.topk(logits, min(top_k + 1, logits.size(-1)), dim=-1).values[:, -1:]"),
+
+    # -- mutants that the grader of issue 10 passed: one per class of miss, each caught by a new check or guard
+    Mutant("0.1", "attention_fill_minus_1e4",
+           "hides masked keys with -1e4 instead of the dtype's minimum: once visible scores fall below -1e4 a "
+           "masked key wins",
+           old="scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)",
+           new="scores = scores.masked_fill(~allowed, -1e4)"),
+    Mutant("0.1", "attention_fill_minus_1e9",
+           "hides masked keys with -1e9, which float16 cannot hold: masked_fill raises on half-precision input",
+           old="scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)",
+           new="scores = scores.masked_fill(~allowed, -1e9)"),
+    Mutant("0.1", "attention_unshifted_softmax",
+           "writes the softmax as exp / sum without subtracting the row maximum: large scores overflow to NaN",
+           old=("weights = torch.softmax(scores, dim=-1)\n"),
+           new=("weights = scores.exp() / scores.exp().sum(dim=-1, keepdim=True)\n")),
+    Mutant("0.1", "attention_scales_q_in_place",
+           "divides q by sqrt(d) in place: the caller's queries (or a KV cache) are changed",
+           old="scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)",
+           new="scores = q.div_(math.sqrt(q.size(-1))) @ k.transpose(-2, -1)"),
+    Mutant("0.1", "attention_computes_in_float64",
+           "computes in float64 whatever the input dtype: a float32 model gets float64 activations",
+           old="return weights @ v",
+           new="return weights.double() @ v.double()"),
+    Mutant("0.2", "causal_mask_ignores_the_device",
+           "builds the mask on the CPU whatever `device` says: a GPU model gets a CPU mask",
+           old=("query_pos = torch.arange(n_queries, device=device)[:, None] + (n_keys - n_queries)\n"
+                "key_pos = torch.arange(n_keys, device=device)[None, :]"),
+           new=("query_pos = torch.arange(n_queries)[:, None] + (n_keys - n_queries)\n"
+                "key_pos = torch.arange(n_keys)[None, :]")),
+    Mutant("0.2", "causal_mask_memoized",
+           "caches the mask it returns: a caller that edits its mask corrupts every later call",
+           old="return key_pos <= query_pos",
+           new=("cache = causal_mask.__dict__.setdefault(\"cache\", {})\n"
+                "key = (n_queries, n_keys, str(device))\n"
+                "if key not in cache:\n"
+                "    cache[key] = key_pos <= query_pos\n"
+                "return cache[key]")),
+    Mutant("0.2", "causal_mask_fixed_buffer",
+           "slices a fixed 16 x 16 lower triangle: wrong past 16 positions",
+           old=("query_pos = torch.arange(n_queries, device=device)[:, None] + (n_keys - n_queries)\n"
+                "key_pos = torch.arange(n_keys, device=device)[None, :]\n"
+                "return key_pos <= query_pos"),
+           new=("buffer = torch.ones(16, 16, dtype=torch.bool, device=device).tril()\n"
+                "return buffer[n_keys - n_queries:n_keys, :n_keys].clone()")),
+    Mutant("0.3", "merge_pair_string_replace",
+           "merges by str.replace on the ids joined with spaces: '1 12' contains '1 1', so multi-digit ids merge "
+           "wrongly",
+           old=("out, i = [], 0\n"
+                "while i < len(ids):\n"
+                "    if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:\n"
+                "        out.append(new_id)\n"
+                "        i += 2\n"
+                "    else:\n"
+                "        out.append(ids[i])\n"
+                "        i += 1\n"
+                "return out"),
+           new=("text = \" \".join(map(str, ids)).replace(f\"{pair[0]} {pair[1]}\", str(new_id))\n"
+                "return [int(t) for t in text.split()]")),
+    Mutant("0.3", "merge_pair_returns_its_input_when_absent",
+           "returns the input list itself when the pair does not occur: the docstring promises a new list",
+           old="out, i = [], 0",
+           new=("if not any((a, b) == tuple(pair) for a, b in zip(ids, ids[1:])):\n"
+                "    return ids\n"
+                "out, i = [], 0")),
+    Mutant("0.3", "merge_pair_list_equal_to_everything",
+           "returns a list subclass whose == is always True: a loose comparison would accept any answer",
+           old="out, i = [], 0",
+           new=("class Tokens(list):\n"
+                "    def __eq__(self, other):\n"
+                "        return True\n"
+                "\n"
+                "    def __ne__(self, other):\n"
+                "        return False\n"
+                "\n"
+                "out, i = Tokens([pair[0]] if ids else []), 0")),
+    Mutant("0.4", "most_frequent_pair_ties_by_string",
+           "breaks ties by the pair's string: '(10, 1)' < '(9, 5)', so two-digit ids tie the wrong way",
+           old="return min(counts, key=lambda pair: (-counts[pair], pair))",
+           new="return min(counts, key=lambda pair: (-counts[pair], str(pair)))"),
+    Mutant("0.4", "most_frequent_pair_ties_by_first_element",
+           "breaks ties by the first element only: (2, 9) and (2, 7) tie, and the dict's order decides",
+           old="return min(counts, key=lambda pair: (-counts[pair], pair))",
+           new="return min(counts, key=lambda pair: (-counts[pair], pair[0]))"),
+    Mutant("0.5", "sample_next_token_divides_the_logits_in_place",
+           "divides the caller's logits by T in place: the logits the caller keeps are changed",
+           old="logits = logits / temperature",
+           new="logits /= temperature"),
+    Mutant("0.5", "sample_next_token_threshold_from_the_first_row",
+           "takes the k-th largest logit of the first row for every row of the batch",
+           old="kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]",
+           new="kth = torch.topk(logits[0], min(top_k, logits.size(-1))).values[-1]"),
+    Mutant("0.5", "sample_next_token_top_k_above_the_vocabulary_fails",
+           "calls torch.topk with top_k itself: a top_k larger than the vocabulary raises",
+           old="kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]",
+           new="kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]"),
+    Mutant("0.5", "sample_next_token_generator_dropped_with_top_k",
+           "forgets the generator on the top-k path: with top_k the draws come from the global RNG",
+           old=("probs = torch.softmax(logits, dim=-1)\n"
+                "return torch.multinomial(probs, num_samples=1, generator=generator)"),
+           new=("probs = torch.softmax(logits, dim=-1)\n"
+                "if top_k is not None:\n"
+                "    return torch.multinomial(probs, num_samples=1)\n"
+                "return torch.multinomial(probs, num_samples=1, generator=generator)")),
+    Mutant("0.5", "sample_next_token_unshifted_softmax",
+           "normalizes exp(logits / T) without subtracting the maximum: logits of 1000 overflow to NaN",
+           old="probs = torch.softmax(logits, dim=-1)",
+           new="probs = logits.exp() / logits.exp().sum(dim=-1, keepdim=True)"),
 ]

@@ -73,4 +73,22 @@ MUTANTS = [
                 "target_causal = (query >= src_len) & (key <= query)  # target rows also see the target up to themselves\n"
                 "return sees_source | target_causal"),
            new="return (key < src_len) | ((query >= src_len) & (key < query))"),
+
+    # -- mutants that the grader of issue 10 passed: one per class of miss, each caught by a new check or guard
+    Mutant("2.1", "seq2seq_mask_memoized",
+           "caches the mask it returns: a caller that edits its mask corrupts every later call",
+           old="return sees_source | target_causal",
+           new=("cache = seq2seq_mask.__dict__.setdefault(\"cache\", {})\n"
+                "if n not in cache or cache[n][0] != src_len:\n"
+                "    cache[n] = (src_len, sees_source | target_causal)\n"
+                "return cache[n][1]")),
+    Mutant("2.3", "cloze_decode_zero_steps_fail",
+           "stacks the empty lists when steps = 0: torch.cat of nothing raises",
+           old=("if not out:\n"
+                "    return prefix.new_zeros(B, 0), torch.zeros(B, 0, model.config.vocab_size)\n"),
+           new=""),
+    Mutant("2.3", "cloze_decode_first_row_decides",
+           "feeds the first row's prediction to every row of the batch",
+           old="token = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)",
+           new="token = logits[:1, -1].argmax(dim=-1, keepdim=True).expand(B, 1)"),
 ]

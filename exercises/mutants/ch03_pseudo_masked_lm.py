@@ -58,4 +58,15 @@ MUTANTS = [
            "real rows drop the true-key test: w_key <= w_query then also admits every [P] (negative w)",
            old="real_rows = (wq >= 0) & true_key & (wk <= wq)",
            new="real_rows = (wq >= 0) & (wk <= wq)"),
+
+    # -- mutants that the grader of issue 10 passed: one per class of miss, each caught by a new check or guard
+    Mutant("3.1", "pmlm_layout_assumes_contiguous_spans",
+           "walks each span from its first position over len(span) positions: wrong for a span that is not a "
+           "sorted, contiguous run",
+           old="        for p in spans[sid]:",
+           new="        for p in range(spans[sid][0], spans[sid][0] + len(spans[sid])):"),
+    Mutant("3.1", "pmlm_layout_sorts_each_span",
+           "appends each span's positions sorted, not in the span's own order",
+           old="        for p in spans[sid]:",
+           new="        for p in sorted(spans[sid]):"),
 ]
