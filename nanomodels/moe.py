@@ -197,10 +197,9 @@ class MoE(nn.Module):
     ranks of the default process group (E / world each), tokens are exchanged with all_to_all."""
 
     def __init__(self, config: TransformerConfig, linear: type = nn.Linear, *, num_experts: int = 8,
-                 k: int = 1,
-                 capacity_factor: float = 1.0, eval_capacity_fraction: float = 0.25, router: str = "linear",
-                 routing_dim: int = 16, heads: int = 1, d_expert: int = None, dispatch: str = "einsum",
-                 aux_weight: float = 0.01, expert_parallel: bool = False):
+                 k: int = 1, capacity_factor: float = 1.0, eval_capacity_fraction: float = 0.25,
+                 router: str = "linear", routing_dim: int = 16, heads: int = 1, d_expert: int = None,
+                 dispatch: str = "einsum", aux_weight: float = 0.01, expert_parallel: bool = False):
         super().__init__()
         if not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts: must be a positive integer, got {num_experts!r}")
