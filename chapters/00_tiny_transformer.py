@@ -174,11 +174,13 @@ print("reference vs SDPA, max |diff|:", (attention(q, k, v, causal=True) - sdpa_
 # %% [markdown]
 # ## 3. The Transformer, assembled from parts
 #
-# `Transformer(config, attention_fn=..., attention=..., ffn=..., residual=..., linear=..., head=...)`. The defaults make a GPT:
-# SDPA attention, a GELU MLP, **Pre-LN** residuals $x + f(\mathrm{LN}(x))$ with a final LayerNorm, `nn.Linear`, and a language-model
-# head tied to the token embeddings; positions are learned embeddings. Later chapters swap exactly one part: DeepNorm or Sub-LN
-# (ch. 04–05) a residual scheme, dilated attention (ch. 06) an attention function, MoE (ch. 07) the feed-forward, BitLinear (ch. 08)
-# the linear class.
+# `Transformer(config, embed=..., attention_fn=..., attention=..., ffn=..., residual=..., final_norm=..., linear=..., head=...,
+# head_linear=...)`, every part built as `part(config, ...)`. The defaults make a GPT: token + learned position embeddings, SDPA
+# attention, a GELU MLP, **Pre-LN** residuals $x + f(\mathrm{LN}(x))$ with a final LayerNorm, `nn.Linear`, and a language-model
+# head (it owns its loss, cross-entropy) tied to the token embeddings. Post-LN ends every block with a LayerNorm already, so it
+# takes `final_norm=None`. Later chapters swap parts: DeepNorm or Sub-LN (ch. 04–05) the residual scheme, dilated attention
+# (ch. 06) the attention function, MoE (ch. 07) the feed-forward (and adds its load-balancing loss), BitLinear (ch. 08) the
+# linear class of the body, next-token diffusion (ch. 09) the embedding and the head.
 
 # %%
 from nanomodels.transformer import PostNorm, Transformer, TransformerConfig

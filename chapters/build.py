@@ -186,12 +186,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("chapter", help="the chapter number (00, 4, ...) or 'all'")
     parser.add_argument("--execute", action="store_true", help="run the notebook and save its outputs")
-    parser.add_argument("--quick", action="store_true", help="with --execute: quick mode (NANOMODELS_QUICK=1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --execute: quick mode (NANOMODELS_QUICK=1); its outputs are not for committing")
     args = parser.parse_args(argv)
     if args.quick and not args.execute:
         parser.error("--quick only applies with --execute")
-    for number in (sources() if args.chapter == "all" else [args.chapter]):
-        build(number, run=args.execute, quick=args.quick)
+    try:
+        for number in (sources() if args.chapter == "all" else [args.chapter]):
+            build(number, run=args.execute, quick=args.quick)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 if __name__ == "__main__":
