@@ -55,8 +55,8 @@ import torch
 
 import kernels  # noqa: F401  (without a GPU it sets TRITON_INTERPRET=1 before anything imports triton)
 from nanomodels.attention import attention
-from nanomodels.dilated import (dilated_attention, dilated_attention_fn, dilated_branch, geometric_patterns,
-                                head_offsets, merge_by_lse, num_score_entries)
+from nanomodels.dilated import (DilatedAttention, dilated_attention, dilated_branch, geometric_patterns, head_offsets,
+                                longnet, merge_by_lse, num_score_entries)
 from nanomodels.runtime import quick_mode
 
 import dilated_experiments as exp  # chapters/dilated_experiments.py: the benchmark, the toy, the process runs
@@ -225,13 +225,15 @@ plt.show()
 # The kept rows of a (segment, head) are equally spaced, so a Triton program reads them with the row stride
 # $r \cdot$ `stride_t`: no gather, no copy. One program per (query block, segment, batch·head) runs the online softmax
 # of FlashAttention over the kept keys and writes $O$ and the LSE at its rows; `merge_by_lse` combines the patterns.
+# The launcher sets the grid and hands the kernel those dilated row strides (exercise 6.4).
 # Here it runs in Triton's interpreter on the CPU (the compile tier builds it for sm_80 / sm_90 with no spills:
 # `python -m kernels.aot --only dilated_attention`). Forward only: its backward needs the gradient through the LSE.
 
 # %%
-from kernels.dilated_attention import _dilated_fwd_kernel, dilated_attention_kernel
+from kernels.dilated_attention import _dilated_fwd_kernel, dilated_attention_kernel, dilated_branch_kernel
 
 show(_dilated_fwd_kernel)
+show(dilated_branch_kernel)
 
 # %%
 q, k, v = (torch.randn(1, 4, 100 if QUICK else 300, 32) for _ in range(3))
@@ -264,11 +266,11 @@ print(f"bound sum 2 (w/r) H D 8 bytes over the patterns longer than a chunk: {bo
 #
 # The toy of reference note E5: a sequence of filler tokens holds one value, written over 16 consecutive positions
 # (the largest dilation rate, so every head offset meets a copy), ending $D$ positions before a query marker; the
-# model must output the value at the marker. The same one-layer model is trained with three attention functions,
-# swapped in one line:
+# model must output the value at the marker. The same one-layer model is trained with three attention parts,
+# swapped in one line (`exp.reach_model`):
 #
 # ```python
-# Transformer(config, attention_fn=dilated_attention_fn((64, 256, 1024), (1, 4, 16)))   # or sdpa_attention
+# Transformer(config, attention=longnet((64, 256, 1024), (1, 4, 16)))   # local: longnet((64,), (1,)); dense: the default
 # ```
 #
 # local attention $(64, 1)$ sees the last 49 positions before the marker (the marker sits at position 1008, 48 into its
@@ -278,6 +280,7 @@ print(f"bound sum 2 (w/r) H D 8 bytes over the patterns longer than a chunk: {bo
 # (T = 241) and shows that the code runs, not the result.
 
 # %%
+show(DilatedAttention)
 show(exp.reach_batch)
 
 # %%
@@ -314,7 +317,7 @@ plt.show()
 # | 6.1 | `head_offsets` (`nanomodels/dilated.py`) | $s_j = j \bmod r$ for every head, also $H < r$ and $r = 1$ |
 # | 6.2 | `dilated_branch` | kept rows and their LSE, zero elsewhere; padded keys get no weight; $w \ge T, r = 1$ is dense |
 # | 6.3 | `merge_by_lse` | the split-KV identity; disjoint inputs select; uncovered rows give 0; gradients flow through $\alpha$ |
-# | 6.4 | `_dilated_fwd_kernel` (`kernels/dilated_attention.py`) | the strided pointers: the kernel equals `dilated_branch` |
+# | 6.4 | `dilated_branch_kernel` (`kernels/dilated_attention.py`) | the launch: grid and dilated row strides; the kernel equals `dilated_branch` |
 #
 # Known-wrong solutions the grader must reject are in `exercises/mutants/ch06_dilated_attention.py` (offsets ignored,
 # padded keys attended, $\alpha$ detached, mixing by output norm, ...).

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from nanomodels.attention import attention, sdpa_attention
-from nanomodels.dilated import dilated_attention, dilated_attention_fn, num_score_entries
+from nanomodels.dilated import dilated_attention, longnet, num_score_entries
 from nanomodels.transformer import Transformer, TransformerConfig
 
 HERE = Path(__file__).resolve().parent
@@ -151,12 +151,14 @@ def reach_batch(batch: int, cfg: dict, gen: torch.Generator, distance=None):
 
 
 def reach_model(kind: str, cfg: dict, seed: int) -> Transformer:
-    """The same tiny model for every kind; only the attention function differs (the one-line swap)."""
+    """The same tiny model for every kind; only the attention part differs (the one-line swap)."""
     torch.manual_seed(seed)
     config = TransformerConfig(vocab_size=FIRST_VALUE + cfg["n_values"], block_size=cfg["T"],
                                n_layers=cfg["n_layers"], d_model=cfg["d_model"], n_heads=cfg["n_heads"])
     patterns = cfg["patterns"][kind]
-    return Transformer(config, attention_fn=sdpa_attention if patterns is None else dilated_attention_fn(*patterns))
+    if patterns is None:
+        return Transformer(config, attention_fn=sdpa_attention)
+    return Transformer(config, attention=longnet(*patterns))
 
 
 def reach_run(kind: str, seed: int, cfg: dict = REACH, progress=None) -> dict:

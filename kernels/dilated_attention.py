@@ -3,7 +3,7 @@
 One pattern (w, r): head h keeps, in segment i, the rows i*w + s_h + r*t (s_h = h mod r, t = 0 .. w/r - 1).
 Those rows are equally spaced, so a program reads them with the row stride r * stride_t: no gather, no copy.
 
-    grid = (query blocks of the w/r kept rows, segments, B * H)
+    grid = (query blocks of the w/r kept rows, segments, B * H); the launcher passes the row stride r * stride_t
     program: Q~ = BLOCK_M kept rows; for each block of kept keys: S = Q~ K~^T / sqrt(D), online softmax (FA2)
     writes O at its kept rows and LSE = log sum_j exp(S_ij) there; every other row keeps O = 0, LSE = -inf
 
@@ -29,26 +29,23 @@ HEAD_DIMS = (16, 32, 64, 128)
 
 @triton.jit
 def _dilated_fwd_kernel(Q, K, V, OUT, LSE, sm_scale, n_heads, t, w, r,
-                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-                        stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_lb, stride_lh,
+                        stride_qb, stride_qh, stride_qt, stride_qr, stride_kb, stride_kh, stride_kt, stride_kr,
+                        stride_vb, stride_vh, stride_vt, stride_vr, stride_ob, stride_oh, stride_ot, stride_or,
+                        stride_lb, stride_lh,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr):
     pid_m, seg, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // n_heads, bh % n_heads
     first = seg * w + h % r  # position of kept row 0 of this (segment, head)
-    kept = w // r
-    # BEGIN EXERCISE 6.4: dilation as a strided load
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + first.to(tl.int64) * stride_qt
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + first.to(tl.int64) * stride_kt
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + first.to(tl.int64) * stride_vt
     OUT += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + first.to(tl.int64) * stride_ot
-    n_rows = tl.minimum(kept, (t - first + r - 1) // r)  # kept rows that exist (the last segment may be short)
-    step_q, step_k, step_v, step_o = r * stride_qt, r * stride_kt, r * stride_vt, r * stride_ot  # one kept row
-    # END EXERCISE
+    n_rows = tl.minimum(w // r, (t - first + r - 1) // r)  # kept rows that exist (the last segment may be short)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < n_rows
-    q = tl.load(Q + offs_m[:, None].to(tl.int64) * step_q + offs_d[None, :], mask=rows[:, None], other=0.0)
+    q = tl.load(Q + offs_m[:, None].to(tl.int64) * stride_qr + offs_d[None, :], mask=rows[:, None], other=0.0)
     m = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     ell = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -57,7 +54,7 @@ def _dilated_fwd_kernel(Q, K, V, OUT, LSE, sm_scale, n_heads, t, w, r,
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         cols = offs_n < n_rows
-        kt = tl.load(K + offs_n[None, :].to(tl.int64) * step_k + offs_d[:, None], mask=cols[None, :], other=0.0)
+        kt = tl.load(K + offs_n[None, :].to(tl.int64) * stride_kr + offs_d[:, None], mask=cols[None, :], other=0.0)
         s = tl.dot(q, kt) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
         visible = cols[None, :]
         if CAUSAL:
@@ -68,11 +65,11 @@ def _dilated_fwd_kernel(Q, K, V, OUT, LSE, sm_scale, n_heads, t, w, r,
         alpha = tl.exp2(m - m_ref)
         p = tl.exp2(s - m_ref[:, None])
         ell = ell * alpha + tl.sum(p, axis=1)
-        vv = tl.load(V + offs_n[:, None].to(tl.int64) * step_v + offs_d[None, :], mask=cols[:, None], other=0.0)
+        vv = tl.load(V + offs_n[:, None].to(tl.int64) * stride_vr + offs_d[None, :], mask=cols[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv)
         m = m_new
     ell = tl.where(ell == 0.0, 1.0, ell)
-    tl.store(OUT + offs_m[:, None].to(tl.int64) * step_o + offs_d[None, :], (acc / ell[:, None]).to(
+    tl.store(OUT + offs_m[:, None].to(tl.int64) * stride_or + offs_d[None, :], (acc / ell[:, None]).to(
         OUT.dtype.element_ty), mask=rows[:, None])
     lse = (m + tl.log2(ell)) * 0.6931471805599453  # natural log
     lse_rows = LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + first + offs_m.to(tl.int64) * r
@@ -119,9 +116,13 @@ def dilated_branch_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
     lse.fill_(-math.inf)  # ... with LSE = -inf
     if out.shape != q.shape or out.stride(-1) != 1 or lse.shape != (B, H, T) or lse.stride(-1) != 1:
         raise ValueError(f"out, lse: need shapes {tuple(q.shape)} and {(B, H, T)} with contiguous rows")
+    # BEGIN EXERCISE 6.4: dilation as a strided load
     grid = lambda meta: (triton.cdiv(w // r, meta["BLOCK_M"]), triton.cdiv(T, w), B * H)  # noqa: E731
-    _fwd[grid](q, k, v, out, lse, 1.0 / math.sqrt(D), H, T, w, r, *q.stride()[:3], *k.stride()[:3],
-               *v.stride()[:3], *out.stride()[:3], lse.stride(0), lse.stride(1), HEAD_DIM=D, CAUSAL=causal)
+    kept_row = [r * x.stride(2) for x in (q, k, v, out)]  # one kept row to the next: r rows apart
+    # END EXERCISE
+    _fwd[grid](q, k, v, out, lse, 1.0 / math.sqrt(D), H, T, w, r, *q.stride()[:3], kept_row[0], *k.stride()[:3],
+               kept_row[1], *v.stride()[:3], kept_row[2], *out.stride()[:3], kept_row[3], lse.stride(0),
+               lse.stride(1), HEAD_DIM=D, CAUSAL=causal)
     return out, lse
 
 

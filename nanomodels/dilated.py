@@ -121,8 +121,9 @@ def merge_by_lse(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *,
                  detach_weights: bool = False) -> torch.Tensor:
     """sum_i alpha_i O_i with alpha = softmax over i of LSE_i (the split-KV / flash-decoding combine).
 
-    outs: (..., T, D) each, lses: (..., T) each. A row with LSE = -inf in every input gets 0. With
-    detach_weights, alpha is a constant in the backward pass (torchscale's no_grad mixing).
+    outs: P tensors (..., T, D), lses: P tensors (..., T), as lists or stacked along a new first axis. A row
+    with LSE = -inf in every input gets 0. With detach_weights, alpha is a constant in the backward pass
+    (torchscale's no_grad mixing).
     """
     # BEGIN EXERCISE 6.3: the LSE merge
     lse = torch.stack(list(lses))  # (P, ..., T)
