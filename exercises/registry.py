@@ -54,7 +54,7 @@ CHAPTERS = {c.number: c for c in [
     Chapter("04", "deepnet", "DeepNet: DeepNorm for very deep Post-LN Transformers", ("nanomodels/deepnet.py",)),
     Chapter("05", "subln_magneto", "Sub-LN and Magneto", ("nanomodels/subln.py",)),
     Chapter("07", "mixture_of_experts", "sparse mixture of experts: routing, load balance, X-MoE",
-            ("nanomodels/moe.py",)),
+            ("nanomodels/moe.py", "kernels/grouped_gemm.py")),
     Chapter("08", "bitlinear", "BitNet b1.58: ternary weights, 8-bit activations", ("nanomodels/bitlinear.py",)),
     Chapter("09", "next_token_diffusion", "LatentLM: next-token diffusion",
             ("nanomodels/diffusion.py", "nanomodels/sigma_vae.py")),

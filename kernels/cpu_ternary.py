@@ -6,6 +6,7 @@ source hash. Without a compiler, `available()` says why and the tests skip with 
     from kernels.cpu_ternary import ternary_gemm_cpu
     y = ternary_gemm_cpu(x_codes, packed, K)     # int8 (M, K) x packed (N, ceil(K/4)) -> int32 (M, N), exact
     TernaryLinear.from_bitlinear(layer, gemm=ternary_gemm_cpu)    # the drop-in integer matmul of a BitLinear
+    use_cpu_kernel(to_ternary(model))      # every BitLinear's inference (norm, quant, GEMV, rescale) in one C call
 
     python -m kernels.cpu_ternary [--n 8192] [--repeats 15]      # the benchmark (1 thread, medians)
 """
@@ -50,8 +51,8 @@ def build() -> Path:
     if not lib.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run([compiler, "-O3", "-std=c11", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)], check=True,
-                       capture_output=True, text=True)
+        subprocess.run([compiler, "-O3", "-std=c11", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp), "-lm"],
+                       check=True, capture_output=True, text=True)
         tmp.replace(lib)  # atomic: a concurrent build never sees half a file
     return lib
 
@@ -64,9 +65,13 @@ def load() -> ctypes.CDLL:
         getattr(lib, name).argtypes = args
         getattr(lib, name).restype = None
     lib.ternary_has_avx2.restype = ctypes.c_int
+    lib.bitlinear_f32.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_float,
+                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    lib.bitlinear_f32.restype = None
     return lib
 
 
+@functools.lru_cache(maxsize=None)
 def available(version: str = "avx2") -> tuple:
     """(True, "") when `version` can run here, else (False, the reason)."""
     if c_compiler() is None:
@@ -100,6 +105,36 @@ def ternary_gemm_cpu(x_codes: torch.Tensor, packed: torch.Tensor, K: int, *, ver
     fn = load().ternary_gemm_avx2 if version == "avx2" else load().ternary_gemm_scalar
     fn(w.data_ptr(), x.data_ptr(), y.data_ptr(), x.size(0), w.size(0), K)
     return y
+
+
+def bitlinear_cpu(x: torch.Tensor, layer) -> torch.Tensor:
+    """A TernaryLinear's forward in one C call (version 3): RMSNorm, int8 codes, the 2-bit GEMV, the rescales.
+    x: float32 CPU (..., in_features) -> float32 (..., out_features)."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.is_cuda or x.size(-1) != layer.in_features:
+        raise ValueError(f"x: a float32 CPU tensor with last dimension {layer.in_features}, got "
+                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+    ok, why = available("scalar")
+    if not ok:
+        raise RuntimeError(f"bitlinear_cpu: {why}")
+    rows = x.reshape(-1, layer.in_features).contiguous()
+    gain = layer.norm_weight.float().contiguous()
+    y = torch.empty(rows.size(0), layer.out_features, dtype=torch.float32)
+    load().bitlinear_f32(rows.data_ptr(), gain.data_ptr(), layer.eps, layer.packed.data_ptr(),
+                         float(layer.weight_scale), y.data_ptr(), rows.size(0), layer.out_features,
+                         layer.in_features)
+    y = y.view(*x.shape[:-1], layer.out_features)
+    return y if layer.bias is None else y + layer.bias
+
+
+def use_cpu_kernel(model: torch.nn.Module) -> torch.nn.Module:
+    """In place: every TernaryLinear of `model` runs its forward by `bitlinear_cpu` (the same buffers and
+    state_dict). Returns the model."""
+    from nanomodels.bitlinear import TernaryLinear
+
+    for m in model.modules():
+        if isinstance(m, TernaryLinear):
+            m.forward = functools.partial(bitlinear_cpu, layer=m)
+    return model
 
 
 def _median_ms(fn, repeats: int) -> float:

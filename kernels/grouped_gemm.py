@@ -84,20 +84,24 @@ def _grouped_gemm_dw_kernel(A, G, DW, A_ROWS, G_ROWS, EXPERT_BLOCKS, N, K, strid
 
 
 def align_by_expert(experts: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
-    """experts (P,) expert id per pair -> (order (P_pad,) pair index or -1, block_expert (P_pad / BM,) int32,
-    expert_blocks (E + 1,) int32: expert e owns blocks expert_blocks[e] .. expert_blocks[e + 1] - 1)."""
+    """The sort-and-pad metadata. experts (P,) expert id of each (token, choice) pair ->
+    order (P_pad,) int64: pair indices sorted by expert (token order kept inside an expert), each expert's run
+        padded with -1 to a multiple of block_m, so that every block of block_m rows holds one expert's pairs;
+    block_expert (P_pad / block_m,) int32: the expert of each block;
+    expert_blocks (E + 1,) int32: expert e owns blocks expert_blocks[e] .. expert_blocks[e + 1] - 1."""
+    # BEGIN EXERCISE 7.4: the sort-and-pad metadata of the grouped GEMM
     counts = torch.bincount(experts, minlength=num_experts)
-    blocks = (counts + block_m - 1) // block_m
+    blocks = (counts + block_m - 1) // block_m  # ceil: a partial block is padded
     expert_blocks = F.pad(blocks.cumsum(0), (1, 0)).to(torch.int32)
-    total = int(expert_blocks[-1]) * block_m
     sorted_pairs = torch.argsort(experts, stable=True)
-    start = (expert_blocks[:-1].long() * block_m).repeat_interleave(counts)  # where each expert's run begins
-    rank = torch.arange(len(experts), device=experts.device) - F.pad(counts.cumsum(0), (1, 0))[:-1].repeat_interleave(
-        counts)
-    order = torch.full((total,), -1, dtype=torch.int64, device=experts.device)
-    order[start + rank] = sorted_pairs
+    run_start = (expert_blocks[:-1].long() * block_m).repeat_interleave(counts)  # padded start of each pair's run
+    first_of_expert = F.pad(counts.cumsum(0), (1, 0))[:-1].repeat_interleave(counts)  # in sorted_pairs
+    rank = torch.arange(len(experts), device=experts.device) - first_of_expert  # position inside its expert
+    order = torch.full((int(expert_blocks[-1]) * block_m,), -1, dtype=torch.int64, device=experts.device)
+    order[run_start + rank] = sorted_pairs
     block_expert = torch.arange(num_experts, device=experts.device).repeat_interleave(blocks).to(torch.int32)
     return order, block_expert, expert_blocks
+    # END EXERCISE
 
 
 def _launch(a, w, a_rows, c_rows, block_expert, out, trans_w=True):

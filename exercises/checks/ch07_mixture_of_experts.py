@@ -1,4 +1,5 @@
-"""Chapter 07's graded checks: top-k routing with capacity, the load-balancing loss, the X-MoE scores.
+"""Chapter 07's graded checks: top-k routing with capacity, the load-balancing loss, the X-MoE scores, and the
+grouped GEMM's sort-and-pad metadata (kernels/grouped_gemm.py).
 
 Each check tests the mechanism in float64 against the learner's function (its first argument), with naive loop
 oracles. Known-wrong solutions: exercises/mutants/ch07_mixture_of_experts.py.
@@ -165,6 +166,59 @@ def xmoe_scores_bounded_and_scale_free(xmoe_scores, c, seed):
             raise Violation(f"scaling {what} by {c} changed the scores by {(scaled - base).abs().max():.3g}")
 
 
+# ---- 7.4 the grouped GEMM's sort-and-pad metadata -------------------------------------------------------
+
+def _align(align_by_expert, experts, E, block_m):
+    out = align_by_expert(experts, E, block_m)
+    if not (isinstance(out, tuple) and len(out) == 3):
+        raise Violation(f"expected (order, block_expert, expert_blocks), got {type(out).__name__}")
+    return [t.long() for t in out]
+
+
+@check("every block of block_m rows holds one expert's pairs (block_expert says which), each pair appears once, "
+       "in token order inside its expert, padding (-1) follows the pairs, and each expert gets ceil(count / block_m) "
+       "blocks, from expert_blocks[e] to expert_blocks[e + 1]", n=st.integers(0, 80), E=st.integers(1, 5),
+       block_m=st.sampled_from([1, 4, 16]), seed=st.integers(0, 10_000))
+def alignment_layout(align_by_expert, n, E, block_m, seed):
+    experts = torch.randint(0, E, (n,), generator=torch.Generator().manual_seed(seed))
+    order, block_expert, expert_blocks = _align(align_by_expert, experts, E, block_m)
+    if len(order) != len(block_expert) * block_m or len(expert_blocks) != E + 1 or int(expert_blocks[0]) != 0:
+        raise Violation(f"lengths: order {len(order)}, block_expert {len(block_expert)}, expert_blocks "
+                        f"{len(expert_blocks)} (need len(order) = block_m * len(block_expert), E + 1 starting at 0)")
+    for e in range(E):
+        mine = (experts == e).nonzero().flatten()
+        lo, hi = int(expert_blocks[e]), int(expert_blocks[e + 1])
+        if hi - lo != -(-len(mine) // block_m):
+            raise Violation(f"expert {e} has {len(mine)} pairs and {hi - lo} blocks; it needs ceil(count / block_m)")
+        if (block_expert[lo:hi] != e).any():
+            raise Violation(f"blocks {lo}..{hi - 1} belong to expert {e}, block_expert says {block_expert[lo:hi].tolist()}")
+        run = order[lo * block_m:hi * block_m]
+        if not torch.equal(run[:len(mine)], mine) or (run[len(mine):] != -1).any():
+            raise Violation(f"expert {e}'s rows are {run.tolist()}; expected its pairs {mine.tolist()} in token "
+                            f"order, then -1")
+
+
+@check("the metadata drives a grouped matmul: out[order[p]] = a[order[p]] @ W[block_expert[p // block_m]] gives "
+       "a[i] @ W[experts[i]] for every pair i", n=st.integers(1, 60), E=st.integers(1, 5),
+       block_m=st.sampled_from([2, 8]), seed=st.integers(0, 10_000))
+def alignment_drives_a_grouped_matmul(align_by_expert, n, E, block_m, seed):
+    g = torch.Generator().manual_seed(seed)
+    experts = torch.randint(0, E, (n,), generator=g)
+    a, W = torch.randn(n, 3, generator=g, dtype=F64), torch.randn(E, 3, 2, generator=g, dtype=F64)
+    order, block_expert, _ = _align(align_by_expert, experts, E, block_m)
+    out = torch.full((n, 2), float("nan"), dtype=F64)
+    for p, i in enumerate(order.tolist()):
+        if i >= 0:
+            if not 0 <= p // block_m < len(block_expert) or not 0 <= i < n:
+                raise Violation(f"row {p} (pair {i}) has no block or no pair")
+            out[i] = a[i] @ W[int(block_expert[p // block_m])]
+    want = torch.einsum("nk,nkj->nj", a, W[experts])
+    if not torch.allclose(out, want, atol=1e-12) or out.isnan().any():
+        missing = out.isnan().any(-1).nonzero().flatten().tolist()
+        raise Violation(f"pairs {missing[:8]} were never computed" if missing else
+                        "some pair was multiplied by another expert's weight")
+
+
 EXERCISES = {
     "7.1": Exercise(points=4, checks=[routing_matches_the_rule, capacity_one_keeps_the_first_token,
                                       routing_returns_probs_and_aux],
@@ -177,4 +231,8 @@ EXERCISES = {
     "7.3": Exercise(points=2, checks=[xmoe_scores_equation, xmoe_scores_bounded_and_scale_free],
                     hint="Project h with W (h @ W.T), L2-normalize it and the expert embeddings (F.normalize), "
                          "take the dot products, divide by tau."),
+    "7.4": Exercise(points=3, checks=[alignment_layout, alignment_drives_a_grouped_matmul],
+                    hint="bincount the experts; ceil-divide by block_m for the blocks; a stable argsort groups the "
+                         "pairs by expert in token order; a pair's row is its expert's first padded row plus its "
+                         "rank among that expert's pairs; repeat_interleave gives one expert id per block."),
 }

@@ -49,4 +49,19 @@ MUTANTS = [
            "multiplies by tau instead of dividing",
            old="return token @ experts.t() / temperature",
            new="return token @ experts.t() * temperature"),
+    Mutant("7.4", "align_by_expert_floor_blocks",
+           "rounds each expert's block count down, so a partial block of pairs has no rows",
+           old="blocks = (counts + block_m - 1) // block_m  # ceil: a partial block is padded",
+           new="blocks = counts // block_m"),
+    Mutant("7.4", "align_by_expert_unpadded_runs",
+           "packs the experts' runs back to back without padding: a block can hold two experts' pairs",
+           old="run_start = (expert_blocks[:-1].long() * block_m).repeat_interleave(counts)  # padded start of each "
+               "pair's run",
+           new="run_start = F.pad(counts.cumsum(0), (1, 0))[:-1].repeat_interleave(counts)"),
+    Mutant("7.4", "align_by_expert_one_label_per_expert",
+           "gives each expert one block label however many blocks it has",
+           old="block_expert = torch.arange(num_experts, device=experts.device).repeat_interleave(blocks)"
+               ".to(torch.int32)",
+           new="block_expert = torch.arange(num_experts, device=experts.device)[blocks > 0]"
+               ".repeat_interleave(blocks[blocks > 0].clamp(max=1)).to(torch.int32)"),
 ]

@@ -74,6 +74,30 @@ class TestCPU:
         assert_close(fast(x), layer(x), f"TernaryLinear with the {version} C kernel vs BitLinear", 1e-4)
 
 
+@needs_cpu_kernel("scalar")
+def test_fused_c_bitlinear_equals_the_ternary_linear_forward():
+    from kernels.cpu_ternary import bitlinear_cpu, use_cpu_kernel
+    from nanomodels.bitlinear import BitNetResidual, to_ternary
+    from nanomodels.transformer import Transformer, TransformerConfig
+
+    torch.manual_seed(2)
+    layer = BitLinear(300, 40, bias=True)
+    with torch.no_grad():
+        layer.norm_weight.uniform_(0.5, 1.5)
+    fast = TernaryLinear.from_bitlinear(layer)
+    x = randn(2, 5, 300, seed=3)
+    assert_close(bitlinear_cpu(x, fast), fast(x), "one C call vs TernaryLinear (RMSNorm, quant, GEMV, rescale)", 1e-4)
+    cfg = TransformerConfig(vocab_size=40, block_size=16, n_layers=2, d_model=64, n_heads=4, bias=False,
+                            tie_weights=False)
+    model = to_ternary(Transformer(cfg, linear=BitLinear, residual=BitNetResidual).eval())
+    idx = torch.randint(0, 40, (2, 12))
+    reference, _ = model(idx)
+    fused, _ = use_cpu_kernel(model)(idx)
+    assert_close(fused, reference, "model logits with every BitLinear in one C call", 1e-4)
+    with pytest.raises(ValueError, match="x:"):
+        bitlinear_cpu(x.double(), fast)
+
+
 def test_cpu_kernel_rejects_bad_arguments():
     x, codes = int_operands(2, 3, 10, 0)
     packed = pack_ternary(codes)
