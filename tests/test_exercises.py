@@ -272,6 +272,94 @@ def test_mutant_loses_its_exercise_points(chapter, mutant, mutant_reports):
     assert all(c["message"] for c in e["checks"] if not c["passed"])
 
 
+# ---- the classes of misses: each has mutants the previous grader passed, caught now with a faithful message ----
+
+# class -> (chapter, mutant, text a failing check's message must contain, or None)
+CLASSES = {
+    "an argument edited in place": [("00", "sample_next_token_divides_the_logits_in_place",
+                                     "changed its argument `logits` in place"),
+                                    ("00", "attention_scales_q_in_place", "changed its argument `q` in place"),
+                                    ("04", "deepnorm_scales_x_in_place", "changed its argument `x` in place")],
+    "wide values: scores far beyond +-30": [("00", "attention_fill_minus_1e4", "fill value"),
+                                            ("00", "attention_unshifted_softmax", "NaN"),
+                                            ("00", "sample_next_token_unshifted_softmax", None)],
+    "ids of several digits and past a byte": [("00", "merge_pair_string_replace", "expected"),
+                                              ("00", "most_frequent_pair_ties_by_string", "the tie goes to")],
+    "rows of a batch that differ": [("00", "sample_next_token_threshold_from_the_first_row", "per row"),
+                                    ("02", "cloze_decode_first_row_decides", "differ")],
+    "spans unsorted and not contiguous": [("03", "pmlm_layout_assumes_contiguous_spans", "expected"),
+                                          ("03", "pmlm_layout_sorts_each_span", "expected")],
+    "sizes above 16": [("00", "causal_mask_fixed_buffer", None)],
+    "arguments and paths never exercised": [("00", "causal_mask_ignores_the_device", "device"),
+                                            ("00", "sample_next_token_top_k_above_the_vocabulary_fails", None),
+                                            ("00", "sample_next_token_generator_dropped_with_top_k", "generator"),
+                                            ("02", "cloze_decode_zero_steps_fail", None),
+                                            ("04", "deepnorm_init_returns_nothing", "return model"),
+                                            ("05", "subln_init_returns_nothing", "return model")],
+    "float32 and float16": [("00", "attention_fill_minus_1e9", "Half"),
+                            ("00", "attention_computes_in_float64", "dtype"),
+                            ("04", "deepnorm_in_float64", "dtype"),
+                            ("05", "subln_ffn_returns_float64", "dtype")],
+    "fresh returned tensors and lists": [("00", "causal_mask_memoized", "a tensor it keeps"),
+                                         ("02", "seq2seq_mask_memoized", "a tensor it keeps"),
+                                         ("00", "merge_pair_returns_its_input_when_absent", "input list itself")],
+    "statistics that pin the distribution, exact values": [
+        ("04", "deepnorm_init_xavier_uniform", "uniform"), ("05", "subln_init_xavier_uniform", "uniform"),
+        ("04", "deepnorm_constants_copies_the_table", "do not copy the table"),
+        ("05", "subln_gamma_copies_the_table", "to 1e-12")],
+    "hard cases as @example": [("00", "most_frequent_pair_ties_by_first_element", "the tie goes to")],
+    "faithful diagnoses": [("04", "deepnorm_init_leaves_queries_and_keys", "was not re-initialized"),
+                           ("04", "deepnorm_layernorm_written_out_without_eps", "eps"),
+                           ("05", "subln_init_scales_the_inner_norms", "untouched"),
+                           ("03", "pmlm_mask_unbatched", "a batch")],
+    "type-exact comparisons": [("00", "merge_pair_list_equal_to_everything", "plain list"),
+                               ("04", "deepnorm_constants_returns_tensors", "Python floats")],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls, number, name, needle", [pytest.param(k, *v, id=f"{k}: {v[1]}")
+                                                        for k, vs in CLASSES.items() for v in vs])
+def test_each_class_of_miss_is_caught_with_a_faithful_message(cls, number, name, needle, mutant_reports):
+    report = mutant_reports[number, name]
+    (e,) = report["exercises"]
+    assert e["points"] == 0, f"{cls}: mutant {name} keeps its points\n{format_report(report)}"
+    messages = " | ".join(c["message"] for c in e["checks"] if not c["passed"])
+    assert needle is None or needle in messages, f"{cls}: mutant {name} is caught, but the message does not say " \
+                                                 f"{needle!r}: {messages}"
+
+
+LIBRARY = """
+import nanomodels.tokenizer as library_tokenizer
+import torch
+
+from nanomodels.attention import attention  # noqa: F401 - the library's own 0.1, imported
+
+
+def causal_mask(n_queries, n_keys=None, device=None):
+    n_keys = n_queries if n_keys is None else n_keys
+    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(diagonal=n_keys - n_queries)
+
+
+def most_frequent_pair(counts):  # a wrapper around the library's own 0.4
+    return library_tokenizer.most_frequent_pair(counts)
+"""
+
+
+@pytest.mark.slow
+def test_the_library_own_functions_imported_or_wrapped_earn_no_points(tmp_path):
+    student = tmp_path / "library.py"
+    student.write_text(LIBRARY)
+    report = grade(CH00, Source("file", str(student)), ["0.1", "0.2", "0.4"])
+    status = {e["id"]: e for e in report["exercises"]}
+    assert status["0.1"]["status"] == "library" and status["0.1"]["points"] == 0, summary(report)
+    assert "imported, not written" in status["0.1"]["checks"][0]["message"]
+    assert status["0.4"]["points"] == 0, summary(report)
+    assert any("calls the library's own `most_frequent_pair`" in c["message"] for c in status["0.4"]["checks"])
+    assert status["0.2"]["status"] == "passed", summary(report)  # written by the learner: full marks
+    assert "library" in format_report(report)
+
+
 # ---- containment -------------------------------------------------------------------------------------------
 
 UNRULY = '''

@@ -69,4 +69,10 @@ MUTANTS = [
            "appends each span's positions sorted, not in the span's own order",
            old="        for p in spans[sid]:",
            new="        for p in sorted(spans[sid]):"),
+    Mutant("3.2", "pmlm_mask_unbatched",
+           "indexes the first axis (kind[:, None]) instead of the last: a batch (B, L) gets a wrong-shaped mask",
+           old=("kq, kk = kind[..., :, None], kind[..., None, :]\n"
+                "sq, sk = step[..., :, None], step[..., None, :]"),
+           new=("kq, kk = kind[:, None], kind[None, :]\n"
+                "sq, sk = step[:, None], step[None, :]")),
 ]

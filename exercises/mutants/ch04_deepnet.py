@@ -25,22 +25,20 @@ MUTANTS = [
            new="    return {\"encoder\": (0.81 * (N ** 4 * M) ** (1 / 16), 1.15 * (N ** 4 * M) ** (-1 / 16)),"),
     Mutant("4.3", "deepnorm_init_beta_on_queries_and_keys",
            "applies gain beta to q_proj and k_proj too (the paper keeps them at gain 1)",
-           old=("    leaf = name.rsplit(\".\", 1)[-1]\n"
-                "    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=beta)\n"
-                "    elif leaf in (\"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=1.0)"),
-           new=("    if name.rsplit(\".\", 1)[-1] in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\", \"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=beta)")),
+           old="return init_branches_(model, beta, qk_gain=1.0)",
+           new="return init_branches_(model, beta, qk_gain=beta)"),
     Mutant("4.3", "deepnorm_init_divides_by_beta",
            ("uses gain 1 / beta (torchscale divides by init_scale = 1 / beta; dividing by beta itself up-"
             "scales)"),
-           old="        nn.init.xavier_normal_(module.weight, gain=beta)",
-           new="        nn.init.xavier_normal_(module.weight, gain=1 / beta)"),
+           old="return init_branches_(model, beta, qk_gain=1.0)",
+           new="return init_branches_(model, 1 / beta, qk_gain=1.0)"),
     Mutant("4.3", "deepnorm_init_scales_embeddings_and_head",
            "also re-initializes the embeddings and the LM head with gain beta (the paper leaves them alone)",
-           old="    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):",
-           new="    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\", \"wte\", \"wpe\", \"proj\"):"),
+           old="return init_branches_(model, beta, qk_gain=1.0)",
+           new=("for name, module in model.named_modules():\n"
+                "    if name.rsplit(\".\", 1)[-1] in (\"wte\", \"wpe\", \"proj\"):\n"
+                "        torch.nn.init.xavier_normal_(module.weight, gain=beta)\n"
+                "return init_branches_(model, beta, qk_gain=1.0)")),
     Mutant("4.2", "deepnorm_norm_before_the_add",
            ("normalizes the stream before adding the branch, LN(alpha x) + G(x): a Pre-LN-like sum, not "
             "DeepNorm"),
@@ -52,14 +50,17 @@ MUTANTS = [
            new="return alpha * x + g"),
 
     # -- mutants that the grader of issue 10 passed: one per class of miss, each caught by a new check or guard
-    Mutant("4.1", "deepnorm_constants_rounded_to_the_table",
-           "returns the constants rounded to the table's 4 decimals",
+    Mutant("4.1", "deepnorm_constants_copies_the_table",
+           "returns the paper table's 4-decimal values for the N it lists, the formula for every other N",
            old="return {side: ((2 * L) ** (1 / 4), (8 * L) ** (-1 / 4))}",
-           new="return {side: (round((2 * L) ** (1 / 4), 4), round((8 * L) ** (-1 / 4), 4))}"),
+           new=("table = {6: (1.8612, 0.3799), 12: (2.2134, 0.3195), 18: (2.4495, 0.2887), 24: (2.6321, 0.2686),\n"
+                "         100: (3.7606, 0.1880), 1000: (6.6874, 0.1057)}\n"
+                "return {side: table.get(L, ((2 * L) ** (1 / 4), (8 * L) ** (-1 / 4)))}")),
     Mutant("4.1", "deepnorm_constants_returns_tensors",
-           "returns 0-d tensors instead of Python floats",
+           "returns 0-d float64 tensors instead of Python floats",
            old="return {side: ((2 * L) ** (1 / 4), (8 * L) ** (-1 / 4))}",
-           new="return {side: (torch.tensor((2 * L) ** (1 / 4)), torch.tensor((8 * L) ** (-1 / 4)))}"),
+           new=("return {side: (torch.tensor((2 * L) ** (1 / 4), dtype=torch.float64),\n"
+                "                torch.tensor((8 * L) ** (-1 / 4), dtype=torch.float64))}")),
     Mutant("4.2", "deepnorm_scales_x_in_place",
            "scales the caller's residual stream in place (x.mul_(alpha))",
            old="return norm(alpha * x + g)",
@@ -76,21 +77,24 @@ MUTANTS = [
            new="return norm.double()(alpha * x.double() + g.double())"),
     Mutant("4.3", "deepnorm_init_xavier_uniform",
            "uses xavier_uniform_: the right std, the wrong distribution",
-           old=("    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=beta)\n"
-                "    elif leaf in (\"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=1.0)"),
-           new=("    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
+           old="return init_branches_(model, beta, qk_gain=1.0)",
+           new=("for name, module in model.named_modules():\n"
+                "    leaf = name.rsplit(\".\", 1)[-1]\n"
+                "    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
                 "        nn.init.xavier_uniform_(module.weight, gain=beta)\n"
                 "    elif leaf in (\"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_uniform_(module.weight, gain=1.0)")),
+                "        nn.init.xavier_uniform_(module.weight, gain=1.0)\n"
+                "return model")),
     Mutant("4.3", "deepnorm_init_returns_nothing",
            "forgets `return model`: `model = deepnorm_init_(model, beta)` gives None",
-           old="return model",
-           new="return None"),
+           old="return init_branches_(model, beta, qk_gain=1.0)",
+           new=("init_branches_(model, beta, qk_gain=1.0)\n"
+                "return None")),
     Mutant("4.3", "deepnorm_init_leaves_queries_and_keys",
            "never re-draws q_proj and k_proj (they keep their previous init)",
-           old=("    elif leaf in (\"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=1.0)\n"),
-           new=""),
+           old="return init_branches_(model, beta, qk_gain=1.0)",
+           new=("for name, module in model.named_modules():\n"
+                "    if name.rsplit(\".\", 1)[-1] in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
+                "        nn.init.xavier_normal_(module.weight, gain=beta)\n"
+                "return model")),
 ]

@@ -47,56 +47,51 @@ MUTANTS = [
                 "return {side: math.log(2 * L)}")),
     Mutant("5.3", "subln_init_divides_by_gamma",
            "divides by gamma (the DeepNet habit): gain 1 / gamma, but Sub-LN's gamma > 1 multiplies",
-           old="        nn.init.xavier_normal_(module.weight, gain=gamma)",
-           new="        nn.init.xavier_normal_(module.weight, gain=1 / gamma)"),
+           old="return init_branches_(model, gamma, qk_gain=1.0)",
+           new="return init_branches_(model, 1 / gamma, qk_gain=1.0)"),
     Mutant("5.3", "subln_init_gamma_on_queries_and_keys",
            "applies gain gamma to q_proj and k_proj too (the paper keeps them at gain 1)",
-           old=("    leaf = name.rsplit(\".\", 1)[-1]\n"
-                "    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=gamma)\n"
-                "    elif leaf in (\"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=1.0)"),
-           new=("    if name.rsplit(\".\", 1)[-1] in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\", \"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=gamma)")),
+           old="return init_branches_(model, gamma, qk_gain=1.0)",
+           new="return init_branches_(model, gamma, qk_gain=gamma)"),
     Mutant("5.3", "subln_init_torchscale_default_times_gamma",
            ("multiplies the existing (non-xavier) init by gamma, as torchscale does, instead of xavier normal"
             " with gain gamma"),
-           old=("for name, module in model.named_modules():\n"
-                "    leaf = name.rsplit(\".\", 1)[-1]\n"
-                "    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=gamma)\n"
-                "    elif leaf in (\"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=1.0)"),
+           old="return init_branches_(model, gamma, qk_gain=1.0)",
            new=("with torch.no_grad():\n"
                 "    for name, module in model.named_modules():\n"
                 "        if name.rsplit(\".\", 1)[-1] in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "            module.weight.mul_(gamma)")),
+                "            module.weight.mul_(gamma)\n"
+                "return model")),
 
     # -- mutants that the grader of issue 10 passed: one per class of miss, each caught by a new check or guard
-    Mutant("5.1", "subln_gamma_rounded_to_the_table",
-           "returns gamma rounded to the table's 4 decimals",
+    Mutant("5.1", "subln_gamma_copies_the_table",
+           "returns the table's 4-decimal gamma for the N it lists, the formula for every other N",
            old="return {side: math.sqrt(math.log(2 * L))}",
-           new="return {side: round(math.sqrt(math.log(2 * L)), 4)}"),
-    Mutant("5.2", "subln_ffn_in_float64",
-           "computes in float64 whatever the input dtype",
+           new="return {side: {6: 1.5764, 12: 1.7827, 24: 1.9675}.get(L, math.sqrt(math.log(2 * L)))}"),
+    Mutant("5.2", "subln_ffn_returns_float64",
+           "returns float64 whatever the input dtype: a float32 model gets float64 activations",
            old="return fc2(inner_norm(F.gelu(fc1(x))))",
-           new="return fc2.double()(inner_norm.double()(F.gelu(fc1.double()(x.double()))))"),
+           new="return fc2(inner_norm(F.gelu(fc1(x)))).double()"),
     Mutant("5.3", "subln_init_xavier_uniform",
            "uses xavier_uniform_: the right std, the wrong distribution",
-           old=("    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=gamma)"),
-           new=("    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "        nn.init.xavier_uniform_(module.weight, gain=gamma)")),
+           old="return init_branches_(model, gamma, qk_gain=1.0)",
+           new=("for name, module in model.named_modules():\n"
+                "    leaf = name.rsplit(\".\", 1)[-1]\n"
+                "    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
+                "        nn.init.xavier_uniform_(module.weight, gain=gamma)\n"
+                "    elif leaf in (\"q_proj\", \"k_proj\"):\n"
+                "        nn.init.xavier_uniform_(module.weight, gain=1.0)\n"
+                "return model")),
     Mutant("5.3", "subln_init_returns_nothing",
            "forgets `return model`",
-           old="return model",
-           new="return None"),
+           old="return init_branches_(model, gamma, qk_gain=1.0)",
+           new=("init_branches_(model, gamma, qk_gain=1.0)\n"
+                "return None")),
     Mutant("5.3", "subln_init_scales_the_inner_norms",
            "also sets the inner LayerNorms' weights to gamma",
-           old=("    elif leaf in (\"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=1.0)"),
-           new=("    elif leaf in (\"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=1.0)\n"
-                "    elif leaf == \"inner_norm\":\n"
-                "        nn.init.constant_(module.weight, gamma)")),
+           old="return init_branches_(model, gamma, qk_gain=1.0)",
+           new=("for name, module in model.named_modules():\n"
+                "    if name.rsplit(\".\", 1)[-1] == \"inner_norm\":\n"
+                "        nn.init.constant_(module.weight, gamma)\n"
+                "return init_branches_(model, gamma, qk_gain=1.0)")),
 ]
