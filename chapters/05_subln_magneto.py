@@ -150,6 +150,35 @@ idx = torch.randint(0, 32, (2, 16))
 print("inner norms = identity, gamma = 1: logits bit-identical to Pre-LN:", torch.equal(sub(idx)[0], pre(idx)[0]))
 
 # %% [markdown]
+# **Where the invariance stops.** Only $W^V$'s scale cancels. Scaling $W_1$ (no bias) changes the feed-forward's output,
+# because GELU is not scale-invariant; and $\gamma$ also multiplies $W^O$ and $W_2$, which act *after* the inner norms, so a
+# Magneto model initialized with gain $\gamma$ computes a different function from the same draw with gain 1. Measured on the
+# 24-layer toy ($\gamma = 1.97$), float64, the same random draws for both inits:
+
+# %%
+cfg24 = TransformerConfig(vocab_size=32, block_size=32, n_layers=24, d_model=32, n_heads=4, d_ff=64, bias=False)
+gamma24 = subln_gamma(decoder_layers=24)["decoder"]
+torch.manual_seed(0)
+ffn = SubLNMLP(cfg24).double()
+h = torch.randn(4, 16, 32, dtype=torch.float64)
+base = ffn(h)
+with torch.no_grad():
+    ffn.fc1.weight.mul_(gamma24)
+print(f"W_1 x {gamma24:.2f}: relative change of the Sub-LN feed-forward's output "
+      f"{((ffn(h) - base).norm() / base.norm()).item():.1%} (W^V x c above: round-off only)")
+models = {}
+for gain in (gamma24, 1.0):
+    torch.manual_seed(1)
+    models[gain] = subln_init_(Transformer(cfg24, attention=SubLNAttention, ffn=SubLNMLP), gain).double()
+idx = torch.randint(0, 32, (4, 32), generator=torch.Generator().manual_seed(2))
+branch = {g: m.blocks[0].ffn(torch.randn(4, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+          for g, m in models.items()}
+logits = {g: m(idx)[0] for g, m in models.items()}
+print(f"gain gamma vs gain 1, same draws: first block's feed-forward output x "
+      f"{(branch[gamma24].norm() / branch[1.0].norm()).item():.2f}, logits change by "
+      f"{((logits[gamma24] - logits[1.0]).norm() / logits[1.0].norm()).item():.1%}")
+
+# %% [markdown]
 # ## 3. The init: xavier normal with gain $\gamma$ (exercise 5.3)
 #
 # Paper vs official code: torchscale (@ 4d1e0e8) multiplies PyTorch's `nn.Linear` default init by $\gamma$ (never xavier: its
