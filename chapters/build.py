@@ -99,6 +99,12 @@ def is_show_cell(source: str) -> bool:
     return shows > 0
 
 
+def calls_show(source: str) -> bool:
+    """True for a cell that calls `show(...)` anywhere."""
+    return any(isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "show"
+               for node in ast.walk(ast.parse(source)))
+
+
 def refresh_show_cells(nb: nbformat.NotebookNode, cwd: Path = HERE) -> int:
     """Re-render the output of every show cell in this process; returns how many.
 
@@ -176,6 +182,10 @@ def build(number: str, *, run: bool = False, quick: bool = False) -> Path:
         kept = keep_outputs(nb, nbformat.read(path, as_version=4)) if path.exists() else 0
         shown = refresh_show_cells(nb)
         note = f"kept the outputs of {kept} unchanged code cells, re-rendered {shown} show cells"
+        frozen = [i for i, code in enumerate(code_sources(nb)) if calls_show(code) and not is_show_cell(code)]
+        if frozen:
+            note += (f"; code cells {frozen} call show() among other code: the source they print is refreshed only "
+                     "by --execute (a show cell of its own is refreshed at every build)")
     nbformat.validate(nb)
     nbformat.write(nb, path)
     print(f"wrote chapters/{path.name}: {note}")

@@ -161,6 +161,7 @@ def test_is_show_cell_accepts_only_imports_and_show_calls():
     assert not build.is_show_cell("import torch")
     assert not build.is_show_cell("show(attention)\nx = 1")
     assert not build.is_show_cell("print(show(attention))")
+    assert build.calls_show("x = 1\nshow(attention)") and not build.calls_show("plt.show()")
 
 
 def test_keep_outputs_keeps_unchanged_cells_and_drops_changed_ones():
