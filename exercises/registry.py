@@ -53,6 +53,8 @@ CHAPTERS = {c.number: c for c in [
     Chapter("03", "pseudo_masked_lm", "the pseudo-masked language model", ("nanomodels/pmlm.py",)),
     Chapter("04", "deepnet", "DeepNet: DeepNorm for very deep Post-LN Transformers", ("nanomodels/deepnet.py",)),
     Chapter("05", "subln_magneto", "Sub-LN and Magneto", ("nanomodels/subln.py",)),
+    Chapter("06", "dilated_attention", "LongNet dilated attention",
+            ("nanomodels/dilated.py", "kernels/dilated_attention.py")),
     Chapter("07", "mixture_of_experts", "sparse mixture of experts: routing, load balance, X-MoE",
             ("nanomodels/moe.py", "kernels/grouped_gemm.py")),
     Chapter("08", "bitlinear", "BitNet b1.58: ternary weights, 8-bit activations", ("nanomodels/bitlinear.py",)),

@@ -1,0 +1,186 @@
+"""Chapter 06's graded checks: the head offsets, one dilated pattern, the LSE merge, the kernel's launch.
+
+Each check tests what the LongNet paper promises, in float64 (the kernel in float32), against the learner's
+function (its first argument), with oracles written out here. Known-wrong solutions:
+exercises/mutants/ch06_dilated_attention.py.
+"""
+
+import math
+
+import torch
+from hypothesis import strategies as st
+
+from exercises.checking import Exercise, Violation, check
+from exercises.checks.common import F64
+
+
+def _qkv(B, H, T, D, seed, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
+
+
+def _diff(a, b) -> float:
+    return (a.double() - b.double()).abs().nan_to_num(nan=math.inf).max().item()
+
+
+def branch_oracle(q, k, v, w, r, causal):
+    """Loops: for head j and segment i, the rows i*w + (j mod r) + r*t < T attend to each other (causal: t' <= t)."""
+    B, H, T, D = q.shape
+    out, lse = torch.zeros_like(q), torch.full((B, H, T), -math.inf, dtype=q.dtype)
+    for j in range(H):
+        for start in range(0, T, w):
+            rows = list(range(start + j % r, min(start + w, T), r))
+            if not rows:
+                continue
+            s = q[:, j, rows] @ k[:, j, rows].transpose(-2, -1) / math.sqrt(D)
+            if causal:
+                s = s.masked_fill(torch.ones(len(rows), len(rows), dtype=torch.bool).triu(1), -math.inf)
+            out[:, j, rows] = torch.softmax(s, -1) @ v[:, j, rows]
+            lse[:, j, rows] = torch.logsumexp(s, -1)
+    return out, lse
+
+
+# ---- 6.1 the head offsets -----------------------------------------------------------------------------------
+
+@check("head_offsets(H, r)[j] = j mod r for every head j (the paper's s_j), as an integer tensor of length H",
+       n_heads=st.integers(1, 16), r=st.integers(1, 8))
+def offsets_are_j_mod_r(head_offsets, n_heads, r):
+    got = head_offsets(n_heads, r)
+    if not isinstance(got, torch.Tensor) or got.shape != (n_heads,) or got.is_floating_point():
+        raise Violation(f"head_offsets({n_heads}, {r}) returned {got!r}; expected an integer tensor of shape "
+                        f"({n_heads},)")
+    want = [j % r for j in range(n_heads)]
+    if got.tolist() != want:
+        why = ""
+        if n_heads >= r and got.tolist() == [(j // (n_heads // r)) % r for j in range(n_heads)]:
+            why = ": that is torchscale's contiguous head groups, a permutation; the paper uses j mod r"
+        raise Violation(f"H = {n_heads}, r = {r}: got {got.tolist()}, expected {want}{why}")
+
+
+# ---- 6.2 one pattern ----------------------------------------------------------------------------------------
+
+PATTERN = dict(T=st.integers(1, 24), base=st.sampled_from([1, 2, 3, 4, 8]), r=st.sampled_from([1, 2, 4]),
+               H=st.integers(1, 4), causal=st.booleans(), seed=st.integers(0, 2 ** 16))
+
+
+@check("O|(w, r) and LSE equal the loop oracle: head j's rows i w + (j mod r) + r t of each segment attend among "
+       "themselves only (causal: to earlier ones); other rows get O = 0 and LSE = -inf; keys past T get no weight",
+       **PATTERN)
+def branch_matches_the_loop_oracle(dilated_branch, T, base, r, H, causal, seed):
+    w = base * r
+    q, k, v = _qkv(2, H, T, 3, seed)
+    out, lse = dilated_branch(q, k, v, w, r, causal=causal)
+    want_out, want_lse = branch_oracle(q, k, v, w, r, causal)
+    if tuple(out.shape) != tuple(q.shape) or tuple(lse.shape) != (2, H, T):
+        raise Violation(f"shapes: O {tuple(out.shape)}, LSE {tuple(lse.shape)}; expected {tuple(q.shape)}, {(2, H, T)}")
+    kept = torch.isfinite(want_lse)
+    if not torch.equal(torch.isfinite(lse), kept):
+        wrong = (torch.isfinite(lse) != kept).nonzero()[0].tolist()
+        raise Violation(f"w = {w}, r = {r}: (batch, head, row) {wrong} has LSE {lse[tuple(wrong)].item():.4g}, "
+                        f"expected {want_lse[tuple(wrong)].item():.4g}: head j keeps the rows = j mod r of each segment")
+    if _diff(out, want_out) > 1e-10 or _diff(lse[kept], want_lse[kept]) > 1e-10:
+        why = ""
+        if T % w and not causal:
+            why = " (T is not a multiple of w: are the padded keys of the last segment masked?)"
+        raise Violation(f"T = {T}, w = {w}, r = {r}, causal = {causal}: O differs by {_diff(out, want_out):.3g}, "
+                        f"LSE by {_diff(lse[kept], want_lse[kept]):.3g}{why}")
+
+
+@check("one segment covering the sequence with r = 1 is dense softmax attention, and its LSE is logsumexp of the "
+       "scores", T=st.integers(1, 20), extra=st.integers(0, 8), causal=st.booleans(), seed=st.integers(0, 2 ** 16))
+def whole_segment_is_dense(dilated_branch, T, extra, causal, seed):
+    q, k, v = _qkv(1, 2, T, 4, seed)
+    s = q @ k.transpose(-2, -1) / 2.0
+    if causal:
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    out, lse = dilated_branch(q, k, v, T + extra, 1, causal=causal)
+    d_out, d_lse = _diff(out, torch.softmax(s, -1) @ v), _diff(lse, torch.logsumexp(s, -1))
+    if d_out > 1e-10 or d_lse > 1e-10:
+        raise Violation(f"T = {T}, w = {T + extra}: O differs from dense attention by {d_out:.3g}, LSE by {d_lse:.3g}")
+
+
+# ---- 6.3 the LSE merge --------------------------------------------------------------------------------------
+
+@check("split-KV: attention over disjoint key sets, merged with alpha = softmax(LSE), equals attention over their "
+       "union", T=st.integers(2, 16), cuts=st.integers(2, 3), seed=st.integers(0, 2 ** 16))
+def merge_of_key_splits_is_attention_over_all_keys(merge_by_lse, T, cuts, seed):
+    q, k, v = _qkv(1, 2, T, 4, seed)
+    edges = sorted({0, T, *torch.randint(1, T, (cuts - 1,), generator=torch.Generator().manual_seed(seed)).tolist()})
+    outs, lses = [], []
+    for lo, hi in zip(edges, edges[1:]):
+        s = q @ k[:, :, lo:hi].transpose(-2, -1) / 2.0
+        outs.append(torch.softmax(s, -1) @ v[:, :, lo:hi])
+        lses.append(torch.logsumexp(s, -1))
+    want = torch.softmax(q @ k.transpose(-2, -1) / 2.0, -1) @ v
+    got = merge_by_lse(torch.stack(outs), torch.stack(lses))
+    if _diff(got, want) > 1e-10:
+        raise Violation(f"T = {T}, key splits at {edges}: the merge differs from attention over all keys by "
+                        f"{_diff(got, want):.3g}")
+
+
+@check("a row with LSE = -inf in every input is covered by nothing: its output is 0, never NaN",
+       seed=st.integers(0, 2 ** 16))
+def uncovered_rows_are_zero(merge_by_lse, seed):
+    g = torch.Generator().manual_seed(seed)
+    outs = [torch.randn(1, 2, 6, 3, generator=g, dtype=F64) for _ in range(2)]
+    lses = [torch.randn(1, 2, 6, generator=g, dtype=F64) for _ in range(2)]
+    for lse in lses:
+        lse[..., 2] = -math.inf
+    outs = [torch.where(torch.isinf(lse)[..., None], 0.0, o) for o, lse in zip(outs, lses)]
+    got = merge_by_lse(torch.stack(outs), torch.stack(lses))
+    if torch.isnan(got).any() or got[..., 2, :].abs().max() != 0:
+        raise Violation(f"row 2 has LSE = -inf in both inputs; its output is {got[0, 0, 2].tolist()}, expected zeros")
+
+
+@check("alpha is differentiable: the gradients of the merge with respect to the outputs and the LSEs are those of "
+       "sum_i softmax_i(LSE) O_i", seed=st.integers(0, 2 ** 16))
+def merge_gradients_flow_through_alpha(merge_by_lse, seed):
+    g = torch.Generator().manual_seed(seed)
+    outs = torch.randn(3, 1, 2, 5, 3, generator=g, dtype=F64, requires_grad=True)  # 3 patterns, stacked
+    lses = torch.randn(3, 1, 2, 5, generator=g, dtype=F64, requires_grad=True)
+    weight = torch.randn(1, 2, 5, 3, generator=g, dtype=F64)
+    got = torch.autograd.grad((merge_by_lse(outs, lses) * weight).sum(), (outs, lses), allow_unused=True)
+    alpha = torch.softmax(lses, 0)
+    want = torch.autograd.grad(((alpha[..., None] * outs).sum(0) * weight).sum(), (outs, lses))
+    for name, a, b in zip(("d outs", "d lses"), got, want):
+        if a is None or _diff(a, b) > 1e-10:
+            raise Violation(f"{name} differs from the gradient of softmax(LSE)-weighted outputs by "
+                            f"{'everything (no gradient)' if a is None else f'{_diff(a, b):.3g}'}: is alpha detached?")
+
+
+# ---- 6.4 the kernel's launch --------------------------------------------------------------------------------
+
+@check("the Triton kernel (run by the interpreter) gives dilated_branch's O and LSE, float32, for short last "
+       "segments, several heads and dilations, causal or not")
+def kernel_matches_the_reference(dilated_branch_kernel):
+    from nanomodels.dilated import dilated_branch
+
+    for T, w, r, H, causal in ((40, 16, 2, 2, False), (37, 32, 4, 3, True), (24, 8, 1, 2, True), (20, 32, 4, 2, False)):
+        q, k, v = _qkv(1, H, T, 16, seed=T, dtype=torch.float32)
+        out, lse = dilated_branch_kernel(q, k, v, w, r, causal=causal)
+        want_out, want_lse = dilated_branch(q.double(), k.double(), v.double(), w, r, causal=causal)
+        kept = torch.isfinite(want_lse)
+        if not torch.equal(torch.isfinite(lse), kept):
+            raise Violation(f"T = {T}, w = {w}, r = {r}, H = {H}: the kernel wrote other rows than the pattern keeps "
+                            f"({int((torch.isfinite(lse) != kept).sum())} rows differ)")
+        if _diff(out, want_out) > 2e-5 or _diff(lse[kept], want_lse[kept]) > 2e-5:
+            raise Violation(f"T = {T}, w = {w}, r = {r}, H = {H}, causal = {causal}: O differs by "
+                            f"{_diff(out, want_out):.3g}, LSE by {_diff(lse[kept], want_lse[kept]):.3g}")
+
+
+EXERCISES = {
+    "6.1": Exercise(points=2, checks=[offsets_are_j_mod_r],
+                    hint="One line: the head index modulo r."),
+    "6.2": Exercise(points=4, checks=[branch_matches_the_loop_oracle, whole_segment_is_dense],
+                    hint="keep_rows(x) gives (B, H, n, m, D). Scale q by 1/sqrt(D), take scores against the kept "
+                         "keys; mask keys whose position (segment start + offset + r t) is >= T, and with causal the "
+                         "later compressed indices; then LSE = logsumexp and O = softmax @ V."),
+    "6.3": Exercise(points=3, checks=[merge_of_key_splits_is_attention_over_all_keys, uncovered_rows_are_zero,
+                                      merge_gradients_flow_through_alpha],
+                    hint="Stack the LSEs, subtract their max over the inputs (0 where the max is -inf), exponentiate, "
+                         "divide by the sum (where it is > 0): that is alpha. Detach only when asked."),
+    "6.4": Exercise(points=3, checks=[kernel_matches_the_reference],
+                    hint="A program per (block of kept rows, segment, batch x head): the grid is (cdiv(w // r, "
+                         "BLOCK_M), cdiv(T, w), B * H). A kept row is r rows after the previous one: its stride is "
+                         "r times the tensor's row stride, for q, k, v and out."),
+}
