@@ -1,4 +1,4 @@
-"""Chapter 08: BitNet b1.58: ternary weights, 8-bit activations (4 exercises, 9 points).
+"""Chapter 08: BitNet b1.58: ternary weights, 8-bit activations (5 exercises, 11 points).
 
 Replace each `raise NotImplementedError(...)` by your code, then grade this file:
 
@@ -62,3 +62,16 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     if codes.numel() and (codes.min() < -1 or codes.max() > 1):
         raise ValueError(f"codes: values must be in {{-1, 0, 1}}, got [{int(codes.min())}, {int(codes.max())}]")
     raise NotImplementedError("Exercise 8.4: 2-bit packing, four codes per byte")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exercise 8.5: decoding 2-bit codes, as every kernel does (2 points)
+# Hint: Shift each byte right by 0, 2, 4, 6 (broadcast over a new last dimension), mask with 3, flatten to (N,
+#       4 ceil(K/4)), keep the first K, subtract 1 (as int8).
+def unpack_ternary(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """The inverse of pack_ternary: uint8 (N, ceil(K / 4)) -> int8 codes (N, K) in {-1, 0, 1}."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed: must be a 2-D uint8 tensor, got {getattr(packed, 'dtype', type(packed))}")
+    if not (isinstance(K, int) and 4 * packed.size(1) - 3 <= K <= 4 * packed.size(1)):
+        raise ValueError(f"K: must be an int with ceil(K / 4) = {packed.size(1)} (packed's columns), got {K!r}")
+    raise NotImplementedError("Exercise 8.5: decoding 2-bit codes, as every kernel does")

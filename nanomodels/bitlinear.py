@@ -171,9 +171,11 @@ def unpack_ternary(packed: torch.Tensor, K: int) -> torch.Tensor:
         raise ValueError(f"packed: must be a 2-D uint8 tensor, got {getattr(packed, 'dtype', type(packed))}")
     if not (isinstance(K, int) and 4 * packed.size(1) - 3 <= K <= 4 * packed.size(1)):
         raise ValueError(f"K: must be an int with ceil(K / 4) = {packed.size(1)} (packed's columns), got {K!r}")
+    # BEGIN EXERCISE 8.5: decoding 2-bit codes, as every kernel does
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
     fields = (packed.unsqueeze(-1) >> shifts) & 3  # (N, K/4, 4)
-    return (fields.reshape(packed.size(0), -1)[:, :K].to(torch.int8) - 1)
+    return fields.reshape(packed.size(0), -1)[:, :K].to(torch.int8) - 1
+    # END EXERCISE
 
 
 def ternary_matmul_reference(x_codes: torch.Tensor, packed: torch.Tensor, K: int) -> torch.Tensor:

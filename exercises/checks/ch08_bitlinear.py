@@ -201,6 +201,30 @@ def packing_round_trip(pack_ternary, n, k, seed):
         raise Violation(f"round trip changed code {i}: {int(codes[i])} -> {int(back[i])} (codes {codes.tolist()})")
 
 
+# ---- 8.5 unpack_ternary -----------------------------------------------------------------------------------
+
+@check("the bytes 0b10100100, 0b01010110 decode to [-1, 0, 1, 1, 1] with K = 5 and to [-1, 0, 1, 1, 1, 0, 0, 0] "
+       "with K = 8: code (byte >> 2 (k mod 4)) & 3, minus 1, cropped to K")
+def unpacking_known_bytes(unpack_ternary):
+    packed = torch.tensor([[0b10100100, 0b01010110]], dtype=torch.uint8)
+    for k, expected in ((5, [-1, 0, 1, 1, 1]), (8, [-1, 0, 1, 1, 1, 0, 0, 0])):
+        out = expect_tensor(unpack_ternary(packed.clone(), k), (1, k), torch.int8, f"unpack_ternary(..., K={k})")
+        if out.tolist() != [expected]:
+            raise Violation(f"K = {k}: got {out.tolist()[0]}, expected {expected}")
+
+
+@check("unpack_ternary(pack_ternary(codes), K) == codes (int8, shape (N, K)) for every (N, K)",
+       n=st.integers(1, 6), k=st.integers(1, 40), seed=seeds)
+def unpacking_round_trip(unpack_ternary, n, k, seed):
+    from nanomodels.bitlinear import pack_ternary
+
+    codes = torch.randint(-1, 2, (n, k), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
+    back = expect_tensor(unpack_ternary(pack_ternary(codes), k), (n, k), torch.int8, "unpack_ternary")
+    if not torch.equal(back, codes):
+        i = tuple(int(v) for v in (back != codes).nonzero()[0])
+        raise Violation(f"code {i} came back as {int(back[i])}, it was {int(codes[i])} (codes {codes.tolist()})")
+
+
 EXERCISES = {
     "8.1": Exercise(points=2, checks=[weight_quant_matches_the_faq, weight_codes_are_ternary,
                                       weight_scale_is_per_tensor],
@@ -215,4 +239,7 @@ EXERCISES = {
     "8.4": Exercise(points=2, checks=[packing_layout, packing_round_trip],
                     hint="Pad K to a multiple of 4 with code 1, store code + 1 as uint8, view as (N, K/4, 4) and "
                          "OR the four fields shifted by 0, 2, 4, 6 bits."),
+    "8.5": Exercise(points=2, checks=[unpacking_known_bytes, unpacking_round_trip],
+                    hint="Shift each byte right by 0, 2, 4, 6 (broadcast over a new last dimension), mask with 3, "
+                         "flatten to (N, 4 ceil(K/4)), keep the first K, subtract 1 (as int8)."),
 }
