@@ -354,6 +354,9 @@ print("FP:          ", repr(tok.decode(fp_ids[0].tolist())))
 # | 8.1 | `weight_quant` | the FAQ equation; codes in $\{-1,0,1\}$ times mean$|W|$ (per tensor); homogeneity |
 # | 8.2 | `activation_quant` | per-token absmax: integer codes in $[-127, 127]$, each row's absmax kept |
 # | 8.3 | `bitlinear` | RMSNorm inside, both STEs: the gradient w.r.t. the latent $W$ is $g_y^\top x_q$ |
+# | 8.4 | `pack_ternary` | the byte layout (code + 1, little-endian 2-bit fields, padding code 1); the round trip |
+# | 8.5 | `unpack_ternary` | the decode every kernel does, `(byte >> 2(k mod 4)) & 3` minus 1, cropped to $K$ |
 #
 # Known-wrong solutions are in `exercises/mutants/ch08_bitlinear.py` (per-tensor and per-token scales swapped, floor
-# instead of round, the mean of $W$ instead of the mean of $|W|$, no straight-through gradient, no RMSNorm).
+# instead of round, the mean of $W$ instead of the mean of $|W|$, no straight-through gradient, no RMSNorm, the 2-bit
+# fields in the wrong order, the wrong padding, a one-bit mask).
