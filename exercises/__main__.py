@@ -1,8 +1,10 @@
-"""python -m exercises {grade, stubs, reset}: grade your exercises, regenerate the stubs, start a file over.
+"""python -m exercises {grade, hint, stubs, reset}: grade your exercises, get a hint, start a file over.
 
     python -m exercises grade 00                 grade exercises/ex00_tiny_transformer.py
     python -m exercises grade all --json         every chapter, machine-readable
     python -m exercises grade 00 --exercise 0.3  one exercise
+    python -m exercises hint 4.3                 a hint: level 1, then 2, then 3 on repeated calls
+    python -m exercises hint 4.3 --level 2       a given level
     python -m exercises reset 00 --yes           overwrite your file with the stub
     python -m exercises stubs [--check]          (maintainers) regenerate the stubs from the library
 
@@ -81,6 +83,9 @@ def main(argv=None) -> int:
     g.add_argument("--exercise", action="append", metavar="ID", help="grade only this exercise (repeatable)")
     g.add_argument("--timeout", type=float, default=None, metavar="S", help="time limit per check (20 s)")
     g.add_argument("--json", action="store_true", help="print the results as JSON")
+    h = sub.add_parser("hint", help="a progressive hint for one exercise (level 1, then 2, then 3)")
+    h.add_argument("exercise", help="an exercise id, e.g. 4.3")
+    h.add_argument("--level", type=int, default=None, help="show this level (1 to 3)")
     s = sub.add_parser("stubs", help="regenerate exercises/exNN_*.py from the library's marked regions")
     s.add_argument("--check", action="store_true", help="only compare; exit 1 if a stub is out of sync")
     s.add_argument("--force", action="store_true", help="overwrite a file even if it holds solutions")
@@ -94,6 +99,10 @@ def main(argv=None) -> int:
 
             args.timeout = DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
             return _grade(args)
+        if args.command == "hint":
+            from exercises.hints import show
+
+            return show(args.exercise, args.level)
         if args.command == "reset":
             from exercises.stubs import reset
 

@@ -77,7 +77,7 @@ class Exercise:
     points: int
     hint: str
     checks: list[Check]
-    hints: tuple[str, ...] = ()  # progressive hints, levels 1, 2, 3 (`python -m exercises hint 4.3`)
+    hints: tuple[str, ...] = ()  # the next levels after `hint` (level 1): `python -m exercises hint 4.3`
     pure: bool = False  # same arguments, same result: a second call must not return an edited first result
     mutates: tuple[str, ...] = ()  # arguments the function changes on purpose (an in-place init)
 

@@ -21,9 +21,9 @@ from nanomodels.attention import _combine
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 0.1: masked scaled dot-product attention (4 points)
-# Hint: scores = q @ k^T / sqrt(d) has shape (B, H, Tq, Tk). Hide the masked keys *before* the softmax
-#       (masked_fill; torch.finfo(dtype).min instead of -inf keeps a fully masked row finite), normalise over
-#       the keys, and give a query that sees no key zeros.
+# Hint: Attention is three steps: scores between each query and each key, a softmax that turns one query's
+#       scores into weights over the keys, and a weighted sum of the values. Where does the mask act, and what
+#       should a query that may see no key return?
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[torch.Tensor] = None,
               *, causal: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(D), masked to `allowed`) v.   q: (B, H, Tq, D), k, v: (B, H, Tk, D) -> (B, H, Tq, D).
@@ -37,9 +37,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Option
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 0.2: the causal mask (2 points)
-# Hint: Compare two torch.arange with broadcasting: the query positions as a column (shifted by n_keys -
-#       n_queries, so the queries are the last positions), the key positions as a row; key j is visible when j
-#       <= the query's position.
+# Hint: Query i is position i + (n_keys - n_queries): with a KV cache the queries are the last positions.
+#       Which keys may it see?
 def causal_mask(n_queries: int, n_keys: Optional[int] = None, device=None) -> torch.Tensor:
     """Boolean (n_queries, n_keys) mask, True where key j <= query i + (n_keys - n_queries).
 
@@ -54,9 +53,8 @@ def causal_mask(n_queries: int, n_keys: Optional[int] = None, device=None) -> to
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 0.3: one BPE merge step (3 points)
-# Hint: Build a new list while an index i walks through ids: if ids[i], ids[i + 1] is the pair, append new_id
-#       and jump by 2, otherwise append ids[i] and step by 1. Mind the last element, which has no right
-#       neighbour.
+# Hint: Think of one left-to-right scan that builds a new list: at each place you either see the pair or you
+#       do not.
 def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
     """Replace every occurrence of `pair` in `ids` by `new_id`, scanning left to right.
 
@@ -70,8 +68,8 @@ def merge_pair(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 0.4: the most frequent pair, ties to the smallest pair (2 points)
-# Hint: max(counts, key=counts.get) breaks ties by the dict's insertion order, not by the pair. A key function
-#       may return a tuple, and tuples compare element by element.
+# Hint: Two rules: the largest count first, then, among equal counts, the smallest pair. The dict's order must
+#       not matter.
 def most_frequent_pair(counts: dict[tuple[int, int], int]) -> tuple[int, int]:
     """The pair with the largest count; among equal counts, the smallest pair (a, b).
 
@@ -84,9 +82,8 @@ def most_frequent_pair(counts: dict[tuple[int, int], int]) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 0.5: sampling with temperature and top-k (4 points)
-# Hint: Temperature 0 first (greedy; no division by zero). Otherwise scale the logits by 1/T, hide every logit
-#       below the k-th largest (torch.topk gives it), turn the logits into probabilities, and draw with
-#       torch.multinomial, passing `generator`.
+# Hint: Greedy decoding, temperature and top-k are three separate steps; which one has to come first so that
+#       nothing divides by zero?
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Draw one token per row from logits (B, |V|) -> (B, 1).

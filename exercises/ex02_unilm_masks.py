@@ -19,9 +19,8 @@ from nanomodels.masks import _check_length
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 2.1: the seq2seq (prefix LM) mask (2 points)
-# Hint: Compare a column of query indices with a row of key indices (broadcasting). A key is visible when it
-#       is in the source (key < src_len), or when the query is in the target and key <= query. One tril over
-#       everything is the left-to-right mask, not this one.
+# Hint: Write down who sees whom: a source row sees the source only; a target row sees the source and the
+#       target up to itself.
 def seq2seq_mask(src_len: int, tgt_len: int) -> torch.Tensor:
     """(n, n), n = src_len + tgt_len: allowed[i, j] = j < src_len or (i >= src_len and j <= i)."""
     _check_length("src_len", src_len)
@@ -31,8 +30,7 @@ def seq2seq_mask(src_len: int, tgt_len: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 2.2: the semi-causal mask (2 points)
-# Hint: span_id is 0 outside every span and k + 1 inside spans[k]. Two positions share a span when their ids
-#       are equal AND not 0; OR that with causal_mask(n).
+# Hint: The semi-causal mask is the causal mask plus the blocks where query and key are in the same span.
 def semi_causal_mask(n: int, spans) -> torch.Tensor:
     """(n, n): j <= i, or i and j inside the same half-open span (start, end). Spans must not overlap."""
     _check_length("n", n)
@@ -48,10 +46,8 @@ def semi_causal_mask(n: int, spans) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 2.3: cloze decoding with a cache (4 points)
-# Hint: Encode the prefix once with a fresh cache ([{} for each block]; causal only for left_to_right). Per
-#       step: run [MASK] with causal=False on a copy of the cache ([dict(layer) for layer in cache]) and take
-#       the argmax; then run the predicted token with causal=False on the real cache. Return (tokens, logits)
-#       stacked over the steps.
+# Hint: Decoding with a cache means: run only the new token each step, and keep in the cache exactly what a
+#       full recompute would see. Which tokens belong in the cache, and which do not?
 @torch.no_grad()
 def cloze_decode(model, prefix: torch.Tensor, steps: int, mask_id: int, *, objective: str = "seq2seq"):
     """Greedy UniLM decoding (the official BertForSeq2SeqDecoder, with a key/value cache).

@@ -18,10 +18,8 @@ from nanomodels.pmlm import AE, PSEUDO, REAL
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 3.1: the PMLM layout (3 points)
-# Hint: Start from the n original tokens with [M] at the masked positions (positions 0..n-1, kind AE, step
-#       -1). Then for each step st and span id sid = order[st]: append the span's [P]s, then its real tokens,
-#       each at its ORIGINAL position p, with kind PSEUDO / REAL and step st. The L_AE label sits on the AE
-#       block's [M]s, the L_PAR label on the [P]s.
+# Hint: The lengthened sequence has the original tokens (with [M] where masked), then for each span in the
+#       factorization order its pseudo masks and its real tokens, all at their original positions.
 def pmlm_layout(x: torch.Tensor, spans, order, mask_id: int, pseudo_id: int) -> dict:
     """The lengthened sequence for tokens x (n,), spans (lists of positions) and an order (permutation of span ids).
 
@@ -44,8 +42,8 @@ def pmlm_layout(x: torch.Tensor, spans, order, mask_id: int, pseudo_id: int) -> 
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 3.2: the pseudo-mask attention rules (3 points)
-# Hint: Broadcast kind and step as a query column (..., L, 1) and a key row (..., 1, L), write one boolean
-#       expression per query kind from the table in the docstring, and OR them.
+# Hint: Every rule depends only on the kind and the step of the query and of the key. Write the table of the
+#       module docstring as one boolean expression per query kind.
 def pmlm_mask(kind: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """allowed (..., L, L) from the per-token kind and step (..., L), by the rules of the module docstring."""
     raise NotImplementedError("Exercise 3.2: the pseudo-mask attention rules")
@@ -53,9 +51,8 @@ def pmlm_mask(kind: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 3.3: the s2s-ft signed-span-id mask (2 points)
-# Hint: w = [0]*src_len ++ ids ++ (-ids); a key is 'true' when w_key >= 0. Real rows (w_q >= 0): true key and
-#       w_key <= w_query. Pseudo rows (w_q < 0): true key and -w_key > w_query, or w_key == w_query (a pseudo
-#       of the same span).
+# Hint: The official code encodes every token's role in one signed integer: 0 for the source, the span id for
+#       a target token, minus the span id for its pseudo mask.
 def s2s_ft_mask(src_len: int, target_span_ids: torch.Tensor) -> torch.Tensor:
     """The official s2s-ft mask for source ++ target ++ pseudo (one [P] per target token), from signed span ids.
 

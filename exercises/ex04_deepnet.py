@@ -20,9 +20,8 @@ from nanomodels.transformer import init_branches_
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 4.1: the DeepNorm constants (2 points)
-# Hint: Single stack with L layers: ((2L) ** 0.25, (8L) ** -0.25). Encoder-decoder: the encoder uses (N ** 4 *
-#       M) ** (1 / 16) with 0.81 and 0.87, the decoder 3M and 12M (3 sublayers per block). Return only the
-#       sides that have layers.
+# Hint: Read the constants from the paper's table: one formula for a single stack of N layers, two sides for
+#       an encoder-decoder. N counts blocks, not sublayers.
 def deepnorm_constants(encoder_layers: int = 0, decoder_layers: int = 0) -> dict:
     """{"encoder": (alpha, beta), "decoder": (alpha, beta)}: one key per side with layers, the paper's table.
 
@@ -35,7 +34,7 @@ def deepnorm_constants(encoder_layers: int = 0, decoder_layers: int = 0) -> dict
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 4.2: the DeepNorm residual (2 points)
-# Hint: One line: the LayerNorm of (alpha times the stream) plus the branch.
+# Hint: DeepNorm changes one thing in Post-LN: which term of the sum is scaled.
 def deepnorm(x: torch.Tensor, g: torch.Tensor, alpha: float, norm) -> torch.Tensor:
     """LN(alpha * x + g): x the residual stream (B, T, d), g = G(x) the sublayer's output, norm the LN."""
     raise NotImplementedError("Exercise 4.2: the DeepNorm residual")
@@ -43,9 +42,8 @@ def deepnorm(x: torch.Tensor, g: torch.Tensor, alpha: float, norm) -> torch.Tens
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 4.3: the DeepNorm initialization (3 points)
-# Hint: Walk model.named_modules(); the last part of the name says which matrix it is.
-#       nn.init.xavier_normal_(module.weight, gain=...) with beta for v_proj, out_proj, fc1, fc2 and 1 for
-#       q_proj, k_proj; touch nothing else.
+# Hint: The init re-draws some matrices of every block with a gain and leaves everything else alone. Which
+#       matrices, and which gain for each?
 def deepnorm_init_(model: nn.Module, beta: float) -> nn.Module:
     """In place: xavier_normal_(gain=beta) on each v_proj, out_proj, fc1, fc2 weight; gain 1 on q/k_proj.
 

@@ -22,8 +22,7 @@ from nanomodels.transformer import init_branches_
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 5.1: the Sub-LN gamma (2 points)
-# Hint: math.sqrt(math.log(2 * L)) for a single stack of L layers; the enc-dec rows use 3M for the decoder and
-#       sqrt(log(3M) log(2N) / 3) for the encoder.
+# Hint: gamma comes from the same theory as DeepNet's constants, with natural logarithms; N counts blocks.
 def subln_gamma(encoder_layers: int = 0, decoder_layers: int = 0) -> dict:
     """{"encoder": gamma, "decoder": gamma}, one key per side with layers (N = encoder_layers,
     M = decoder_layers, in blocks). Encoder-only and decoder-only share sqrt(log 2N); enc-dec models get the
@@ -38,7 +37,7 @@ def subln_gamma(encoder_layers: int = 0, decoder_layers: int = 0) -> dict:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 5.2: the Sub-LN feed-forward (2 points)
-# Hint: fc1, then GELU, then the inner norm (it is d_ff wide), then fc2.
+# Hint: Sub-LN adds one LayerNorm inside the feed-forward. Between which two operations, and over which width?
 def subln_ffn(x: torch.Tensor, fc1, inner_norm, fc2) -> torch.Tensor:
     """W_2 LN(GELU(W_1 x)): fc1 maps d -> d_ff, inner_norm normalizes over d_ff, fc2 maps d_ff -> d.
 
@@ -48,8 +47,8 @@ def subln_ffn(x: torch.Tensor, fc1, inner_norm, fc2) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 5.3: the Sub-LN initialization (3 points)
-# Hint: The DeepNet init with gain gamma instead of beta: gamma > 1 multiplies the xavier std of v_proj,
-#       out_proj, fc1 and fc2; q_proj and k_proj keep gain 1.
+# Hint: Sub-LN's init is DeepNet's with gamma > 1: it multiplies the same matrices' xavier gain instead of
+#       shrinking it.
 def subln_init_(model: nn.Module, gamma: float) -> nn.Module:
     """In place: xavier_normal_(gain=gamma) on each v_proj, out_proj, fc1, fc2 weight; gain 1 on q/k_proj.
 

@@ -303,7 +303,7 @@ def _details(e: dict) -> list[str]:
         if c["counterexample"]:
             out.append("    counterexample (shrunk by hypothesis):")
             out.append(_indent(c["counterexample"], "      "))
-    out.append(_wrap(e["hint"], "  hint: ", "        "))
+    out.append(_wrap(e["hint"] + f" (more: `python -m exercises hint {e['id']}`)", "  hint: ", "        "))
     return out
 
 

@@ -360,6 +360,41 @@ def test_the_library_own_functions_imported_or_wrapped_earn_no_points(tmp_path):
     assert "library" in format_report(report)
 
 
+# ---- hints ------------------------------------------------------------------------------------------------
+
+def test_hint_levels_advance_on_repeated_calls_and_level_chooses_one(tmp_path):
+    from exercises.hints import levels, show
+
+    state, lines = tmp_path / "hints.json", []
+    for want in (1, 2, 3, 3):
+        assert show("4.3", path=state, out=lines.append) == 0
+        assert lines[-3].startswith(f"Hint {want} of 3 for exercise 4.3")
+        assert lines[-2].strip().split()[:4] == levels("4.3")[want - 1].split()[:4]
+    assert show("4.3", 1, path=state, out=lines.append) == 0 and lines[-3].startswith("Hint 1 of 3")
+    assert show("4.3", path=state, out=lines.append) == 0 and lines[-3].startswith("Hint 2 of 3")
+    assert show("4.3", 4, path=state, out=lines.append) == 2
+    assert run_cli("hint", "0.2", "--level", "3").stdout.startswith("Hint 3 of 3 for exercise 0.2")
+
+
+OWN_HINTS = ("00", "02", "03", "04", "05")  # the chapters written with three levels
+
+
+@pytest.mark.parametrize("chapter", [c for c in CHAPTERS.values() if c.number in OWN_HINTS], ids=lambda c: c.number)
+def test_no_hint_gives_a_line_of_the_solution(chapter):
+    from exercises.hints import levels
+
+    for m in scan(chapter):
+        solution = [line.strip() for line in region(m).splitlines()
+                    if len(line.strip()) > 15 and not line.strip().startswith("#")]
+        hints = levels(m.id)
+        if chapter.number in OWN_HINTS:
+            assert len(hints) == 3 and len(set(hints)) == 3, f"{m.id}: three distinct levels"
+        for level, text in enumerate(hints, start=1):
+            flat = " ".join(text.split())
+            leaked = [line for line in solution if line in flat]
+            assert not leaked, f"hint {level} of {m.id} contains the solution's line {leaked[0]!r}"
+
+
 # ---- containment -------------------------------------------------------------------------------------------
 
 UNRULY = '''

@@ -609,40 +609,66 @@ def top_k_none_keeps_every_token(sample_next_token, v, temperature, seed):
 EXERCISES = {
     "0.1": Exercise(
         points=4,
-        hint="scores = q @ k^T / sqrt(d) has shape (B, H, Tq, Tk). Hide the masked keys *before* the softmax "
-             "(masked_fill; torch.finfo(dtype).min instead of -inf keeps a fully masked row finite), "
-             "normalise over the keys, and give a query that sees no key zeros.",
+        hint="Attention is three steps: scores between each query and each key, a softmax that turns one "
+             "query's scores into weights over the keys, and a weighted sum of the values. Where does the"
+             " mask act, and what should a query that may see no key return?",
+        hints=("The scores are a batched matrix product of q with k transposed on its last two axes, "
+               "divided by sqrt of the head size. A hidden key must get weight exactly 0 *inside* the "
+               "softmax (fill its score with a very negative number that the dtype can hold), and the "
+               "softmax must stay finite for huge scores.",
+               "scores = q @ k^T / sqrt(d) has shape (B, H, Tq, Tk). Hide the masked keys *before* the softmax "
+               "(masked_fill; torch.finfo(dtype).min instead of -inf keeps a fully masked row finite), "
+               "normalise over the keys, and give a query that sees no key zeros."),
         checks=[matches_the_naive_oracle, batches_and_heads_are_independent,
                 scores_are_scaled_by_one_over_sqrt_d, weights_over_the_keys_sum_to_one,
                 masked_keys_get_no_weight, causal_hides_the_future, fully_masked_row_gives_zeros,
                 wide_scores_stay_exact, float32_and_float16_keep_their_dtype]),
     "0.2": Exercise(
         points=2,
-        hint="Compare two torch.arange with broadcasting: the query positions as a column (shifted by "
-             "n_keys - n_queries, so the queries are the last positions), the key positions as a row; key j "
-             "is visible when j <= the query's position.",
+        hint="Query i is position i + (n_keys - n_queries): with a KV cache the queries are the last "
+             "positions. Which keys may it see?",
+        hints=("Build the result from two position vectors that broadcast against each other (a column "
+               "for the queries, a row for the keys), on `device`, and compare them; no loops and no "
+               "stored buffer.",
+               "Compare two torch.arange with broadcasting: the query positions as a column (shifted by "
+               "n_keys - n_queries, so the queries are the last positions), the key positions as a row; key j "
+               "is visible when j <= the query's position."),
         checks=[shape_and_dtype, each_query_sees_itself, no_query_sees_the_future, every_query_sees_its_past,
                 queries_are_the_last_positions_with_a_cache, built_on_the_given_device],
         pure=True),
     "0.3": Exercise(
         points=3,
-        hint="Build a new list while an index i walks through ids: if ids[i], ids[i + 1] is the pair, "
-             "append new_id and jump by 2, otherwise append ids[i] and step by 1. Mind the last element, "
-             "which has no right neighbour.",
+        hint="Think of one left-to-right scan that builds a new list: at each place you either see the "
+             "pair or you do not.",
+        hints=("When the pair starts at the current place, emit new_id and move past both tokens; "
+               "otherwise copy one token and move on. Work on ids as integers, never as text.",
+               "Build a new list while an index i walks through ids: if ids[i], ids[i + 1] is the pair, "
+               "append new_id and jump by 2, otherwise append ids[i] and step by 1. Mind the last element, "
+               "which has no right neighbour."),
         checks=[replaces_every_occurrence_left_to_right, overlapping_occurrences_taken_from_the_left,
                 no_occurrence_returns_an_equal_list, the_end_of_the_list_is_handled,
                 the_input_is_not_modified]),
     "0.4": Exercise(
         points=2,
-        hint="max(counts, key=counts.get) breaks ties by the dict's insertion order, not by the pair. A key "
-             "function may return a tuple, and tuples compare element by element.",
+        hint="Two rules: the largest count first, then, among equal counts, the smallest pair. The dict's"
+             " order must not matter.",
+        hints=("One min() or max() over the pairs with a key that encodes both rules; tuples compare "
+               "element by element, so a count can be negated to turn 'largest' into 'smallest'.",
+               "max(counts, key=counts.get) breaks ties by the dict's insertion order, not by the pair. A key "
+               "function may return a tuple, and tuples compare element by element."),
         checks=[returns_a_pair_with_the_largest_count, ties_go_to_the_smallest_pair,
                 does_not_depend_on_insertion_order, the_counts_are_not_modified]),
     "0.5": Exercise(
         points=4,
-        hint="Temperature 0 first (greedy; no division by zero). Otherwise scale the logits by 1/T, hide "
-             "every logit below the k-th largest (torch.topk gives it), turn the logits into probabilities, "
-             "and draw with torch.multinomial, passing `generator`.",
+        hint="Greedy decoding, temperature and top-k are three separate steps; which one has to come "
+             "first so that nothing divides by zero?",
+        hints=("Temperature rescales the logits; top-k hides every logit below each row's own k-th "
+               "largest (ties kept, and a top_k above the vocabulary hides nothing); a stable softmax "
+               "gives probabilities; the draw must use `generator`, and the caller's logits must stay "
+               "untouched.",
+               "Temperature 0 first (greedy; no division by zero). Otherwise scale the logits by 1/T, hide "
+               "every logit below the k-th largest (torch.topk gives it), turn the logits into probabilities, "
+               "and draw with torch.multinomial, passing `generator`."),
         checks=[temperature_zero_is_argmax, draws_are_token_ids_of_shape_b_by_1,
                 frequencies_match_softmax_of_logits_over_t, top_k_keeps_the_k_largest_renormalised,
                 ties_at_the_kth_logit_are_kept, uses_the_passed_generator, top_k_none_keeps_every_token,

@@ -198,17 +198,33 @@ def zero_steps_return_empty_results(cloze_decode, objective, batch):
 EXERCISES = {
     "2.1": Exercise(points=2, checks=[shape_and_dtype, source_rows_never_see_the_target,
                                       every_row_sees_the_whole_source, target_block_is_left_to_right],
-                    hint="Compare a column of query indices with a row of key indices (broadcasting). A key is "
-                         "visible when it is in the source (key < src_len), or when the query is in the target "
-                         "and key <= query. One tril over everything is the left-to-right mask, not this one.",
+                    hint="Write down who sees whom: a source row sees the source only; a target row sees "
+                         "the source and the target up to itself.",
+                    hints=("Broadcast query and key indices against each other and OR two boolean "
+                           "conditions; build a new tensor on each call.",
+                           "Compare a column of query indices with a row of key indices (broadcasting). A key is "
+                           "visible when it is in the source (key < src_len), or when the query is in the target "
+                           "and key <= query. One tril over everything is the left-to-right mask, not this one."),
                     pure=True),
     "2.2": Exercise(points=2, checks=[matches_the_rule, nothing_before_a_span_sees_it, reductions],
-                    hint="span_id is 0 outside every span and k + 1 inside spans[k]. Two positions share a span "
-                         "when their ids are equal AND not 0; OR that with causal_mask(n).", pure=True),
+                    hint="The semi-causal mask is the causal mask plus the blocks where query and key are"
+                         " in the same span.",
+                    hints=("span_id (given) labels every position with its span (0 for none). Compare the"
+                           " labels of every query with every key by broadcasting, and do not let two "
+                           "positions outside every span count as 'the same span'.",
+                           "span_id is 0 outside every span and k + 1 inside spans[k]. Two positions share a span "
+                           "when their ids are equal AND not 0; OR that with causal_mask(n)."), pure=True),
     "2.3": Exercise(points=4, checks=[seq2seq_cached_equals_full_recompute, left_to_right_cached_equals_full_recompute,
                                       zero_steps_return_empty_results],
-                    hint="Encode the prefix once with a fresh cache ([{} for each block]; causal only for "
-                         "left_to_right). Per step: run [MASK] with causal=False on a copy of the cache "
-                         "([dict(layer) for layer in cache]) and take the argmax; then run the predicted token "
-                         "with causal=False on the real cache. Return (tokens, logits) stacked over the steps."),
+                    hint="Decoding with a cache means: run only the new token each step, and keep in the "
+                         "cache exactly what a full recompute would see. Which tokens belong in the "
+                         "cache, and which do not?",
+                    hints=("Encode the prompt once (with the objective's own attention direction). Each "
+                           "step appends a [MASK], reads the prediction at it, then forgets the [MASK] "
+                           "and remembers the predicted token instead. A cache is a list of dicts, one "
+                           "per block: a scratch copy is cheap. Also handle steps = 0.",
+                           "Encode the prefix once with a fresh cache ([{} for each block]; causal only for "
+                           "left_to_right). Per step: run [MASK] with causal=False on a copy of the cache "
+                           "([dict(layer) for layer in cache]) and take the argmax; then run the predicted token "
+                           "with causal=False on the real cache. Return (tokens, logits) stacked over the steps.")),
 }

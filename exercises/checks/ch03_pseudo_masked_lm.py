@@ -231,16 +231,34 @@ def official_example(s2s_ft_mask):
 EXERCISES = {
     "3.1": Exercise(points=3, checks=[paper_example, positions_are_shared, blocks_in_factorization_order,
                                       targets_of_both_losses],
-                    hint="Start from the n original tokens with [M] at the masked positions (positions 0..n-1, kind "
-                         "AE, step -1). Then for each step st and span id sid = order[st]: append the span's [P]s, then "
-                         "its real tokens, each at its ORIGINAL position p, with kind PSEUDO / REAL and step st. The "
-                         "L_AE label sits on the AE block's [M]s, the L_PAR label on the [P]s."),
+                    hint="The lengthened sequence has the original tokens (with [M] where masked), then "
+                         "for each span in the factorization order its pseudo masks and its real tokens, "
+                         "all at their original positions.",
+                    hints=("Loop over the order (the step is the place in the order, not the span's id), "
+                           "and within a step first the span's [P]s, then its real tokens, each span's "
+                           "positions in the span's own order; both losses are read where the docstring "
+                           "says, -100 elsewhere.",
+                           "Start from the n original tokens with [M] at the masked positions (positions 0..n-1, kind "
+                           "AE, step -1). Then for each step st and span id sid = order[st]: append the span's [P]s, then "
+                           "its real tokens, each at its ORIGINAL position p, with kind PSEUDO / REAL and step st. The "
+                           "L_AE label sits on the AE block's [M]s, the L_PAR label on the [P]s.")),
     "3.2": Exercise(points=3, checks=[autoencoding_block_is_closed, pseudo_rows, real_rows, works_on_a_batch],
-                    hint="Broadcast kind and step as a query column (..., L, 1) and a key row (..., 1, L), write one "
-                         "boolean expression per query kind from the table in the docstring, and OR them.",
+                    hint="Every rule depends only on the kind and the step of the query and of the key. "
+                         "Write the table of the module docstring as one boolean expression per query "
+                         "kind.",
+                    hints=("Broadcast kind and step of the queries (a column) against those of the keys "
+                           "(a row) along the LAST axis, so that a batch (..., L) works too, and OR the "
+                           "three query kinds' expressions.",
+                           "Broadcast kind and step as a query column (..., L, 1) and a key row (..., 1, L), write one "
+                           "boolean expression per query kind from the table in the docstring, and OR them."),
                     pure=True),
     "3.3": Exercise(points=2, checks=[equals_the_rules, official_example],
-                    hint="w = [0]*src_len ++ ids ++ (-ids); a key is 'true' when w_key >= 0. Real rows (w_q >= 0): "
-                         "true key and w_key <= w_query. Pseudo rows (w_q < 0): true key and -w_key > w_query, or "
-                         "w_key == w_query (a pseudo of the same span).", pure=True),
+                    hint="The official code encodes every token's role in one signed integer: 0 for the "
+                         "source, the span id for a target token, minus the span id for its pseudo mask.",
+                    hints=("Build w from the three parts, broadcast it as queries against keys, and "
+                           "transcribe the docstring's two row rules (real rows, pseudo rows) as boolean "
+                           "expressions.",
+                           "w = [0]*src_len ++ ids ++ (-ids); a key is 'true' when w_key >= 0. Real rows (w_q >= 0): "
+                           "true key and w_key <= w_query. Pseudo rows (w_q < 0): true key and -w_key > w_query, or "
+                           "w_key == w_query (a pseudo of the same span)."), pure=True),
 }

@@ -246,14 +246,26 @@ def beta_init_per_matrix(deepnorm_init_, beta):
 
 EXERCISES = {
     "4.1": Exercise(points=2, checks=[single_stack_table, update_bound_is_one, exact_at_every_n, encoder_decoder_table],
-                    hint="Single stack with L layers: ((2L) ** 0.25, (8L) ** -0.25). Encoder-decoder: the encoder "
-                         "uses (N ** 4 * M) ** (1 / 16) with 0.81 and 0.87, the decoder 3M and 12M (3 sublayers per "
-                         "block). Return only the sides that have layers."),
+                    hint="Read the constants from the paper's table: one formula for a single stack of N "
+                         "layers, two sides for an encoder-decoder. N counts blocks, not sublayers.",
+                    hints=("Compute them (do not copy the table's rounded values) and return a dict with "
+                           "one key per side that has layers, each a tuple of two Python floats (alpha, "
+                           "beta).",
+                           "Single stack with L layers: ((2L) ** 0.25, (8L) ** -0.25). Encoder-decoder: the encoder "
+                           "uses (N ** 4 * M) ** (1 / 16) with 0.81 and 0.87, the decoder 3M and 12M (3 sublayers per "
+                           "block). Return only the sides that have layers.")),
     "4.2": Exercise(points=2, checks=[zero_branch_gives_layernorm_of_x, known_branch_gives_layernorm_of_alpha_x_plus_g,
                                       applies_the_given_norm],
-                    hint="One line: the LayerNorm of (alpha times the stream) plus the branch."),
+                    hint="DeepNorm changes one thing in Post-LN: which term of the sum is scaled.",
+                    hints=("Scale the stream, add the branch, and apply the `norm` you are given (its eps"
+                           " and weights are part of it); never change x or g in place.",
+                           "One line: the LayerNorm of (alpha times the stream) plus the branch.")),
     "4.3": Exercise(points=3, checks=[beta_init_per_matrix],
-                    hint="Walk model.named_modules(); the last part of the name says which matrix it is. "
-                         "nn.init.xavier_normal_(module.weight, gain=...) with beta for v_proj, out_proj, fc1, fc2 "
-                         "and 1 for q_proj, k_proj; touch nothing else.", mutates=("model",)),
+                    hint="The init re-draws some matrices of every block with a gain and leaves "
+                         "everything else alone. Which matrices, and which gain for each?",
+                    hints=("Find the matrices by the last part of their module name; use xavier NORMAL "
+                           "with the right gain for each group, touch nothing else, and return the model.",
+                           "Walk model.named_modules(); the last part of the name says which matrix it is. "
+                           "nn.init.xavier_normal_(module.weight, gain=...) with beta for v_proj, out_proj, fc1, fc2 "
+                           "and 1 for q_proj, k_proj; touch nothing else."), mutates=("model",)),
 }

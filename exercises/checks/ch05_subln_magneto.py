@@ -138,11 +138,25 @@ def gamma_init_per_matrix(subln_init_, gamma):
 
 EXERCISES = {
     "5.1": Exercise(points=2, checks=[single_stack_table, gamma_squared_is_log_2n, encoder_decoder_table],
-                    hint="math.sqrt(math.log(2 * L)) for a single stack of L layers; the enc-dec rows use 3M for "
-                         "the decoder and sqrt(log(3M) log(2N) / 3) for the encoder."),
+                    hint="gamma comes from the same theory as DeepNet's constants, with natural "
+                         "logarithms; N counts blocks.",
+                    hints=("A single stack: the square root of a logarithm of 2N; an encoder-decoder has "
+                           "its own row per side. Return Python floats, computed, not copied from the "
+                           "table.",
+                           "math.sqrt(math.log(2 * L)) for a single stack of L layers; the enc-dec rows use 3M for "
+                           "the decoder and sqrt(log(3M) log(2N) / 3) for the encoder.")),
     "5.2": Exercise(points=2, checks=[matches_w2_ln_gelu_w1, keeps_float32],
-                    hint="fc1, then GELU, then the inner norm (it is d_ff wide), then fc2."),
+                    hint="Sub-LN adds one LayerNorm inside the feed-forward. Between which two "
+                         "operations, and over which width?",
+                    hints=("Apply fc1, the activation, the given inner norm, then fc2, in that order, "
+                           "keeping the input's dtype.",
+                           "fc1, then GELU, then the inner norm (it is d_ff wide), then fc2.")),
     "5.3": Exercise(points=3, checks=[gamma_init_per_matrix],
-                    hint="The DeepNet init with gain gamma instead of beta: gamma > 1 multiplies the xavier std of "
-                         "v_proj, out_proj, fc1 and fc2; q_proj and k_proj keep gain 1.", mutates=("model",)),
+                    hint="Sub-LN's init is DeepNet's with gamma > 1: it multiplies the same matrices' "
+                         "xavier gain instead of shrinking it.",
+                    hints=("The core has a helper that re-draws the branch matrices with one gain and q/k"
+                           " with another; leave the inner norms and everything else as they are, and "
+                           "return the model.",
+                           "The DeepNet init with gain gamma instead of beta: gamma > 1 multiplies the xavier std of "
+                           "v_proj, out_proj, fc1 and fc2; q_proj and k_proj keep gain 1."), mutates=("model",)),
 }
