@@ -121,9 +121,8 @@ class BitLinear(nn.Linear):
 
 
 class BitNetResidual(nn.Module):
-    """x + f(x): the block's norm lives inside each BitLinear; a final norm still precedes the head."""
-
-    final_norm = True
+    """x + f(x): the block's norm lives inside each BitLinear; pair it with the core's default final_norm (a norm
+    before the full-precision head)."""
 
     def __init__(self, config=None):
         super().__init__()
