@@ -155,8 +155,8 @@ print(f"vocabulary: {tok.vocab_size} characters; {len(train_ids):,} training and
 # Character-level language modelling of Python's documentation (103 characters, 10% held out), 2 layers, $T=32$.
 # The recipe of the FAQ, scaled down: AdamW(0.9, 0.95), warmup, then two stages: the peak learning rate and weight
 # decay 0.1 for the first half; then 2/3 of it decaying to 0, and weight decay 0 (the FAQ: 1.5e-3 → 1e-3 for 700M).
-# BitNet's learning rate is 5× the FP one (the FAQ's b1.58 rates are 5–6× LLaMA's), each picked once, not tuned per
-# width. The paper's claim is about scale (b1.58 matches FP16 LLaMA from 3B parameters); what a laptop can show is the
+# BitNet's learning rate is 5× the FP one (the FAQ's b1.58 rates are 5–6× LLaMA's); both were fixed before the sweep,
+# not tuned per width or per model, so neither is claimed to be its optimum. The paper's claim is about scale (b1.58 matches FP16 LLaMA from 3B parameters); what a laptop can show is the
 # direction: does the gap shrink as the model widens, and does the loss drop late, at the second stage?
 
 # %%
