@@ -96,7 +96,8 @@ class AotSpec:
     pointers: {argument: Triton pointer type}, e.g. {"X": "*fp16", "LSE": "*fp32"}; every pointer gets the
         divisible-by-16 hint a launch with torch tensors gets.
     scalars: {argument: type} for non-pointer arguments that are not "i32" (e.g. {"sm_scale": "fp32"}).
-    constexprs: {argument: value}, every tl.constexpr argument the config fixes (block sizes included).
+    constexprs: {argument: value}, every tl.constexpr argument the config fixes (block sizes included), and
+        integer arguments a launch specialises (a stride of 1 becomes a compile-time constant in Triton).
     divisible: integer arguments that a real launch passes as multiples of 16 (strides of rows of D >= 16
         elements); None: every argument whose name starts with "stride_".
     The checks, read by `kernels.aot.problems`: shared memory must fit the arch; spills at most

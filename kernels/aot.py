@@ -102,7 +102,7 @@ def compile_triton(specs, archs=ARCHS) -> list:
             fn = _jit_function(spec.kernel)
             signature, attrs = {}, {}
             for i, p in enumerate(fn.params):
-                if p.is_constexpr:
+                if p.is_constexpr or p.name in spec.constexprs:  # an int fixed to 1 is how Triton specialises
                     signature[p.name] = "constexpr"
                 elif p.name in spec.pointers:
                     signature[p.name] = spec.pointers[p.name]

@@ -47,8 +47,11 @@ def build(arch: Optional[str] = None) -> Path:
     if not lib.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run([compiler, "-O3", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared", str(SOURCE), "-o",
-                        str(tmp)], check=True, capture_output=True, text=True)
+        out = subprocess.run([compiler, "-O3", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared", str(SOURCE), "-o",
+                              str(tmp)], capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"nvcc failed to build {SOURCE.name} for {arch} (exit {out.returncode}):\n"
+                               f"{(out.stderr or out.stdout).strip()}")
         tmp.replace(lib)  # atomic: a concurrent build never sees half a file
     return lib
 
@@ -74,15 +77,19 @@ def launch(lib: ctypes.CDLL, x_ptr: int, y_ptr: int, n_rows: int, n_cols: int, v
 def cuda_softmax(x: torch.Tensor, *, version: int = 2) -> torch.Tensor:
     """Softmax over the last dimension of a float32 CUDA tensor with kernel `version` 1 (two reductions) or 2
     (online, one read for both statistics)."""
-    if not isinstance(x, torch.Tensor) or not x.is_cuda or x.dtype != torch.float32 or x.dim() < 1:
-        raise ValueError(f"x: the CUDA C softmax takes a float32 CUDA tensor, got "
-                         f"{getattr(x, 'dtype', type(x))} on {getattr(x, 'device', '?')}")
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"x: the CUDA C softmax takes a non-empty float32 tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
+    if x.device.type != "cuda":
+        raise ValueError(f"x: must be on a CUDA device (the kernel reads it through a device pointer), got a tensor "
+                         f"on {x.device}; use kernels.softmax.softmax or torch.softmax there")
     if version not in (1, 2):
         raise ValueError(f"version: 1 (two reductions) or 2 (online), got {version}")
     rows = x.reshape(-1, x.size(-1)).contiguous()
     y = torch.empty_like(rows)
-    launch(load(), rows.data_ptr(), y.data_ptr(), rows.size(0), rows.size(1), version,
-           torch.cuda.current_stream(x.device).cuda_stream)
+    with torch.cuda.device(x.device):  # launch on x's GPU, not the current one, and on that GPU's stream
+        launch(load(), rows.data_ptr(), y.data_ptr(), rows.size(0), rows.size(1), version,
+               torch.cuda.current_stream(x.device).cuda_stream)
     return y.view(x.shape)
 
 

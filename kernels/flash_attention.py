@@ -20,12 +20,18 @@ the work for causal). A row that sees no key at all (key_len = 0) returns zeros 
 
 Backward (FA2): P is recomputed from Q, K and the saved LSE (never stored), with delta_i = rowsum(dO * O):
     dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = dS K / sqrt(D),   dK = dS^T Q / sqrt(D)
+The LSE output is differentiable too (merging calls by their LSE, as LongNet's dilated attention and split-KV
+decoding do, needs it): dLSE_i / dS_ij = P_ij, so with an upstream dLSE the same kernels run with
+delta_i = rowsum(dO * O) - dLSE_i. dK, dV are computed only when k or v needs a gradient, dQ only when q does.
 We use two kernels, no atomics: one program per key tile accumulates dK, dV over the query tiles, one program
 per query tile accumulates dQ over the key tiles. S and P are computed twice, but each output is written once
 by one program: deterministic, and race-free by construction (the interpreter runs programs one at a time and
 could not expose a race in an atomic version).
 
 Kernels use plain pointer arithmetic (no block pointers, gone in Triton 3.9), so Triton 3.6 to 3.9 all work.
+Every offset is 64-bit (the batch and head index and the strides are cast to int64 before any product): a
+(B, T, H, D) view at H D = 4096 passes 2^31 elements at T = 512K, and an int32 product would wrap around.
+Autotuning keys on the lengths rounded up to powers of two, so decoding token by token does not re-tune.
 Triton tutorial 06-fused-attention is the production-grade relative (warp specialisation, TMA, fp8).
 """
 
@@ -98,9 +104,14 @@ def _query_range(n0, offset, key_len, prefix_len, t_q, BLOCK_M: tl.constexpr, BL
 def _fwd_tiles(acc, ell, m, q, q_pos, K, V, stride_kt, stride_vt, key_len, prefix_len, start, end, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASKED: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
+    rows = tl.arange(0, BLOCK_N)
+    tile_k, tile_v = stride_kt.to(tl.int64), stride_vt.to(tl.int64)  # one tile's first row: int64 n0 * stride
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kt = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None], mask=offs_n[None, :] < key_len, other=0.0)
+        offs_n = n0 + rows
+        # the tile's first row in int64, the rows inside it in int32 (the launcher keeps BLOCK * stride < 2^31):
+        # 64-bit safe, with the register use of 32-bit offsets (int64 everywhere spills at D = 128 on sm_80)
+        kt = tl.load(K + n0 * tile_k + rows[None, :] * stride_kt + offs_d[:, None],
+                     mask=offs_n[None, :] < key_len, other=0.0)
         s = tl.dot(q, kt) * qk_scale  # (BLOCK_M, BLOCK_N) scores, base 2
         if MASKED:
             s = tl.where(_visible(q_pos[:, None], offs_n[None, :], key_len, prefix_len, MASK_KIND), s,
@@ -110,7 +121,8 @@ def _fwd_tiles(acc, ell, m, q, q_pos, K, V, stride_kt, stride_vt, key_len, prefi
         alpha = tl.exp2(m - m_ref)  # rescale what was accumulated under the old max
         p = tl.exp2(s - m_ref[:, None])
         ell = ell * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=offs_n[:, None] < key_len, other=0.0)
+        v = tl.load(V + n0 * tile_v + rows[:, None] * stride_vt + offs_d[None, :],
+                    mask=offs_n[:, None] < key_len, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     return acc, ell, m
@@ -120,22 +132,23 @@ def _fwd_tiles(acc, ell, m, q, q_pos, K, V, stride_kt, stride_vt, key_len, prefi
 def _attn_fwd_kernel(Q, K, V, OUT, LSE, KEY_LEN, PREFIX_LEN, TILES, sm_scale, n_heads, t_q, t_k,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_lb, stride_lh,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     MASK_KIND: tl.constexpr, COUNT_TILES: tl.constexpr):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)  # grid: (query tiles, B * H)
-    b, h = bh // n_heads, bh % n_heads
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    OUT += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                     t_q_bucket, t_k_bucket, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, COUNT_TILES: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # grid: (query tiles, B * H)
+    b, h = bh // n_heads, bh % n_heads  # int64: the head and batch offsets, and each tile's first row, are
+    m0 = pid_m * BLOCK_M  # 64-bit; offsets inside a tile are 32-bit (see _fwd_tiles)
+    Q += b * stride_qb + h * stride_qh + m0.to(tl.int64) * stride_qt
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    OUT += b * stride_ob + h * stride_oh + m0.to(tl.int64) * stride_ot
     key_len = tl.load(KEY_LEN + b)
     prefix_len = tl.load(PREFIX_LEN + b)
     offset = t_k - t_q  # query row i sits at position i + offset (the queries are the last Tq positions)
 
-    m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < t_q, other=0.0)
+    tile_rows = tl.arange(0, BLOCK_M)
+    q = tl.load(Q + tile_rows[:, None] * stride_qt + offs_d[None, :], mask=offs_m[:, None] < t_q, other=0.0)
     m = tl.full((BLOCK_M,), -float("inf"), tl.float32)  # running max (base 2)
     ell = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)  # running, unnormalised output
@@ -150,10 +163,10 @@ def _attn_fwd_kernel(Q, K, V, OUT, LSE, KEY_LEN, PREFIX_LEN, TILES, sm_scale, n_
 
     empty = ell == 0.0  # a fully masked row: acc = 0, so O = 0 and LSE = log(0) = -inf
     ell = tl.where(empty, 1.0, ell)
-    tl.store(OUT + offs_m[:, None] * stride_ot + offs_d[None, :], (acc / ell[:, None]).to(OUT.dtype.element_ty),
+    tl.store(OUT + tile_rows[:, None] * stride_ot + offs_d[None, :], (acc / ell[:, None]).to(OUT.dtype.element_ty),
              mask=offs_m[:, None] < t_q)
     lse = tl.where(empty, -float("inf"), (m + tl.log2(ell)) * 0.6931471805599453)  # back to natural log
-    tl.store(LSE + b.to(tl.int64) * stride_lb + h * stride_lh + offs_m, lse, mask=offs_m < t_q)
+    tl.store(LSE + b * stride_lb + h * stride_lh.to(tl.int64) + offs_m, lse, mask=offs_m < t_q)
     if COUNT_TILES:  # test hook: how many key tiles this program visited, unmasked and masked
         slot = (bh * tl.cdiv(t_q, 16) + pid_m) * 2  # room for the smallest BLOCK_M (16) in any config
         tl.store(TILES + slot, full // BLOCK_N)
@@ -163,19 +176,23 @@ def _attn_fwd_kernel(Q, K, V, OUT, LSE, KEY_LEN, PREFIX_LEN, TILES, sm_scale, n_
 # ----------------------------------------------------------------------------- backward
 
 @triton.jit
-def _attn_bwd_delta_kernel(OUT, DO, DELTA, n_heads, t_q, stride_ob, stride_oh, stride_ot,
-                           stride_dob, stride_doh, stride_dot, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // n_heads, bh % n_heads
+def _attn_bwd_delta_kernel(OUT, DO, DLSE, DELTA, n_heads, t_q, stride_ob, stride_oh, stride_ot,
+                           stride_dob, stride_doh, stride_dot, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                           HAS_DLSE: tl.constexpr):
+    pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads  # int64 like the strides below: no offset overflows at 2^31 elements
+    stride_ot, stride_dot = stride_ot.to(tl.int64), stride_dot.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m[:, None] < t_q
-    o = tl.load(OUT + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
                 mask=rows, other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
                  + offs_d[None, :], mask=rows, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # = rowsum(P * dP), the softmax-backward term
-    tl.store(DELTA + bh.to(tl.int64) * t_q + offs_m, delta, mask=offs_m < t_q)
+    if HAS_DLSE:  # dLSE_i / dS_ij = P_ij, so dS = P * (dP - delta + dLSE): fold it into delta
+        delta -= tl.load(DLSE + bh * t_q + offs_m, mask=offs_m < t_q, other=0.0)
+    tl.store(DELTA + bh * t_q + offs_m, delta, mask=offs_m < t_q)
 
 
 @triton.jit
@@ -207,14 +224,17 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_LEN, PREFIX_LEN, 
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          MASK_KIND: tl.constexpr):
-    pid_n, bh = tl.program_id(0), tl.program_id(1)  # grid: (key tiles, B * H)
-    b, h = bh // n_heads, bh % n_heads
-    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    LSE += bh.to(tl.int64) * t_q
-    DELTA += bh.to(tl.int64) * t_q
+                          t_q_bucket, t_k_bucket, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr):
+    pid_n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # grid: (key tiles, B * H)
+    b, h = bh // n_heads, bh % n_heads  # int64 like the strides below: no offset overflows at 2^31 elements
+    stride_qt, stride_kt, stride_vt, stride_dot, stride_dkt, stride_dvt = (
+        stride_qt.to(tl.int64), stride_kt.to(tl.int64), stride_vt.to(tl.int64), stride_dot.to(tl.int64),
+        stride_dkt.to(tl.int64), stride_dvt.to(tl.int64))
+    Q += b * stride_qb + h * stride_qh
+    DO += b * stride_dob + h * stride_doh
+    LSE += bh * t_q
+    DELTA += bh * t_q
     key_len = tl.load(KEY_LEN + b)
     prefix_len = tl.load(PREFIX_LEN + b)
     offset = t_k - t_q
@@ -223,9 +243,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_LEN, PREFIX_LEN, 
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     keys = offs_n[:, None] < key_len
-    k = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
                 mask=keys, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
                 mask=keys, other=0.0)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
@@ -238,9 +258,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_LEN, PREFIX_LEN, 
                              prefix_len, full, t_q, qk_scale, HEAD_DIM, BLOCK_M, MASK_KIND, False)
 
     out = offs_n[:, None] < t_k
-    tl.store(DK + b.to(tl.int64) * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=out)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=out)
 
 
@@ -268,13 +288,16 @@ def _bwd_dq_tiles(dq, q, do, lse2, delta, q_pos, K, V, stride_kt, stride_vt, key
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_LEN, PREFIX_LEN, sm_scale, n_heads, t_q, t_k,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
-                        stride_dqb, stride_dqh, stride_dqt,
+                        stride_dqb, stride_dqh, stride_dqt, t_q_bucket, t_k_bucket,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         MASK_KIND: tl.constexpr):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)  # grid: (query tiles, B * H)
-    b, h = bh // n_heads, bh % n_heads
-    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # grid: (query tiles, B * H)
+    b, h = bh // n_heads, bh % n_heads  # int64 like the strides below: no offset overflows at 2^31 elements
+    stride_qt, stride_kt, stride_vt, stride_dot, stride_dqt = (
+        stride_qt.to(tl.int64), stride_kt.to(tl.int64), stride_vt.to(tl.int64), stride_dot.to(tl.int64),
+        stride_dqt.to(tl.int64))
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
     key_len = tl.load(KEY_LEN + b)
     prefix_len = tl.load(PREFIX_LEN + b)
     offset = t_k - t_q
@@ -283,12 +306,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_LEN, PREFIX_LEN, sm_sca
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < t_q
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
                 mask=rows[:, None], other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
                  + offs_d[None, :], mask=rows[:, None], other=0.0)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * t_q + offs_m, mask=rows, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + bh.to(tl.int64) * t_q + offs_m, mask=rows, other=0.0)
+    lse2 = tl.load(LSE + bh * t_q + offs_m, mask=rows, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * t_q + offs_m, mask=rows, other=0.0)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
 
@@ -298,39 +321,70 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_LEN, PREFIX_LEN, sm_sca
                        qk_scale, HEAD_DIM, BLOCK_N, MASK_KIND, False)
     dq = _bwd_dq_tiles(dq, q, do, lse2, delta, q_pos, K, V, stride_kt, stride_vt, key_len, prefix_len, full, hi,
                        qk_scale, HEAD_DIM, BLOCK_N, MASK_KIND, True)
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=rows[:, None])
 
 
 # ----------------------------------------------------------------------------- configs: one under the interpreter
 
 def _configs(gpu):
-    """`gpu` lists (BLOCK_M, BLOCK_N, num_warps, num_stages); the first is the default the compile tier checks.
-    The interpreter gets one 64 x 64 config (it cannot autotune, and its cost is per program and tile)."""
+    """`gpu` lists (BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter gets one 64 x 64 config (it cannot
+    autotune, and its cost is per program and tile)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu]
 
 
-# First entries: no register spills for D = 64 and 128 on sm_80 and sm_90 (checked by the compile tier).
 FWD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
 DKDV_CONFIGS = [(32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2)]
 DQ_CONFIGS = [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)]
-_KEY = ["t_q", "t_k", "HEAD_DIM", "MASK_KIND"]
-_fwd = triton.autotune(_configs(FWD_CONFIGS), key=_KEY)(_attn_fwd_kernel)
-_dkdv = triton.autotune(_configs(DKDV_CONFIGS), key=_KEY)(_attn_bwd_dkdv_kernel)
-_dq = triton.autotune(_configs(DQ_CONFIGS), key=_KEY)(_attn_bwd_dq_kernel)
+# Configs that spill registers at D = 128 on sm_8x (A100-class: 255 registers a thread at most), measured with
+# the compile tier (fp16, the prefix mask, Triton 3.9; `python -m kernels.aot` checks each default).
+_SPILL_SM8X_D128 = {"fwd": {(128, 64, 8, 2), (128, 32, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3)},
+                    "dkdv": {(32, 128, 4, 2)}, "dq": set()}
+
+
+def usable_configs(kernel: str, arch: int, head_dim: int, elem_bytes: int, smem_limit: int) -> list:
+    """The autotune configs of `kernel` ("fwd", "dkdv", "dq") worth trying on compute capability `arch` (80, 90)
+    at `head_dim` with `elem_bytes`-byte inputs, in order (the first is the default): without the configs that
+    spill there, and without those whose pipelined tiles (num_stages x 2 tiles of max(BLOCK_M, BLOCK_N) x D,
+    an upper bound of the compile tier's measurements) exceed `smem_limit` bytes (fp32 doubles them)."""
+    gpu = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel]
+    spills = _SPILL_SM8X_D128[kernel] if arch // 10 == 8 and head_dim > 64 else set()
+    smem = {c: c[3] * 2 * max(c[0], c[1]) * head_dim * elem_bytes for c in gpu}
+    keep = [c for c in gpu if c not in spills and smem[c] <= smem_limit]
+    return keep or [min((c for c in gpu if c not in spills), key=smem.get)]
+
+
+def _pruner(kernel: str):
+    """Triton's early_config_prune hook: keep the usable configs for the launch's device, head size, dtype."""
+    def prune(configs, named_args, **kwargs):
+        q = named_args["Q"]
+        major, minor = torch.cuda.get_device_capability(q.device)
+        limit = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+        usable = usable_configs(kernel, 10 * major + minor, kwargs["HEAD_DIM"], q.element_size(), limit)
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                in usable] or configs[:1]
+    return None if INTERPRET else {"early_config_prune": prune}
+
+
+_KEY = ["t_q_bucket", "t_k_bucket", "HEAD_DIM", "MASK_KIND"]
+_fwd = triton.autotune(_configs(FWD_CONFIGS), key=_KEY, prune_configs_by=_pruner("fwd"))(_attn_fwd_kernel)
+_dkdv = triton.autotune(_configs(DKDV_CONFIGS), key=_KEY, prune_configs_by=_pruner("dkdv"))(_attn_bwd_dkdv_kernel)
+_dq = triton.autotune(_configs(DQ_CONFIGS), key=_KEY, prune_configs_by=_pruner("dq"))(_attn_bwd_dq_kernel)
 
 
 def _aot_specs():
-    """The default (first) GPU config of each kernel, fp16, D = 64 and 128, the prefix mask (the most mask code)."""
+    """The default (first usable) GPU config of each kernel per arch and head size (D = 64, 128), fp16, the prefix
+    mask (the most mask code)."""
     half = dict.fromkeys(["Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"], "*fp16")
-    half.update(LSE="*fp32", DELTA="*fp32", KEY_LEN="*i32", PREFIX_LEN="*i32", TILES="*i32")
+    half.update(LSE="*fp32", DLSE="*fp32", DELTA="*fp32", KEY_LEN="*i32", PREFIX_LEN="*i32", TILES="*i32")
     specs = []
-    for d in (64, 128):
-        for name, tuner, gpu in (("attn_fwd", _fwd, FWD_CONFIGS), ("attn_bwd_dkdv", _dkdv, DKDV_CONFIGS),
-                                 ("attn_bwd_dq", _dq, DQ_CONFIGS)):
-            bm, bn, warps, stages = gpu[0]
+    smem_limit = {80: 163 * 1024, 90: 227 * 1024}
+    for d, arch in ((d, arch) for d in (64, 128) for arch in (80, 90)):
+        for name, tuner, kernel in (("attn_fwd", _fwd, "fwd"), ("attn_bwd_dkdv", _dkdv, "dkdv"),
+                                    ("attn_bwd_dq", _dq, "dq")):
+            bm, bn, warps, stages = usable_configs(kernel, arch, d, 2, smem_limit[arch])[0]
             consts = {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "MASK_KIND": MASK_PREFIX}
             if name == "attn_fwd":
                 consts["COUNT_TILES"] = False
@@ -341,9 +395,9 @@ def _aot_specs():
                             if p.startswith("stride_") and not p.startswith("stride_l"))
             specs.append(AotSpec(f"{name} fp16 D={d} prefix mask ({bm}x{bn}, {warps} warps, {stages} stages)",
                                  tuner, half, consts, scalars={"sm_scale": "fp32"}, num_warps=warps,
-                                 num_stages=stages, divisible=strides, mma=True))
+                                 num_stages=stages, archs=(arch,), divisible=strides, mma=True))
         specs.append(AotSpec(f"attn_bwd_delta fp16 D={d}", _attn_bwd_delta_kernel, half,
-                             {"HEAD_DIM": d, "BLOCK_M": 64}))
+                             {"HEAD_DIM": d, "BLOCK_M": 64, "HAS_DLSE": True}, archs=(arch,)))
     return specs
 
 
@@ -402,12 +456,23 @@ def _check(q, k, v, causal, prefix_len, key_lengths, kernel=True):
             _lengths("prefix_len", prefix_len, B, t_k, 0, q.device))
 
 
+def _buckets(t_q: int, t_k: int):
+    """The autotune key's lengths, rounded up to powers of two: decoding one token at a time (Tq = 1, Tk + 1 per
+    step) re-tunes once per doubling of Tk, not at every token."""
+    return triton.next_power_of_2(t_q), triton.next_power_of_2(t_k)
+
+
 def _strides(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+MAX_TOKEN_STRIDE = 2**31 // 256  # the forward's offsets inside a tile (at most 128 rows) stay below 2^31
+
+
 def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """x itself when its last dimension is contiguous and a token step is < MAX_TOKEN_STRIDE elements (every
+    layout a model makes); a contiguous copy otherwise."""
+    return x if x.stride(-1) == 1 and x.stride(2) < MAX_TOKEN_STRIDE else x.contiguous()
 
 
 def _launch_forward(q, k, v, kind, key_len, prefix, out=None, lse=None, tile_counts=None):
@@ -417,27 +482,35 @@ def _launch_forward(q, k, v, kind, key_len, prefix, out=None, lse=None, tile_cou
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _fwd[grid](q, k, v, out, lse, key_len, prefix, lse if tile_counts is None else tile_counts,
                1.0 / math.sqrt(D), H, t_q, k.size(2), *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-               lse.stride(0), lse.stride(1), HEAD_DIM=D, MASK_KIND=kind, COUNT_TILES=tile_counts is not None)
+               lse.stride(0), lse.stride(1), *_buckets(t_q, k.size(2)), HEAD_DIM=D, MASK_KIND=kind,
+               COUNT_TILES=tile_counts is not None)
     return out, lse
 
 
-def _launch_backward(q, k, v, o, lse, do, kind, key_len, prefix, dq=None, dk=None, dv=None):
+def _launch_backward(q, k, v, o, lse, do, kind, key_len, prefix, dq=None, dk=None, dv=None, dlse=None,
+                     need_dq=True, need_dkdv=True):
+    """dQ (when need_dq) and dK, dV (when need_dkdv; None otherwise). dlse: the gradient of the LSE output."""
     B, H, t_q, D = q.shape
     t_k = k.size(2)
     lse = lse.contiguous()
-    dq = torch.empty_like(q) if dq is None else dq
-    dk = torch.empty_like(k) if dk is None else dk
-    dv = torch.empty_like(v) if dv is None else dv
     delta = torch.empty((B, H, t_q), device=q.device, dtype=torch.float32)
-    _attn_bwd_delta_kernel[(triton.cdiv(t_q, 64), B * H)](o, do, delta, H, t_q, *_strides(o), *_strides(do),
-                                                          HEAD_DIM=D, BLOCK_M=64)
+    dlse = None if dlse is None else dlse.to(torch.float32).contiguous()
+    _attn_bwd_delta_kernel[(triton.cdiv(t_q, 64), B * H)](o, do, delta if dlse is None else dlse, delta, H, t_q,
+                                                          *_strides(o), *_strides(do), HEAD_DIM=D, BLOCK_M=64,
+                                                          HAS_DLSE=dlse is not None)
     common = (key_len, prefix, 1.0 / math.sqrt(D), H, t_q, t_k, *_strides(q), *_strides(k), *_strides(v),
               *_strides(do))
-    _dkdv[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), B * H)](
-        q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), HEAD_DIM=D, MASK_KIND=kind)
-    _dq[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, *common, *_strides(dq), HEAD_DIM=D, MASK_KIND=kind)
-    return dq, dk, dv
+    if need_dkdv:
+        dk = torch.empty_like(k) if dk is None else dk
+        dv = torch.empty_like(v) if dv is None else dv
+        _dkdv[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), B * H)](
+            q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), *_buckets(t_q, t_k), HEAD_DIM=D,
+            MASK_KIND=kind)
+    if need_dq:
+        dq = torch.empty_like(q) if dq is None else dq
+        _dq[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), B * H)](
+            q, k, v, do, lse, delta, dq, *common, *_strides(dq), *_buckets(t_q, t_k), HEAD_DIM=D, MASK_KIND=kind)
+    return (dq if need_dq else None), (dk if need_dkdv else None), (dv if need_dkdv else None)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -447,14 +520,17 @@ class _FlashAttention(torch.autograd.Function):
         o, lse = _launch_forward(q, k, v, kind, key_len, prefix)
         ctx.save_for_backward(q, k, v, o, lse, key_len, prefix)
         ctx.kind = kind
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
         return o, lse
 
     @staticmethod
-    def backward(ctx, do, _dlse):
+    def backward(ctx, do, dlse):
         q, k, v, o, lse, key_len, prefix = ctx.saved_tensors
-        dq, dk, dv = _launch_backward(q, k, v, o, lse, _inner_contiguous(do), ctx.kind, key_len, prefix)
-        return dq, dk, dv, None, None, None
+        do = torch.zeros_like(o) if do is None else _inner_contiguous(do)  # only the LSE was used
+        need_dq, need_k, need_v = ctx.needs_input_grad[:3]
+        dq, dk, dv = _launch_backward(q, k, v, o, lse, do, ctx.kind, key_len, prefix, dlse=dlse,
+                                      need_dq=need_dq, need_dkdv=need_k or need_v)
+        return dq, dk if need_k else None, dv if need_v else None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -494,7 +570,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     prefix_len: int or (B,) ints; seq2seq / prefix-LM: j < prefix_len[b], or j <= i + (Tk - Tq). Excludes causal.
     key_lengths: int or (B,) ints; keys j >= key_lengths[b] are padding, never read. A row with no visible key
         returns zeros (and LSE = -inf).
-    return_lse: also return LSE (B, H, Tq) float32, natural log, without gradient.
+    return_lse: also return LSE (B, H, Tq) float32, natural log, differentiable (LSE merges of several calls).
     D must be one of HEAD_DIMS. Differentiable in q, k, v (FA2 backward kernels).
     """
     kind, key_len, prefix = _check(q, k, v, causal, prefix_len, key_lengths)

@@ -15,7 +15,8 @@ Backward, with xhat = (h - mean) * rstd and the row's upstream gradient dy (N = 
     dh = rstd * (w dy - mean(w dy) - xhat * mean(w dy * xhat))      (RMSNorm: without the mean(w dy) term)
     dx = alpha * dh,   dg = dh,   dw = sum over rows of dy * xhat,   db = sum over rows of dy
 
-h is recomputed from x and g (cheaper than storing it). dw and db are sums over every row: each program walks
+Rows of x, g and y may be strided (a row stride each), and so may weight and bias (`w[::2]`: an element
+stride each). h is recomputed from x and g (cheaper than storing it). dw and db are sums over every row: each program walks
 a strided set of rows, accumulates its own partial dw, db in registers and writes one row of a (programs, N)
 buffer, which torch sums (Triton tutorial 05 protects a smaller buffer with a spin-lock; this is the plain
 version). Everything is computed in float32 whatever the input dtype.
@@ -45,8 +46,8 @@ def add_norm_reference(x, g=None, weight=None, bias=None, *, alpha: float = 1.0,
 
 
 @triton.jit
-def _add_norm_fwd_kernel(X, G, W, B, Y, MEAN, RSTD, n_cols, stride_x, stride_g, stride_y, alpha, eps,
-                         HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
+def _add_norm_fwd_kernel(X, G, W, B, Y, MEAN, RSTD, n_cols, stride_x, stride_g, stride_y, stride_w, stride_b,
+                         alpha, eps, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # one program per row; int64 so row * stride cannot overflow
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
@@ -59,9 +60,9 @@ def _add_norm_fwd_kernel(X, G, W, B, Y, MEAN, RSTD, n_cols, stride_x, stride_g, 
         mean = tl.sum(h, axis=0) / n_cols
     centered = tl.where(inside, h - mean, 0.0)  # the padding must not enter the variance
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
-    y = centered * rstd * tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    y = centered * rstd * tl.load(W + cols * stride_w, mask=inside, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        y += tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
+        y += tl.load(B + cols * stride_b, mask=inside, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=inside)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -69,14 +70,13 @@ def _add_norm_fwd_kernel(X, G, W, B, Y, MEAN, RSTD, n_cols, stride_x, stride_g, 
 
 @triton.jit
 def _add_norm_bwd_kernel(X, G, W, DY, MEAN, RSTD, DX, DG, DW_PART, DB_PART, n_rows, n_cols, stride_x,
-                         stride_g, stride_dy, stride_dx, stride_dg, alpha, HAS_G: tl.constexpr,
+                         stride_g, stride_dy, stride_dx, stride_dg, stride_w, alpha, HAS_G: tl.constexpr,
                          RMS: tl.constexpr,
                          BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
-    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK], dtype=tl.float32)
     db = tl.zeros([BLOCK], dtype=tl.float32)
     first = pid.to(tl.int64)
@@ -88,7 +88,9 @@ def _add_norm_bwd_kernel(X, G, W, DY, MEAN, RSTD, DX, DG, DW_PART, DB_PART, n_ro
         dy = tl.load(DY + row * stride_dy + cols, mask=inside, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + row)
         xhat = tl.where(inside, (h - tl.load(MEAN + row)) * rstd, 0.0)
-        wdy = w * dy
+        # w is re-read per row (from cache) rather than held: at BLOCK 8192 the registers it would pin make
+        # sm_80 spill (Triton 3.6)
+        wdy = tl.load(W + cols * stride_w, mask=inside, other=0.0).to(tl.float32) * dy
         dh = wdy - xhat * (tl.sum(xhat * wdy, axis=0) / n_cols)
         if not RMS:
             dh -= tl.sum(wdy, axis=0) / n_cols
@@ -102,8 +104,10 @@ def _add_norm_bwd_kernel(X, G, W, DY, MEAN, RSTD, DX, DG, DW_PART, DB_PART, n_ro
     tl.store(DB_PART + pid * n_cols + cols, db, mask=inside)
 
 
-def _num_warps(block: int) -> int:
-    return 16 if block >= 8192 else 8 if block >= 2048 else 4
+def _num_warps(block: int, backward: bool) -> int:
+    """Warps per row program. At BLOCK 8192 the forward stays at 8 (with 16, Triton 3.6 spills on sm_80) and the
+    backward, which holds about twice as many row arrays, takes 16 (`python -m kernels.aot` checks both)."""
+    return 16 if backward and block >= 8192 else 8 if block >= 2048 else 4
 
 
 def _rows(t: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
@@ -146,9 +150,10 @@ def add_norm_forward(x, g, weight, bias=None, *, alpha=1.0, eps=1e-5, rms=False,
     block = triton.next_power_of_2(n)
     _add_norm_fwd_kernel[(x2.size(0),)](
         x2, x2 if g2 is None else g2, weight, weight if bias is None else bias, y, mean, rstd, n,
-        x2.stride(0), 0 if g2 is None else g2.stride(0), y.stride(0), float(alpha), float(eps),
+        x2.stride(0), 0 if g2 is None else g2.stride(0), y.stride(0), weight.stride(0),
+        0 if bias is None else bias.stride(0), float(alpha), float(eps),
         HAS_G=g2 is not None,
-        HAS_BIAS=bias is not None, RMS=rms, BLOCK=block, num_warps=_num_warps(block))
+        HAS_BIAS=bias is not None, RMS=rms, BLOCK=block, num_warps=_num_warps(block, backward=False))
     if out is not None and y is not out:
         out.copy_(y)
         y = out
@@ -173,8 +178,8 @@ def add_norm_backward(x, g, weight, mean, rstd, dy, *, alpha=1.0, rms=False, dx=
     _add_norm_bwd_kernel[(programs,)](
         x2, x2 if g2 is None else g2, weight, dy2, mean, rstd, dx2, dx2 if dg2 is None else dg2, dw_part,
         db_part, rows, n, x2.stride(0), 0 if g2 is None else g2.stride(0), dy2.stride(0), dx2.stride(0),
-        0 if dg2 is None else dg2.stride(0), float(alpha), HAS_G=g2 is not None, RMS=rms, BLOCK=block,
-        num_warps=_num_warps(block))
+        0 if dg2 is None else dg2.stride(0), weight.stride(0), float(alpha), HAS_G=g2 is not None, RMS=rms, BLOCK=block,
+        num_warps=_num_warps(block, backward=True))
     if dx is not None and dx2 is not dx:
         dx.copy_(dx2)
         dx2 = dx
@@ -230,16 +235,19 @@ def deepnorm_add_norm(x, g, norm: torch.nn.LayerNorm, alpha: float) -> torch.Ten
 def _aot_specs():
     ptrs = dict.fromkeys(["X", "G", "W", "B", "Y", "DY", "DX", "DG"], "*fp16")
     ptrs.update(MEAN="*fp32", RSTD="*fp32", DW_PART="*fp32", DB_PART="*fp32")
+    unit = {"stride_w": 1, "stride_b": 1}  # a contiguous weight and bias: Triton specialises a stride of 1
     specs = []
     for block in (1024, 8192):
         for rms in (False, True):
             kind = "rms_norm" if rms else "layer_norm"
             specs.append(AotSpec(f"{kind} add fwd fp16 (BLOCK {block})", _add_norm_fwd_kernel, ptrs,
-                                 {"HAS_G": True, "HAS_BIAS": not rms, "RMS": rms, "BLOCK": block},
-                                 scalars={"alpha": "fp32", "eps": "fp32"}, num_warps=_num_warps(block)))
+                                 {"HAS_G": True, "HAS_BIAS": not rms, "RMS": rms, "BLOCK": block, **unit},
+                                 scalars={"alpha": "fp32", "eps": "fp32"},
+                                 num_warps=_num_warps(block, backward=False)))
             specs.append(AotSpec(f"{kind} add bwd fp16 (BLOCK {block})", _add_norm_bwd_kernel, ptrs,
-                                 {"HAS_G": True, "RMS": rms, "BLOCK": block}, scalars={"alpha": "fp32"},
-                                 num_warps=_num_warps(block)))
+                                 {"HAS_G": True, "RMS": rms, "BLOCK": block, "stride_w": 1},
+                                 scalars={"alpha": "fp32"},
+                                 num_warps=_num_warps(block, backward=True)))
     return specs
 
 

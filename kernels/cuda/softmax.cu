@@ -70,11 +70,24 @@ extern "C" __global__ void softmax_rows(const float* __restrict__ x, float* __re
     for (int j = threadIdx.x; j < n_cols; j += blockDim.x) out[j] = __expf(row[j] - m) * inv_l;
 }
 
+// exp: the fast hardware approximation on the device, expf on the host (tests emulate merge() on a CPU).
+__host__ __device__ __forceinline__ float fast_exp(float x) {
+#ifdef __CUDA_ARCH__
+    return __expf(x);
+#else
+    return expf(x);
+#endif
+}
+
 // (m, l) <- (m, l) + (m2, l2): the running max and the sum of exp(x - max), rescaled to the larger max.
-__device__ __forceinline__ void merge(float& m, float& l, float m2, float l2) {
+__host__ __device__ __forceinline__ void merge(float& m, float& l, float m2, float l2) {
+    if (isnan(m2) || isnan(l2)) {  // fmaxf(m, NaN) = m would drop it: a NaN poisons the row, as in torch.softmax
+        l = NAN;
+        return;
+    }
     const float big = fmaxf(m, m2);
     if (big == -INFINITY) return;  // nothing finite seen on either side: keep (-inf, 0), avoid exp(-inf + inf)
-    l = l * __expf(m - big) + l2 * __expf(m2 - big);
+    l = l * fast_exp(m - big) + l2 * fast_exp(m2 - big);  // a NaN in l stays NaN
     m = big;
 }
 

@@ -20,6 +20,7 @@ from kernels.flash_attention import (
     flash_attention_backward,
     flash_attention_fn,
     flash_attention_forward,
+    MAX_TOKEN_STRIDE,
     forward_block_sizes,
     reference_attention,
     tile_plan,
@@ -316,6 +317,125 @@ class TestInterpreter:
             expected = sdpa_attention(q[:, :, -tq:], k, v, causal=causal)
             assert_close(flash_attention_fn(q[:, :, -tq:], k, v, causal=causal), expected,
                          f"flash_attention_fn vs sdpa_attention, {what}", 1e-5)
+
+    @pytest.mark.parametrize("where", ["head offset", "token offsets"])
+    def test_offsets_beyond_two_to_the_31_elements_in_forward_and_backward(self, where):
+        """q, k, v, dO are views into one huge buffer that is reserved, not touched (a few MB are written): the
+        third head starts at element 2 (2^30 + 128) > 2^31, or token t sits at t (2^23 - 64) (past 2^31 from
+        t = 257). Each stride fits in int32 (so Triton passes it as int32), and the token stride is one the
+        kernel takes without a copy (< MAX_TOKEN_STRIDE); with an int32 product of an index and a stride the
+        addresses wrap around: wrong values or a segfault."""
+        B, H, T, D = 1, 3, 272, 16
+        stride_h, stride_t = ((2**30 + 128, 64) if where == "head offset" else (128, MAX_TOKEN_STRIDE - 64))
+        size = 64 + (H - 1) * stride_h + (T - 1) * stride_t + D
+        try:
+            buf = torch.empty(size, dtype=torch.float16)
+        except RuntimeError as e:
+            pytest.skip(f"cannot reserve {2 * size / 2**30:.1f} GiB of virtual memory here: {e}")
+        small = attention_case(torch.float16, B=B, H=H, t_q=T, t_k=T, D=D, seed=30)
+        views = []
+        for i, x in enumerate(small):  # q, k, v, dO side by side: element offsets 0, 16, 32, 48 in each row
+            view = buf.as_strided((B, H, T, D), (H * stride_h, stride_h, stride_t, 1), storage_offset=16 * i)
+            view.copy_(x)
+            views.append(view)
+        q, k, v, do = views
+        assert q.storage_offset() + (q.size(1) - 1) * q.stride(1) + (q.size(2) - 1) * q.stride(2) >= 2**31
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        out, lse = flash_attention(*leaves, causal=True, return_lse=True)
+        out.backward(do)
+        ref = [x.double().requires_grad_() for x in small[:3]]
+        ref_out, ref_lse = reference_attention(*ref, causal=True, return_lse=True)
+        ref_out.backward(small[3].double())
+        assert_close(out, ref_out, f"O, {where} past 2^31", **TOL[torch.float16])
+        assert_close(lse, ref_lse, f"LSE, {where} past 2^31", **TOL[torch.float16])
+        for name, x, r in zip(("dQ", "dK", "dV"), leaves, ref):
+            assert_close(x.grad, r.grad, f"{name}, {where} past 2^31", **TOL[torch.float16])
+
+    @pytest.mark.parametrize("key_lengths", [None, [150, 40]], ids=["all keys", "key_lengths"])
+    def test_merging_two_calls_by_their_lse_gives_the_dense_gradients(self, key_lengths):
+        """Keys split in two halves, each half attended separately, the outputs merged by their LSE (as dilated
+        attention and split-KV decoding do): the merged output and dQ, dK, dV equal those of dense attention.
+        The gradient reaches q and k through the LSE too, so an LSE without gradient is off by O(0.1)."""
+        q, k, v, do = attention_case(torch.float32, B=2, H=2, t_q=96, t_k=160, D=32, seed=31)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        halves = []
+        for start, end in ((0, 80), (80, 160)):
+            part_kw = {} if key_lengths is None else {"key_lengths": [min(max(n - start, 0), end - start)
+                                                                      for n in key_lengths]}
+            halves.append(flash_attention(leaves[0], leaves[1][:, :, start:end], leaves[2][:, :, start:end],
+                                          return_lse=True, **part_kw))
+        (o1, l1), (o2, l2) = halves
+        lse = torch.logaddexp(l1, l2)
+        out = torch.exp(l1 - lse)[..., None] * o1 + torch.exp(l2 - lse)[..., None] * o2
+        (out * do).sum().backward()
+        ref = [x.double().requires_grad_() for x in (q, k, v)]
+        ref_out, ref_lse = reference_attention(*ref, return_lse=True, key_lengths=key_lengths)
+        (ref_out * do.double()).sum().backward()
+        assert_close(out, ref_out, "merged O", **TOL[torch.float32])
+        assert_close(lse, ref_lse, "merged LSE", **TOL[torch.float32])
+        for name, x, r in zip(("dQ", "dK", "dV"), leaves, ref):
+            assert_close(x.grad, r.grad, f"{name} through the LSE merge", **TOL[torch.float32])
+
+    def test_lse_alone_has_the_gradient_of_logsumexp(self):
+        q, k, v, _ = attention_case(torch.float32, B=2, H=1, t_q=70, t_k=130, D=32, seed=32)
+        weights = randn(2, 1, 70, seed=33)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        _, lse = flash_attention(*leaves, prefix_len=[20, 90], return_lse=True)
+        (lse * weights).sum().backward()
+        ref = [x.double().requires_grad_() for x in (q, k, v)]
+        _, ref_lse = reference_attention(*ref, prefix_len=[20, 90], return_lse=True)
+        (ref_lse * weights.double()).sum().backward()
+        for name, x, r in zip(("dQ", "dK"), leaves, ref):
+            assert_close(x.grad, r.grad, f"{name} of sum(w * LSE)", **TOL[torch.float32])
+        assert_close(leaves[2].grad, torch.zeros_like(v), "dV of sum(w * LSE) (the LSE does not depend on V)", 0.0)
+
+    @pytest.mark.parametrize("needs", ["q", "k", "v", "k, v"])
+    def test_backward_runs_only_the_kernels_whose_gradients_are_needed(self, needs, monkeypatch):
+        from kernels import flash_attention as fa
+
+        launched = []
+        for name in ("_dkdv", "_dq"):
+            tuner = getattr(fa, name)
+            monkeypatch.setattr(tuner, "run", lambda *a, _run=tuner.run, _name=name, **kw: (launched.append(_name),
+                                                                                           _run(*a, **kw))[1])
+        q, k, v, do = attention_case(torch.float32, B=1, t_q=64, t_k=64, D=16, seed=34)
+        wanted = needs.split(", ")
+        leaves = {n: x.clone().requires_grad_(n in wanted) for n, x in zip("qkv", (q, k, v))}
+        flash_attention(leaves["q"], leaves["k"], leaves["v"], causal=True).backward(do)
+        expected = (["_dkdv"] if {"k", "v"} & set(wanted) else []) + (["_dq"] if "q" in wanted else [])
+        assert launched == expected, f"needs a gradient: {wanted}; kernels launched {launched}, expected {expected}"
+        ref = {n: x.double().requires_grad_(n in wanted) for n, x in zip("qkv", (q, k, v))}
+        reference_attention(ref["q"], ref["k"], ref["v"], causal=True).backward(do.double())
+        for n in "qkv":
+            if n in wanted:
+                assert_close(leaves[n].grad, ref[n].grad, f"d{n.upper()} when only {wanted} need one", 1e-5, 1e-5)
+            else:
+                assert leaves[n].grad is None
+
+    def test_decoding_token_by_token_uses_few_autotune_keys(self, monkeypatch):
+        """generate() with a KV cache calls the kernel with Tq = 1 and Tk growing by one per token; the autotune
+        key holds the lengths rounded up to powers of two, so 20 tokens give a handful of keys, not 20."""
+        from kernels import flash_attention as fa
+        from nanomodels.transformer import Transformer, TransformerConfig
+
+        keys = set()
+        tuner = fa._fwd
+        run = tuner.run
+
+        def recording_run(*args, **kw):
+            named = {**dict(zip(tuner.arg_names, args)), **kw}
+            keys.add(tuple(named[k] for k in tuner.keys))
+            return run(*args, **kw)
+
+        monkeypatch.setattr(tuner, "run", recording_run)
+        torch.manual_seed(0)
+        model = Transformer(TransformerConfig(vocab_size=32, block_size=64, n_layers=1, d_model=32, n_heads=2),
+                           attention_fn=flash_attention_fn).float().eval()
+        prompt = torch.randint(0, 32, (1, 5), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model.generate(prompt, 20, temperature=0.0)
+        lengths = {named_t_k for _, named_t_k, *_ in keys}
+        assert len(keys) <= 4 and lengths <= {8, 16, 32}, f"{len(keys)} autotune keys over 20 tokens: {sorted(keys)}"
 
     def test_training_a_few_steps_through_the_kernel_gives_the_reference_losses(self):
         from nanomodels.transformer import Transformer, TransformerConfig

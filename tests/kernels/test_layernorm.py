@@ -116,6 +116,20 @@ class TestInterpreter:
         xt = randn(40, 12, seed=11).t()  # a transposed (non-contiguous) view
         assert_close(layer_norm(xt, w), F.layer_norm(xt, (40,), w, eps=1e-5), "transposed input", 2e-5)
 
+    @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+    def test_strided_weight_and_bias_like_every_other_element(self, rms):
+        x, g, dy = randn(6, 40, seed=40), randn(6, 40, seed=41), randn(6, 40, seed=42)
+        w_base, b_base = randn(80, seed=43).requires_grad_(), randn(120, seed=44).requires_grad_()
+        w, b = w_base[::2], b_base[::3]  # element strides 2 and 3
+        add_norm(x, g, w, b, alpha=1.7, rms=rms).backward(dy)
+        ref_w, ref_b = w_base.detach().double().requires_grad_(), b_base.detach().double().requires_grad_()
+        expected = add_norm_reference(x.double(), g.double(), ref_w[::2], ref_b[::3], alpha=1.7, rms=rms)
+        expected.backward(dy.double())
+        y = add_norm(x, g, w.detach(), b.detach(), alpha=1.7, rms=rms)
+        assert_close(y, expected, "y with weight w[::2] and bias b[::3]", 2e-5)
+        assert_close(w_base.grad, ref_w.grad, "dw lands on every other element of the base", 2e-5)
+        assert_close(b_base.grad, ref_b.grad, "db lands on every third element of the base", 2e-5)
+
     def test_bfloat16_is_computed_in_float32_under_the_interpreter(self):
         x, w = randn(3, 64, seed=12).bfloat16(), torch.ones(64, dtype=torch.bfloat16)
         y = layer_norm(x, w)
