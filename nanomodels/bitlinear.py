@@ -181,7 +181,10 @@ def ternary_matmul_reference(x_codes: torch.Tensor, packed: torch.Tensor, K: int
     """The integer matmul X_int8 W_tern^T: int8 (M, K) x packed (N, ceil(K/4)) -> int32 (M, N), exact."""
     if x_codes.dtype != torch.int8 or x_codes.dim() != 2 or x_codes.size(1) != K:
         raise ValueError(f"x_codes: must be int8 of shape (M, K={K}), got {x_codes.dtype} {tuple(x_codes.shape)}")
-    return x_codes.to(torch.int32) @ unpack_ternary(packed, K).to(torch.int32).T
+    w = unpack_ternary(packed, K)
+    if x_codes.is_cuda:  # no integer matmul on CUDA in PyTorch; float64 sums of these integers are exact
+        return (x_codes.double() @ w.double().T).to(torch.int32)
+    return x_codes.to(torch.int32) @ w.to(torch.int32).T
 
 
 class TernaryLinear(nn.Module):
@@ -203,6 +206,7 @@ class TernaryLinear(nn.Module):
         if not isinstance(layer, BitLinear):
             raise TypeError(f"layer: must be a BitLinear, got {type(layer).__name__}")
         new = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.eps, gemm)
+        new.to(layer.weight.device)
         codes, scale = quantize_weight(layer.weight.detach(), binary=layer.binary)
         new.packed.copy_(pack_ternary(codes))
         new.weight_scale = scale.detach().clone()

@@ -231,6 +231,15 @@ class TestGPU:
         assert_equal_ints(cuda_ternary_gemv(x[0].cuda(), packed, k).cpu(), expected[0], f"CUDA GEMV {n}x{k}")
         assert_equal_ints(ternary_matmul(x.cuda(), packed, k).cpu(), expected, f"Triton matmul {n}x{k}")
 
+    def test_ternary_linear_on_the_device_equals_the_fake_quant_layer(self):
+        torch.manual_seed(0)
+        layer = BitLinear(512, 256, bias=False).cuda()
+        x = randn(4, 512, seed=1, device="cuda")
+        for gemm in (None, ternary_gemm_triton):
+            fast = TernaryLinear.from_bitlinear(layer, gemm=gemm)
+            assert fast.packed.is_cuda
+            assert_close(fast(x), layer(x), f"TernaryLinear on the GPU, gemm={gemm}", 1e-3)
+
     def test_rmsnorm_quant_on_the_device(self):
         x, w = randn(64, 4096, seed=1, device="cuda", dtype=torch.float16), torch.ones(4096, device="cuda")
         codes, scale = rmsnorm_quant(x, w)
