@@ -138,10 +138,10 @@ for v in ("moe", "moe, no aux loss"):
 # %% [markdown]
 # ## Linear vs X-MoE router: routing fluctuation and representation spread
 #
-# *Routing fluctuation*: the share of 2048 fixed probe tokens whose expert changed since the previous checkpoint (X-MoE's
-# motivation: a stable routing lets experts specialize). As a representation diagnostic we print the effective rank (the
-# exponential of the entropy of the normalized singular values) of the router's input representations: collapse toward a few
-# expert centroids lowers it. The X-MoE router's temperature $\tau$ (initialized at 0.07, clamped at $10^{-4}$) trains with
+# *Routing fluctuation*: the share of 2048 fixed probe tokens whose expert changed since the previous checkpoint (a token that
+# keeps changing expert trains several experts but is served by one). As a representation diagnostic we print the effective
+# rank (the exponential of the entropy of the normalized singular values) of the router's input representations, a proxy of
+# our choosing for the paper's collapse argument (representations pulled toward a few expert centroids lower it). The X-MoE router's temperature $\tau$ (initialized at 0.07, clamped at $10^{-4}$) trains with
 # learning rate $10^{-4}$ (`moe_experiments.optimizer`): Adam moves a parameter by about its learning rate per step, so at the
 # model's $3\cdot10^{-3}$ it could reach the clamp in about 23 steps, and at the clamp the scores reach $\pm 10^4$ (one-hot routing).
 
