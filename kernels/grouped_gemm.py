@@ -136,7 +136,8 @@ class _GroupedGEMM(torch.autograd.Function):
         dw = torch.empty_like(w)
         grid = (w.size(0), triton.cdiv(w.size(2), DW_BLOCK_K), triton.cdiv(w.size(1), BLOCK_N))
         _grouped_gemm_dw_kernel[grid](a, g, dw, a_rows, c_rows, expert_blocks, w.size(1), w.size(2), a.stride(0),
-                                      g.stride(0), dw.stride(0), dw.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=DW_BLOCK_K, num_warps=4)
+                                      g.stride(0), dw.stride(0), dw.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                      BLOCK_K=DW_BLOCK_K, num_warps=4)
         return da, dw, None, None, None, None, None
 
 
@@ -144,11 +145,14 @@ def grouped_gemm(a, w, a_rows, c_rows, block_expert, expert_blocks, out_rows: in
     """out (out_rows, N) with out[c_rows[p]] = a[a_rows[p]] @ w[e]^T for every p with a_rows[p] >= 0 (e the
     expert of p's block); other rows are 0. a (M, K), w (E, N, K). Differentiable in a and w."""
     if a.dim() != 2 or w.dim() != 3 or a.size(1) != w.size(2):
-        raise ValueError(f"a, w: need a (M, K) and w (E, N, K) with equal K, got {tuple(a.shape)}, {tuple(w.shape)}")
+        raise ValueError(f"a, w: need a (M, K) and w (E, N, K) with equal K, got {tuple(a.shape)}, "
+                         f"{tuple(w.shape)}")
     if a.dtype != w.dtype or a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"a, w: dtype must be float16, bfloat16 or float32 and equal, got {a.dtype}, {w.dtype}")
+        raise ValueError(f"a, w: dtype must be float16, bfloat16 or float32 and equal, got {a.dtype}, "
+                         f"{w.dtype}")
     if len(a_rows) != len(c_rows) or len(a_rows) != len(block_expert) * BLOCK_M:
-        raise ValueError(f"a_rows, c_rows: need length len(block_expert) * BLOCK_M = {len(block_expert) * BLOCK_M}")
+        raise ValueError(f"a_rows, c_rows: need length len(block_expert) * BLOCK_M = "
+                         f"{len(block_expert) * BLOCK_M}")
     rows = [t.to(torch.int64).contiguous() for t in (a_rows, c_rows)]
     if a.dtype == torch.bfloat16 and backend(a) == "interpreter":  # the interpreter cannot multiply bf16
         out = grouped_gemm(a.float(), w.float(), *rows, block_expert, expert_blocks, out_rows)
