@@ -10,8 +10,6 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 import kernels
 from kernels.flash_attention import (
@@ -27,7 +25,7 @@ from kernels.flash_attention import (
 )
 from kernels.softmax import softmax
 from nanomodels.attention import attention, causal_mask, sdpa_attention
-from tiers import SENTINEL, TOL, assert_close, needs_interpreter, randn
+from tiers import SENTINEL, TOL, assert_close, given, needs_interpreter, randn, st
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MASKS = {  # every mask kind, and key padding on its own and combined, for (B=2, Tk=200)

@@ -9,12 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
-from hypothesis import strategies as st
 
 from kernels.layernorm import (add_norm, add_norm_backward, add_norm_forward, add_norm_reference, deepnorm_add_norm,
                                layer_norm, rms_norm)
-from tiers import SENTINEL, assert_close, needs_interpreter, randn
+from tiers import SENTINEL, assert_close, given, needs_interpreter, randn, st
 
 
 def naive_add_norm(x, g, w, b, alpha, eps, rms):

@@ -4,11 +4,9 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 from kernels.softmax import online_softmax, online_softmax_reference, softmax, softmax_reference
-from tiers import SENTINEL, assert_close, needs_interpreter, randn
+from tiers import SENTINEL, assert_close, given, needs_interpreter, randn, st
 
 
 def naive_softmax(row):
