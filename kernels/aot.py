@@ -90,11 +90,14 @@ def _jit_function(kernel):
     return kernel
 
 
-def compile_triton(specs, archs=ARCHS) -> list:
+def compile_triton(specs=None, archs=ARCHS) -> list:
+    """Compile [(module, AotSpec)] (default: every registered one) -> one row per spec and arch."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if specs is None:
+        specs = [(m, s) for m, s in collect()[0] if not isinstance(s, CudaSpec)]
     ptxas = ptxas_path()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -157,12 +160,15 @@ def problems(row: dict) -> list:
     return found
 
 
-def compile_cuda(specs, archs=ARCHS) -> list:
+def compile_cuda(specs=None, archs=ARCHS) -> list:
+    """Compile [(module, CudaSpec)] (default: every registered one) -> one row per entry function and arch."""
     from kernels.cuda_softmax import nvcc
 
     compiler = nvcc()
     if compiler is None:
         return []
+    if specs is None:
+        specs = [(m, s) for m, s in collect()[0] if isinstance(s, CudaSpec)]
     cuobjdump = Path(ptxas_path() or "/nonexistent").with_name("cuobjdump")
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -137,6 +137,19 @@ class TestReference:
         plan = tile_plan(causal_mask(256), 64, 64)
         assert torch.equal(plan, 2 * torch.ones(4, 4, dtype=torch.long).tril(-1) + torch.eye(4, dtype=torch.long))
 
+    def test_config_pruning_drops_what_spills_or_overflows_shared_memory_and_keeps_a_default(self):
+        from kernels.flash_attention import DKDV_CONFIGS, FWD_CONFIGS, usable_configs
+
+        assert usable_configs("fwd", 90, 128, 2, 227 * 1024) == FWD_CONFIGS, "sm_90 keeps every forward config"
+        assert usable_configs("fwd", 80, 64, 2, 163 * 1024) == FWD_CONFIGS, "sm_80 at D=64 keeps them too"
+        assert usable_configs("fwd", 80, 128, 2, 163 * 1024) == [(64, 64, 4, 3)], "the ones that spill at D=128"
+        assert (32, 128, 4, 2) not in usable_configs("dkdv", 86, 128, 2, 99 * 1024)
+        fp32 = usable_configs("dkdv", 86, 64, 4, 99 * 1024)  # fp32 on a 99 KiB device: 32x128 no longer fits
+        assert fp32 == [c for c in DKDV_CONFIGS if c != (32, 128, 4, 2)], fp32
+        tiny = usable_configs("dkdv", 80, 128, 4, 1024)  # nothing fits: the smallest non-spilling one remains
+        assert tiny == [min((c for c in DKDV_CONFIGS if c != (32, 128, 4, 2)),
+                            key=lambda c: c[3] * 2 * max(c[0], c[1]))], tiny
+
     BAD = {  # name: (change to valid arguments q, k, v of shape (2, 1, 10, 16), the message it must raise)
         "q not 4-D": (lambda q, k, v: dict(q=q[0]), "q: expected a tensor of shape \\(B, H, T, D\\)"),
         "k batch differs": (lambda q, k, v: dict(k=k[:1]), "k, v: expected shape"),
