@@ -202,75 +202,19 @@ plt.show()
 # puts the same curves against training time.
 
 # %%
-from nanomodels.data import exact_match, make_task
-from nanomodels.masks import cloze_decode, cloze_inputs, seq2seq_mask
-from nanomodels.train import TrainConfig, lr_at, make_optimizer
+import pmlm_experiments as exp  # chapters/pmlm_experiments.py: the toy, the two objectives, one training run
+from pmlm_experiments import CONFIG, MASK, METHODS, P, S, T, V, task
 
 show(s2s_pseudo_layout)
+show(exp.loss_v1)
+show(exp.loss_pseudo)
+show(exp.run)
 
 # %%
-task = make_task("sort", 14)
-V = task.vocab_size
-MASK, P = V, V + 1  # [MASK] = 40 and [P] = 41, past the task vocabulary
-S, T = task.prompt_len, task.answer_len
-CONFIG = dict(vocab_size=V + 2, block_size=S + T, n_layers=3, d_model=128, n_heads=4)
-
-
-def loss_v1(model, src, tgt, g):
-    seq = torch.cat([src, tgt], dim=1)
-    predict = torch.zeros_like(seq, dtype=torch.bool)
-    predict[:, S:] = torch.rand(tgt.shape, generator=g) < 0.7
-    inputs, targets = cloze_inputs(seq, predict, MASK)
-    return model(inputs, targets, allowed=seq2seq_mask(S, T), causal=False)[1]
-
-
-def loss_pseudo(model, src, tgt, g):
-    b = s2s_pseudo_layout(src, tgt, P)
-    return model(b["tokens"], b["targets"], allowed=b["allowed"], causal=False, positions=b["positions"])[1]
-
-
-METHODS = {"UniLMv1 target masking": (loss_v1, MASK), "pseudo masks": (loss_pseudo, P)}
-
-
-def evaluate(model, token, n):
-    model.eval()
-    em = exact_match(task, lambda p, L: cloze_decode(model, p, L, token)[0], n, torch.Generator().manual_seed(123))
-    model.train()
-    return em
-
-
-def run(method, seed):
-    make_loss, token = METHODS[method]
-    torch.manual_seed(seed)
-    model = Transformer(TransformerConfig(**CONFIG))
-    tc = TrainConfig(steps=STEPS, lr=2e-3, min_lr=2e-4, warmup=min(100, STEPS // 5), weight_decay=0.1)
-    opt = make_optimizer(model, tc, torch.device("cpu"))
-    g = torch.Generator().manual_seed(seed)
-    curve, t0 = [], time.perf_counter()
-    for step in range(STEPS):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
-        x, y = task.batch(64, g)
-        seq = torch.cat([x, y[:, -1:]], dim=1)
-        loss = make_loss(model, seq[:, :S], seq[:, S:], g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % EVAL_EVERY == 0 and step + 1 < STEPS:
-            seconds = time.perf_counter() - t0
-            curve.append((step + 1, seconds, evaluate(model, token, 300)))
-            t0 = time.perf_counter() - seconds  # evaluation time does not count as training time
-    seconds = time.perf_counter() - t0
-    final = evaluate(model, token, N_EVAL)
-    curve.append((STEPS, seconds, final))
-    return {"final": final, "curve": curve, "seconds": seconds}
-
-
 results = {method: {} for method in METHODS}
 for seed in SEEDS:
     for method in METHODS:
-        r = results[method][seed] = run(method, seed)
+        r = results[method][seed] = exp.run(method, seed, STEPS, EVAL_EVERY, N_EVAL)
         print(f"seed {seed}  {method:24s} exact match {r['final']:.1%}  ({STEPS} steps, {r['seconds']:.0f} s)")
 
 # %%

@@ -184,6 +184,14 @@ def test_experiment_modules_import_and_classify_a_run():
     assert subln.build is exp.build and subln.main is exp.main
 
 
+def test_pmlm_experiment_run_returns_its_curve_and_final_exact_match():
+    exp = load("pmlm_experiments")
+    assert (exp.MASK, exp.P) == (exp.V, exp.V + 1) and exp.CONFIG["block_size"] == exp.S + exp.T
+    r = exp.run("pseudo masks", seed=0, steps=2, eval_every=1, n_eval=4)
+    assert [step for step, _, _ in r["curve"]] == [1, 2] and r["curve"][-1][2] == r["final"]
+    assert 0.0 <= r["final"] <= 1.0 and r["seconds"] > 0
+
+
 def test_results_name_the_command_that_reproduces_them():
     for path in sorted((CHAPTERS_DIR / "results").glob("*.json")):
         command = json.loads(path.read_text())["command"]
