@@ -398,8 +398,8 @@ if flash_attention is not None:
 # One set of weights, trained only with cloze objectives under four masks, reverses 8-digit strings as a seq2seq
 # model and as a left-to-right generator, and fills in blanks bidirectionally (numbers above, with their seeds).
 # Nothing in the model knows which objective it serves except the mask. (The official code also feeds the segment
-# ids of section 2 as embeddings; the core Transformer has no segment embedding, and the mask alone turned out to be
-# enough here.)
+# ids of section 2 as embeddings; the core has them too, `TransformerConfig(n_segments=6)` with `segments=` in the
+# forward, but this model does not use them: the mask alone turned out to be enough here.)
 #
 # Exercises (`python -m exercises grade 02`): **2.1** the seq2seq mask, **2.2** the semi-causal mask, **2.3** the
 # cloze decoder with its cache.
