@@ -14,10 +14,11 @@ See exercises/README.md.
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from nanomodels.transformer import init_branches_
+from nanomodels.attention import MultiHeadAttention
+from nanomodels.subln import SubLNAttention, SubLNMLP, subln_init_
+from nanomodels.transformer import EncoderDecoder, PreNorm, TransformerConfig
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -46,13 +47,11 @@ def subln_ffn(x: torch.Tensor, fc1, inner_norm, fc2) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Exercise 5.3: the Sub-LN initialization (3 points)
-# Hint: Sub-LN's init is DeepNet's with gamma > 1: it multiplies the same matrices' xavier gain instead of
-#       shrinking it.
-def subln_init_(model: nn.Module, gamma: float) -> nn.Module:
-    """In place: xavier_normal_(gain=gamma) on each v_proj, out_proj, fc1, fc2 weight; gain 1 on q/k_proj.
-
-    Every other parameter (embeddings, the head, norms, biases) is left as it was. Returns the model."""
-    if not gamma > 0:
-        raise ValueError(f"gamma: must be > 0, got {gamma!r}")
-    raise NotImplementedError("Exercise 5.3: the Sub-LN initialization")
+# Exercise 5.3: the Magneto encoder-decoder, one gamma per stack (3 points)
+# Hint: An encoder-decoder Magneto has two stacks, and each gets its own row of the gamma table (gamma, given,
+#       is computed by your subln_gamma of 5.1). Which parts carry an inner LayerNorm, and which do not?
+def magneto_encoder_decoder(config: TransformerConfig, encoder_layers: int, **parts) -> EncoderDecoder:
+    """An encoder-decoder Magneto: N = encoder_layers, M = config.n_layers; Sub-LN self-attention and
+    feed-forward on both sides, plain cross-attention (no inner LN), gamma per side from the enc-dec rows."""
+    gamma = subln_gamma(encoder_layers, config.n_layers)
+    raise NotImplementedError("Exercise 5.3: the Magneto encoder-decoder, one gamma per stack")

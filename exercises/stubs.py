@@ -102,6 +102,9 @@ def scan_file(path: str) -> list[Marked]:
 def scan(chapter: Chapter) -> list[Marked]:
     """The chapter's exercises in order, checked: ids in the chapter, unique, one region per function."""
     marked = [m for path in chapter.sources for m in scan_file(path)]
+    # a file may feed several chapters (the core holds exercises of 00 and 04): each takes its own regions
+    marked = [m for m in marked if chapter_of(m.id) == chapter.number
+              or m.source not in CHAPTERS.get(chapter_of(m.id), chapter).sources]
     seen: dict[str, Marked] = {}
     for m in marked:
         where = f"{m.source}:{m.region[0]}"

@@ -97,9 +97,7 @@ def deepnorm_init_(model: nn.Module, beta: float) -> nn.Module:
     """
     if not beta > 0:
         raise ValueError(f"beta: must be > 0, got {beta!r}")
-    # BEGIN EXERCISE 4.3: the DeepNorm initialization
     return init_branches_(model, beta, qk_gain=1.0)
-    # END EXERCISE
 
 
 def deepnet(config: TransformerConfig, **parts) -> Transformer:

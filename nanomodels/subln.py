@@ -94,9 +94,7 @@ def subln_init_(model: nn.Module, gamma: float) -> nn.Module:
     Every other parameter (embeddings, the head, norms, biases) is left as it was. Returns the model."""
     if not gamma > 0:
         raise ValueError(f"gamma: must be > 0, got {gamma!r}")
-    # BEGIN EXERCISE 5.3: the Sub-LN initialization
     return init_branches_(model, gamma, qk_gain=1.0)
-    # END EXERCISE
 
 
 def magneto(config: TransformerConfig, **parts) -> Transformer:
@@ -109,11 +107,13 @@ def magneto_encoder_decoder(config: TransformerConfig, encoder_layers: int, **pa
     """An encoder-decoder Magneto: N = encoder_layers, M = config.n_layers; Sub-LN self-attention and
     feed-forward on both sides, plain cross-attention (no inner LN), gamma per side from the enc-dec rows."""
     gamma = subln_gamma(encoder_layers, config.n_layers)
+    # BEGIN EXERCISE 5.3: the Magneto encoder-decoder, one gamma per stack
     model = EncoderDecoder(config, encoder_layers=encoder_layers, attention=SubLNAttention,
                            cross_attention=MultiHeadAttention, ffn=SubLNMLP, residual=PreNorm, **parts)
     subln_init_(model.encoder, gamma["encoder"])
     subln_init_(model.decoder, gamma["decoder"])
     return model
+    # END EXERCISE
 
 
 __all__ = ["SubLNAttention", "SubLNMLP", "magneto", "magneto_encoder_decoder", "subln_ffn", "subln_gamma", "subln_init_"]

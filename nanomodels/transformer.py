@@ -295,6 +295,7 @@ def init_branches_(model: nn.Module, gain: float, *, qk_gain: float = 1.0) -> nn
     qk_gain) for q_proj and k_proj; every other parameter (embeddings, head, norms, biases) untouched.
 
     The shared mechanism of DeepNet's (gain beta < 1) and Sub-LN's (gain gamma > 1) initializations."""
+    # BEGIN EXERCISE 4.3: which matrices get which gain
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in BRANCH_PROJECTIONS:
@@ -302,6 +303,7 @@ def init_branches_(model: nn.Module, gain: float, *, qk_gain: float = 1.0) -> nn
         elif leaf in QK_PROJECTIONS:
             nn.init.xavier_normal_(module.weight, gain=qk_gain)
     return model
+    # END EXERCISE
 
 
 class _Model(nn.Module):

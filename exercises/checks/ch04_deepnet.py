@@ -194,11 +194,12 @@ def _model(**parts) -> nn.Module:
     return model
 
 
-def init_report(init_fn, scale: float, what: str, scaled=("v_proj", "out_proj", "fc1", "fc2"), **parts):
+def init_report(init_fn, scale: float, what: str, scaled=("v_proj", "out_proj", "fc1", "fc2"), qk_gain=1.0,
+                model=None, **parts):
     """Run init_fn(model, scale) on the core Transformer (built with `parts`) and check every matrix: xavier
-    NORMAL with gain `scale` on `scaled`, gain 1 on q_proj/k_proj (each re-drawn), everything else (norms, inner
-    norms, embeddings, biases) bit-identical, the model returned."""
-    model = _model(**parts)
+    NORMAL with gain `scale` on `scaled`, gain `qk_gain` on q_proj/k_proj (each re-drawn), everything else (norms,
+    inner norms, embeddings, biases) bit-identical, the model returned."""
+    model = _model(**parts) if model is None else model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = init_fn(model, scale)
     if out is not model:
@@ -208,16 +209,19 @@ def init_report(init_fn, scale: float, what: str, scaled=("v_proj", "out_proj", 
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else None
         if leaf in scaled or leaf in ("q_proj", "k_proj"):
-            gain = scale if leaf in scaled else 1.0
+            gain = scale if leaf in scaled else qk_gain
             if torch.equal(p, before[name]):
                 raise Violation(f"{name} was not re-initialized: it gets xavier normal with gain {gain:.4g}"
-                                + (" (q_proj and k_proj are re-drawn too, with gain 1)" if gain == 1.0 else ""))
+                                + (f" (q_proj and k_proj are re-drawn too, with gain qk_gain = {qk_gain:g})"
+                                   if leaf in ("q_proj", "k_proj") else ""))
             want = xavier_std(p, gain)
             std = p.detach().std().item()
             if abs(std / want - 1) > 0.06:
                 why = ""
-                if leaf in ("q_proj", "k_proj") and abs(std / (want * scale) - 1) < 0.06:
-                    why = f": {what} was applied to the queries/keys too; they keep gain 1"
+                if leaf in ("q_proj", "k_proj") and abs(std / (xavier_std(p, scale)) - 1) < 0.06:
+                    why = f": {what} was applied to the queries/keys too; they get qk_gain = {qk_gain:g}"
+                elif leaf in scaled and abs(std / xavier_std(p, qk_gain) - 1) < 0.06:
+                    why = f": that is qk_gain = {qk_gain:g}, the queries' and keys' gain"
                 elif abs(std / (want / scale ** 2) - 1) < 0.06:
                     why = f": that is xavier x 1/{what}, divided instead of multiplied"
                 raise Violation(f"{name}: std {std:.4g}, xavier normal with gain {gain:.4g} gives {want:.4g}{why}")
@@ -235,13 +239,21 @@ def init_report(init_fn, scale: float, what: str, scaled=("v_proj", "out_proj", 
                         f"(normal: 4.55%), mean {z.mean().item():.3g} std{why}")
 
 
-BETAS = st.sampled_from([0.2, 0.35, 0.6])
+GAINS = st.sampled_from([0.2, 0.35, 0.6, 1.9])  # DeepNet's beta < 1, Sub-LN's gamma > 1
 
 
-@check("xavier_normal_(gain=beta) on v_proj, out_proj, fc1, fc2 (std within 6% of beta sqrt(2 / (fan_in + "
-       "fan_out))), gain 1 on q_proj and k_proj, every other parameter untouched", beta=BETAS)
-def beta_init_per_matrix(deepnorm_init_, beta):
-    init_report(deepnorm_init_, beta, "beta")
+@check("init_branches_(model, gain) re-draws v_proj, out_proj, fc1, fc2 with xavier normal of gain `gain` (std "
+       "within 6% of gain sqrt(2 / (fan_in + fan_out)), normally distributed) and q_proj, k_proj with gain 1; every "
+       "other parameter untouched; returns the model", gain=GAINS)
+def gain_per_matrix(init_branches_, gain):
+    init_report(lambda model, g: init_branches_(model, g), gain, "gain")
+
+
+@check("qk_gain is the queries' and keys' gain: init_branches_(model, gain, qk_gain=q) gives q_proj and k_proj "
+       "xavier normal with gain q, the branch matrices gain `gain`", gain=GAINS,
+       qk_gain=st.sampled_from([0.5, 2.0]))
+def qk_gain_sets_the_queries_and_keys(init_branches_, gain, qk_gain):
+    init_report(lambda model, g: init_branches_(model, g, qk_gain=qk_gain), gain, "gain", qk_gain=qk_gain)
 
 
 EXERCISES = {
@@ -260,12 +272,15 @@ EXERCISES = {
                     hints=("Scale the stream, add the branch, and apply the `norm` you are given (its eps"
                            " and weights are part of it); never change x or g in place.",
                            "One line: the LayerNorm of (alpha times the stream) plus the branch.")),
-    "4.3": Exercise(points=3, checks=[beta_init_per_matrix],
-                    hint="The init re-draws some matrices of every block with a gain and leaves "
-                         "everything else alone. Which matrices, and which gain for each?",
-                    hints=("Find the matrices by the last part of their module name; use xavier NORMAL "
-                           "with the right gain for each group, touch nothing else, and return the model.",
-                           "Walk model.named_modules(); the last part of the name says which matrix it is. "
-                           "nn.init.xavier_normal_(module.weight, gain=...) with beta for v_proj, out_proj, fc1, fc2 "
-                           "and 1 for q_proj, k_proj; touch nothing else."), mutates=("model",)),
+    "4.3": Exercise(points=3, checks=[gain_per_matrix, qk_gain_sets_the_queries_and_keys],
+                    hint="DeepNet (gain beta) and Sub-LN (gain gamma) share one init: some matrices of every "
+                         "block are re-drawn with a gain, the rest is left alone. Which matrices get `gain`, which "
+                         "get `qk_gain`?",
+                    hints=("The matrices on the residual update's path (BRANCH_PROJECTIONS) get `gain`, the ones "
+                           "that only shape the attention pattern (QK_PROJECTIONS) get `qk_gain`. Find them by the "
+                           "last part of their module name, re-draw them with xavier NORMAL, and return the model.",
+                           "Walk model.named_modules(); the part after the last dot names the matrix. "
+                           "nn.init.xavier_normal_ on module.weight with gain `gain` for v_proj, out_proj, fc1, fc2 "
+                           "and `qk_gain` for q_proj, k_proj; embeddings, head, norms and biases stay as they were."),
+                    mutates=("model",)),
 }

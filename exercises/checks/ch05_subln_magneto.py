@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import F64, expect_tensor, naive_layer_norm
-from exercises.checks.ch04_deepnet import init_report
-from nanomodels.subln import SubLNAttention, SubLNMLP
+from exercises.checks.common import F64, expect_tensor, naive_layer_norm, xavier_std
+from nanomodels.attention import MultiHeadAttention
+from nanomodels.subln import SubLNAttention, SubLNMLP, subln_gamma
+from nanomodels.transformer import EncoderDecoder, PreNorm, TransformerConfig
 
 
 
@@ -126,14 +127,68 @@ def keeps_float32(subln_ffn, seed):
         raise Violation(f"in float32 the output differs from W2 LN(GELU(W1 x)) by {diff:.3g}")
 
 
-# ---- 5.3 the init -----------------------------------------------------------------------------------------
+# ---- 5.3 the Magneto encoder-decoder ------------------------------------------------------------------------
 
-@check("xavier_normal_(gain=gamma) on v_proj, out_proj, fc1, fc2 (gamma > 1 multiplies; std within 6% of "
-       "gamma sqrt(2 / (fan_in + fan_out))), gain 1 on q_proj and k_proj, every other parameter of a Sub-LN model "
-       "(its inner norms included) untouched",
-       gamma=st.sampled_from([1.5, 1.9, 2.6]))
-def gamma_init_per_matrix(subln_init_, gamma):
-    init_report(subln_init_, gamma, "gamma", attention=SubLNAttention, ffn=SubLNMLP)
+STACKS = st.sampled_from([(1, 2), (2, 3), (3, 1)])  # (N encoder, M decoder) layers: every gamma differs
+
+
+def _encoder_decoder(magneto_encoder_decoder, n: int, m: int):
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=50, block_size=16, n_layers=m, d_model=96, n_heads=4, d_ff=192)
+    model = magneto_encoder_decoder(config, n)
+    if not isinstance(model, EncoderDecoder):
+        raise Violation(f"magneto_encoder_decoder returned {type(model).__name__}, expected the EncoderDecoder "
+                        "it built")
+    if len(model.encoder) != n or len(model.decoder) != m:
+        raise Violation(f"with encoder_layers = {n} and config.n_layers = {m} the model has {len(model.encoder)} "
+                        f"encoder and {len(model.decoder)} decoder blocks")
+    return model
+
+
+@check("the model is an EncoderDecoder with N encoder and M = config.n_layers decoder blocks; every "
+       "self-attention and feed-forward is Sub-LN (an inner LayerNorm), the decoder's cross-attention is plain "
+       "multi-head attention (no inner LN: the paper's Magneto), every residual is Pre-LN", nm=STACKS)
+def sub_ln_parts_where_magneto_puts_them(magneto_encoder_decoder, nm):
+    model = _encoder_decoder(magneto_encoder_decoder, *nm)
+    for side, stack in (("encoder", model.encoder), ("decoder", model.decoder)):
+        for i, block in enumerate(stack):
+            where = f"{side} block {i}"
+            if not isinstance(block.attn, SubLNAttention) or not isinstance(block.ffn, SubLNMLP):
+                raise Violation(f"{where}: self-attention {type(block.attn).__name__}, feed-forward "
+                                f"{type(block.ffn).__name__}; both must be the Sub-LN parts")
+            residuals = [block.attn_residual, block.ffn_residual] + ([block.cross_residual] if side == "decoder"
+                                                                    else [])
+            if not all(isinstance(r, PreNorm) for r in residuals):
+                raise Violation(f"{where}: residual {type(block.attn_residual).__name__}; Magneto is Pre-LN")
+            if side == "decoder" and (not isinstance(getattr(block, "cross_attn", None), MultiHeadAttention)
+                                      or hasattr(block.cross_attn, "inner_norm")):
+                raise Violation(f"{where}: cross-attention {type(getattr(block, 'cross_attn', None)).__name__}; "
+                                "Magneto's cross-attention has no inner LayerNorm (plain MultiHeadAttention)")
+
+
+@check("each stack is initialized with its own row of the table: the encoder's v/out/fc1/fc2 with xavier normal "
+       "of gain gamma_encoder, the decoder's (its cross-attention's v and out included) with gamma_decoder, q/k "
+       "with gain 1, every norm untouched", nm=STACKS)
+def a_gamma_per_stack(magneto_encoder_decoder, nm):
+    n, m = nm
+    model = _encoder_decoder(magneto_encoder_decoder, n, m)
+    gamma = subln_gamma(n, m)
+    for side, stack in (("encoder", model.encoder), ("decoder", model.decoder)):
+        other = "decoder" if side == "encoder" else "encoder"
+        for name, p in stack.named_parameters():
+            leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else None
+            if leaf in ("v_proj", "out_proj", "fc1", "fc2", "q_proj", "k_proj"):
+                gain = gamma[side] if leaf not in ("q_proj", "k_proj") else 1.0
+                std, want = p.detach().std().item(), xavier_std(p, gain)
+                if abs(std / want - 1) > 0.06:
+                    why = ""
+                    if abs(std / xavier_std(p, gamma[other]) - 1) < 0.06:
+                        why = f": that is the {other}'s gamma {gamma[other]:.4g}; each stack takes its own row"
+                    label = f"gamma_{side}" if leaf not in ("q_proj", "k_proj") else "q and k keep gain 1"
+                    raise Violation(f"N = {n}, M = {m}: {side}.{name} has std {std:.4g}; xavier normal with gain "
+                                    f"{gain:.4g} ({label}) gives {want:.4g}{why}")
+            elif "norm" in name and name.endswith(".weight") and not torch.equal(p, torch.ones_like(p)):
+                raise Violation(f"{side}.{name} changed: the norms (inner norms included) keep their weight 1")
 
 
 EXERCISES = {
@@ -151,12 +206,15 @@ EXERCISES = {
                     hints=("Apply fc1, the activation, the given inner norm, then fc2, in that order, "
                            "keeping the input's dtype.",
                            "fc1, then GELU, then the inner norm (it is d_ff wide), then fc2.")),
-    "5.3": Exercise(points=3, checks=[gamma_init_per_matrix],
-                    hint="Sub-LN's init is DeepNet's with gamma > 1: it multiplies the same matrices' "
-                         "xavier gain instead of shrinking it.",
-                    hints=("The core has a helper that re-draws the branch matrices with one gain and q/k"
-                           " with another; leave the inner norms and everything else as they are, and "
-                           "return the model.",
-                           "The DeepNet init with gain gamma instead of beta: gamma > 1 multiplies the xavier std of "
-                           "v_proj, out_proj, fc1 and fc2; q_proj and k_proj keep gain 1."), mutates=("model",)),
+    "5.3": Exercise(points=3, checks=[sub_ln_parts_where_magneto_puts_them, a_gamma_per_stack],
+                    hint="An encoder-decoder Magneto has two stacks, and each gets its own row of the gamma "
+                         "table (gamma, given, is computed by your subln_gamma of 5.1). Which parts carry an inner "
+                         "LayerNorm, and which do not?",
+                    hints=("Build the core EncoderDecoder from parts: Sub-LN self-attention and feed-forward on "
+                           "both sides, Pre-LN residuals, and a cross-attention without an inner norm (the paper's "
+                           "choice). Then initialize each stack, not the whole model, with its own gamma.",
+                           "EncoderDecoder(config, encoder_layers=..., attention=the Sub-LN attention, "
+                           "cross_attention=plain multi-head attention, ffn=the Sub-LN MLP, residual=Pre-LN, "
+                           "**parts); then subln_init_ on model.encoder with gamma['encoder'] and on model.decoder "
+                           "with gamma['decoder']; return the model.")),
 }

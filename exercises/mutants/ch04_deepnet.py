@@ -23,22 +23,6 @@ MUTANTS = [
            "copies torchscale's enc-dec encoder beta, 1.15 (N^4 M)^(-1/16), instead of the paper's 0.87",
            old="    return {\"encoder\": (0.81 * (N ** 4 * M) ** (1 / 16), 0.87 * (N ** 4 * M) ** (-1 / 16)),",
            new="    return {\"encoder\": (0.81 * (N ** 4 * M) ** (1 / 16), 1.15 * (N ** 4 * M) ** (-1 / 16)),"),
-    Mutant("4.3", "deepnorm_init_beta_on_queries_and_keys",
-           "applies gain beta to q_proj and k_proj too (the paper keeps them at gain 1)",
-           old="return init_branches_(model, beta, qk_gain=1.0)",
-           new="return init_branches_(model, beta, qk_gain=beta)"),
-    Mutant("4.3", "deepnorm_init_divides_by_beta",
-           ("uses gain 1 / beta (torchscale divides by init_scale = 1 / beta; dividing by beta itself up-"
-            "scales)"),
-           old="return init_branches_(model, beta, qk_gain=1.0)",
-           new="return init_branches_(model, 1 / beta, qk_gain=1.0)"),
-    Mutant("4.3", "deepnorm_init_scales_embeddings_and_head",
-           "also re-initializes the embeddings and the LM head with gain beta (the paper leaves them alone)",
-           old="return init_branches_(model, beta, qk_gain=1.0)",
-           new=("for name, module in model.named_modules():\n"
-                "    if name.rsplit(\".\", 1)[-1] in (\"wte\", \"wpe\", \"proj\"):\n"
-                "        torch.nn.init.xavier_normal_(module.weight, gain=beta)\n"
-                "return init_branches_(model, beta, qk_gain=1.0)")),
     Mutant("4.2", "deepnorm_norm_before_the_add",
            ("normalizes the stream before adding the branch, LN(alpha x) + G(x): a Pre-LN-like sum, not "
             "DeepNorm"),
@@ -72,29 +56,47 @@ MUTANTS = [
                 "mean = h.mean(-1, keepdim=True)\n"
                 "return (h - mean) / (h - mean).pow(2).mean(-1, keepdim=True).sqrt() * norm.weight + norm.bias")),
     Mutant("4.2", "deepnorm_in_float64",
-           "computes in float64 whatever the input dtype: a float32 model gets float64 activations",
+           "returns float64 whatever the input dtype: a float32 model gets float64 activations",
            old="return norm(alpha * x + g)",
-           new="return norm.double()(alpha * x.double() + g.double())"),
-    Mutant("4.3", "deepnorm_init_xavier_uniform",
+           new="return norm(alpha * x + g).double()"),
+
+    # -- 4.3 is the shared init_branches_ (the core): which matrices get which gain
+    Mutant("4.3", "init_branches_gain_on_queries_and_keys",
+           "gives q_proj and k_proj the branch gain too (the paper keeps them at qk_gain = 1)",
+           old="        nn.init.xavier_normal_(module.weight, gain=qk_gain)",
+           new="        nn.init.xavier_normal_(module.weight, gain=gain)"),
+    Mutant("4.3", "init_branches_divides_by_the_gain",
+           "uses gain 1 / gain (torchscale divides by init_scale = 1 / beta; dividing by beta itself up-scales)",
+           old="        nn.init.xavier_normal_(module.weight, gain=gain)",
+           new="        nn.init.xavier_normal_(module.weight, gain=1 / gain)"),
+    Mutant("4.3", "init_branches_scales_embeddings_and_head",
+           "also re-initializes the embeddings and the LM head with the gain (the paper leaves them alone)",
+           old="    if leaf in BRANCH_PROJECTIONS:",
+           new="    if leaf in BRANCH_PROJECTIONS + (\"wte\", \"wpe\", \"proj\"):"),
+    Mutant("4.3", "init_branches_xavier_uniform",
            "uses xavier_uniform_: the right std, the wrong distribution",
-           old="return init_branches_(model, beta, qk_gain=1.0)",
-           new=("for name, module in model.named_modules():\n"
-                "    leaf = name.rsplit(\".\", 1)[-1]\n"
-                "    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "        nn.init.xavier_uniform_(module.weight, gain=beta)\n"
-                "    elif leaf in (\"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_uniform_(module.weight, gain=1.0)\n"
-                "return model")),
-    Mutant("4.3", "deepnorm_init_returns_nothing",
+           old=("        nn.init.xavier_normal_(module.weight, gain=gain)\n"
+                "    elif leaf in QK_PROJECTIONS:\n"
+                "        nn.init.xavier_normal_(module.weight, gain=qk_gain)"),
+           new=("        nn.init.xavier_uniform_(module.weight, gain=gain)\n"
+                "    elif leaf in QK_PROJECTIONS:\n"
+                "        nn.init.xavier_uniform_(module.weight, gain=qk_gain)")),
+    Mutant("4.3", "init_branches_returns_nothing",
            "forgets `return model`: `model = deepnorm_init_(model, beta)` gives None",
-           old="return init_branches_(model, beta, qk_gain=1.0)",
-           new=("init_branches_(model, beta, qk_gain=1.0)\n"
-                "return None")),
-    Mutant("4.3", "deepnorm_init_leaves_queries_and_keys",
+           old="return model",
+           new="return None"),
+    Mutant("4.3", "init_branches_leaves_queries_and_keys",
            "never re-draws q_proj and k_proj (they keep their previous init)",
-           old="return init_branches_(model, beta, qk_gain=1.0)",
-           new=("for name, module in model.named_modules():\n"
-                "    if name.rsplit(\".\", 1)[-1] in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "        nn.init.xavier_normal_(module.weight, gain=beta)\n"
-                "return model")),
+           old=("    elif leaf in QK_PROJECTIONS:\n"
+                "        nn.init.xavier_normal_(module.weight, gain=qk_gain)\n"),
+           new=""),
+    Mutant("4.3", "init_branches_ignores_qk_gain",
+           "re-draws q_proj and k_proj with gain 1 whatever qk_gain says",
+           old="        nn.init.xavier_normal_(module.weight, gain=qk_gain)",
+           new="        nn.init.xavier_normal_(module.weight, gain=1.0)"),
+    Mutant("4.3", "init_branches_scales_the_existing_weights",
+           "multiplies the existing (non-xavier) weights by the gain, as torchscale does, instead of re-drawing them",
+           old="        nn.init.xavier_normal_(module.weight, gain=gain)",
+           new=("        with torch.no_grad():\n"
+                "            module.weight.mul_(gain)")),
 ]

@@ -45,24 +45,6 @@ MUTANTS = [
            new=("    return {\"encoder\": math.log(3 * M) * math.log(2 * N) / 3, \"decoder\": math.log(3 * M)}\n"
                 "side, L = (\"encoder\", N) if N else (\"decoder\", M)\n"
                 "return {side: math.log(2 * L)}")),
-    Mutant("5.3", "subln_init_divides_by_gamma",
-           "divides by gamma (the DeepNet habit): gain 1 / gamma, but Sub-LN's gamma > 1 multiplies",
-           old="return init_branches_(model, gamma, qk_gain=1.0)",
-           new="return init_branches_(model, 1 / gamma, qk_gain=1.0)"),
-    Mutant("5.3", "subln_init_gamma_on_queries_and_keys",
-           "applies gain gamma to q_proj and k_proj too (the paper keeps them at gain 1)",
-           old="return init_branches_(model, gamma, qk_gain=1.0)",
-           new="return init_branches_(model, gamma, qk_gain=gamma)"),
-    Mutant("5.3", "subln_init_torchscale_default_times_gamma",
-           ("multiplies the existing (non-xavier) init by gamma, as torchscale does, instead of xavier normal"
-            " with gain gamma"),
-           old="return init_branches_(model, gamma, qk_gain=1.0)",
-           new=("with torch.no_grad():\n"
-                "    for name, module in model.named_modules():\n"
-                "        if name.rsplit(\".\", 1)[-1] in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "            module.weight.mul_(gamma)\n"
-                "return model")),
-
     # -- mutants that the grader of issue 10 passed: one per class of miss, each caught by a new check or guard
     Mutant("5.1", "subln_gamma_copies_the_table",
            "returns the table's 4-decimal gamma for the N it lists, the formula for every other N",
@@ -72,26 +54,35 @@ MUTANTS = [
            "returns float64 whatever the input dtype: a float32 model gets float64 activations",
            old="return fc2(inner_norm(F.gelu(fc1(x))))",
            new="return fc2(inner_norm(F.gelu(fc1(x)))).double()"),
-    Mutant("5.3", "subln_init_xavier_uniform",
-           "uses xavier_uniform_: the right std, the wrong distribution",
-           old="return init_branches_(model, gamma, qk_gain=1.0)",
-           new=("for name, module in model.named_modules():\n"
-                "    leaf = name.rsplit(\".\", 1)[-1]\n"
-                "    if leaf in (\"v_proj\", \"out_proj\", \"fc1\", \"fc2\"):\n"
-                "        nn.init.xavier_uniform_(module.weight, gain=gamma)\n"
-                "    elif leaf in (\"q_proj\", \"k_proj\"):\n"
-                "        nn.init.xavier_uniform_(module.weight, gain=1.0)\n"
-                "return model")),
-    Mutant("5.3", "subln_init_returns_nothing",
-           "forgets `return model`",
-           old="return init_branches_(model, gamma, qk_gain=1.0)",
-           new=("init_branches_(model, gamma, qk_gain=1.0)\n"
-                "return None")),
-    Mutant("5.3", "subln_init_scales_the_inner_norms",
-           "also sets the inner LayerNorms' weights to gamma",
-           old="return init_branches_(model, gamma, qk_gain=1.0)",
-           new=("for name, module in model.named_modules():\n"
-                "    if name.rsplit(\".\", 1)[-1] == \"inner_norm\":\n"
-                "        nn.init.constant_(module.weight, gamma)\n"
-                "return init_branches_(model, gamma, qk_gain=1.0)")),
+
+    # -- 5.3 is the Magneto encoder-decoder: the parts, and a gamma per stack
+    Mutant("5.3", "magneto_encoder_decoder_swaps_the_gammas",
+           "initializes the encoder with the decoder's gamma and the decoder with the encoder's",
+           old=("subln_init_(model.encoder, gamma[\"encoder\"])\n"
+                "subln_init_(model.decoder, gamma[\"decoder\"])"),
+           new=("subln_init_(model.encoder, gamma[\"decoder\"])\n"
+                "subln_init_(model.decoder, gamma[\"encoder\"])")),
+    Mutant("5.3", "magneto_encoder_decoder_one_gamma_for_the_model",
+           "initializes the whole model with the decoder's gamma (the encoder's row is never used)",
+           old=("subln_init_(model.encoder, gamma[\"encoder\"])\n"
+                "subln_init_(model.decoder, gamma[\"decoder\"])"),
+           new="subln_init_(model, gamma[\"decoder\"])"),
+    Mutant("5.3", "magneto_encoder_decoder_decoder_left_at_gpt2_init",
+           "forgets the decoder's init: it keeps the core's default init",
+           old="subln_init_(model.decoder, gamma[\"decoder\"])\n",
+           new=""),
+    Mutant("5.3", "magneto_encoder_decoder_sub_ln_cross_attention",
+           "gives the cross-attention an inner LayerNorm too (torchscale and the paper do not)",
+           old="                       cross_attention=MultiHeadAttention, ffn=SubLNMLP, residual=PreNorm, **parts)",
+           new="                       cross_attention=SubLNAttention, ffn=SubLNMLP, residual=PreNorm, **parts)"),
+    Mutant("5.3", "magneto_encoder_decoder_plain_feed_forward",
+           "keeps the plain MLP: the feed-forward has no inner LayerNorm",
+           old="                       cross_attention=MultiHeadAttention, ffn=SubLNMLP, residual=PreNorm, **parts)",
+           new="                       cross_attention=MultiHeadAttention, residual=PreNorm, **parts)"),
+    Mutant("5.3", "magneto_encoder_decoder_divides_by_gamma",
+           "divides by gamma (the DeepNet habit): Sub-LN's gamma > 1 multiplies",
+           old=("subln_init_(model.encoder, gamma[\"encoder\"])\n"
+                "subln_init_(model.decoder, gamma[\"decoder\"])"),
+           new=("subln_init_(model.encoder, 1 / gamma[\"encoder\"])\n"
+                "subln_init_(model.decoder, 1 / gamma[\"decoder\"])")),
 ]
