@@ -4,18 +4,25 @@
     torchrun --nproc_per_node=2 -m nanomodels train --name ddp   # the same run, data-parallel
 
 Reproducibility: every batch comes from one seeded torch.Generator whose state is saved in the checkpoint,
-so `--resume` continues exactly where a run stopped (20 steps straight == 10 + resume + 10, tested).
+so `--resume` continues exactly where a run stopped (20 steps straight == 10 + resume + 10, tested), whether
+it stopped at --stop_at or at a Ctrl-C: in a single process, Ctrl-C lets the current step finish, writes the
+checkpoint of that step and exits (a second Ctrl-C exits at once, leaving the last checkpoint written).
+A run folder can be copied (`cp -r runs/a runs/b`) and resumed under the new name.
 Data parallel: every rank draws the same global batch and keeps its slice; DDP averages the gradients,
 which equals the gradient of the mean loss over the global batch, so 2 processes match 1 (tested).
 Checkpoints never unpickle code and are written atomically (nanomodels/checkpoint.py).
 """
 
+import contextlib
+import itertools
 import json
 import math
 import os
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path, PurePath
 from typing import Optional
 
 import torch
@@ -27,59 +34,81 @@ from nanomodels.runtime import DEVICES, autocast_dtype, pick_device
 from nanomodels.tokenizer import get_tokenizer, tokenizer_from_dict
 from nanomodels.transformer import RESIDUALS, Transformer, TransformerConfig
 
-# options that may change on --resume; every other option must match the checkpoint
-RESUMABLE = {"steps", "stop_at", "eval_interval", "eval_iters", "device", "threads", "sample_tokens", "resume",
-             "overwrite", "progress"}
+# options that may change on --resume; every other option must match the checkpoint. The name and out_dir
+# only say where the run lives, so a copied run folder resumes under its new name.
+RESUMABLE = {"name", "out_dir", "steps", "stop_at", "eval_interval", "eval_iters", "device", "threads",
+             "sample_tokens", "resume", "overwrite", "progress"}
+TOKENIZERS = ("bpe", "char")
+VAL_FRACTION = 0.1  # the last 10% of the corpus's tokens are the validation split
+
+
+def option(default, help: str, **argparse_options):
+    """A TrainConfig field with its --help text (and extra argparse settings such as choices or metavar)."""
+    return field(default=default, metadata={"help": help, **argparse_options})
 
 
 @dataclass
 class TrainConfig:
-    name: str = "default"  # the run folder: <out_dir>/<name>/
-    out_dir: str = "runs"
-    data: str = "pydoc"  # 'pydoc' (ships with Python) or a path to a UTF-8 text file
-    tokenizer: str = "bpe"  # 'bpe' (byte-level, trained on the corpus and cached) or 'char'
-    vocab_size: int = 512  # BPE vocabulary size (ignored for 'char')
-    n_layers: int = 4
-    d_model: int = 128
-    n_heads: int = 4
-    block_size: int = 128  # context length
-    dropout: float = 0.0
-    norm: str = "pre"  # residual-and-norm scheme: 'pre' (Pre-LN) or 'post' (Post-LN)
-    batch_size: int = 32  # sequences per optimizer step, summed over all processes
-    steps: int = 500  # the length of the run (and of the learning-rate schedule)
-    stop_at: int = 0  # stop this invocation after this step (checkpointed; finish later with --resume); 0 = steps
-    lr: float = 3e-3  # peak learning rate
-    min_lr: float = 3e-4  # the cosine decays to this
-    warmup: int = 50  # linear warmup steps
-    weight_decay: float = 0.1  # on matrices only, not on biases, norms or position embeddings
-    grad_clip: float = 1.0  # max global gradient norm; 0 = off
-    eval_interval: int = 100
-    eval_iters: int = 20
-    seed: int = 1337
-    device: str = "auto"  # 'auto', 'cpu', 'cuda', 'mps'
-    threads: int = 0  # CPU threads for torch; 0 = torch's default (1 is often fastest on a busy 2-core machine)
-    sample_tokens: int = 200  # tokens to sample at the end
-    resume: bool = False  # continue from <out_dir>/<name>/ckpt.pt
-    overwrite: bool = False  # start over even if the run folder holds a checkpoint
-    progress: bool = True  # show a progress bar
+    name: str = option("default", "the run's folder name: the run lives in OUT_DIR/NAME/ (one folder name, "
+                                  "no path)")
+    out_dir: str = option("runs", "the folder that holds the run folders")
+    data: str = option("pydoc", "the training text: 'pydoc' (Python's documentation, ships with Python) or "
+                                "the path to a UTF-8 text file", metavar="pydoc|PATH")
+    tokenizer: str = option("bpe", "'bpe': byte-level BPE trained on the text (and cached); 'char': one token "
+                                   "per character", choices=TOKENIZERS)
+    vocab_size: int = option(512, "BPE vocabulary size, the 256 bytes included (ignored for --tokenizer char)")
+    n_layers: int = option(4, "transformer blocks")
+    d_model: int = option(128, "model width")
+    n_heads: int = option(4, "attention heads (must divide --d_model)")
+    block_size: int = option(128, "context length in tokens")
+    dropout: float = option(0.0, "dropout probability")
+    norm: str = option("pre", "where the LayerNorm sits: 'pre' (Pre-LN, LN inside each residual branch) or "
+                              "'post' (Post-LN, LN after each residual addition)", choices=tuple(RESIDUALS))
+    batch_size: int = option(32, "sequences per optimizer step, summed over all processes")
+    steps: int = option(500, "the length of the run (and of the learning-rate schedule)")
+    stop_at: int = option(0, "stop this command after this step, with a checkpoint (finish later with "
+                             "--resume; the schedule still follows --steps); 0 = run to --steps")
+    lr: float = option(3e-3, "peak learning rate")
+    min_lr: float = option(3e-4, "the cosine decays to this learning rate (0 < min_lr <= lr)")
+    warmup: int = option(50, "linear warmup steps")
+    weight_decay: float = option(0.1, "AdamW weight decay, on matrices only (not biases, norms, position "
+                                      "embeddings)")
+    grad_clip: float = option(1.0, "max global gradient norm; 0 = no clipping")
+    eval_interval: int = option(100, "evaluate (and write a checkpoint) every this many steps")
+    eval_iters: int = option(20, "validation batches per evaluation")
+    seed: int = option(1337, "seed of the initialization and of the batch order")
+    device: str = option("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    threads: int = option(1, "CPU threads for torch; 0 = torch's choice (one per core). 1 is the default: "
+                             "on a shared or busy machine more threads are often slower")
+    sample_tokens: int = option(200, "tokens to sample at the end of the run")
+    resume: bool = option(False, "continue the run in OUT_DIR/NAME/ from its checkpoint (after Ctrl-C, "
+                                 "--stop_at, or to lengthen it with a larger --steps)")
+    overwrite: bool = option(False, "start over even if OUT_DIR/NAME/ holds a checkpoint")
+    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
+        check_run_name(self.name)
         positive = ("vocab_size", "n_layers", "d_model", "n_heads", "block_size", "batch_size", "steps",
                     "eval_interval", "eval_iters")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        for f in fields(self):
+            if f.type in (float, "float") and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"--{f.name}: must be a finite number, got {getattr(self, f.name)}")
         for name in ("warmup", "sample_tokens", "grad_clip", "weight_decay", "stop_at", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}: must be >= 0, got {getattr(self, name)}")
-        if self.tokenizer not in ("bpe", "char"):
+        if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"--tokenizer: must be 'bpe' or 'char', got {self.tokenizer!r}")
         if self.tokenizer == "bpe" and self.vocab_size < 257:
             raise ValueError(f"--vocab_size: a byte-level BPE needs more than the 256 bytes, got {self.vocab_size}")
         if self.norm not in RESIDUALS:
             raise ValueError(f"--norm: must be one of {sorted(RESIDUALS)}, got {self.norm!r}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr: must be > 0, got {self.lr}")
         if not 0 < self.min_lr <= self.lr:
-            raise ValueError(f"--min_lr: must be in (0, lr={self.lr}], got {self.min_lr}")
+            raise ValueError(f"--min_lr: must be in (0, --lr={self.lr}], got {self.min_lr}")
         if self.device.split(":")[0] not in DEVICES:
             raise ValueError(f"--device: must be one of {DEVICES} (or 'cuda:N'), got {self.device!r}")
         if self.resume and self.overwrite:
@@ -97,6 +126,57 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one folder name, so a run lives inside --out_dir: no separator, not '', '.' or '..'."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or PurePath(name).name != name:
+        raise ValueError(f"--name: must be one folder name (no '/' or '\\', not empty, '.' or '..'), got {name!r}")
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run folder and the folders above it exist as folders or not at all (a file in the way is an error)."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                option = "--name" if path == run_dir else "--out_dir"
+                raise ValueError(f"{option}: '{path}' is a file, not a folder")
+            return
+
+
+def min_tokens(block_size: int) -> int:
+    """The fewest tokens whose validation tail (VAL_FRACTION) and training head both hold a window + 1 target."""
+    def enough(n):
+        n_val = round(VAL_FRACTION * n)  # the rule of train_val_split
+        return n_val > block_size and n - n_val > block_size
+    return next(n for n in itertools.count(block_size + 1) if enough(n))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says which checkpoint the run folder holds."""
+
+
+@contextlib.contextmanager
+def deferred_interrupt(enabled: bool):
+    """Within the block, a first Ctrl-C sets the yielded Event (the loop stops after the current step, so the
+    checkpoint is of a whole step); a second one raises KeyboardInterrupt at once. Signal handlers can only
+    be set from the main thread; elsewhere, or when not enabled, Ctrl-C acts as before."""
+    requested = threading.Event()
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not enabled or not main_thread or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # ignored: keep it so
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -131,8 +211,8 @@ def check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
               if f.name not in RESUMABLE and saved.get(f.name) != getattr(cfg, f.name)]
     if differ:
         what = ", ".join(f"--{n}: checkpoint {a!r}, now {b!r}" for n, a, b in differ)
-        raise ValueError(f"resume: {path} was trained with other options ({what}); "
-                         "use the same options, or a new --name")
+        raise ValueError(f"--resume: {path} was trained with other options ({what}); "
+                         "use the same options, or a new --name to start another run")
 
 
 @torch.no_grad()
@@ -175,6 +255,7 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dic
 
     if cfg.batch_size % world:
         raise ValueError(f"--batch_size: must be divisible by the number of processes ({world}), got {cfg.batch_size}")
+    check_run_dir(cfg.run_dir)
     ckpt_path = cfg.run_dir / CHECKPOINT
     if cfg.resume and not ckpt_path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (run without --resume to start)")
@@ -184,6 +265,12 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dic
     state = load_checkpoint(ckpt_path) if cfg.resume else None
     if state is not None:
         check_resumable(state["config"], cfg, ckpt_path)
+        if cfg.steps < state["step"]:
+            raise ValueError(f"--steps: {ckpt_path} is at step {state['step']}; --steps must be at least that, "
+                             f"got {cfg.steps}")
+        if 0 < cfg.stop_at <= state["step"]:
+            raise ValueError(f"--stop_at: {ckpt_path} is at step {state['step']}; --stop_at must be after it "
+                             f"(or 0), got {cfg.stop_at}")
     text = load_text(cfg.data)
     if state is not None:
         tok = tokenizer_from_dict(state["tokenizer"])
@@ -195,10 +282,17 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dic
         if rank != 0:
             tok = get_tokenizer(cfg.tokenizer, text, cfg.vocab_size)
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
-    train_ids, val_ids = train_val_split(ids, 0.1)
-    if len(val_ids) <= cfg.block_size:
-        raise ValueError(f"--block_size: the validation split has {len(val_ids)} tokens, fewer than block_size + 1 "
-                         f"({cfg.block_size + 1}); use a larger text or a smaller --block_size")
+    if len(ids) < min_tokens(cfg.block_size):
+        raise ValueError(f"--data: {cfg.data!r} is {len(ids)} tokens long; with --block_size {cfg.block_size} "
+                         f"it must be at least {min_tokens(cfg.block_size)} tokens, so that the last "
+                         f"{VAL_FRACTION:.0%} (validation) and the rest (training) each hold more than "
+                         "block_size tokens; give a longer text or a smaller --block_size")
+    if state is None and cfg.tokenizer == "bpe" and tok.vocab_size < cfg.vocab_size:
+        # BPE training stops when no pair occurs twice; a smaller vocabulary than asked is refused, not hidden
+        fix = f"use --vocab_size {tok.vocab_size} or less" if tok.vocab_size > 256 else "use --tokenizer char"
+        raise ValueError(f"--vocab_size: this text supports at most {tok.vocab_size} BPE tokens (after that "
+                         f"no pair of tokens occurs twice); {fix}")
+    train_ids, val_ids = train_val_split(ids, VAL_FRACTION)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tok.vocab_size).to(device)
@@ -215,58 +309,87 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dic
     amp = autocast_dtype(device)
     per_rank = cfg.batch_size // world
     tokens_per_step = cfg.batch_size * cfg.block_size
+    saved = start if state is not None else None  # the step of the checkpoint in the run folder, if any
 
     def checkpoint(step: int) -> None:
+        nonlocal saved
         if rank == 0:
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                 "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
                 "config": asdict(cfg), "tokenizer": tok.to_dict()})
+        saved = step
 
     if rank == 0:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     stop = min(cfg.stop_at or cfg.steps, cfg.steps)
-    bar = tqdm(range(start, stop), initial=start, total=cfg.steps, disable=rank != 0 or not cfg.progress,
-               unit="step", dynamic_ncols=True)
-    t0, timed_tokens = time.perf_counter(), 0
-    model.train()
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        x, y = get_batch(train_ids, cfg.batch_size, cfg.block_size, gen)  # the global batch; keep our slice
-        x, y = x[rank * per_rank:(rank + 1) * per_rank].to(device), y[rank * per_rank:(rank + 1) * per_rank].to(device)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            _, loss = train_model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        timed_tokens += tokens_per_step
-        tok_per_s = timed_tokens / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_per_s:,.0f}")
-        if (step + 1) % cfg.eval_interval == 0 or step + 1 == stop:
-            train_loss = loss.detach().clone()
-            if world > 1:  # the loss of the global batch = the mean of the ranks' losses
-                dist.all_reduce(train_loss)
-                train_loss /= world
-            record = {"step": step + 1, "train_loss": train_loss.item(), "lr": lr_at(step, cfg),
-                      "tokens_per_s": tok_per_s}
+    try:
+        # Ctrl-C is deferred to the end of a step in a single process; under torchrun the launcher signals
+        # every rank again at once, so there it stops the run where it is
+        with deferred_interrupt(enabled=world == 1) as interrupt:
             if rank == 0:
-                record["val_loss"] = evaluate(model, val_ids, cfg, device, amp)
-                bar.write(f"step {step + 1:5d} | train {record['train_loss']:.4f} | val {record['val_loss']:.4f}")
-            history.append(record)
-            checkpoint(step + 1)
-    bar.close()
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        return {}
-    if stop < cfg.steps:
-        print(f"stopped at step {stop} of {cfg.steps} (--stop_at); continue with --resume")
-        return {"history": history, "stopped_at": stop}
-    return finish(cfg, model, tok, train_ids, val_ids, history, device, amp)
+                print(f"training {cfg.run_dir}: steps {start}..{stop} of {cfg.steps}, {model.num_params():,} "
+                      f"parameters, {len(train_ids):,} training tokens ({cfg.tokenizer}, vocabulary "
+                      f"{tok.vocab_size}), device {device}, CPU threads {torch.get_num_threads()} (--threads); "
+                      "Ctrl-C stops with a checkpoint", flush=True)
+            bar = tqdm(range(start, stop), initial=start, total=cfg.steps, disable=rank != 0 or not cfg.progress,
+                       unit="step", dynamic_ncols=True)
+            t0, timed_tokens = time.perf_counter(), 0
+            model.train()
+            for step in bar:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, cfg)
+                x, y = get_batch(train_ids, cfg.batch_size, cfg.block_size, gen)  # the global batch; keep our slice
+                x = x[rank * per_rank:(rank + 1) * per_rank].to(device)
+                y = y[rank * per_rank:(rank + 1) * per_rank].to(device)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    _, loss = train_model(x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                timed_tokens += tokens_per_step
+                tok_per_s = timed_tokens / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_per_s:,.0f}")
+                if (step + 1) % cfg.eval_interval == 0 or step + 1 == stop:
+                    train_loss = loss.detach().clone()
+                    if world > 1:  # the loss of the global batch = the mean of the ranks' losses
+                        dist.all_reduce(train_loss)
+                        train_loss /= world
+                    record = {"step": step + 1, "train_loss": train_loss.item(), "lr": lr_at(step, cfg),
+                              "tokens_per_s": tok_per_s}
+                    if rank == 0:
+                        record["val_loss"] = evaluate(model, val_ids, cfg, device, amp)
+                        bar.write(f"step {step + 1:5d} | train {record['train_loss']:.4f} | "
+                                  f"val {record['val_loss']:.4f}")
+                    history.append(record)
+                    checkpoint(step + 1)
+                if interrupt.is_set():
+                    if saved != step + 1:
+                        checkpoint(step + 1)
+                    bar.close()
+                    raise Interrupted(f"interrupted: checkpoint of step {step + 1} written to {ckpt_path}; "
+                                      "continue with --resume")
+            bar.close()
+        if world > 1:
+            dist.barrier()
+        if rank != 0:
+            return {}
+        if stop < cfg.steps:
+            print(f"stopped at step {stop} of {cfg.steps} (--stop_at); continue with --resume")
+            return {"history": history, "stopped_at": stop}
+        return finish(cfg, model, tok, train_ids, val_ids, history, device, amp)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        if saved is None:  # with --overwrite, the checkpoint on disk is still the run being replaced
+            left = f"{ckpt_path} still holds the earlier run" if ckpt_path.exists() else "no checkpoint written"
+            raise Interrupted(f"interrupted before the first checkpoint: {left}; run the command again to "
+                              "start") from None
+        raise Interrupted(f"interrupted: {ckpt_path} holds the checkpoint of step {saved}; "
+                          "continue with --resume") from None
 
 
 def finish(cfg, model, tok, train_ids, val_ids, history, device, amp) -> dict:
