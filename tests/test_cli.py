@@ -79,6 +79,7 @@ MISUSES = [
     ("name_dot", ["train", "--name", "."], "--name: must be one folder name"),
     ("sample_name_parent", ["sample", "--name", "../escape"], "--name: must be one folder name"),
     ("out_dir_below_a_file", ["train", "--out_dir", "{root}/a_file/runs"], "--out_dir: '{root}/a_file' is a file"),
+    ("run_folder_is_a_file", ["train", "--out_dir", "{root}", "--name", "a_file"], "--name: '{root}/a_file' is a file"),
     ("nan_lr", ["train", "--lr", "nan"], "--lr: must be a finite number"),
     ("heads_do_not_divide_width", ["train", "--n_heads", "3"], "--n_heads: must divide d_model (128), got 3"),
     ("not_an_integer", ["train", "--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
