@@ -86,7 +86,13 @@ def cpu_checks(quick: bool = False, modules=None) -> list:
             continue
         print(f"\n{bench.name}")
         header = None
-        for r in bench.cpu(quick):
+        try:
+            checked = bench.cpu(quick)
+        except Exception as e:  # e.g. Triton 3.6's interpreter under numpy 2: say so, go on with the others
+            print(f"  could not run: {type(e).__name__}: {e}")
+            rows.append({"kernel": bench.name, "case": "error", "error": repr(e)})
+            continue
+        for r in checked:
             metrics = [k for k in r if k != "case"]
             if metrics != header:
                 header = metrics
@@ -106,8 +112,10 @@ def main(argv=None):
         return
     print("GPU timings unavailable: no CUDA device here (or TRITON_INTERPRET=1). Interpreter speed says nothing "
           "about a GPU,\nso this runs each kernel's CPU checks instead (errors: max |kernel - float64 reference|).")
-    cpu_checks(args.quick, args.only)
+    failed = [r["kernel"] for r in cpu_checks(args.quick, args.only) if "error" in r]
     print("\nOn a GPU machine the same command prints the timing table instead.")
+    if failed:
+        raise SystemExit(f"the CPU checks of {', '.join(failed)} could not run (see above)")
 
 
 if __name__ == "__main__":

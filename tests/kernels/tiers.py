@@ -14,7 +14,7 @@ import torch
 import kernels
 
 try:
-    from hypothesis import given
+    from hypothesis import given  # noqa: F401  (re-exported: the test modules import it from here)
     from hypothesis import strategies as st
 except ImportError:  # a GPU machine may lack it: the property tests skip with the reason, the rest still runs
     def given(*args, **kwargs):
