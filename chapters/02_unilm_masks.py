@@ -144,26 +144,20 @@ assert all(checks.values())
 # BERT does): every row here is one source with its own target, so there is no wrong second sentence to tell apart.
 
 # %%
-from nanomodels.data import exact_match, make_task
+from nanomodels.data import exact_match
 from nanomodels.masks import OBJECTIVES, cloze_inputs, sample_objectives, unilm_batch
 
 show(unilm_batch)
 
 # %%
+import unilm_experiments as exp  # chapters/unilm_experiments.py: the toy, the losses, the training loop
+from unilm_experiments import MASK, S, T, task, tokens_batch
+
 draws = sample_objectives(6000, torch.Generator().manual_seed(0))
 freq = torch.bincount(draws, minlength=4) / 6000
 print("objective frequencies over 6000 draws (seed 0):")
 for name, f, p in zip(OBJECTIVES, freq.tolist(), (1 / 3, 1 / 3, 1 / 6, 1 / 6)):
     print(f"  {name:14s} {f:.3f}   (paper: {p:.3f})")
-
-task = make_task("reverse", 8)
-MASK = task.vocab_size  # [MASK] = 40, one past the task vocabulary
-S, T = task.prompt_len, task.answer_len
-
-
-def tokens_batch(n, generator):
-    x, y = task.batch(n, generator)
-    return torch.cat([x, y[:, -1:]], dim=1)  # prompt ++ answer, (n, S + T)
 
 
 def show_ids(ids):
@@ -186,48 +180,20 @@ for row in range(6):
 
 # %%
 from nanomodels.masks import cloze_decode, shifted_inputs
-from nanomodels.train import TrainConfig, lr_at, make_optimizer
 from nanomodels.transformer import Transformer, TransformerConfig
 
 show(cloze_inputs)
 show(shifted_inputs)
 
 # %%
-CONFIG = dict(vocab_size=task.vocab_size + 1, block_size=S + T, n_layers=3, d_model=128, n_heads=4)
+from unilm_experiments import CONFIG, new_model, train
 
+show(exp.train)
+show(exp.leaky_loss)
 
-def new_model(seed):
-    torch.manual_seed(seed)
-    return Transformer(TransformerConfig(**CONFIG))
-
-
-def train(model, steps, make_loss, seed, lr=2e-3):
-    # AdamW, warmup + cosine (nanomodels.train), batch 64, gradient clipping at 1
-    tc = TrainConfig(steps=steps, lr=lr, min_lr=lr / 10, warmup=min(100, steps // 5), weight_decay=0.1)
-    opt = make_optimizer(model, tc, torch.device("cpu"))
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
-        loss = make_loss(model, tokens_batch(64, g), g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-    return model.eval(), losses
-
-
-def leaky_loss(model, tokens, g):  # true tokens, targets NOT shifted, left-to-right mask keeps the diagonal
-    targets = tokens.clone()
-    targets[:, :S] = -100
-    return model(tokens, targets, allowed=left_to_right_mask(S + T), causal=False)[1]
-
-
+# %%
 leak_steps = 60 if QUICK else 150
-leaky, leak_losses = train(new_model(0), leak_steps, leaky_loss, seed=0)
+leaky, leak_losses = train(new_model(0), leak_steps, exp.leaky_loss, seed=0)
 leak_em = exact_match(task, lambda p, L: cloze_decode(leaky, p, L, MASK, objective="left_to_right")[0], N_EVAL,
                       torch.Generator().manual_seed(123))
 print(f"leaky convention (seed 0, {leak_steps} steps): final training loss {leak_losses[-1]:.4f} nats, "
@@ -242,15 +208,13 @@ print(f"leaky convention (seed 0, {leak_steps} steps): final training loss {leak
 # `[MASK]` positions. AdamW, lr 2e-3 with warmup and cosine, batch 64.
 
 # %%
-def unilm_loss(model, tokens, g):
-    b = unilm_batch(tokens, S, MASK, g, mask_prob=0.15)
-    return model(b["inputs"], b["targets"], allowed=b["allowed"], causal=False)[1]
+show(exp.unilm_loss)
 
-
+# %%
 models, curves = {}, {}
 for seed in SEEDS:
     t0 = time.perf_counter()
-    models[seed], curves[seed] = train(new_model(seed), STEPS, unilm_loss, seed)
+    models[seed], curves[seed] = train(new_model(seed), STEPS, exp.unilm_loss, seed)
     print(f"seed {seed}: {STEPS} steps in {time.perf_counter() - t0:.0f} s, final loss "
           f"{sum(curves[seed][-50:]) / 50:.3f} (mean of the last 50 steps)")
 print(f"{models[SEEDS[0]].num_params():,} parameters (without position embeddings)")
@@ -281,26 +245,16 @@ show(cloze_decode)
 
 
 # %%
-@torch.no_grad()
-def cloze_accuracy(model, mask_fn, seed=123, n=N_EVAL, prob=0.15):
-    g = torch.Generator().manual_seed(seed)
-    tokens = tokens_batch(n, g)
-    predict = torch.rand(tokens.shape, generator=g) < prob
-    inputs, _ = cloze_inputs(tokens, predict, MASK)
-    logits, _ = model(inputs, allowed=mask_fn(), causal=False)
-    right = logits.argmax(-1) == tokens
-    src_part, tgt_part = predict.clone(), predict.clone()
-    src_part[:, S:], tgt_part[:, :S] = False, False
-    return right[src_part].float().mean().item(), right[tgt_part].float().mean().item()
+show(exp.cloze_accuracy)
 
-
+# %%
 CLOZE_MASKS = {"bidirectional": lambda: bidirectional_mask(S + T), "left_to_right": lambda: left_to_right_mask(S + T),
                "right_to_left": lambda: right_to_left_mask(S + T), "seq2seq": lambda: seq2seq_mask(S, T)}
 results = {}
 print(f"cloze accuracy at 15% masked tokens ({N_EVAL} problems, eval seed 123): source / target positions")
 print(f"{'seed':>4} " + " ".join(f"{k:>22s}" for k in CLOZE_MASKS))
 for seed in SEEDS:
-    row = {k: cloze_accuracy(models[seed], fn) for k, fn in CLOZE_MASKS.items()}
+    row = {k: exp.cloze_accuracy(models[seed], fn, N_EVAL) for k, fn in CLOZE_MASKS.items()}
     results[seed] = {"cloze": row}
     print(f"{seed:>4} " + " ".join(f"{s:>10.1%} / {t:>9.1%}" for s, t in row.values()))
 

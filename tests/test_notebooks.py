@@ -192,6 +192,15 @@ def test_pmlm_experiment_run_returns_its_curve_and_final_exact_match():
     assert 0.0 <= r["final"] <= 1.0 and r["seconds"] > 0
 
 
+def test_unilm_experiment_trains_and_scores_cloze_on_the_reversal_toy():
+    exp = load("unilm_experiments")
+    assert exp.MASK == exp.task.vocab_size and exp.CONFIG["block_size"] == exp.S + exp.T
+    model, losses = exp.train(exp.new_model(0), 2, exp.unilm_loss, seed=0)
+    assert len(losses) == 2 and not model.training
+    src, tgt = exp.cloze_accuracy(model, lambda: None, n=8)
+    assert 0.0 <= src <= 1.0 and 0.0 <= tgt <= 1.0
+
+
 def test_results_name_the_command_that_reproduces_them():
     for path in sorted((CHAPTERS_DIR / "results").glob("*.json")):
         command = json.loads(path.read_text())["command"]
