@@ -1,4 +1,4 @@
-"""The command line: python -m nanomodels {train, sample, doctor} [options]; --help lists every option.
+"""The command line: python -m nanomodels {train, sample, doctor} [options]; COMMAND --help lists its options.
 
 Misuse never prints a traceback: a wrong option or an unusable path gives one line, "error: ...", that names
 the option and its rule, and exit code 2. Ctrl-C exits with 130 and says which checkpoint the run holds.
@@ -38,7 +38,7 @@ def _bool(text: str) -> bool:
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a tiny GPT (defaults: the pydoc corpus, about 2 minutes on a CPU)",
+    p = sub.add_parser("train", help="train a tiny GPT (defaults: the pydoc corpus, a few minutes on a CPU)",
                        description="Train a tiny GPT; every option has a default.\nCtrl-C stops after the current "
                                    "step and writes its checkpoint; --resume continues exactly from there.",
                        epilog=TRAIN_EXAMPLES, formatter_class=Formatter)

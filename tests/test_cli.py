@@ -257,3 +257,9 @@ def test_sample_cli_reads_a_trained_run(place, tmp_path):
     code, (out, err) = run.wait(timeout=300), run.communicate()
     assert code == 0, err
     assert out.startswith("the ") and len(out.strip()) >= 10
+
+
+def test_doctor_runs_and_says_which_thread_count_train_uses(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "train uses --threads, default 1" in out and "kernel test tiers:" in out, out
