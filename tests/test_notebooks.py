@@ -116,6 +116,14 @@ def test_committed_notebook_has_outputs_and_no_errors(source):
     assert not errors, f"{source.stem}.ipynb is committed with an error output: {errors[0].get('ename')}"
 
 
+@pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
+def test_committed_notebook_prints_no_absolute_path_of_the_machine_it_ran_on(source):
+    text = notebook_text(nbformat.read(source.with_suffix(".ipynb"), as_version=4))
+    for machine_path in {str(ROOT), str(Path.home()), "/tmp/"} - {"/"}:
+        assert machine_path not in text, \
+            f"{source.stem}.ipynb prints {machine_path!r}: print paths relative to the repository"
+
+
 def test_the_library_has_exercise_regions_to_look_for():
     regions = exercise_regions()
     assert len(regions) >= 17 and all(regions.values()), f"regions found: {sorted(regions)}"
