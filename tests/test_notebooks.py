@@ -211,7 +211,8 @@ def test_unilm_experiment_trains_and_scores_cloze_on_the_reversal_toy():
 
 def test_results_name_the_command_that_reproduces_them():
     for path in sorted((CHAPTERS_DIR / "results").glob("*.json")):
-        command = json.loads(path.read_text())["command"]
+        command = json.loads(path.read_text()).get("command")
+        assert isinstance(command, str), f"{path.name}: no 'command' that reproduces it"
         scripts = [word for word in command.split() if word.endswith(".py")]
         assert scripts and (ROOT / scripts[0]).is_file(), \
             f"{path.name}: its command {command!r} must run a script by its path from the repository root"
