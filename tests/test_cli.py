@@ -140,7 +140,7 @@ def test_rejected_names_write_nothing_outside_out_dir(shell_results, place):
 
 
 def test_sigint_writes_the_current_step_and_resume_continues_exactly(place, tmp_path):
-    steps = 100  # long enough that the interrupt lands mid-run even on a busy machine
+    steps = 200  # long enough that the interrupt lands mid-run even on a busy machine
     options = {"name": "t", "data": str(place / "corpus.txt"), "steps": steps, "eval_interval": steps, **TINY}
     run = nanomodels("train", *cli_args(out_dir=tmp_path / "cut", **options))
     started = run.stdout.readline()
