@@ -71,11 +71,11 @@ def leaked_regions(text: str, regions: dict[str, list[str]]) -> list[str]:
     return [rid for rid, body in regions.items() if body and "\n" + "\n".join(body) + "\n" in haystack]
 
 
-def notebook_text(nb) -> str:
-    """Every cell's source and every text output (stream, text/plain, error traceback) of a notebook."""
+def notebook_text(nb, sources: bool = True) -> str:
+    """Every cell's source (unless sources=False) and every text output (stream, text/plain, error traceback)."""
     parts = []
     for cell in nb.cells:
-        parts.append(cell.source)
+        parts.append(cell.source if sources else "")
         for out in cell.get("outputs", []):
             parts.append(out.get("text", ""))
             parts.append(str(out.get("data", {}).get("text/plain", "")))
@@ -122,6 +122,15 @@ def test_committed_notebook_prints_no_absolute_path_of_the_machine_it_ran_on(sou
     for machine_path in {str(ROOT), str(Path.home()), "/tmp/"} - {"/"}:
         assert machine_path not in text, \
             f"{source.stem}.ipynb prints {machine_path!r}: print paths relative to the repository"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
+def test_every_command_a_notebook_prints_for_its_results_is_the_one_stored_with_them(source):
+    stored = {json.loads(p.read_text()).get("command") for p in (CHAPTERS_DIR / "results").glob("*.json")}
+    text = notebook_text(nbformat.read(source.with_suffix(".ipynb"), as_version=4), sources=False)
+    printed = re.findall(r"produced by: (.*)", text)
+    stale = [command for command in printed if command.strip() not in stored]
+    assert not stale, f"{source.stem}.ipynb prints commands no results file holds (moved or renamed?): {stale}"
 
 
 def test_the_library_has_exercise_regions_to_look_for():
