@@ -36,7 +36,7 @@ def nanomodels(*args, cwd=None, cache=None) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def finish(run: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+def finish(run: subprocess.Popen, timeout: float = 300) -> tuple[int | None, str, str]:
     """(exit code, stdout, stderr) of a started command; killed (code None) if it outlives the timeout."""
     try:
         out, err = run.communicate(timeout=timeout)
@@ -147,9 +147,9 @@ def test_sigint_writes_the_current_step_and_resume_continues_exactly(place, tmp_
     assert started.startswith("training "), f"no start-up line; stdout {started!r}, stderr {run.stderr.read()}"
     run.send_signal(signal.SIGINT)
     code, _, err = finish(run)
+    assert code == 130, f"exit code {code} after SIGINT, expected 130; stderr:\n{err}"
     state = load_checkpoint(tmp_path / "cut" / "t" / "ckpt.pt")
     cut = state["step"]
-    assert code == 130, f"exit code {code} after SIGINT, expected 130; stderr:\n{err}"
     assert 0 < cut < steps, f"the checkpoint is at step {cut}: the interrupt did not land mid-run"
     assert state["history"] == [], "an evaluation ran: the test must interrupt before the first one"
     assert f"interrupted: checkpoint of step {cut} written to " in err and "--resume" in err, err
