@@ -194,8 +194,9 @@ plt.show()
 # %% [markdown]
 # Measured (3 seeds, full run): 1–2 steps give energy distance ≈ 1.16, about the MSE head's 1.19; from 10 steps both samplers
 # reach ≈ 0.005 and 0.002 at 50. At 5 steps DDIM (0.013) beats DPM-Solver++(2M) (0.30). Evenly spaced timesteps are very
-# unequal in λ = log(α/σ) (with 5 steps: -9.9, -0.9, -0.0, 0.9, 5.1: the first step covers most of the range), the regime where a multistep extrapolation is least
-# reliable; other spacings were not tried here. On an exact Gaussian denoiser the second-order solver does win at 50 steps
+# unequal in λ = log(α/σ) (with 5 steps: -9.9, -0.9, -0.0, 0.9, 5.1; the first step covers most of the range), the regime
+# where a multistep extrapolation is least reliable; other spacings were not tried here. On an exact Gaussian denoiser the
+# second-order solver does win at 50 steps
 # (tests/test_diffusion.py).
 
 # %% [markdown]
