@@ -220,6 +220,8 @@ def init_report(init_fn, scale: float, what: str, scaled=("v_proj", "out_proj", 
                 why = ""
                 if leaf in ("q_proj", "k_proj") and abs(std / (xavier_std(p, scale)) - 1) < 0.06:
                     why = f": {what} was applied to the queries/keys too; they get qk_gain = {qk_gain:g}"
+                elif leaf in ("q_proj", "k_proj") and abs(std / xavier_std(p, 1.0) - 1) < 0.06:
+                    why = f": that is gain 1; q_proj and k_proj get qk_gain = {qk_gain:g}"
                 elif leaf in scaled and abs(std / xavier_std(p, qk_gain) - 1) < 0.06:
                     why = f": that is qk_gain = {qk_gain:g}, the queries' and keys' gain"
                 elif abs(std / (want / scale ** 2) - 1) < 0.06:
