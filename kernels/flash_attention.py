@@ -335,7 +335,7 @@ def _configs(gpu):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in gpu]
 
 
-FWD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3)]
+FWD_CONFIGS = [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 32, 4, 2)]
 DKDV_CONFIGS = [(32, 64, 4, 3), (64, 64, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2)]
 DQ_CONFIGS = [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 3), (128, 64, 8, 2)]
 # Configs that spill registers at D = 128 on sm_8x (A100-class: 255 registers a thread at most), measured with
@@ -344,14 +344,22 @@ _SPILL_SM8X_D128 = {"fwd": {(128, 64, 8, 2), (128, 32, 4, 3), (128, 128, 8, 2), 
                     "dkdv": {(32, 128, 4, 2)}, "dq": set()}
 
 
+def shared_memory_bound(kernel: str, config: tuple, head_dim: int, elem_bytes: int) -> int:
+    """Bytes of shared memory `config` needs at most: the forward pipelines num_stages K and V tiles of
+    BLOCK_N rows and keeps the Q tile; dK/dV pipelines Q and dO tiles (BLOCK_M rows) and keeps K and V; dQ
+    the reverse; plus one BLOCK_M x BLOCK_N tile. Equal to or above every size the compile tier measured."""
+    bm, bn, _, stages = config
+    rows = {"fwd": stages * 2 * bn + bm, "dkdv": stages * 2 * bm + 2 * bn, "dq": stages * 2 * bn + 2 * bm}[kernel]
+    return (rows * head_dim + bm * bn) * elem_bytes
+
+
 def usable_configs(kernel: str, arch: int, head_dim: int, elem_bytes: int, smem_limit: int) -> list:
     """The autotune configs of `kernel` ("fwd", "dkdv", "dq") worth trying on compute capability `arch` (80, 90)
     at `head_dim` with `elem_bytes`-byte inputs, in order (the first is the default): without the configs that
-    spill there, and without those whose pipelined tiles (num_stages x 2 tiles of max(BLOCK_M, BLOCK_N) x D,
-    an upper bound of the compile tier's measurements) exceed `smem_limit` bytes (fp32 doubles them)."""
+    spill there, and without those whose `shared_memory_bound` exceeds `smem_limit` bytes (fp32 doubles it)."""
     gpu = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}[kernel]
     spills = _SPILL_SM8X_D128[kernel] if arch // 10 == 8 and head_dim > 64 else set()
-    smem = {c: c[3] * 2 * max(c[0], c[1]) * head_dim * elem_bytes for c in gpu}
+    smem = {c: shared_memory_bound(kernel, c, head_dim, elem_bytes) for c in gpu}
     keep = [c for c in gpu if c not in spills and smem[c] <= smem_limit]
     return keep or [min((c for c in gpu if c not in spills), key=smem.get)]
 
@@ -398,6 +406,16 @@ def _aot_specs():
                                  num_stages=stages, archs=(arch,), divisible=strides, mma=True))
         specs.append(AotSpec(f"attn_bwd_delta fp16 D={d}", _attn_bwd_delta_kernel, half,
                              {"HEAD_DIM": d, "BLOCK_M": 64, "HAS_DLSE": True}, archs=(arch,)))
+    single = {**half, **dict.fromkeys(["Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"], "*fp32")}
+    for arch in (80, 90):  # fp32 at D = 128, the largest tiles: the pruned default must fit shared memory
+        for spec in [s for s in specs if "D=128" in s.name and arch in s.archs and "delta" not in s.name]:
+            kernel = spec.name.split()[0].removeprefix("attn_").removeprefix("bwd_")
+            bm, bn, warps, stages = usable_configs(kernel, arch, 128, 4, smem_limit[arch])[0]
+            specs.append(AotSpec(f"{spec.name.split()[0]} fp32 D=128 ({bm}x{bn}, {warps} warps, {stages} stages; "
+                                 f"spills allowed)", spec.kernel, single, {**spec.constexprs, "BLOCK_M": bm,
+                                                                           "BLOCK_N": bn},
+                                 scalars=spec.scalars, num_warps=warps, num_stages=stages, archs=(arch,),
+                                 divisible=spec.divisible, max_spill_bytes=4096, mma=True))
     return specs
 
 

@@ -138,17 +138,29 @@ class TestReference:
         assert torch.equal(plan, 2 * torch.ones(4, 4, dtype=torch.long).tril(-1) + torch.eye(4, dtype=torch.long))
 
     def test_config_pruning_drops_what_spills_or_overflows_shared_memory_and_keeps_a_default(self):
-        from kernels.flash_attention import DKDV_CONFIGS, FWD_CONFIGS, usable_configs
+        from kernels.flash_attention import DKDV_CONFIGS, FWD_CONFIGS, shared_memory_bound, usable_configs
 
-        assert usable_configs("fwd", 90, 128, 2, 227 * 1024) == FWD_CONFIGS, "sm_90 keeps every forward config"
+        assert usable_configs("fwd", 90, 128, 2, 227 * 1024) == FWD_CONFIGS, "sm_90 keeps every fp16 config"
         assert usable_configs("fwd", 80, 64, 2, 163 * 1024) == FWD_CONFIGS, "sm_80 at D=64 keeps them too"
-        assert usable_configs("fwd", 80, 128, 2, 163 * 1024) == [(64, 64, 4, 3)], "the ones that spill at D=128"
+        assert usable_configs("fwd", 80, 128, 2, 163 * 1024) == [(64, 64, 4, 3), (64, 32, 4, 2)], \
+            "sm_80 at D=128 keeps only the forward configs that do not spill there"
         assert (32, 128, 4, 2) not in usable_configs("dkdv", 86, 128, 2, 99 * 1024)
-        fp32 = usable_configs("dkdv", 86, 64, 4, 99 * 1024)  # fp32 on a 99 KiB device: 32x128 no longer fits
-        assert fp32 == [c for c in DKDV_CONFIGS if c != (32, 128, 4, 2)], fp32
+        fp32 = usable_configs("dkdv", 86, 64, 4, 99 * 1024)  # fp32 on a 99 KiB device
+        assert fp32 == [c for c in DKDV_CONFIGS if shared_memory_bound("dkdv", c, 64, 4) <= 99 * 1024] == \
+            [(32, 64, 4, 3)], fp32
+        assert usable_configs("fwd", 80, 128, 4, 163 * 1024) == [(64, 32, 4, 2)], "fp32 D=128 on sm_80"
         tiny = usable_configs("dkdv", 80, 128, 4, 1024)  # nothing fits: the smallest non-spilling one remains
-        assert tiny == [min((c for c in DKDV_CONFIGS if c != (32, 128, 4, 2)),
-                            key=lambda c: c[3] * 2 * max(c[0], c[1]))], tiny
+        assert tiny == [(32, 64, 4, 3)], tiny
+
+    @pytest.mark.parametrize("kernel, config, d, elem, measured", [
+        ("fwd", (64, 64, 4, 3), 128, 4, 229376), ("fwd", (128, 64, 8, 2), 128, 2, 98304),
+        ("dkdv", (32, 64, 4, 3), 128, 2, 82944), ("dkdv", (32, 64, 4, 3), 128, 4, 131584),
+        ("dq", (64, 32, 4, 2), 128, 4, 131072), ("dq", (64, 32, 4, 2), 128, 2, 65536)])
+    def test_shared_memory_bound_is_at_least_what_the_compiler_allocated(self, kernel, config, d, elem, measured):
+        """`measured`: metadata.shared on sm_90 from `python -m kernels.aot`-style compiles (Triton 3.9)."""
+        from kernels.flash_attention import shared_memory_bound
+
+        assert measured <= shared_memory_bound(kernel, config, d, elem) <= 1.4 * measured
 
     BAD = {  # name: (change to valid arguments q, k, v of shape (2, 1, 10, 16), the message it must raise)
         "q not 4-D": (lambda q, k, v: dict(q=q[0]), "q: expected a tensor of shape \\(B, H, T, D\\)"),
