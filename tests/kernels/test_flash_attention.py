@@ -41,6 +41,11 @@ MASKS = {  # every mask kind, and key padding on its own and combined, for (B=2,
 
 # ------------------------------------------------------------------------------------------------ oracles
 
+def triton_config(bm, bn, warps, stages):
+    triton = pytest.importorskip("triton", reason="triton is not installed: no autotune configs to prune")
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
 def naive_masked_attention(q, k, v, visible):
     """Loop over (batch, head, query); `visible(b, i, j)` is the mask predicate written from its definition.
     Returns the output and the natural-log LSE (-inf and a zero output for a row with no visible key)."""
@@ -151,6 +156,20 @@ class TestReference:
         assert usable_configs("fwd", 80, 128, 4, 163 * 1024) == [(64, 32, 4, 2)], "fp32 D=128 on sm_80"
         tiny = usable_configs("dkdv", 80, 128, 4, 1024)  # nothing fits: the smallest non-spilling one remains
         assert tiny == [(32, 64, 4, 3)], tiny
+
+    def test_the_autotune_pruner_asks_the_launch_device(self, monkeypatch):
+        from types import SimpleNamespace
+
+        from kernels import flash_attention as fa
+
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda device=None: SimpleNamespace(shared_memory_per_block_optin=163 * 1024))
+        configs = [triton_config(*c) for c in fa.FWD_CONFIGS]
+        prune = fa._pruner("fwd")["early_config_prune"]
+        kept = prune(configs, {"Q": torch.zeros(1, 1, 1, 128)}, HEAD_DIM=128, MASK_KIND=0)
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == \
+            [(64, 32, 4, 2)], "fp32 at D=128 on an sm_80 device"
 
     @pytest.mark.parametrize("kernel, config, d, elem, measured", [
         ("fwd", (64, 64, 4, 3), 128, 4, 229376), ("fwd", (128, 64, 8, 2), 128, 2, 98304),
