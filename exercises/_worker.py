@@ -104,6 +104,23 @@ def _guard_library(marked, student_module: str) -> dict:
     return guards
 
 
+def _use_references(source: dict, module_name: str, graded, marked, guards) -> dict:
+    """While one exercise of a learner's file is graded, the file's OTHER exercise functions are the library's
+    (a given line that calls subln_gamma works before 5.1 is solved): each exercise is graded on its own.
+    Returns what to put back afterwards."""
+    module = sys.modules.get(module_name)
+    if source["kind"] != "file" or module is None:
+        return {}
+    originals = {(mod.__name__, name): original for (mod, name), (original, _) in guards.items()}
+    saved = {}
+    for m in marked:
+        if m.id != graded.id and hasattr(module, m.function):
+            saved[m.function] = getattr(module, m.function)
+            setattr(module, m.function, originals.get((m.module, m.function),
+                                                      getattr(import_module(m.module), m.function)))
+    return saved
+
+
 def _library_object(fn, m, guards) -> str | None:
     """Why fn is the library's own function (imported from nanomodels), or None."""
     originals = {g: o for o, g in guards.values()}
@@ -164,6 +181,7 @@ def main() -> None:
             else:
                 torch.manual_seed(0)  # code that draws from the global state grades the same each time
                 random.seed(0)
+                others = _use_references(job["source"], f"_graded_{j}", m, marked.values(), guards)
                 checks = []
                 library = _library_object(fn, m, guards) if job["source"]["kind"] == "file" else None
                 for c in spec[ex].checks:  # each check reports when done: the time limit is per check
@@ -175,6 +193,8 @@ def main() -> None:
                         checks.append(run_check(c, fn, max_examples=payload["max_examples"],
                                                 student_file=path, exercise=spec[ex]))
                     send(event="check", job=j, exercise=ex, result=checks[-1], printed=sink.lines)
+                for name, value in others.items():
+                    setattr(sys.modules[f"_graded_{j}"], name, value)
             send(event="result", job=j, exercise=ex, checks=checks, printed=sink.lines, output=sink.head)
         for (module, name), (original, _) in guards.items():
             setattr(module, name, original)

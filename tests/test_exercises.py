@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import textwrap
 from dataclasses import replace
 from importlib import import_module
 from pathlib import Path
@@ -393,6 +394,19 @@ def test_no_hint_gives_a_line_of_the_solution(chapter):
             flat = " ".join(text.split())
             leaked = [line for line in solution if line in flat]
             assert not leaked, f"hint {level} of {m.id} contains the solution's line {leaked[0]!r}"
+
+
+@pytest.mark.slow
+def test_each_exercise_is_graded_on_its_own_even_when_given_code_calls_another(tmp_path):
+    chapter = get_chapter("05")  # magneto_encoder_decoder's given line calls subln_gamma, exercise 5.1
+    (m,) = [m for m in scan(chapter) if m.id == "5.3"]
+    stub = chapter.student_file.read_text()
+    solved_text = stub.replace(f'{m.indent}raise NotImplementedError("{m.message}")',
+                               textwrap.indent(region(m), m.indent))
+    (tmp_path / "only_5_3.py").write_text(solved_text)
+    report = grade(chapter, Source("file", str(tmp_path / "only_5_3.py")))
+    status = {e["id"]: e["status"] for e in report["exercises"]}
+    assert status == {"5.1": "not implemented", "5.2": "not implemented", "5.3": "passed"}, summary(report)
 
 
 # ---- containment -------------------------------------------------------------------------------------------
