@@ -1,8 +1,8 @@
 """Chapter 06's experiments: what dilated attention costs as T grows, and what it can reach.
 
 scale: time and peak memory of dilated attention against dense attention, 1 thread, one measurement per fresh
-process (peak memory = the process's peak resident set after the call minus its resident set with the inputs
-allocated). Three methods on q, k, v of shape (1, 1, T, 64), float32, non-causal:
+process (peak memory = the process's peak resident set during the calls, reset through /proc/self/clear_refs once
+the inputs are allocated, minus its resident set at that point). Three methods on q, k, v of shape (1, 1, T, 64), float32, non-causal:
   dilated  nanomodels.dilated.dilated_attention, patterns w = (256, 512, 1024, 2048), r = (1, 2, 4, 8)
   sdpa     torch's scaled_dot_product_attention (on a CPU a fused kernel that never stores the T x T scores)
   dense    nanomodels.attention.attention, the equation as written: the T x T score matrix is materialised
@@ -48,8 +48,23 @@ HEAD_DIM = 64
 DENSE_MAX_SCORES = 2 ** 28  # the materialised dense path stops at T = 16K: 1 GiB of float32 scores (x2 with softmax)
 
 
-def _rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _reset_peak() -> int:
+    """Reset the kernel's peak-RSS counter (Linux: write 5 to /proc/self/clear_refs); return the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: the peak since process start stands in (it includes importing torch)
+        pass
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(field: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux and BSD report KiB
 
 
 def measure_one(method: str, T: int, repeats: int) -> dict:
@@ -60,7 +75,7 @@ def measure_one(method: str, T: int, repeats: int) -> dict:
     fn = {"dilated": lambda: dilated_attention(q, k, v, *SCALE_PATTERNS),
           "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
           "dense": lambda: attention(q, k, v)}[method]
-    base = _rss_peak_bytes()
+    base = _reset_peak()  # inputs allocated; the peak from importing torch no longer counts
     fn()
     times = []
     for _ in range(repeats):
@@ -68,7 +83,7 @@ def measure_one(method: str, T: int, repeats: int) -> dict:
         fn()
         times.append(time.perf_counter() - start)
     return {"method": method, "T": T, "ms": 1e3 * statistics.median(times),
-            "peak_mib": (_rss_peak_bytes() - base) / 2 ** 20, "repeats": repeats}
+            "peak_mib": (_status_bytes("VmHWM") - base) / 2 ** 20, "repeats": repeats}
 
 
 def fits(method: str, T: int) -> bool:
@@ -291,7 +306,7 @@ def main(argv=None) -> None:
     if args.what == "scale":
         rows = scale(args.lengths, repeats=args.repeats)
         print(table(rows))
-        print("saved", save(args.out, {"command": " ".join(sys.argv), "machine": machine(), "rows": rows}))
+        print("saved", save(args.out, {"command": command(), "machine": machine(), "rows": rows}))
     if args.what == "comm":
         print(json.dumps(_communication_here(args.world_sizes, args.chunk, (args.segment_lengths, args.dilation_rates))))
     if args.what == "reach":
@@ -299,9 +314,14 @@ def main(argv=None) -> None:
         cfg = SMALL_REACH if args.small else REACH
         rows = reach(args.seeds, args.kinds, cfg)
         print(reach_table(rows, cfg["distances"]))
-        payload = {"command": " ".join(sys.argv), "machine": machine(), "config": {**cfg, "patterns": {
+        payload = {"command": command(), "machine": machine(), "config": {**cfg, "patterns": {
             k: v for k, v in cfg["patterns"].items()}}, "rows": rows}
         print("saved", save(args.out, payload))
+
+
+def command() -> str:
+    """This run's command line, from the repository root (what tests/test_notebooks.py expects of a result)."""
+    return "OMP_NUM_THREADS=1 python chapters/dilated_experiments.py " + " ".join(sys.argv[1:])
 
 
 def machine() -> str:
