@@ -189,7 +189,7 @@ def compile_cuda(specs=None, archs=ARCHS) -> list:
                 for fn, body in entries:
                     row = {"module": module, "kernel": f"{spec.name} {fn}", "arch": f"sm_{arch}",
                            **_ptxas_info(body), "max_spill_bytes": spec.max_spill_bytes,
-                           "shared_bytes": int(re.search(r"(\d+) bytes smem", body).group(1))}
+                           "shared_bytes": int(m.group(1)) if (m := re.search(r"(\d+) bytes smem", body)) else 0}
                     if sass:  # counted over the whole cubin: every entry shares the helpers that shuffle
                         row["sass"] = {pattern: sass.count(pattern) for pattern in spec.sass}
                     row["problems"] = problems(row)
