@@ -47,16 +47,14 @@
 # %%
 import json
 import math
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 
 import kernels  # noqa: F401  (without a GPU it sets TRITON_INTERPRET=1 before anything imports triton)
-from nanomodels.attention import attention
 from nanomodels.dilated import (DilatedAttention, dilated_attention, dilated_branch, geometric_patterns, head_offsets,
-                                longnet, merge_by_lse, num_score_entries)
+                                merge_by_lse, num_score_entries)
 from nanomodels.runtime import quick_mode
 
 import dilated_experiments as exp  # chapters/dilated_experiments.py: the benchmark, the toy, the process runs
