@@ -30,7 +30,7 @@
 #
 # One pattern costs $(T/w)\,(w/r)^2 = Tw/r^2$ scores: linear in $T$. Short segments with no dilation see the
 # neighbourhood in full; long segments with large dilation see far, sparsely. Head $j$ uses the offset $s_j = j \bmod r$,
-# so the heads together cover every row. The patterns are mixed per query with the weight of each pattern's softmax
+# so with $H \ge r$ heads together they cover every row. The patterns are mixed per query with the weight of each pattern's softmax
 # denominator $Z_i$,
 #
 # $$O = \sum_i \alpha_i\, O|_{(w_i, r_i)},\qquad \alpha_i = \frac{Z_i}{\sum_j Z_j} = \mathrm{softmax}_i(\mathrm{LSE}_i),$$
