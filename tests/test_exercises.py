@@ -310,6 +310,7 @@ CLASSES = {
         ("05", "subln_gamma_copies_the_table", "log(2N)")],
     "hard cases as @example": [("00", "most_frequent_pair_ties_by_first_element", "the tie goes to")],
     "faithful diagnoses": [("04", "init_branches_leaves_queries_and_keys", "was not re-initialized"),
+                           ("00", "attention_softmax_over_heads", "its own q, k and v"),
                            ("04", "deepnorm_layernorm_written_out_without_eps", "eps"),
                            ("05", "magneto_encoder_decoder_swaps_the_gammas", "each stack takes its own row"),
                            ("03", "pmlm_mask_unbatched", "a batch")],

@@ -109,8 +109,13 @@ def batches_and_heads_are_independent(attention, case):
             mask = allowed if allowed is None or allowed.dim() == 2 else allowed[b:b + 1]
             alone = attention(q[one].clone(), k[one].clone(), v[one].clone(), mask)
             if not torch.allclose(out[b, h], alone[0, 0], atol=1e-12, rtol=0, equal_nan=True):
-                raise Violation(f"batch {b}, head {h}: {fmt(out[b, h])} in the batch, {fmt(alone[0, 0])} "
-                                "alone: the batches or heads mix (transpose only the last two axes of k)")
+                diff = torch.nan_to_num((out[b, h] - alone[0, 0]).abs(), nan=math.inf)
+                ref = naive_attention(q[one], k[one], v[one], mask if mask is None or mask.dim() == 2 else mask)
+                which = "in the batch" if (alone[0, 0] - ref[0, 0]).abs().max() <= 1e-9 else "alone"
+                raise Violation(f"batch {b}, head {h} of {q.size(0)} x {q.size(1)}: the output differs by up to "
+                                f"{diff.max():.3g} between computing this slice in the batch and alone, and it is "
+                                f"wrong {which}: each (batch, head) must only use its own q, k and v (k.transpose("
+                                "-2, -1), not .T or .transpose(0, 1); a (Tq, Tk) mask broadcast to every slice)")
 
 
 @check("the scores are q·k / sqrt(d) with d = q.size(-1), the head size",
@@ -213,9 +218,12 @@ def wide_scores_stay_exact(attention, case):
     diff = (out - ref).abs() / (1 + ref.abs())
     if not diff.max() <= 1e-9:
         b, h, i, _ = _worst(diff)
-        why = " (NaN or inf: exp() of an unshifted score overflows)" if not out[b, h, i].isfinite().all() else (
-            ": a masked key got weight, so the fill value is not low enough for these scores (use "
-            "torch.finfo(dtype).min or -inf)")
+        tame = Inputs(case, q=case["q"] / 100, k=case["k"] / 100)  # the same case with scores 1e4 times smaller
+        tame_ok = (_attend(attention, tame) - naive_attention(tame["q"], tame["k"], tame["v"], tame["allowed"])
+                   ).abs().max() <= 1e-9
+        why = "" if not tame_ok else " (NaN or inf: exp() of an unshifted score overflows)" if not out[
+            b, h, i].isfinite().all() else (": a masked key got weight, so the fill value is not low enough for "
+                                            "these scores (use torch.finfo(dtype).min or -inf)")
         raise Violation(f"output[{b}, {h}, {i}] = {fmt(out[b, h, i])}, the oracle gives {fmt(ref[b, h, i])}{why}")
 
 

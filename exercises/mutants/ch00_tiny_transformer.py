@@ -325,4 +325,13 @@ MUTANTS = [
            "normalizes exp(logits / T) without subtracting the maximum: logits of 1000 overflow to NaN",
            old="probs = torch.softmax(logits, dim=-1)",
            new="probs = logits.exp() / logits.exp().sum(dim=-1, keepdim=True)"),
+    Mutant("0.1", "attention_softmax_over_heads",
+           "normalizes over dim=1, the heads, instead of the keys: heads mix, and a single head looks right",
+           old=("    return torch.softmax(scores, dim=-1) @ v\n"
+                "# the most negative finite number instead of -inf: a fully masked row stays finite (uniform), no NaN\n"
+                "scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)\n"
+                "weights = torch.softmax(scores, dim=-1)"),
+           new=("    return torch.softmax(scores, dim=1) @ v\n"
+                "scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)\n"
+                "weights = torch.softmax(scores, dim=1)")),
 ]
