@@ -23,7 +23,8 @@ from nanomodels.dilated import check_patterns
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 6.1: the paper's head offsets (2 points)
-# Hint: One line: the head index modulo r.
+# Hint: The paper gives head j of a pattern with dilation r its own offset so that the heads together cover
+#       every row.
 def head_offsets(n_heads: int, r: int) -> torch.Tensor:
     """s_j = j mod r for heads j = 0 .. n_heads - 1: the row (mod r) within each segment that head j keeps."""
     raise NotImplementedError("Exercise 6.1: the paper's head offsets")
@@ -31,9 +32,7 @@ def head_offsets(n_heads: int, r: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 6.2: attention inside one pattern, with padded keys masked (4 points)
-# Hint: keep_rows(x) gives (B, H, n, m, D). Scale q by 1/sqrt(D), take scores against the kept keys; mask keys
-#       whose position (segment start + offset + r t) is >= T, and with causal the later compressed indices;
-#       then LSE = logsumexp and O = softmax @ V.
+# Hint: One pattern is ordinary softmax attention, only among the rows a head keeps in each segment.
 def dilated_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, r: int, *,
                    causal: bool = False) -> tuple:
     """One pattern (w, r): (O|(w, r), LSE), shapes (B, H, T, D) and (B, H, T); rows it does not keep: 0 and -inf."""
@@ -61,8 +60,8 @@ def dilated_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, r:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 6.3: the LSE merge (3 points)
-# Hint: Stack the LSEs, subtract their max over the inputs (0 where the max is -inf), exponentiate, divide by
-#       the sum (where it is > 0): that is alpha. Detach only when asked.
+# Hint: Two partial softmaxes over disjoint key sets combine exactly when each is weighted by its share of the
+#       total normalizer.
 def merge_by_lse(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *,
                  detach_weights: bool = False) -> torch.Tensor:
     """sum_i alpha_i O_i with alpha = softmax over i of LSE_i (the split-KV / flash-decoding combine).
@@ -76,9 +75,7 @@ def merge_by_lse(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *,
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 6.4: dilation as a strided load (3 points)
-# Hint: A program per (block of kept rows, segment, batch x head): the grid is (cdiv(w // r, BLOCK_M), cdiv(T,
-#       w), B * H). A kept row is r rows after the previous one: its stride is r times the tensor's row
-#       stride, for q, k, v and out.
+# Hint: Dilation in a kernel is a stride: the kept rows of a segment are evenly spaced in memory.
 def dilated_branch_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, r: int, *,
                           causal: bool = False, out=None, lse=None) -> tuple:
     """One pattern (w, r) by the Triton kernel: (O|(w, r), LSE), as nanomodels.dilated.dilated_branch.

@@ -20,9 +20,7 @@ from nanomodels.moe import Routing, _check_gating
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 7.1: top-k routing with capacity (4 points)
-# Hint: cumsum of a one-hot mask over tokens, minus 1, is each token's slot; second choices add the count of
-#       first choices per expert (mask1.sum(0)). Renormalize the two gates before any token is dropped; the
-#       slots may exceed C (kept = slots < C is computed for you).
+# Hint: Experts fill their slots in token order: first choices of all tokens, then the second choices.
 def top_k_routing(logits: torch.Tensor, k: int, capacity: int) -> Routing:
     """The routing decisions for logits (S, E), without the dense (S, E, C) tensors (the sort-based path)."""
     _check_gating(logits, k, capacity)
@@ -34,8 +32,7 @@ def top_k_routing(logits: torch.Tensor, k: int, capacity: int) -> Routing:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 7.2: the load-balancing loss (2 points)
-# Hint: The first-choice fraction comes from a one-hot of e1: an integer count, no gradient. Multiply by the
-#       mean probability per expert, sum over experts, times E.
+# Hint: The balancing loss multiplies how often an expert is the first choice by how much probability it gets.
 def load_balancing_loss(probs: torch.Tensor, e1: torch.Tensor) -> torch.Tensor:
     """l_aux = E * sum_e mean_s(p[:, e]) * mean_s(onehot(e1)[:, e]); the gradient flows only through p."""
     raise NotImplementedError("Exercise 7.2: the load-balancing loss")
@@ -43,8 +40,8 @@ def load_balancing_loss(probs: torch.Tensor, e1: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 7.3: the X-MoE routing scores (2 points)
-# Hint: Project h with W (h @ W.T), L2-normalize it and the expert embeddings (F.normalize), take the dot
-#       products, divide by tau.
+# Hint: X-MoE scores a token against each expert by a cosine similarity in a low-dimensional space, sharpened
+#       by a temperature.
 def xmoe_scores(h: torch.Tensor, projection: torch.Tensor, expert_embeddings: torch.Tensor,
                 temperature: torch.Tensor) -> torch.Tensor:
     """X-MoE (paper): s_k = cos(W h, e_k) / tau. h (S, d), projection W (d_e, d), e (E, d_e) -> (S, E)."""
@@ -53,9 +50,8 @@ def xmoe_scores(h: torch.Tensor, projection: torch.Tensor, expert_embeddings: to
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 7.4: the sort-and-pad metadata of the grouped GEMM (3 points)
-# Hint: bincount the experts; ceil-divide by block_m for the blocks; a stable argsort groups the pairs by
-#       expert in token order; a pair's row is its expert's first padded row plus its rank among that expert's
-#       pairs; repeat_interleave gives one expert id per block.
+# Hint: The grouped GEMM wants every block of rows to belong to one expert: sort the (token, expert) pairs by
+#       expert and pad each expert's group to a whole number of blocks.
 def align_by_expert(experts: torch.Tensor, num_experts: int, block_m: int = BLOCK_M):
     """The sort-and-pad metadata. experts (P,) expert id of each (token, choice) pair ->
     order (P_pad,) int64: pair indices sorted by expert (token order kept inside an expert), each expert's run

@@ -21,8 +21,7 @@ from nanomodels.bitlinear import _check_float, rms_norm, weight_quant_binary
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 8.1: the absmean ternary weight quantizer (2 points)
-# Hint: scale = 1 / mean|W| (clamped at 1e-5), one number for the whole tensor; round, clamp to [-1, 1],
-#       divide by the scale.
+# Hint: BitNet b1.58 quantizes a weight matrix to {-1, 0, +1} times one scale for the whole tensor.
 def weight_quant(w: torch.Tensor) -> torch.Tensor:
     """W_q = clamp(round(W / mean|W|), -1, 1) * mean|W| (per tensor), in W's dtype."""
     _check_float("w", w)
@@ -31,8 +30,7 @@ def weight_quant(w: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 8.2: the per-token absmax 8-bit activation quantizer (2 points)
-# Hint: scale = 127 / max|x| over the last dimension (keepdim, clamped at 1e-5); round, clamp to [-128, 127],
-#       divide by the scale.
+# Hint: Activations are quantized to 8 bits with one scale per token, from the token's largest magnitude.
 def activation_quant(x: torch.Tensor) -> torch.Tensor:
     """x_q = clamp(round(x * 127 / max|x|), -128, 127) * max|x| / 127, the max over the last dim (per token)."""
     _check_float("x", x, min_dim=1)
@@ -41,8 +39,8 @@ def activation_quant(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 8.3: BitLinear with straight-through estimators (3 points)
-# Hint: h = rms_norm(x, norm_weight, eps); x_q = h + (activation_quant(h) - h).detach(); the same for the
-#       weight; then F.linear(x_q, w_q, bias).
+# Hint: BitLinear normalizes its input, quantizes input and weight in the forward pass, and lets the gradient
+#       pass through both quantizers as if they were the identity.
 def bitlinear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, bias=None, eps: float = 1e-5,
               binary: bool = False) -> torch.Tensor:
     """y = activation_quant(RMSNorm(x)) weight_quant(W)^T (+ bias), both quantizers with a straight-through
@@ -53,8 +51,7 @@ def bitlinear(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, 
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 8.4: 2-bit packing, four codes per byte (2 points)
-# Hint: Pad K to a multiple of 4 with code 1, store code + 1 as uint8, view as (N, K/4, 4) and OR the four
-#       fields shifted by 0, 2, 4, 6 bits.
+# Hint: Four ternary weights fit in one byte: each code needs 2 bits once it is shifted to be non-negative.
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     """int8 codes in {-1, 0, 1} of shape (N, K) -> uint8 (N, ceil(K / 4)), weight k at bits 2(k mod 4) of byte k//4."""
     if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.dtype.is_floating_point:
@@ -66,8 +63,7 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 8.5: decoding 2-bit codes, as every kernel does (2 points)
-# Hint: Shift each byte right by 0, 2, 4, 6 (broadcast over a new last dimension), mask with 3, flatten to (N,
-#       4 ceil(K/4)), keep the first K, subtract 1 (as int8).
+# Hint: Unpacking inverts the packing: four 2-bit fields per byte, in the same order.
 def unpack_ternary(packed: torch.Tensor, K: int) -> torch.Tensor:
     """The inverse of pack_ternary: uint8 (N, ceil(K / 4)) -> int8 codes (N, K) in {-1, 0, 1}."""
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:

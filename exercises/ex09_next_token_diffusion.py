@@ -24,8 +24,8 @@ from nanomodels.sigma_vae import Tensor
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 9.1: the cosine schedule (2 points)
-# Hint: abar(tau) = cos((tau + 0.008) / 1.008 * pi / 2) ** 2 on t / T; beta_t = 1 - abar((t + 1) / T) / abar(t
-#       / T), clamped at 0.999, in float64.
+# Hint: The improved-DDPM cosine schedule defines the cumulative product alpha-bar as a squared cosine of the
+#       normalized time, and each beta as the ratio of two neighbours.
 def cosine_schedule(num_steps: int = 1000) -> Tensor:
     """betas (T,) float64 of the improved-DDPM cosine schedule, T = num_steps, each capped at 0.999."""
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
@@ -35,8 +35,8 @@ def cosine_schedule(num_steps: int = 1000) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 9.2: the DDIM sampler (4 points)
-# Hint: For each timestep: eps = _eps_at(eps_fn, x, t); x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t); x =
-#       sqrt(a_next) x0 + sqrt(1 - a_next) eps, with a_next = 1 after the last step.
+# Hint: Deterministic DDIM: at every step predict x0 from the noise estimate, then move to the next, less
+#       noisy timestep along the same noise.
 def ddim_sample(eps_fn: Callable, x_T: Tensor, alphas_cumprod: Tensor, num_steps: int) -> Tensor:
     """Deterministic DDIM (eta = 0) from x_T over num_steps timesteps T-1 .. 0; returns the sample x_0.
 
@@ -51,7 +51,8 @@ def ddim_sample(eps_fn: Callable, x_T: Tensor, alphas_cumprod: Tensor, num_steps
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 9.3: the adaLN modulation (2 points)
-# Hint: F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift.
+# Hint: adaLN: a LayerNorm without its own affine parameters, then a scale and a shift that come from the
+#       condition.
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN: LN(x) (1 + scale) + shift, LN without its own affine (the condition supplies it)."""
     raise NotImplementedError("Exercise 9.3: the adaLN modulation")
@@ -59,8 +60,8 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 9.4: the zero-initialized adaLN modulation (2 points)
-# Hint: nn.Sequential(nn.SiLU(), nn.Linear(width, chunks * width)), then nn.init.zeros_ on the linear's weight
-#       and bias.
+# Hint: The modulation network maps the condition to all shifts, scales and gates at once, and starts at
+#       exactly zero.
 def adaln_modulation(width: int, chunks: int) -> nn.Sequential:
     """SiLU then Linear(width, chunks * width), zero-initialized (weight and bias): at init every shift, scale
     and gate is 0, so each block is the identity and the final layer outputs 0."""
@@ -69,8 +70,7 @@ def adaln_modulation(width: int, chunks: int) -> nn.Sequential:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 9.5: per-token timesteps and the noisy latent (3 points)
-# Hint: t = torch.randint(0, T, (N,), generator=...); a = abar[t][:, None]; eps from the same generator; x_t =
-#       sqrt(a) x0 + sqrt(1 - a) eps.
+# Hint: LatentLM draws an independent timestep for every token, not one for the whole sequence.
 def q_sample(x0: Tensor, alphas_cumprod: Tensor, generator: torch.Generator = None):
     """The forward process for rows x0 (N, C): (x_t, t, eps) with one t ~ U{0..T-1} per row (per token)."""
     raise NotImplementedError("Exercise 9.5: per-token timesteps and the noisy latent")
@@ -78,8 +78,8 @@ def q_sample(x0: Tensor, alphas_cumprod: Tensor, generator: torch.Generator = No
 
 # ------------------------------------------------------------------------------------------------------------
 # Exercise 9.6: the sigma-VAE sample (3 points)
-# Hint: sigma = randn((B, 1, ..., 1)) * noise_std / 0.8 from the generator; eps = randn(mu.shape); z = mu +
-#       sigma * eps.
+# Hint: The sigma-VAE does not learn a variance: the encoder gives the mean, the noise scale is drawn per
+#       example.
 def sigma_vae_sample(mu: Tensor, noise_std: float = 0.75, generator: torch.Generator = None) -> Tensor:
     """z = mu + sigma * eps with sigma ~ N(0, (noise_std / 0.8)^2), one sigma per example (dim 0) of mu."""
     if not noise_std >= 0:

@@ -170,17 +170,20 @@ def kernel_matches_the_reference(dilated_branch_kernel):
 
 EXERCISES = {
     "6.1": Exercise(points=2, checks=[offsets_are_j_mod_r],
-                    hint="One line: the head index modulo r."),
+                    hint='The paper gives head j of a pattern with dilation r its own offset so that the heads together cover every row.',
+                    hints=('The offset depends only on the head index and the dilation rate, not on the segment or the position.',
+                           'Head j starts at row s_j = j mod r of every segment.')),
     "6.2": Exercise(points=4, checks=[branch_matches_the_loop_oracle, whole_segment_is_dense],
-                    hint="keep_rows(x) gives (B, H, n, m, D). Scale q by 1/sqrt(D), take scores against the kept "
-                         "keys; mask keys whose position (segment start + offset + r t) is >= T, and with causal the "
-                         "later compressed indices; then LSE = logsumexp and O = softmax @ V."),
+                    hint='One pattern is ordinary softmax attention, only among the rows a head keeps in each segment.',
+                    hints=('Gather the kept rows per segment; a short last segment has fewer real rows than w / r: those keys must get no weight; with causal, compare original positions.',
+                           'Scores of the kept queries against the kept keys of the same segment, scaled by 1/sqrt(D); padded (beyond T) keys and, when causal, later keys masked; return the attention output and the per-row log-sum-exp.')),
     "6.3": Exercise(points=3, checks=[merge_of_key_splits_is_attention_over_all_keys, uncovered_rows_are_zero,
                                       merge_gradients_flow_through_alpha],
-                    hint="Stack the LSEs, subtract their max over the inputs (0 where the max is -inf), exponentiate, "
-                         "divide by the sum (where it is > 0): that is alpha. Detach only when asked."),
+                    hint='Two partial softmaxes over disjoint key sets combine exactly when each is weighted by its share of the total normalizer.',
+                    hints=('The share of pattern i is exp(LSE_i) over the sum of the exp(LSE)s: a softmax over patterns, computed stably; a row no pattern covers must stay 0, not NaN.',
+                           "alpha_i = softmax over patterns of the LSEs (subtract the max, guard the all -inf case), output = sum_i alpha_i O_i; detach alpha only when asked (torchscale's choice).")),
     "6.4": Exercise(points=3, checks=[kernel_matches_the_reference],
-                    hint="A program per (block of kept rows, segment, batch x head): the grid is (cdiv(w // r, "
-                         "BLOCK_M), cdiv(T, w), B * H). A kept row is r rows after the previous one: its stride is "
-                         "r times the tensor's row stride, for q, k, v and out."),
+                    hint='Dilation in a kernel is a stride: the kept rows of a segment are evenly spaced in memory.',
+                    hints=('One program handles one block of kept rows of one segment for one (batch, head); the grid has one axis for each of these.',
+                           "Grid: blocks of the w / r kept rows, segments ceil(T / w), B * H; the row stride passed for q, k, v and the output is r times the tensor's own row stride.")),
 }

@@ -222,17 +222,19 @@ def alignment_drives_a_grouped_matmul(align_by_expert, n, E, block_m, seed):
 EXERCISES = {
     "7.1": Exercise(points=4, checks=[routing_matches_the_rule, capacity_one_keeps_the_first_token,
                                       routing_returns_probs_and_aux],
-                    hint="cumsum of a one-hot mask over tokens, minus 1, is each token's slot; second choices add "
-                         "the count of first choices per expert (mask1.sum(0)). Renormalize the two gates before "
-                         "any token is dropped; the slots may exceed C (kept = slots < C is computed for you)."),
+                    hint='Experts fill their slots in token order: first choices of all tokens, then the second choices.',
+                    hints=("A running count per expert gives each token its slot; second choices start after that expert's total of first choices; the two gates are normalized before anything is dropped.",
+                           "Slot = (cumulative count of the one-hot choice mask over tokens) - 1; for second choices add the expert's number of first choices; the gates are p[e1] and p[e2] divided by their sum (k = 2) or p[e1] (k = 1), computed before dropping.")),
     "7.2": Exercise(points=2, checks=[aux_loss_value, aux_loss_gradient],
-                    hint="The first-choice fraction comes from a one-hot of e1: an integer count, no gradient. "
-                         "Multiply by the mean probability per expert, sum over experts, times E."),
+                    hint='The balancing loss multiplies how often an expert is the first choice by how much probability it gets.',
+                    hints=('Only the probabilities carry a gradient: the first-choice fractions are counts.',
+                           'E times the sum over experts of (mean probability of the expert) times (fraction of tokens whose first choice it is).')),
     "7.3": Exercise(points=2, checks=[xmoe_scores_equation, xmoe_scores_bounded_and_scale_free],
-                    hint="Project h with W (h @ W.T), L2-normalize it and the expert embeddings (F.normalize), "
-                         "take the dot products, divide by tau."),
+                    hint='X-MoE scores a token against each expert by a cosine similarity in a low-dimensional space, sharpened by a temperature.',
+                    hints=('Both the projected token and the expert embeddings are normalized to unit length before their dot products.',
+                           'Project the token, L2-normalize it and every expert embedding, take the dot products, divide by the learnable temperature.')),
     "7.4": Exercise(points=3, checks=[alignment_layout, alignment_drives_a_grouped_matmul],
-                    hint="bincount the experts; ceil-divide by block_m for the blocks; a stable argsort groups the "
-                         "pairs by expert in token order; a pair's row is its expert's first padded row plus its "
-                         "rank among that expert's pairs; repeat_interleave gives one expert id per block."),
+                    hint="The grouped GEMM wants every block of rows to belong to one expert: sort the (token, expert) pairs by expert and pad each expert's group to a whole number of blocks.",
+                    hints=('Count pairs per expert, round each count up to the block size, and keep the pairs of one expert in token order.',
+                           "Per expert: its count rounded up to block_m gives its padded rows and blocks; a pair's row is its expert's first padded row plus its rank among that expert's pairs (a stable sort keeps token order); one expert id per block.")),
 }

@@ -228,18 +228,23 @@ def unpacking_round_trip(unpack_ternary, n, k, seed):
 EXERCISES = {
     "8.1": Exercise(points=2, checks=[weight_quant_matches_the_faq, weight_codes_are_ternary,
                                       weight_scale_is_per_tensor],
-                    hint="scale = 1 / mean|W| (clamped at 1e-5), one number for the whole tensor; round, clamp to "
-                         "[-1, 1], divide by the scale."),
+                    hint='BitNet b1.58 quantizes a weight matrix to {-1, 0, +1} times one scale for the whole tensor.',
+                    hints=('The scale comes from the mean absolute value of the weights (guarded against zero); the codes come from rounding and clipping.',
+                           'Divide by the mean |W| (clamped at 1e-5), round, clip to [-1, 1], and multiply back by the mean |W|: a fake-quantized float tensor.')),
     "8.2": Exercise(points=2, checks=[activation_quant_matches_the_faq, activation_codes_per_token],
-                    hint="scale = 127 / max|x| over the last dimension (keepdim, clamped at 1e-5); round, clamp to "
-                         "[-128, 127], divide by the scale."),
+                    hint="Activations are quantized to 8 bits with one scale per token, from the token's largest magnitude.",
+                    hints=('The scale is over the last dimension only, guarded against zero; the codes are rounded and clipped to the int8 range.',
+                           'Multiply by 127 / max|x| of the token (clamped at 1e-5), round, clip to [-128, 127], divide by the same factor.')),
     "8.3": Exercise(points=3, checks=[bitlinear_forward, bitlinear_straight_through, bitlinear_scale_invariant],
-                    hint="h = rms_norm(x, norm_weight, eps); x_q = h + (activation_quant(h) - h).detach(); the same "
-                         "for the weight; then F.linear(x_q, w_q, bias)."),
+                    hint='BitLinear normalizes its input, quantizes input and weight in the forward pass, and lets the gradient pass through both quantizers as if they were the identity.',
+                    hints=('A straight-through estimator: the value of the quantized tensor, the gradient of the unquantized one (add the quantization error, detached).',
+                           "RMSNorm of the input with the layer's weight and eps, then both quantizers with straight-through gradients, then an ordinary linear map with the bias.")),
     "8.4": Exercise(points=2, checks=[packing_layout, packing_round_trip],
-                    hint="Pad K to a multiple of 4 with code 1, store code + 1 as uint8, view as (N, K/4, 4) and "
-                         "OR the four fields shifted by 0, 2, 4, 6 bits."),
+                    hint='Four ternary weights fit in one byte: each code needs 2 bits once it is shifted to be non-negative.',
+                    hints=('Pad the input dimension to a multiple of 4 with weight 0; weight k goes into bits 2 (k mod 4) of byte k // 4.',
+                           'Codes w + 1 as uint8, grouped by four along K; OR the four fields, each shifted left by 0, 2, 4 and 6 bits.')),
     "8.5": Exercise(points=2, checks=[unpacking_known_bytes, unpacking_round_trip],
-                    hint="Shift each byte right by 0, 2, 4, 6 (broadcast over a new last dimension), mask with 3, "
-                         "flatten to (N, 4 ceil(K/4)), keep the first K, subtract 1 (as int8)."),
+                    hint='Unpacking inverts the packing: four 2-bit fields per byte, in the same order.',
+                    hints=('Shift each byte right by the four field offsets at once (broadcast), keep 2 bits, and undo the +1.',
+                           'Fields (byte >> 0, 2, 4, 6) & 3 along a new last dimension, flattened along K, cut to the first K columns, minus 1, as int8.')),
 }

@@ -244,24 +244,31 @@ def one_sigma_per_example(sigma_vae_sample):
 
 EXERCISES = {
     "9.1": Exercise(points=2, checks=[betas_follow_the_formula, alphas_cumprod_from_one_to_zero],
-                    hint="abar(tau) = cos((tau + 0.008) / 1.008 * pi / 2) ** 2 on t / T; beta_t = 1 - "
-                         "abar((t + 1) / T) / abar(t / T), clamped at 0.999, in float64."),
+                    hint='The improved-DDPM cosine schedule defines the cumulative product alpha-bar as a squared cosine of the normalized time, and each beta as the ratio of two neighbours.',
+                    hints=('Evaluate alpha-bar at t / T and (t + 1) / T with the small offset 0.008; cap beta at 0.999; float64 throughout.',
+                           'alpha-bar(tau) = cos^2(((tau + 0.008) / 1.008) pi / 2); beta_t = min(1 - alpha-bar((t + 1) / T) / alpha-bar(t / T), 0.999).')),
     "9.2": Exercise(points=4, checks=[oracle_denoiser_returns_x0, each_step_is_the_ddim_update,
                                       calls_eps_fn_per_step_with_long_timesteps],
-                    hint="For each timestep: eps = _eps_at(eps_fn, x, t); x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t); "
-                         "x = sqrt(a_next) x0 + sqrt(1 - a_next) eps, with a_next = 1 after the last step."),
+                    hint='Deterministic DDIM: at every step predict x0 from the noise estimate, then move to the next, less noisy timestep along the same noise.',
+                    hints=('Visit num_steps timesteps from T - 1 down to 0; call the noise model with a LongTensor of timesteps per example; after the last step alpha-bar is 1.',
+                           "From the predicted noise recover x0 using alpha-bar of the current step, then mix x0 and the predicted noise with the square roots of the next step's alpha-bar and one minus it (the final step returns x0 itself).")),
     "9.3": Exercise(points=2, checks=[modulate_is_layernorm_times_one_plus_scale_plus_shift,
                                       zero_modulation_is_plain_layernorm],
-                    hint="F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift."),
+                    hint='adaLN: a LayerNorm without its own affine parameters, then a scale and a shift that come from the condition.',
+                    hints=('The scale enters as (1 + scale), so that a zero modulation leaves the plain LayerNorm.',
+                           'Normalize over the last dimension with eps 1e-6 and no affine weights, multiply by one plus the scale, add the shift.')),
     "9.4": Exercise(points=2, checks=[outputs_exactly_zero_at_init, is_a_linear_of_silu],
-                    hint="nn.Sequential(nn.SiLU(), nn.Linear(width, chunks * width)), then nn.init.zeros_ on the "
-                         "linear's weight and bias."),
+                    hint='The modulation network maps the condition to all shifts, scales and gates at once, and starts at exactly zero.',
+                    hints=('A SiLU followed by one linear layer producing chunks times width outputs; its weight and bias set to zero.',
+                           'Zero initialization makes every adaLN block the identity on its branch at the start: each gate is 0.')),
     "9.5": Exercise(points=3, checks=[noisy_latent_is_the_forward_process, timesteps_are_per_token_and_uniform,
                                       draws_come_from_the_generator],
-                    hint="t = torch.randint(0, T, (N,), generator=...); a = abar[t][:, None]; eps from the same "
-                         "generator; x_t = sqrt(a) x0 + sqrt(1 - a) eps."),
+                    hint='LatentLM draws an independent timestep for every token, not one for the whole sequence.',
+                    hints=('Draw all timesteps and the noise from the generator you are given; index alpha-bar per token.',
+                           'x_t = sqrt(alpha-bar_t) x0 + sqrt(1 - alpha-bar_t) noise, with t drawn uniformly per token.')),
     "9.6": Exercise(points=3, checks=[sample_variance_is_the_fixed_scale, noise_is_independent_of_mu,
                                       one_sigma_per_example],
-                    hint="sigma = randn((B, 1, ..., 1)) * noise_std / 0.8 from the generator; eps = randn(mu.shape); "
-                         "z = mu + sigma * eps."),
+                    hint='The sigma-VAE does not learn a variance: the encoder gives the mean, the noise scale is drawn per example.',
+                    hints=("One sigma per example (broadcast over the other dimensions), scaled by noise_std / 0.8; fresh noise of the latent's shape; everything from the generator.",
+                           'z = mu + sigma * noise, with sigma a standard normal draw per example times noise_std / 0.8.')),
 }
