@@ -37,7 +37,8 @@ from pathlib import Path
 import pydoc_data.topics
 import torch
 
-CORPORA = {"pydoc": "Python's documentation topics (pydoc_data.topics), ~465 KB, ships with Python"}
+from nanomodels.transformer import IGNORE_INDEX  # targets that take no loss
+
 
 
 def load_text(source: str = "pydoc") -> str:
@@ -99,7 +100,6 @@ def get_batch(
 DIGITS = "0123456789"
 LETTERS = "abcdefghijklmnopqrstuvwxyz"  # recall keys
 VOCAB = DIGITS + LETTERS + "+?|."  # '|' ends the prompt, '.' ends the answer
-IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: targets that do not count in the loss
 
 
 def _digits(n: int, length: int, generator: torch.Generator) -> list[str]:

@@ -29,6 +29,8 @@ learned absolute positions). Tokens: [M] and [P] are ids past the task vocabular
 import torch
 import torch.nn.functional as F
 
+from nanomodels.transformer import IGNORE_INDEX
+
 AE, PSEUDO, REAL = 0, 1, 2  # the kind of each token of the layout
 
 
@@ -140,7 +142,7 @@ def s2s_pseudo_layout(src: torch.Tensor, tgt: torch.Tensor, pseudo_id: int, targ
     step = torch.cat([torch.full((S,), -1), ids, ids])
     positions = torch.cat([torch.arange(S), S + torch.arange(T), S + torch.arange(T)])
     tokens = torch.cat([src, tgt, torch.full((B, T), pseudo_id)], dim=1)
-    targets = torch.cat([torch.full((B, S + T), -100), tgt], dim=1)
+    targets = torch.cat([torch.full((B, S + T), IGNORE_INDEX), tgt], dim=1)
     return {"tokens": tokens, "positions": positions, "kind": kind, "step": step, "targets": targets,
             "allowed": allowed}
 
@@ -159,9 +161,9 @@ def pmlm_batch(x: torch.Tensor, num_masked: int, generator: torch.Generator, mas
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    if not bool((targets != -100).any()):
+    if not bool((targets != IGNORE_INDEX).any()):
         return logits.new_zeros(())  # no prediction of this kind in the batch
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def pmlm_losses(model, batch: dict):
