@@ -32,8 +32,11 @@ def cli_args(**options) -> list[str]:
 
 def nanomodels(*args, cwd=None, cache=None) -> subprocess.Popen:
     env = ENV if cache is None else {**ENV, "NANOMODELS_CACHE": str(cache)}  # BPE merges of test texts go there
+    # a Ctrl-C must reach the command even when this test runs in the background (SIGINT ignored there, and a
+    # process started with SIGINT ignored rightly keeps ignoring it): start it with the default disposition
     return subprocess.Popen([sys.executable, "-m", "nanomodels", *args], env=env, text=True, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def finish(run: subprocess.Popen, timeout: float = 300) -> tuple[int | None, str, str]:
@@ -164,15 +167,20 @@ def test_sigint_writes_the_current_step_and_resume_continues_exactly(place, tmp_
 
 
 def test_a_first_interrupt_sets_the_flag_and_a_second_one_raises():
-    before = signal.getsignal(signal.SIGINT)
-    with deferred_interrupt(enabled=True) as interrupt:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)  # the handler runs in this thread at the next bytecode; sleep returns early if it raises
-        assert interrupt.is_set(), "the first Ctrl-C did not set the flag"
-        with pytest.raises(KeyboardInterrupt):
+    # SIGINT as in an interactive shell: pytest may run as a background job, which starts with SIGINT ignored
+    original = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        with deferred_interrupt(enabled=True) as interrupt:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(10)
-    assert signal.getsignal(signal.SIGINT) is before, "the previous SIGINT handler was not restored"
+            time.sleep(0.1)  # the handler runs in this thread at the next bytecode; sleep returns early if it raises
+            assert interrupt.is_set(), "the first Ctrl-C did not set the flag"
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(10)
+        assert signal.getsignal(signal.SIGINT) is before, "the previous SIGINT handler was not restored"
+    finally:
+        signal.signal(signal.SIGINT, original)
 
 
 def test_a_forced_interrupt_says_which_checkpoint_the_run_holds(place, tmp_path, monkeypatch):
