@@ -225,7 +225,7 @@ for gain in (1.0, 10.0):
 # class (and the null class for CFG, dropped 10% of the time in training) and the diffusion head:
 
 # %%
-from nanomodels.diffusion import LatentEmbedding, LatentLM
+from nanomodels.latentlm import LatentEmbedding, LatentLM
 
 show(LatentEmbedding)
 show(LatentLM.__init__)

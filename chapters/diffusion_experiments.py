@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanomodels.data import procedural_digits
-from nanomodels.diffusion import DiffusionHead, LatentLM
+from nanomodels.diffusion import DiffusionHead
+from nanomodels.latentlm import LatentLM
 from nanomodels.sigma_vae import PlainVAE, SigmaVAE, latents_to_sequence, sequence_to_latents
 from nanomodels.transformer import TransformerConfig
 

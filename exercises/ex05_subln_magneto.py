@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from nanomodels.attention import MultiHeadAttention
+from nanomodels.encoder_decoder import EncoderDecoder
 from nanomodels.subln import SubLNAttention, SubLNMLP, subln_init_
-from nanomodels.transformer import EncoderDecoder, PreNorm, TransformerConfig
+from nanomodels.transformer import PreNorm, TransformerConfig
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from nanomodels.transformer import EncoderDecoder, Transformer, TransformerConfig, init_branches_
+from nanomodels.encoder_decoder import EncoderDecoder
+from nanomodels.transformer import Transformer, TransformerConfig, init_branches_
 
 
 def _check_layers(encoder_layers, decoder_layers) -> None:

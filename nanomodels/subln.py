@@ -35,7 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanomodels.attention import MultiHeadAttention
-from nanomodels.transformer import MLP, EncoderDecoder, PreNorm, Transformer, TransformerConfig, init_branches_
+from nanomodels.encoder_decoder import EncoderDecoder
+from nanomodels.transformer import MLP, PreNorm, Transformer, TransformerConfig, init_branches_
 
 
 def subln_gamma(encoder_layers: int = 0, decoder_layers: int = 0) -> dict:

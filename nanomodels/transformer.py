@@ -10,7 +10,8 @@ Every chapter uses this one small model and swaps one part, in one visible line:
 Every part is built as `part(config, ...)` (extra arguments with functools.partial); the typing Protocols
 below state each contract:
   embed         embed(config) -> forward(inputs, positions, segments=None) -> (B, T, d)
-                                                   token + position (+ segment) embeddings; continuous inputs too
+                                                   token + position (+ segment) embeddings; or continuous
+                                                   inputs (LatentLM's LatentEmbedding, nanomodels/latentlm.py)
   attention_fn  fn(q, k, v, allowed=None, *, causal=False) -> (B, H, Tq, D)     who attends to whom (attention.py)
   attention     attention(config, attn_fn=..., linear=...) -> forward(x, allowed, causal, cache, memory=None)
   ffn           ffn(config, linear=...) -> forward(x)          the feed-forward sublayer (dense MLP; MoE)
@@ -31,7 +32,7 @@ Residual schemes (x is the residual stream, f the sublayer):
   PreNorm   x + f(LN(x)), and a final LN before the head          (GPT-2; stable, the default)
   PostNorm  LN(x + f(x)), final_norm=None                         (Vaswani et al. 2017; BERT, UniLM)
 
-`EncoderDecoder` assembles the same parts into an encoder (bidirectional) and a decoder (causal, with
+nanomodels/encoder_decoder.py assembles the same parts into an encoder (bidirectional) and a decoder (causal, with
 cross-attention over the encoder's output), the model the encoder-decoder rows of DeepNet and Sub-LN are for.
 """
 
@@ -44,36 +45,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanomodels.attention import MultiHeadAttention, sdpa_attention
-
-
-@dataclass
-class TransformerConfig:
-    vocab_size: int = 1024  # |V|
-    block_size: int = 128  # the longest sequence (number of learned positions)
-    n_layers: int = 4  # N, the number of blocks (each block = attention + feed-forward)
-    d_model: int = 128  # d, the width of the residual stream
-    n_heads: int = 4  # h; head size d / h
-    d_ff: Optional[int] = None  # feed-forward width; None = 4 d
-    dropout: float = 0.0
-    bias: bool = True
-    tie_weights: bool = True  # the LM head shares the token embedding matrix
-
-    def __post_init__(self):
-        for name in ("vocab_size", "block_size", "n_layers", "d_model", "n_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads: must divide d_model ({self.d_model}), got {self.n_heads}")
-        if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
-        if not isinstance(self.d_ff, int) or self.d_ff < 1:
-            raise ValueError(f"d_ff: must be a positive integer or None (= 4 * d_model), got {self.d_ff!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: targets that take no loss
@@ -169,24 +140,6 @@ class TokenEmbedding(nn.Module):
                                  f"[0, n_segments={self.wse.num_embeddings})")
             x = x + self.wse(segments)
         return self.drop(x)
-
-
-class ContinuousEmbedding(nn.Module):
-    """Continuous inputs (B, T, in_features) -> a linear projection to d + learned positions (LatentLM's latents)."""
-
-    def __init__(self, config: TransformerConfig, in_features: int):
-        super().__init__()
-        self.in_features = in_features
-        self.proj = nn.Linear(in_features, config.d_model)
-        self.wpe = nn.Embedding(config.block_size, config.d_model)
-        self.drop = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, segments: Optional[torch.Tensor] = None):
-        if x.dim() != 3 or x.size(-1) != self.in_features:
-            raise ValueError(f"inputs: expected shape (B, T, {self.in_features}), got {tuple(x.shape)}")
-        if segments is not None:
-            raise ValueError("segments: ContinuousEmbedding has no segment embeddings")
-        return self.drop(self.proj(x) + self.wpe(positions))
 
 
 class PreNorm(nn.Module):
@@ -411,84 +364,6 @@ def _check_sampling(max_new_tokens, temperature, top_k):
         raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k: must be >= 1 or None, got {top_k}")
-
-
-class EncoderDecoder(_Model):
-    """An encoder (bidirectional, `encoder_layers` blocks) and a decoder (causal self-attention, cross-attention
-    over the encoder's output, config.n_layers blocks), sharing one embedding; the head reads the decoder.
-
-    The residual scheme is chosen per side (DeepNorm's alpha and Sub-LN's gamma differ between the encoder and
-    the decoder of an encoder-decoder model); `residual` sets both when the sides agree.
-    """
-
-    def __init__(self, config: TransformerConfig, *, encoder_layers: int, embed=TokenEmbedding,
-                 attention_fn=sdpa_attention, attention=MultiHeadAttention, cross_attention=None, ffn=MLP,
-                 residual=PreNorm, encoder_residual=None, decoder_residual=None, final_norm=layer_norm,
-                 linear: type = nn.Linear, head=LMHead, head_linear: type = nn.Linear):
-        super().__init__()
-        if not isinstance(encoder_layers, int) or isinstance(encoder_layers, bool) or encoder_layers < 1:
-            raise ValueError(f"encoder_layers: must be a positive integer, got {encoder_layers!r}")
-        self.config, self.encoder_layers = config, encoder_layers
-        self.embed = embed(config)
-        parts = dict(attention_fn=attention_fn, attention=attention, ffn=ffn, linear=linear)
-        self.encoder = nn.ModuleList(Block(config, residual=encoder_residual or residual, **parts)
-                                     for _ in range(encoder_layers))
-        self.decoder = nn.ModuleList(Block(config, residual=decoder_residual or residual,
-                                           cross_attention=cross_attention or attention, **parts)
-                                     for _ in range(config.n_layers))
-        self.encoder_norm = final_norm(config) if final_norm is not None else nn.Identity()
-        self.final_norm = final_norm(config) if final_norm is not None else nn.Identity()
-        self.head = head(config, linear=head_linear)
-        gpt2_init_(self, encoder_layers + config.n_layers)
-        self._tie()
-
-    def encode(self, src, *, src_keep=None):
-        """The encoder's output (B, S, d): bidirectional attention; `src_keep` (B, S) bool hides padded keys."""
-        x = self.embed(src, self._positions(src.shape[1], 0, None, src.device))
-        allowed = None if src_keep is None else _keys(src_keep, src.shape[1])
-        for block in self.encoder:
-            x = block(x, allowed, False)
-        return self.encoder_norm(x)
-
-    def decode(self, tgt, memory, *, src_keep=None, cache=None):
-        """The decoder's hidden states (B, T, d) for target inputs `tgt`, attending to `memory` (B, S, d)."""
-        past = cache[0]["k"].size(2) if cache and "k" in cache[0] else 0
-        x = self.embed(tgt, self._positions(tgt.shape[1], past, None, tgt.device))
-        memory_allowed = None if src_keep is None else _keys(src_keep, tgt.shape[1])
-        for i, block in enumerate(self.decoder):
-            x = block(x, None, True, None if cache is None else cache[i], memory, memory_allowed)
-        return self.final_norm(x)
-
-    def forward(self, src, tgt, targets=None, *, src_keep=None):
-        """src (B, S), tgt (B, T) -> (head outputs for every target position, loss or None).
-
-        `src_keep` (B, S) bool: False marks source padding, which no query (encoder or decoder) attends to."""
-        if src_keep is not None and (src_keep.dtype != torch.bool or src_keep.shape != src.shape):
-            raise ValueError(f"src_keep: expected a boolean tensor of shape {tuple(src.shape)}")
-        memory = self.encode(src, src_keep=src_keep)
-        h = self.decode(tgt, memory, src_keep=src_keep)
-        outputs = self.head(h)
-        return outputs, (None if targets is None else self._loss(h, targets, outputs))
-
-    @torch.no_grad()
-    def generate(self, src, bos: int, max_new_tokens: int, *, src_keep=None, temperature: float = 0.0,
-                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None):
-        """Decode max_new_tokens after a `bos` token, with a KV cache (self and cross): (B, 1 + max_new_tokens)."""
-        _check_sampling(max_new_tokens, temperature, top_k)
-        if 1 + max_new_tokens > self.config.block_size:
-            raise ValueError(f"max_new_tokens: 1 + {max_new_tokens} exceeds block_size {self.config.block_size}")
-        memory = self.encode(src, src_keep=src_keep)
-        out = torch.full((src.size(0), 1), bos, dtype=torch.long, device=src.device)
-        cache = [{} for _ in self.decoder]
-        for _ in range(max_new_tokens):
-            logits = self.head(self.decode(out[:, -1:], memory, src_keep=src_keep, cache=cache))
-            out = torch.cat([out, sample_next_token(logits[:, -1, :], temperature, top_k, generator)], dim=1)
-        return out
-
-
-def _keys(keep: torch.Tensor, n_queries: int) -> torch.Tensor:
-    """(B, S) key mask -> (B, n_queries, S): every query sees the kept keys."""
-    return keep[:, None, :].expand(keep.size(0), n_queries, keep.size(1))
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,

@@ -4,7 +4,7 @@ rows), zero-init start, class dropout for CFG, and KV-cache sampling equal to re
 import pytest
 import torch
 
-from nanomodels.diffusion import LatentLM
+from nanomodels.latentlm import LatentLM
 from nanomodels.transformer import TransformerConfig
 
 

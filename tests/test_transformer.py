@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from nanomodels.attention import attention, sdpa_attention
-from functools import partial
 
 import torch.nn as nn
 
 from nanomodels.attention import MultiHeadAttention
-from nanomodels.transformer import (IGNORE_INDEX, ContinuousEmbedding, EncoderDecoder, LMHead, PostNorm, PreNorm,
+from nanomodels.encoder_decoder import EncoderDecoder
+from nanomodels.transformer import (IGNORE_INDEX, LMHead, PostNorm, PreNorm,
                                     Transformer, TransformerConfig, init_branches_, layer_norm, sample_next_token)
 
 
@@ -284,18 +284,6 @@ def test_head_owns_its_loss():
     _, loss = m(torch.randint(0, 37, (1, 4)), torch.randint(0, 37, (1, 4)))
     assert loss.item() == 0.0
     assert IGNORE_INDEX == -100
-
-
-def test_continuous_embedding_takes_latents_and_stays_causal():
-    torch.manual_seed(0)
-    m = Transformer(tiny(), embed=partial(ContinuousEmbedding, in_features=5)).double().eval()
-    x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
-    h = m.hidden(x)
-    (h[:, 3] * torch.randn(32, dtype=torch.float64)).sum().backward()  # a plain sum of a LayerNorm output is 0
-    assert x.grad[:, 4:].abs().max() == 0, "position 3 depends on later latents"
-    assert x.grad[:, :4].abs().max() > 0
-    with pytest.raises(ValueError, match=r"inputs: expected shape \(B, T, 5\)"):
-        m(torch.randn(2, 7, 4))
 
 
 def test_segment_embeddings_change_the_output_only_when_configured():

@@ -15,7 +15,8 @@ from exercises.checking import Exercise, Violation, check
 from exercises.checks.common import F64, expect_tensor, naive_layer_norm, xavier_std
 from nanomodels.attention import MultiHeadAttention
 from nanomodels.subln import SubLNAttention, SubLNMLP, subln_gamma
-from nanomodels.transformer import EncoderDecoder, PreNorm, TransformerConfig
+from nanomodels.encoder_decoder import EncoderDecoder
+from nanomodels.transformer import PreNorm, TransformerConfig
 
 
 
