@@ -629,10 +629,11 @@ def flash_attention_forward(q, k, v, *, causal=False, prefix_len=None, key_lengt
 
 
 def flash_attention_backward(q, k, v, o, lse, do, *, causal=False, prefix_len=None, key_lengths=None, dq=None,
-                             dk=None, dv=None):
-    """Run the three backward kernels once (delta, dK/dV, dQ); dq / dk / dv may be preallocated views."""
+                             dk=None, dv=None, dlse=None):
+    """Run the three backward kernels once (delta, dK/dV, dQ); dq / dk / dv may be preallocated views.
+    dlse (B, H, Tq), when given, is the gradient of the LSE output (delta = rowsum(dO * O) - dLSE)."""
     kind, key_len, prefix = _check(q, k, v, causal, prefix_len, key_lengths)
-    return _launch_backward(q, k, v, o, lse, do, kind, key_len, prefix, dq, dk, dv)
+    return _launch_backward(q, k, v, o, lse, do, kind, key_len, prefix, dq, dk, dv, dlse=dlse)
 
 
 def forward_block_sizes():
