@@ -12,8 +12,11 @@ segment all kept rows share the offset, so compressed order is position order an
 block's diagonal are skipped. The patterns are then mixed by alpha_i = softmax_i(LSE_i), nanomodels.dilated's
 `merge_by_lse` (the split-KV / flash-decoding combine).
 
-Forward only: the backward needs the gradient through LSE (alpha is differentiable), which the FlashAttention
-backward does not take yet; train with nanomodels.dilated.dilated_attention.
+Backward: alpha is differentiable, so each pattern receives dO and dLSE. It reuses the FlashAttention-2 backward
+kernels of kernels/flash_attention.py (with the LSE's gradient, delta = rowsum(dO * O) - dLSE): each head's kept
+rows of each segment are gathered into a dense (B * H * segments, w/r, D) batch, the short last segment's missing
+rows as key padding (key_lengths), and dQ, dK, dV are scattered back to the kept rows. The copies hold about
+T/r rows per head and pattern.
 """
 
 import math
@@ -22,7 +25,8 @@ from typing import Sequence
 import torch
 
 from kernels import INTERPRET, AotSpec, Benchmark, backend, tl, triton
-from nanomodels.dilated import check_patterns, dilated_branch, merge_by_lse
+from kernels.flash_attention import flash_attention_backward
+from nanomodels.dilated import check_patterns, dilated_branch, head_offsets, merge_by_lse
 
 HEAD_DIMS = (16, 32, 64, 128)
 
@@ -100,14 +104,17 @@ def _check(q, k, v):
 
 def dilated_branch_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, r: int, *,
                           causal: bool = False, out=None, lse=None) -> tuple:
-    """One pattern (w, r) by the Triton kernel: (O|(w, r), LSE), as nanomodels.dilated.dilated_branch.
+    """One pattern (w, r) by the Triton kernel: (O|(w, r), LSE), as nanomodels.dilated.dilated_branch, and
+    differentiable in q, k, v through both outputs.
 
-    `out` (B, H, T, D) and `lse` (B, H, T, float32, contiguous rows), when given, are filled in place."""
+    `out` (B, H, T, D) and `lse` (B, H, T, float32, contiguous rows), when given, are filled in place (no autograd)."""
     check_patterns([w], [r])
     _check(q, k, v)
     if backend(q) == "reference":
         out, lse = dilated_branch(q, k, v, w, r, causal=causal)
         return out, lse.float()
+    if out is None and lse is None and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _DilatedBranch.apply(q, k, v, w, r, causal)  # its forward calls this function without autograd
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, T, D = q.shape
@@ -126,13 +133,65 @@ def dilated_branch_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
     return out, lse
 
 
+def kept_positions(T: int, n_heads: int, w: int, r: int, device=None) -> torch.Tensor:
+    """(H, n, w/r) positions i*w + s_h + r*t of head h's kept rows in segment i; those >= T are padding."""
+    n, m = -(-T // w), w // r
+    s = head_offsets(n_heads, r).to(device)
+    return torch.arange(n, device=device)[:, None] * w + s[:, None, None] + r * torch.arange(m, device=device)
+
+
+def _gather(x: torch.Tensor, pos: torch.Tensor, w: int) -> torch.Tensor:
+    """x (B, H, T, *) -> (B * H * n, 1, w/r, *): head h's kept rows pos[h] of each segment, one segment per batch
+    entry; rows at positions >= T (the short last segment) read 0."""
+    B, H, T = x.shape[:3]
+    n = pos.size(1)
+    if n * w > T:
+        x = torch.cat([x, x.new_zeros(B, H, n * w - T, *x.shape[3:])], dim=2)
+    heads = torch.arange(H, device=x.device)[:, None, None]
+    return x[:, heads, pos].reshape(B * H * n, 1, pos.size(2), *x.shape[3:])  # (B, H, n, m, *) flattened
+
+
+class _DilatedBranch(torch.autograd.Function):
+    """Forward: the strided kernel. Backward: FlashAttention-2's backward kernels on the gathered segments."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, w, r, causal):
+        out, lse = dilated_branch_kernel(q, k, v, w, r, causal=causal)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.w, ctx.r, ctx.causal = w, r, causal
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        B, H, T, D = q.shape
+        pos = kept_positions(T, H, ctx.w, ctx.r, q.device)  # (H, n, m)
+        key_lengths = (pos < T).sum(-1).flatten().repeat(B)  # kept rows that exist, per (b, h, segment)
+        dout = torch.zeros_like(out) if dout is None else dout
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)  # padding rows: q = dO = 0 there, any finite LSE
+        seg = [_gather(x, pos, ctx.w) for x in (q, k, v, out.to(q.dtype), lse, dout.to(q.dtype))]
+        dlse = None if dlse is None else _gather(dlse.float(), pos, ctx.w)
+        grads = flash_attention_backward(*seg, causal=ctx.causal, key_lengths=key_lengths, dlse=dlse)
+        heads = torch.arange(H, device=q.device)[:, None, None]
+        results = []
+        for g, needed in zip(grads, ctx.needs_input_grad):  # (B * H * n, 1, m, D) -> kept rows of (B, H, T, D)
+            full = q.new_zeros(B, H, pos.size(1) * ctx.w, D) if needed else None
+            if needed:
+                full[:, heads, pos] = g.view(B, *pos.shape, D)
+            results.append(full[:, :, :T] if needed else None)
+        return (*results, None, None, None)
+
+
 def dilated_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: Sequence[int],
-                             dilation_rates: Sequence[int], *, causal: bool = False) -> torch.Tensor:
-    """Dilated attention, q, k, v (B, H, T, D) -> (B, H, T, D): one kernel launch per pattern, then the merge."""
+                             dilation_rates: Sequence[int], *, causal: bool = False,
+                             detach_weights: bool = False) -> torch.Tensor:
+    """Dilated attention, q, k, v (B, H, T, D) -> (B, H, T, D): one kernel launch per pattern, then the merge.
+    Differentiable; detach_weights as in nanomodels.dilated.dilated_attention (torchscale's no_grad mixing)."""
     segment_lengths, dilation_rates = check_patterns(segment_lengths, dilation_rates)
     _check(q, k, v)
     branches = [dilated_branch_kernel(q, k, v, w, r, causal=causal) for w, r in zip(segment_lengths, dilation_rates)]
-    out = merge_by_lse([o.float() for o, _ in branches], [lse for _, lse in branches])
+    out = merge_by_lse([o.float() for o, _ in branches], [lse for _, lse in branches], detach_weights=detach_weights)
     return out.to(q.dtype)
 
 

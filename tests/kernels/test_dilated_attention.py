@@ -4,9 +4,12 @@
 2. interpreter  the Triton kernel under TRITON_INTERPRET=1 on CPU tensors, fp32 and fp16, against
                 nanomodels.dilated in float64: each pattern's O and LSE (kept rows and the rows it leaves at 0 and
                 -inf), the merged mixture, causal and bidirectional, T not a multiple of w, H < r, strided inputs,
-                guard bands around both outputs.
-3. compile      built for sm_80 / sm_90 through the kernel registry (tests/kernels/test_compile.py).
-4. gpu          (-m gpu) fp16 numerics on the device at T = 4096.
+                guard bands around both outputs. Backward: dQ, dK, dV equal autograd through
+                nanomodels.dilated.dilated_attention (the gradient through the mixing weights included, not the
+                detached-weights gradient), per pattern through O and LSE, and a central finite difference.
+3. compile      built for sm_80 / sm_90 through the kernel registry (tests/kernels/test_compile.py); the backward
+                runs kernels/flash_attention.py's backward kernels, compiled there.
+4. gpu          (-m gpu) fp16 numerics on the device at T = 4096, forward and backward.
 """
 
 import math
@@ -105,6 +108,98 @@ def test_kernel_writes_nothing_outside_out_and_lse(causal):
     assert_close(out, want_out, "O in a guarded buffer", ATOL[torch.float32])
 
 
+def kernel_and_reference_grads(q, k, v, do, ws, rs, causal, detach_weights=False):
+    """(out, [dQ, dK, dV]) of the kernel and of float64 autograd through nanomodels.dilated.dilated_attention."""
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = dilated_attention_kernel(*leaves, ws, rs, causal=causal)
+    out.backward(do)
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    ref_out = dilated_attention(*ref, ws, rs, causal=causal, detach_weights=detach_weights)
+    ref_out.backward(do.double())
+    return (out, [x.grad for x in leaves]), (ref_out, [x.grad for x in ref])
+
+
+GRAD_CASES = {  # B, H, T, D, segment lengths, dilation rates
+    "T not a multiple of w, H < r": (1, 2, 50, 16, (16, 32), (1, 4)),
+    "H > r, three patterns, short last segments": (2, 5, 70, 16, (8, 32, 64), (1, 2, 4)),
+    "H < r, one pattern: rows no head queries": (1, 2, 37, 16, (16,), (4,)),
+    "H = r, T a multiple of w, D = 32": (1, 4, 64, 32, (16, 64), (2, 4)),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("case", list(GRAD_CASES), ids=list(GRAD_CASES))
+def test_kernel_gradients_equal_autograd_through_dilated_attention(case, causal):
+    B, H, T, D, ws, rs = GRAD_CASES[case]
+    q, k, v, do = (randn(B, H, T, D, seed=40 + s) for s in range(4))
+    (out, grads), (ref_out, ref_grads) = kernel_and_reference_grads(q, k, v, do, ws, rs, causal)
+    assert_close(out, ref_out, f"{case}: O", ATOL[torch.float32])
+    for name, g, ref in zip(("dQ", "dK", "dV"), grads, ref_grads):
+        assert_close(g, ref, f"{case}, causal={causal}: {name}", ATOL[torch.float32])
+
+
+@needs_interpreter
+def test_kernel_gradients_in_fp16_are_close_to_float64():
+    q, k, v, do = (randn(1, 4, 45, 32, seed=50 + s, dtype=torch.float16) for s in range(4))
+    (_, grads), (_, ref_grads) = kernel_and_reference_grads(q, k, v, do, (16, 32), (1, 2), True)
+    for name, g, ref in zip(("dQ", "dK", "dV"), grads, ref_grads):
+        assert g.dtype == torch.float16
+        assert_close(g, ref, f"fp16 {name}", 1e-2)
+
+
+@needs_interpreter
+def test_the_gradient_flows_through_the_mixing_weights_not_the_detached_ones():
+    ws, rs = (8, 32), (1, 4)
+    q, k, v, do = (randn(1, 4, 32, 16, seed=60 + s) for s in range(4))
+    (_, grads), (_, detached) = kernel_and_reference_grads(q, k, v, do, ws, rs, False, detach_weights=True)
+    gap = max((g.double() - d).abs().max().item() for g, d in zip(grads, detached))
+    assert gap > 1e-2, f"the kernel's gradient equals torchscale's detached-weights gradient (max gap {gap:.2g})"
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    dilated_attention_kernel(*leaves, ws, rs, detach_weights=True).backward(do)
+    for name, x, d in zip(("dQ", "dK", "dV"), leaves, detached):
+        assert_close(x.grad, d, f"detach_weights=True: {name}", ATOL[torch.float32])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_one_pattern_is_differentiable_through_its_output_and_its_lse(causal):
+    H, T, D, w, r = 3, 41, 16, 16, 4
+    q, k, v, do = (randn(1, H, T, D, seed=70 + s) for s in range(4))
+    dlse = randn(1, H, T, seed=74)
+    grads = {}
+    for name, fn, dtype in (("kernel", dilated_branch_kernel, torch.float32), ("reference", dilated_branch,
+                                                                                torch.float64)):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out, lse = fn(*leaves, w, r, causal=causal)
+        finite = torch.isfinite(lse)  # the rows this pattern keeps; the others have no LSE to differentiate
+        loss = (out * do.to(dtype)).sum() + torch.where(finite, lse * dlse.to(dtype), 0.0).sum()
+        grads[name] = torch.autograd.grad(loss, leaves, retain_graph=True)
+        lse_only = torch.autograd.grad(torch.where(finite, lse, 0.0).sum(), leaves[0])[0]
+        grads[name + " LSE only"] = (lse_only,)
+    for name, g, ref in zip(("dQ", "dK", "dV"), grads["kernel"], grads["reference"]):
+        assert_close(g, ref, f"one pattern through O and LSE: {name}", ATOL[torch.float32])
+    assert_close(grads["kernel LSE only"][0], grads["reference LSE only"][0], "dQ through the LSE alone",
+                 ATOL[torch.float32])
+
+
+@needs_interpreter
+def test_gradient_matches_a_central_finite_difference():
+    ws, rs = (8, 16), (1, 2)
+    q, k, v, c = (randn(1, 3, 30, 16, seed=80 + s) for s in range(4))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    (dilated_attention_kernel(*leaves, ws, rs, causal=True) * c).sum().backward()
+    eps = 1e-2
+    for i, name in enumerate(("q", "k", "v")):
+        u = randn(*q.shape, seed=90 + i)
+        with torch.no_grad():
+            f = [(dilated_attention_kernel(*[x + sign * eps * u if j == i else x for j, x in enumerate((q, k, v))],
+                                           ws, rs, causal=True) * c).sum().double() for sign in (1, -1)]
+        numeric, analytic = (f[0] - f[1]) / (2 * eps), (leaves[i].grad.double() * u).sum()
+        assert abs(numeric - analytic) <= 1e-3 * max(1.0, abs(analytic)), \
+            f"d/d{name} along a random direction: finite difference {numeric:.6g}, kernel gradient {analytic:.6g}"
+
+
 # ---- tier 4 -------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -115,3 +210,13 @@ def test_matches_the_reference_on_the_device(causal):
     got = dilated_attention_kernel(q, k, v, ws, rs, causal=causal)
     want = dilated_attention(q.double(), k.double(), v.double(), ws, rs, causal=causal)
     assert_close(got, want, "fp16 on the device", 4e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_gradients_match_the_reference_on_the_device(causal):
+    ws, rs = (512, 1024, 2048), (1, 2, 4)
+    q, k, v, do = (randn(2, 8, 4096, 64, seed=s, dtype=torch.float16).cuda() for s in range(4))
+    (_, grads), (_, ref_grads) = kernel_and_reference_grads(q, k, v, do, ws, rs, causal)
+    for name, g, ref in zip(("dQ", "dK", "dV"), grads, ref_grads):
+        assert_close(g, ref, f"fp16 {name} on the device", 1e-2 * max(1.0, ref.abs().max().item()))
