@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from nanomodels.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from nanomodels.checkpoint import CHECKPOINT, KINDS, load_checkpoint, run_kind, save_checkpoint
 from nanomodels.data import get_batch, load_text, train_val_split
 from nanomodels.runtime import DEVICES, autocast_dtype, pick_device
 from nanomodels.tokenizer import get_tokenizer, tokenizer_from_dict
@@ -206,13 +206,39 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> Transformer:
     return Transformer(cfg.model_config(vocab_size), residual=residual, final_norm=final_norm)
 
 
-def check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
+def check_resumable(saved: dict, cfg, path: Path, resumable: frozenset = frozenset(RESUMABLE)) -> None:
     differ = [(f.name, saved.get(f.name), getattr(cfg, f.name)) for f in fields(cfg)
-              if f.name not in RESUMABLE and saved.get(f.name) != getattr(cfg, f.name)]
+              if f.name not in resumable and saved.get(f.name) != getattr(cfg, f.name)]
     if differ:
         what = ", ".join(f"--{n}: checkpoint {a!r}, now {b!r}" for n, a, b in differ)
         raise ValueError(f"--resume: {path} was trained with other options ({what}); "
                          "use the same options, or a new --name to start another run")
+
+
+def open_run(cfg, kind: str, resumable) -> Optional[dict]:
+    """Check the run folder against --resume / --overwrite: the checkpoint's state when resuming, else None.
+    `cfg` has name, out_dir, steps, stop_at, resume, overwrite and run_dir; `kind` is what the command trains."""
+    check_run_dir(cfg.run_dir)
+    ckpt_path = cfg.run_dir / CHECKPOINT
+    if cfg.resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (run without --resume to start)")
+    if not cfg.resume and not cfg.overwrite and ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, --overwrite to start over, "
+                              "or choose another --name")
+    if not cfg.resume:
+        return None
+    state = load_checkpoint(ckpt_path)
+    if run_kind(state) != kind:
+        raise ValueError(f"--resume: {ckpt_path} is a {run_kind(state)} run; continue it with `python -m "
+                         f"nanomodels {KINDS[run_kind(state)]} --resume`")
+    check_resumable(state["config"], cfg, ckpt_path, frozenset(resumable))
+    if cfg.steps < state["step"]:
+        raise ValueError(f"--steps: {ckpt_path} is at step {state['step']}; --steps must be at least that, "
+                         f"got {cfg.steps}")
+    if 0 < cfg.stop_at <= state["step"]:
+        raise ValueError(f"--stop_at: {ckpt_path} is at step {state['step']}; --stop_at must be after it "
+                         f"(or 0), got {cfg.stop_at}")
+    return state
 
 
 @torch.no_grad()
@@ -255,22 +281,8 @@ def _train(cfg: TrainConfig, device: torch.device, rank: int, world: int) -> dic
 
     if cfg.batch_size % world:
         raise ValueError(f"--batch_size: must be divisible by the number of processes ({world}), got {cfg.batch_size}")
-    check_run_dir(cfg.run_dir)
     ckpt_path = cfg.run_dir / CHECKPOINT
-    if cfg.resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (run without --resume to start)")
-    if not cfg.resume and not cfg.overwrite and ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, --overwrite to start over, "
-                              "or choose another --name")
-    state = load_checkpoint(ckpt_path) if cfg.resume else None
-    if state is not None:
-        check_resumable(state["config"], cfg, ckpt_path)
-        if cfg.steps < state["step"]:
-            raise ValueError(f"--steps: {ckpt_path} is at step {state['step']}; --steps must be at least that, "
-                             f"got {cfg.steps}")
-        if 0 < cfg.stop_at <= state["step"]:
-            raise ValueError(f"--stop_at: {ckpt_path} is at step {state['step']}; --stop_at must be after it "
-                             f"(or 0), got {cfg.stop_at}")
+    state = open_run(cfg, "text", RESUMABLE)
     text = load_text(cfg.data)
     if state is not None:
         tok = tokenizer_from_dict(state["tokenizer"])
@@ -414,7 +426,8 @@ def finish(cfg, model, tok, train_ids, val_ids, history, device, amp) -> dict:
     return metrics
 
 
-def plot_history(history: list, baseline: float, path: Path) -> None:
+def plot_history(history: list, baseline: float, path: Path, title: str = "Training loss",
+                 ylabel: str = "cross-entropy (nats/token)", baseline_label: str = "unigram baseline") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -423,8 +436,8 @@ def plot_history(history: list, baseline: float, path: Path) -> None:
     steps = [h["step"] for h in history]
     ax.plot(steps, [h["train_loss"] for h in history], label="train (one batch)")
     ax.plot(steps, [h["val_loss"] for h in history if "val_loss" in h], marker="o", label="validation")
-    ax.axhline(baseline, color="gray", linestyle="--", label="unigram baseline")
-    ax.set(title="Training loss", xlabel="step", ylabel="cross-entropy (nats/token)")
+    ax.axhline(baseline, color="gray", linestyle="--", label=baseline_label)
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -435,6 +448,8 @@ def load_model(run_dir, device: Optional[str] = None):
     """(model, tokenizer, config) from a run folder's checkpoint, ready for sampling."""
     path = Path(run_dir) / CHECKPOINT
     state = load_checkpoint(path)
+    if run_kind(state) != "text":
+        raise ValueError(f"checkpoint: {path} is a {run_kind(state)} run, not a text model")
     cfg = TrainConfig(**{k: v for k, v in state["config"].items() if k in {f.name for f in fields(TrainConfig)}})
     tok = tokenizer_from_dict(state["tokenizer"])
     model = build_model(cfg, tok.vocab_size)

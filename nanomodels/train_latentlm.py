@@ -1,0 +1,393 @@
+"""Training a class-conditional LatentLM on procedural digits: a sigma-VAE, then next-token diffusion over its latents.
+
+    python -m nanomodels train-latentlm                    # sigma-VAE (1000 steps), then LatentLM (1500 steps)
+    python -m nanomodels sample --name digits --cfg 3      # an image grid of generated digits, one row per class
+
+The recipe is chapter 09's (arXiv 2412.08635 at toy scale): a SigmaVAE maps 16x16 digits to 4x4 latent patches of
+`latent_dim` channels; the patches, in raster order and normalized as the official code does (z = (mu + bias) *
+scale, bias = -mean and scale = 1/std of the first 256 training images), are the 16 tokens of a LatentLM whose
+first input is the class (the null class with probability class_dropout, for classifier-free guidance).
+Sampling runs the LatentLM token by token (KV cache) with DPM-Solver++ or DDIM and CFG, un-normalizes, decodes.
+
+Checkpoints and resuming follow nanomodels/train.py: one seeded generator draws every batch and every noise,
+its state is in the checkpoint, Ctrl-C finishes the current step and writes it, and `--resume` continues
+exactly (in the sigma-VAE phase or the LatentLM phase). The checkpoint's "tokenizer" is the sigma-VAE with the
+normalization, so `--vae_from RUN` starts a new LatentLM on the trained sigma-VAE of another run.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from nanomodels.checkpoint import CHECKPOINT, load_checkpoint, run_kind, save_checkpoint
+from nanomodels.data import procedural_digits
+from nanomodels.latentlm import LatentLM
+from nanomodels.runtime import DEVICES, pick_device
+from nanomodels.sigma_vae import SigmaVAE, latents_to_sequence, sequence_to_latents
+from nanomodels.train import (Interrupted, check_run_name, deferred_interrupt, lr_at, open_run, option,
+                              plot_history)
+from nanomodels.transformer import TransformerConfig
+
+NUM_CLASSES = 10  # the digits 0-9
+LATENT_TOKENS = 16  # a 16x16 image -> a 4x4 map of latent patches
+TRAIN_SEED, VAL_SEED = 0, 1  # procedural_digits seeds of the training images and the validation images
+VAL_IMAGES = 500
+NORM_IMAGES = 256  # the normalization is measured on the first batch of this many training images
+RESUMABLE = {"name", "out_dir", "steps", "stop_at", "eval_interval", "device", "threads", "resume", "overwrite",
+             "progress"}
+# what `sample` does for a LatentLM run unless told otherwise; the end of training writes this grid
+SAMPLE_DEFAULTS = {"cfg": 3.0, "steps": 20, "sampler": "dpm", "per_class": 8, "seed": 0}
+
+
+@dataclass
+class LatentTrainConfig:
+    name: str = option("digits", "the run's folder name: the run lives in OUT_DIR/NAME/ (one folder name, no path)")
+    out_dir: str = option("runs", "the folder that holds the run folders")
+    vae_from: str = option("", "start from the trained sigma-VAE of this run in OUT_DIR (its folder name) instead "
+                               "of training one (--vae_steps is then ignored); '' = train one",
+                           metavar="RUN")
+    images: int = option(6000, "procedural 16x16 training digits (nanomodels.data.procedural_digits, seed 0; the "
+                               f"validation digits are {VAL_IMAGES} more with seed 1)")
+    latent_dim: int = option(4, "channels of each of the 16 latent patches (the sigma-VAE's C)")
+    vae_steps: int = option(1000, "sigma-VAE training steps (constant --lr), before the LatentLM's")
+    n_layers: int = option(2, "LatentLM transformer blocks")
+    d_model: int = option(64, "LatentLM width")
+    n_heads: int = option(4, "attention heads (must divide --d_model)")
+    head_width: int = option(64, "width of the diffusion head's adaLN MLP (even)")
+    head_depth: int = option(3, "adaLN blocks of the diffusion head")
+    class_dropout: float = option(0.1, "probability of replacing the class by the null class in training (what "
+                                       "classifier-free guidance needs), in [0, 1)")
+    batch_size: int = option(64, "images per optimizer step (sigma-VAE and LatentLM)")
+    steps: int = option(1500, "LatentLM training steps (and the length of its learning-rate schedule)")
+    stop_at: int = option(0, "stop this command after this LatentLM step, with a checkpoint (finish later with "
+                             "--resume); 0 = run to --steps")
+    lr: float = option(2e-3, "peak learning rate (the sigma-VAE trains at this constant rate)")
+    min_lr: float = option(2e-5, "the LatentLM's cosine decays to this learning rate (0 < min_lr <= lr)")
+    warmup: int = option(0, "linear warmup steps of the LatentLM")
+    weight_decay: float = option(0.0, "AdamW weight decay of the LatentLM (the sigma-VAE uses AdamW's 0.01)")
+    grad_clip: float = option(1.0, "max global gradient norm of the LatentLM; 0 = no clipping")
+    eval_interval: int = option(250, "evaluate the validation loss (and write a checkpoint) every this many steps")
+    seed: int = option(1337, "seed of the initialization, the batch order, the noise and the class dropout")
+    device: str = option("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    threads: int = option(1, "CPU threads for torch; 0 = torch's choice (one per core)")
+    resume: bool = option(False, "continue the run in OUT_DIR/NAME/ from its checkpoint (after Ctrl-C, --stop_at, "
+                                 "or to lengthen it with a larger --steps)")
+    overwrite: bool = option(False, "start over even if OUT_DIR/NAME/ holds a checkpoint")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self):
+        check_run_name(self.name)
+        if self.vae_from:
+            try:
+                check_run_name(self.vae_from)
+            except ValueError as err:
+                raise ValueError(str(err).replace("--name", "--vae_from")) from None
+            if self.vae_from == self.name:
+                raise ValueError(f"--vae_from: must name another run than --name, got {self.vae_from!r}")
+        for name in ("images", "latent_dim", "vae_steps", "n_layers", "d_model", "n_heads", "head_width",
+                     "head_depth", "batch_size", "steps", "eval_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name}: must be >= 1, got {getattr(self, name)}")
+        for f in fields(self):
+            if f.type in (float, "float") and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"--{f.name}: must be a finite number, got {getattr(self, f.name)}")
+        for name in ("warmup", "grad_clip", "weight_decay", "stop_at", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}: must be >= 0, got {getattr(self, name)}")
+        if self.head_width % 2:
+            raise ValueError(f"--head_width: must be even (sin/cos timestep embedding), got {self.head_width}")
+        if not 0 <= self.class_dropout < 1:
+            raise ValueError(f"--class_dropout: must be in [0, 1), got {self.class_dropout}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr: must be > 0, got {self.lr}")
+        if not 0 < self.min_lr <= self.lr:
+            raise ValueError(f"--min_lr: must be in (0, --lr={self.lr}], got {self.min_lr}")
+        if self.device.split(":")[0] not in DEVICES:
+            raise ValueError(f"--device: must be one of {DEVICES} (or 'cuda:N'), got {self.device!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite: choose one (continue the run, or start it over)")
+        self.model_config()
+
+    def model_config(self) -> TransformerConfig:
+        try:
+            return TransformerConfig(block_size=LATENT_TOKENS, n_layers=self.n_layers, d_model=self.d_model,
+                                     n_heads=self.n_heads)
+        except ValueError as err:
+            raise ValueError(f"--{err}") from None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+def build_latentlm(cfg: LatentTrainConfig, latent_dim: int) -> LatentLM:
+    return LatentLM(cfg.model_config(), latent_dim=latent_dim, num_classes=NUM_CLASSES,
+                    class_dropout=cfg.class_dropout,
+                    head=dict(width=cfg.head_width, depth=cfg.head_depth, prediction="v"))
+
+
+def vae_from_dict(tokenizer: dict) -> SigmaVAE:
+    vae = SigmaVAE(tokenizer["latent_dim"], tokenizer["noise_std"], tokenizer["kl_weight"])
+    vae.load_state_dict(tokenizer["vae"])
+    return vae
+
+
+def vae_to_dict(vae: SigmaVAE, norm: Optional[dict]) -> dict:
+    """The checkpoint's "tokenizer": the sigma-VAE and the latent normalization (None until the VAE is trained)."""
+    return {"vae": vae.state_dict(), "latent_dim": vae.latent_dim, "noise_std": vae.noise_std,
+            "kl_weight": vae.kl_weight, "norm": norm}
+
+
+@torch.no_grad()
+def encode_digits(vae: SigmaVAE, images: torch.Tensor, norm: dict) -> torch.Tensor:
+    """Images (n, 1, 16, 16) -> normalized latent sequences (n, 16, C): (mu + bias) * scale."""
+    return (latents_to_sequence(vae.encode(images)) + norm["bias"]) * norm["scale"]
+
+
+@torch.no_grad()
+def generate_digits(lm: LatentLM, vae: SigmaVAE, norm: dict, labels: torch.Tensor, *, cfg_scale: float,
+                    num_steps: int, sampler: str, generator: torch.Generator) -> torch.Tensor:
+    """Images (n, 1, 16, 16) in [0, 1] for class labels (n,): latents token by token, un-normalized, decoded."""
+    seq = lm.sample(labels, LATENT_TOKENS, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
+                    generator=generator)
+    return vae.decode(sequence_to_latents(seq / norm["scale"] - norm["bias"]))
+
+
+def image_grid(images: torch.Tensor, rows: int, pad: int = 1, zoom: int = 4) -> torch.Tensor:
+    """(rows * cols, 1, h, w) images, row-major -> one gray (H, W) picture with `pad`-pixel gray borders,
+    H = (rows (h + pad) + pad) zoom, W = (cols (w + pad) + pad) zoom (each pixel drawn zoom x zoom)."""
+    n, _, h, w = images.shape
+    cols = n // rows
+    grid = torch.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 0.5)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad):(r + 1) * (h + pad), pad + c * (w + pad):(c + 1) * (w + pad)] = images[i, 0]
+    return grid.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
+
+
+def save_grid(grid: torch.Tensor, path: Path) -> None:
+    from matplotlib.image import imsave
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imsave(path, grid.clamp(0, 1).numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+
+
+def grid_name(cfg_scale: float, sampler: str, num_steps: int, seed: int) -> str:
+    return f"samples_cfg{cfg_scale:g}_{sampler}{num_steps}_seed{seed}.png"
+
+
+def write_samples(lm: LatentLM, vae: SigmaVAE, norm: dict, path: Path, *, cfg_scale: float, num_steps: int,
+                  sampler: str, per_class: int, seed: int) -> Path:
+    """Generate per_class digits of each class (row k = digit k) and write them to path as a PNG grid."""
+    device = next(lm.parameters()).device
+    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_class)
+    images = generate_digits(lm, vae, norm, labels, cfg_scale=cfg_scale, num_steps=num_steps, sampler=sampler,
+                             generator=torch.Generator(device=device).manual_seed(seed))
+    save_grid(image_grid(images.cpu(), NUM_CLASSES), path)
+    return path
+
+
+def load_latentlm(run_dir, device: Optional[str] = None):
+    """(LatentLM, sigma-VAE, normalization, config) from a LatentLM run folder's checkpoint, ready for sampling."""
+    path = Path(run_dir) / CHECKPOINT
+    state = load_checkpoint(path)
+    if run_kind(state) != "latentlm":
+        raise ValueError(f"checkpoint: {path} is a {run_kind(state)} run, not a LatentLM run")
+    cfg = LatentTrainConfig(**{k: v for k, v in state["config"].items()
+                               if k in {f.name for f in fields(LatentTrainConfig)}})
+    if state["tokenizer"]["norm"] is None or state["step"] == 0:
+        raise ValueError(f"checkpoint: {path} stopped before the LatentLM trained a step; continue it with "
+                         "`python -m nanomodels train-latentlm --resume`")
+    vae = vae_from_dict(state["tokenizer"])
+    lm = build_latentlm(cfg, vae.latent_dim)
+    lm.load_state_dict(state["model"])
+    device = pick_device(device)
+    return lm.to(device).eval(), vae.to(device).eval(), state["tokenizer"]["norm"], cfg
+
+
+def train_latentlm(cfg: LatentTrainConfig) -> dict:
+    """Train the sigma-VAE (unless --vae_from), then the LatentLM; returns the metrics (also metrics.json)."""
+    device = pick_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return _train(cfg, device)
+
+
+def _source_vae(cfg: LatentTrainConfig) -> dict:
+    """The checkpoint of the --vae_from run, checked: a LatentLM run past its sigma-VAE phase, same latent_dim."""
+    path = Path(cfg.out_dir) / cfg.vae_from / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"--vae_from: no checkpoint at {path}")
+    state = load_checkpoint(path)
+    if run_kind(state) != "latentlm" or state["tokenizer"]["norm"] is None:
+        raise ValueError(f"--vae_from: {path} holds no trained sigma-VAE (a {run_kind(state)} run"
+                         f"{' that stopped in its sigma-VAE phase' if run_kind(state) == 'latentlm' else ''})")
+    if state["tokenizer"]["latent_dim"] != cfg.latent_dim:
+        raise ValueError(f"--latent_dim: the sigma-VAE of {cfg.vae_from} has latent_dim "
+                         f"{state['tokenizer']['latent_dim']}, got {cfg.latent_dim}")
+    return state
+
+
+def _train(cfg: LatentTrainConfig, device: torch.device) -> dict:
+    from tqdm.auto import tqdm
+
+    ckpt_path = cfg.run_dir / CHECKPOINT
+    state = open_run(cfg, "latentlm", RESUMABLE)
+    source = _source_vae(cfg) if state is None and cfg.vae_from else state  # where the sigma-VAE comes from
+    x, y = procedural_digits(cfg.images, seed=TRAIN_SEED)
+    xv, yv = procedural_digits(VAL_IMAGES, seed=VAL_SEED)
+    x, y, xv, yv = x.to(device), y.to(device), xv.to(device), yv.to(device)
+
+    torch.manual_seed(cfg.seed)
+    vae = SigmaVAE(cfg.latent_dim).to(device)
+    norm, vae_step, vae_metrics = None, 0, {"steps": cfg.vae_steps}  # norm stays None until the VAE is trained
+    if source is not None:
+        vae.load_state_dict(source["tokenizer"]["vae"])
+        norm, vae_step, vae_metrics = source["tokenizer"]["norm"], source["vae_step"], source["vae_metrics"]
+        if source is not state:
+            vae_metrics = {**vae_metrics, "from": cfg.vae_from}
+    lm = build_latentlm(cfg, vae.latent_dim).to(device)
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)  # the chapter's sigma-VAE optimizer
+    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # every batch, noise and class dropout
+    start, history = 0, []
+    if state is not None:
+        lm.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if state["vae_optimizer"] is not None:
+            vae_opt.load_state_dict(state["vae_optimizer"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start, history = state["step"], state["history"]
+    saved = start if state is not None else None
+
+    def checkpoint(step: int) -> None:
+        nonlocal saved
+        save_checkpoint(ckpt_path, {
+            "kind": "latentlm", "model": lm.state_dict(), "optimizer": opt.state_dict(), "step": step,
+            "vae_step": vae_step, "vae_optimizer": vae_opt.state_dict() if norm is None else None,
+            "vae_metrics": vae_metrics, "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "history": history, "config": asdict(cfg), "tokenizer": vae_to_dict(vae, norm)})
+        saved = step
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    stop = min(cfg.stop_at or cfg.steps, cfg.steps)
+    try:
+        with deferred_interrupt(enabled=True) as interrupt:
+            vae_part = (f"sigma-VAE steps {vae_step}..{cfg.vae_steps}, then " if norm is None else
+                        f"the sigma-VAE of {cfg.vae_from}, " if cfg.vae_from else "")
+            print(f"training {cfg.run_dir}: {vae_part}LatentLM steps {start}..{stop} of {cfg.steps}, "
+                  f"{sum(p.numel() for p in lm.parameters()):,} LatentLM parameters, {cfg.images:,} training "
+                  f"digits, device {device}, CPU threads {torch.get_num_threads()} (--threads); Ctrl-C stops "
+                  "with a checkpoint", flush=True)
+            if norm is None:
+                t0 = time.perf_counter()
+                bar = tqdm(range(vae_step, cfg.vae_steps), initial=vae_step, total=cfg.vae_steps, unit="step",
+                           desc="sigma-VAE", disable=not cfg.progress, dynamic_ncols=True)
+                for k in bar:
+                    idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen, device=device)
+                    loss = vae.loss(x[idx], gen)[0]
+                    vae_opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    vae_opt.step()
+                    vae_step = k + 1
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    if interrupt.is_set():
+                        break
+                bar.close()
+                vae_metrics["seconds"] = vae_metrics.get("seconds", 0.0) + time.perf_counter() - t0
+                if vae_step == cfg.vae_steps:  # trained: measure the normalization once, from now on fixed
+                    vae.eval()
+                    with torch.no_grad():
+                        first = latents_to_sequence(vae.encode(x[:NORM_IMAGES]))
+                        norm = {"bias": -first.mean().item(), "scale": 1.0 / first.std().item()}
+                        recon = F.mse_loss(vae.decode(vae.encode(xv)), xv).item()
+                    vae_metrics.update(train_loss=loss.item(), val_recon_mse=recon)
+                    print(f"sigma-VAE step {vae_step:5d} | train {loss.item():.4f} | val reconstruction MSE "
+                          f"{recon:.4f}", flush=True)
+                checkpoint(0)
+                if interrupt.is_set():
+                    raise Interrupted(f"interrupted: checkpoint of sigma-VAE step {vae_step} written to "
+                                      f"{ckpt_path}; continue with --resume")
+            vae.eval()
+            seq, seq_val = encode_digits(vae, x, norm), encode_digits(vae, xv, norm)
+            bar = tqdm(range(start, stop), initial=start, total=cfg.steps, unit="step", desc="LatentLM",
+                       disable=not cfg.progress, dynamic_ncols=True)
+            t0 = time.perf_counter()
+            lm.train()
+            for step in bar:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, cfg)
+                idx = torch.randint(0, len(seq), (cfg.batch_size,), generator=gen, device=device)
+                loss = lm(seq[idx], y[idx], generator=gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip)
+                opt.step()
+                images_per_s = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_per_s:,.0f}")
+                if (step + 1) % cfg.eval_interval == 0 or step + 1 == stop:
+                    record = {"step": step + 1, "train_loss": loss.item(), "lr": lr_at(step, cfg),
+                              "images_per_s": images_per_s, "val_loss": evaluate(lm, seq_val, yv, cfg.seed)}
+                    bar.write(f"step {step + 1:5d} | train {record['train_loss']:.4f} | val {record['val_loss']:.4f}")
+                    history.append(record)
+                    checkpoint(step + 1)
+                if interrupt.is_set():
+                    if saved != step + 1:
+                        checkpoint(step + 1)
+                    bar.close()
+                    raise Interrupted(f"interrupted: checkpoint of step {step + 1} written to {ckpt_path}; "
+                                      "continue with --resume")
+            bar.close()
+        if stop < cfg.steps:
+            print(f"stopped at step {stop} of {cfg.steps} (--stop_at); continue with --resume")
+            return {"history": history, "vae": vae_metrics, "stopped_at": stop}
+        return finish(cfg, lm, vae, norm, vae_metrics, history)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        if saved is None:
+            left = f"{ckpt_path} still holds the earlier run" if ckpt_path.exists() else "no checkpoint written"
+            raise Interrupted(f"interrupted before the first checkpoint: {left}; run the command again to "
+                              "start") from None
+        raise Interrupted(f"interrupted: {ckpt_path} holds the checkpoint of step {saved}; "
+                          "continue with --resume") from None
+
+
+@torch.no_grad()
+def evaluate(lm: LatentLM, seq: torch.Tensor, labels: torch.Tensor, seed: int) -> float:
+    """The diffusion loss of the validation digits, with noise drawn from a fixed seed (the same every time)."""
+    lm.eval()
+    loss = lm(seq, labels, generator=torch.Generator(device=seq.device).manual_seed(seed + 1)).item()
+    lm.train()
+    return loss
+
+
+def finish(cfg, lm, vae, norm, vae_metrics, history) -> dict:
+    """The end of a run: metrics.json, loss.png and the default sample grid."""
+    lm.eval()
+    grid = write_samples(lm, vae, norm, cfg.run_dir / grid_name(**{
+        "cfg_scale": SAMPLE_DEFAULTS["cfg"], "sampler": SAMPLE_DEFAULTS["sampler"],
+        "num_steps": SAMPLE_DEFAULTS["steps"], "seed": SAMPLE_DEFAULTS["seed"]}),
+        cfg_scale=SAMPLE_DEFAULTS["cfg"], num_steps=SAMPLE_DEFAULTS["steps"], sampler=SAMPLE_DEFAULTS["sampler"],
+        per_class=SAMPLE_DEFAULTS["per_class"], seed=SAMPLE_DEFAULTS["seed"])
+    val_loss = history[-1]["val_loss"]
+    metrics = {"val_loss": val_loss, "steps": cfg.steps, "params": sum(p.numel() for p in lm.parameters()),
+               "vae": vae_metrics, "history": history, "grid": str(grid)}
+    (cfg.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    # the zero-initialized head predicts v = 0: loss E[v^2] = abar E[eps^2] + (1 - abar) E[z^2], about 1 for latents
+    # normalized to unit variance
+    plot_history(history, 1.0, cfg.run_dir / "loss.png", title="LatentLM diffusion loss",
+                 ylabel="v-prediction MSE per latent channel", baseline_label="zero head (initialization)")
+    print(f"\nsigma-VAE reconstruction MSE {vae_metrics['val_recon_mse']:.4f} (validation digits); LatentLM "
+          f"diffusion loss {val_loss:.4f} (validation; about 1 at initialization)")
+    print(f"wrote {cfg.run_dir}/ (ckpt.pt, config.json, metrics.json, loss.png, {grid.name}: row k = digit k)")
+    return metrics
