@@ -119,7 +119,8 @@ print("share of (q, k) pairs covered per head:", [f"{c:.3f}" for c in covered.to
 # ## 2. The mixture is dense attention with a log-count bias — outputs and gradients
 #
 # `merge_by_lse` is the split-KV / flash-decoding combine (exercise 6.3): it mixes the patterns' outputs with
-# $\alpha = \mathrm{softmax}(\mathrm{LSE})$ and gives 0 to a query no pattern covers.
+# $\alpha = \mathrm{softmax}(\mathrm{LSE})$ and gives 0 to a query no pattern covers. `dilated_attention` puts the
+# pieces together, one `dilated_branch` per pattern and then the merge (exercise 6.5).
 
 # %%
 show(merge_by_lse)
@@ -143,6 +144,24 @@ for causal in (False, True):
           f"{max((a - b).abs().max().item() for a, b in zip(g_ours, g_oracle)):.1e}; with torchscale's detached "
           f"alpha the forward still matches ({(detached - oracle).abs().max():.1e}) but dq is off by "
           f"{(g_det[0] - g_oracle[0]).abs().max():.2f}")
+
+# %% [markdown]
+# Exercise 6.5 grades `dilated_attention` against this oracle (outputs and gradients, float64, with and without
+# `detach_weights`, and a query no pattern keeps) and with a short experiment on its cost: torch's `FlopCounterMode`
+# counts the floating-point operations of every matrix product in one call, which must be $4BHD$ times the patterns'
+# score entries at each $T$ (two products, $QK^\top$ and $PV$, two operations per multiply-add). A solution that
+# builds the $T \times T$ log-count matrix gets the outputs right and fails there. The experiment, on the library's
+# function:
+#
+# ```bash
+# python -m exercises grade 06 --exercise 6.5
+# ```
+
+# %%
+from exercises.checks.ch06_dilated_attention import COST_PATTERNS, cost_experiment, cost_table
+
+print(f"patterns w = {COST_PATTERNS[0]}, r = {COST_PATTERNS[1]}; B = 1, H = 4, D = 8, causal")
+print(cost_table(cost_experiment(dilated_attention)))
 
 # %% [markdown]
 # ## 3. Paper vs official code (torchscale @ 4d1e0e8)
@@ -225,7 +244,13 @@ plt.show()
 # of FlashAttention over the kept keys and writes $O$ and the LSE at its rows; `merge_by_lse` combines the patterns.
 # The launcher sets the grid and hands the kernel those dilated row strides (exercise 6.4).
 # Here it runs in Triton's interpreter on the CPU (the compile tier builds it for sm_80 / sm_90 with no spills:
-# `python -m kernels.aot --only dilated_attention`). Forward only: its backward needs the gradient through the LSE.
+# `python -m kernels.aot --only dilated_attention`).
+#
+# The backward reuses FlashAttention-2's backward kernels (chapter 01), which take the gradient of the LSE as well:
+# $\alpha$ depends on every pattern's LSE, so each pattern receives $dO$ and $d\mathrm{LSE}$, and the kernels run with
+# $\delta = \mathrm{rowsum}(dO \odot O) - d\mathrm{LSE}$. Each head's kept rows of each segment are gathered into a
+# dense batch of $w/r$ rows (the short last segment's missing rows become padded keys) and $dQ, dK, dV$ are scattered
+# back. The cell compares them with autograd through `dilated_attention` in float64.
 
 # %%
 from kernels.dilated_attention import _dilated_fwd_kernel, dilated_attention_kernel, dilated_branch_kernel
@@ -234,12 +259,17 @@ show(_dilated_fwd_kernel)
 show(dilated_branch_kernel)
 
 # %%
-q, k, v = (torch.randn(1, 4, 100 if QUICK else 300, 32) for _ in range(3))
+q, k, v, do = (torch.randn(1, 4, 100 if QUICK else 300, 32) for _ in range(4))
 for causal in (False, True):
-    got = dilated_attention_kernel(q, k, v, (16, 32, 64), (1, 2, 4), causal=causal)
-    want = dilated_attention(q.double(), k.double(), v.double(), (16, 32, 64), (1, 2, 4), causal=causal)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    got = dilated_attention_kernel(*leaves, (16, 32, 64), (1, 2, 4), causal=causal)
+    got.backward(do)
+    ref = [x.double().requires_grad_() for x in (q, k, v)]
+    want = dilated_attention(*ref, (16, 32, 64), (1, 2, 4), causal=causal)
+    want.backward(do.double())
+    grad_err = max((a.grad.double() - b.grad).abs().max().item() for a, b in zip(leaves, ref))
     print(f"backend {kernels.backend(q)}, T = {q.size(2)}, causal={causal}: max |kernel - float64 reference| = "
-          f"{(got.double() - want).abs().max():.1e}")
+          f"{(got.double() - want).abs().max():.1e} (O), {grad_err:.1e} (dQ, dK, dV)")
 
 # %% [markdown]
 # ## 6. The sequence split across processes
@@ -318,6 +348,7 @@ plt.show()
 # | 6.2 | `dilated_branch` | kept rows and their LSE, zero elsewhere; padded keys get no weight; $w \ge T, r = 1$ is dense |
 # | 6.3 | `merge_by_lse` | the split-KV identity; disjoint inputs select; uncovered rows give 0; gradients flow through $\alpha$ |
 # | 6.4 | `dilated_branch_kernel` (`kernels/dilated_attention.py`) | the launch: grid and dilated row strides; the kernel equals `dilated_branch` |
+# | 6.5 | `dilated_attention` | the log-count identity for outputs and gradients; `detach_weights`; uncovered queries give 0; the cost experiment: flops $= 4BHD \times$ score entries, linear in $T$ |
 #
 # Known-wrong solutions the grader must reject are in `exercises/mutants/ch06_dilated_attention.py` (offsets ignored,
-# padded keys attended, $\alpha$ detached, mixing by output norm, ...).
+# padded keys attended, $\alpha$ detached, mixing by output norm, patterns averaged, the dense log-count matrix, ...).

@@ -1,4 +1,4 @@
-"""Chapter 06: LongNet dilated attention (4 exercises, 12 points).
+"""Chapter 06: LongNet dilated attention (5 exercises, 16 points).
 
 Replace each `raise NotImplementedError(...)` by your code, then grade this file:
 
@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from kernels import backend, triton
-from kernels.dilated_attention import _check, _fwd
+from kernels.dilated_attention import _DilatedBranch, _check, _fwd
 from nanomodels.dilated import check_patterns
 
 
@@ -78,14 +78,17 @@ def merge_by_lse(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *,
 # Hint: Dilation in a kernel is a stride: the kept rows of a segment are evenly spaced in memory.
 def dilated_branch_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, r: int, *,
                           causal: bool = False, out=None, lse=None) -> tuple:
-    """One pattern (w, r) by the Triton kernel: (O|(w, r), LSE), as nanomodels.dilated.dilated_branch.
+    """One pattern (w, r) by the Triton kernel: (O|(w, r), LSE), as nanomodels.dilated.dilated_branch, and
+    differentiable in q, k, v through both outputs.
 
-    `out` (B, H, T, D) and `lse` (B, H, T, float32, contiguous rows), when given, are filled in place."""
+    `out` (B, H, T, D) and `lse` (B, H, T, float32, contiguous rows), when given, are filled in place (no autograd)."""
     check_patterns([w], [r])
     _check(q, k, v)
     if backend(q) == "reference":
         out, lse = dilated_branch(q, k, v, w, r, causal=causal)
         return out, lse.float()
+    if out is None and lse is None and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _DilatedBranch.apply(q, k, v, w, r, causal)  # its forward calls this function without autograd
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, T, D = q.shape
@@ -99,3 +102,23 @@ def dilated_branch_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
                kept_row[1], *v.stride()[:3], kept_row[2], *out.stride()[:3], kept_row[3], lse.stride(0),
                lse.stride(1), HEAD_DIM=D, CAUSAL=causal)
     return out, lse
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exercise 6.5: dilated attention end to end (4 points)
+# Hint: Dilated attention is the patterns computed one at a time, each on its own, then combined per query by
+#       how much softmax mass each one found.
+def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: Sequence[int],
+                      dilation_rates: Sequence[int], *, causal: bool = False,
+                      detach_weights: bool = False) -> torch.Tensor:
+    """LongNet dilated attention, q, k, v: (B, H, T, D) -> (B, H, T, D); causal hides later positions.
+
+    O = sum_i alpha_i O|(w_i, r_i) over the patterns (w_i, r_i) = (segment_lengths[i], dilation_rates[i]), with
+    alpha_i = softmax_i(LSE_i) per query: dense attention with the bias log count(q, k), at about T w_i / r_i^2
+    scores per pattern and head. A query no pattern keeps gets 0; detach_weights makes alpha a constant in the
+    backward pass."""
+    segment_lengths, dilation_rates = check_patterns(segment_lengths, dilation_rates)
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v: must all have the same shape (B, H, T, D), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    raise NotImplementedError("Exercise 6.5: dilated attention end to end")

@@ -141,13 +141,20 @@ def merge_by_lse(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], *,
 def dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: Sequence[int],
                       dilation_rates: Sequence[int], *, causal: bool = False,
                       detach_weights: bool = False) -> torch.Tensor:
-    """LongNet dilated attention, q, k, v: (B, H, T, D) -> (B, H, T, D); causal hides later positions."""
+    """LongNet dilated attention, q, k, v: (B, H, T, D) -> (B, H, T, D); causal hides later positions.
+
+    O = sum_i alpha_i O|(w_i, r_i) over the patterns (w_i, r_i) = (segment_lengths[i], dilation_rates[i]), with
+    alpha_i = softmax_i(LSE_i) per query: dense attention with the bias log count(q, k), at about T w_i / r_i^2
+    scores per pattern and head. A query no pattern keeps gets 0; detach_weights makes alpha a constant in the
+    backward pass."""
     segment_lengths, dilation_rates = check_patterns(segment_lengths, dilation_rates)
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v: must all have the same shape (B, H, T, D), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    # BEGIN EXERCISE 6.5: dilated attention end to end
     branches = [dilated_branch(q, k, v, w, r, causal=causal) for w, r in zip(segment_lengths, dilation_rates)]
     return merge_by_lse([o for o, _ in branches], [lse for _, lse in branches], detach_weights=detach_weights)
+    # END EXERCISE
 
 
 def dilated_attention_fn(segment_lengths: Sequence[int], dilation_rates: Sequence[int], *,

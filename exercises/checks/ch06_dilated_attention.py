@@ -1,4 +1,5 @@
-"""Chapter 06's graded checks: the head offsets, one dilated pattern, the LSE merge, the kernel's launch.
+"""Chapter 06's graded checks: the head offsets, one dilated pattern, the LSE merge, the kernel's launch, and
+dilated attention end to end with its cost experiment (`cost_experiment`).
 
 Each check tests what the LongNet paper promises, in float64 (the kernel in float32), against the learner's
 function (its first argument), with oracles written out here. Known-wrong solutions:
@@ -168,6 +169,135 @@ def kernel_matches_the_reference(dilated_branch_kernel):
                             f"{_diff(out, want_out):.3g}, LSE by {_diff(lse[kept], want_lse[kept]):.3g}")
 
 
+# ---- 6.5 dilated attention end to end ----------------------------------------------------------------------
+
+def count_matrix(T, H, segment_lengths, dilation_rates, causal):
+    """(H, T, T) float64: how many patterns pair query t with key u in head j, from the definition (loops)."""
+    count = torch.zeros(H, T, T, dtype=F64)
+    for w, r in zip(segment_lengths, dilation_rates):
+        for j in range(H):
+            for start in range(0, T, w):
+                rows = torch.tensor(list(range(start + j % r, min(start + w, T), r)), dtype=torch.long)
+                pairs = torch.ones(len(rows), len(rows), dtype=F64)
+                count[j, rows[:, None], rows[None, :]] += pairs.tril() if causal else pairs
+    return count
+
+
+def log_count_oracle(q, k, v, count):
+    """Dense softmax attention with the additive bias log count(q, k) (-inf where 0); a row with no key: 0."""
+    covered = count.sum(-1, keepdim=True) > 0
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + torch.log(count.clamp(min=1))
+    scores = torch.where(count > 0, scores, -math.inf)
+    scores = torch.where(covered, scores, 0.0)  # rows no pattern keeps: any finite row, zeroed below
+    return torch.where(covered, torch.softmax(scores, -1) @ v, 0.0)
+
+
+PATTERN_SETS = [((8,), (1,)), ((4, 8), (1, 2)), ((4, 8, 16), (1, 2, 4)), ((8, 16), (2, 4)), ((16,), (4,)),
+                ((2, 8), (1, 4)), ((6, 12), (3, 3)), ((8, 4), (4, 1))]
+MIXTURE = dict(T=st.integers(1, 40), H=st.integers(1, 5), patterns=st.sampled_from(PATTERN_SETS),
+               causal=st.booleans(), seed=st.integers(0, 2 ** 16))
+
+
+@check("the mixture equals dense attention with the bias log count(q, k) (float64, 1e-10), causal or not, T not a "
+       "multiple of w, H < r and H > r", **MIXTURE)
+def mixture_is_log_count_attention(dilated_attention, T, H, patterns, causal, seed):
+    q, k, v = _qkv(2, H, T, 3, seed)
+    got = dilated_attention(q, k, v, *patterns, causal=causal)
+    want = log_count_oracle(q, k, v, count_matrix(T, H, *patterns, causal))
+    if tuple(got.shape) != tuple(q.shape):
+        raise Violation(f"the output has shape {tuple(got.shape)}, expected {tuple(q.shape)}")
+    if _diff(got, want) > 1e-10:
+        bad = ((got - want).abs().nan_to_num(nan=math.inf) > 1e-10).nonzero()[0].tolist()
+        raise Violation(f"patterns w = {patterns[0]}, r = {patterns[1]}, T = {T}, H = {H}, causal = {causal}: "
+                        f"the output differs from log-count attention by {_diff(got, want):.3g}, first at (batch, "
+                        f"head, row, column) {bad}")
+
+
+@check("a query that no pattern keeps (H < r: offsets no head has) outputs 0, not NaN, and passes no NaN gradient")
+def uncovered_queries_are_zero(dilated_attention):
+    q, k, v = (x.requires_grad_() for x in _qkv(1, 1, 16, 3, seed=5))  # head 0 keeps the even rows only
+    out = dilated_attention(q, k, v, (8, 16), (2, 4))
+    if torch.isnan(out).any() or out[0, 0, 1::2].abs().max() != 0:
+        raise Violation(f"H = 1, patterns (8, 2), (16, 4): odd rows are kept by no pattern; their outputs are "
+                        f"{out[0, 0, 1].tolist()} (row 1), ..., expected zeros")
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    if any(torch.isnan(g).any() for g in grads):
+        raise Violation("the outputs are right, but the gradient holds NaN (from the uncovered rows)")
+
+
+@check("the gradient flows through alpha: dQ, dK, dV equal those of log-count attention (float64, 1e-9); with "
+       "detach_weights=True the same forward and the gradient of sum_i alpha_i O_i with alpha a constant", **MIXTURE)
+def gradients_are_those_of_the_mixture(dilated_attention, T, H, patterns, causal, seed):
+    from nanomodels.dilated import dilated_branch
+
+    q, k, v = (x.requires_grad_() for x in _qkv(1, H, T, 3, seed))
+    weight = _qkv(1, H, T, 3, seed + 1)[0]
+    got = torch.autograd.grad((dilated_attention(q, k, v, *patterns, causal=causal) * weight).sum(), (q, k, v),
+                              allow_unused=True)
+    oracle = log_count_oracle(q, k, v, count_matrix(T, H, *patterns, causal))
+    want = torch.autograd.grad((oracle * weight).sum(), (q, k, v))
+    for name, a, b in zip(("dQ", "dK", "dV"), got, want):
+        if a is None or _diff(a, b) > 1e-9:
+            raise Violation(f"patterns w = {patterns[0]}, r = {patterns[1]}, T = {T}, causal = {causal}: {name} "
+                            f"differs from the gradient of log-count attention by "
+                            f"{'everything (no gradient)' if a is None else f'{_diff(a, b):.3g}'}")
+    branches = [dilated_branch(q, k, v, w, r, causal=causal) for w, r in zip(*patterns)]
+    alpha = torch.softmax(torch.stack([lse for _, lse in branches]).detach(), 0).nan_to_num(0.0)
+    frozen = sum(a[..., None] * o for a, (o, _) in zip(alpha, branches))
+    want = torch.autograd.grad((frozen * weight).sum(), (q, k, v))
+    out = dilated_attention(q, k, v, *patterns, causal=causal, detach_weights=True)
+    got = torch.autograd.grad((out * weight).sum(), (q, k, v), allow_unused=True)
+    if _diff(out, oracle) > 1e-10:
+        raise Violation(f"detach_weights=True changed the forward by {_diff(out, oracle):.3g}; only the backward "
+                        "should change")
+    for name, a, b in zip(("dQ", "dK", "dV"), got, want):
+        if a is None or _diff(a, b) > 1e-9:
+            raise Violation(f"detach_weights=True: {name} differs from the gradient with alpha held constant by "
+                            f"{'everything (no gradient)' if a is None else f'{_diff(a, b):.3g}'}")
+
+
+COST_PATTERNS = ((16, 64, 256), (1, 4, 16))  # geometric_patterns(16, 4, 3)
+
+
+def cost_experiment(dilated_attention, lengths=(256, 512, 1024, 2048), B=1, H=4, D=8):
+    """The experiment of exercise 6.5: the floating-point operations of one call, counted by torch's
+    FlopCounterMode (every matrix product), for the patterns COST_PATTERNS at each T in `lengths`. Rows
+    {T, flops, sparse, dense}: `sparse` = 4 B H D x the score entries of the patterns (QK^T and PV, 2 flops a
+    multiply-add), `dense` = 4 B H D T^2, what dense attention costs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nanomodels.dilated import num_score_entries
+
+    rows = []
+    for T in lengths:
+        q, k, v = _qkv(B, H, T, D, seed=T)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            dilated_attention(q, k, v, *COST_PATTERNS, causal=True)
+        rows.append({"T": T, "flops": counter.get_total_flops(),
+                     "sparse": 4 * B * H * D * num_score_entries(T, *COST_PATTERNS), "dense": 4 * B * H * D * T * T})
+    return rows
+
+
+def cost_table(rows) -> str:
+    lines = [f"{'T':>6} | {'flops counted':>13} | {'flops / T':>9} | {'dense flops':>13} | {'% of dense':>10}"]
+    lines += [f"{r['T']:>6} | {r['flops']:>13,} | {r['flops'] / r['T']:>9,.0f} | {r['dense']:>13,} | "
+              f"{100 * r['flops'] / r['dense']:>10.2f}" for r in rows]
+    return "\n".join(lines)
+
+
+@check("the experiment: the matrix products of one call cost 4 B H D x the patterns' score entries, so the cost "
+       "per token stays constant from T = 256 to 2048 (linear in T), while dense attention's grows 8-fold")
+def cost_is_linear_in_t(dilated_attention):
+    rows = cost_experiment(dilated_attention)
+    for row in rows:
+        if row["flops"] != row["sparse"]:
+            dense = " (that is dense attention's count)" if row["flops"] >= row["dense"] else ""
+            per_token = ", ".join(f"{r['flops'] // r['T']:,} at T = {r['T']}" for r in rows)
+            raise Violation(f"T = {row['T']}, patterns {COST_PATTERNS}: one call counted {row['flops']:,} flops in "
+                            f"matrix products; computing exactly the patterns' scores costs {row['sparse']:,}"
+                            f"{dense}. Flops per token: {per_token}")
+
+
 EXERCISES = {
     "6.1": Exercise(points=2, checks=[offsets_are_j_mod_r],
                     hint='The paper gives head j of a pattern with dilation r its own offset so that the heads together cover every row.',
@@ -186,4 +316,9 @@ EXERCISES = {
                     hint='Dilation in a kernel is a stride: the kept rows of a segment are evenly spaced in memory.',
                     hints=('One program handles one block of kept rows of one segment for one (batch, head); the grid has one axis for each of these.',
                            "Grid: blocks of the w / r kept rows, segments ceil(T / w), B * H; the row stride passed for q, k, v and the output is r times the tensor's own row stride.")),
+    "6.5": Exercise(points=4, checks=[mixture_is_log_count_attention, uncovered_queries_are_zero,
+                                      gradients_are_those_of_the_mixture, cost_is_linear_in_t],
+                    hint='Dilated attention is the patterns computed one at a time, each on its own, then combined per query by how much softmax mass each one found.',
+                    hints=('Each pattern (w_i, r_i) is one call of the per-pattern attention of exercise 6.2 (pair the i-th segment length with the i-th dilation rate, and pass the causal flag on); the combination is the merge of exercise 6.3, which also knows what to do with queries nobody keeps and with detach_weights.',
+                           'For every (w, r) taken together from the two sequences, compute (O_i, LSE_i) with the library helper of 6.2; then return the LSE merge of 6.3 over the list of outputs and the list of LSEs, forwarding detach_weights. Never build a T x T matrix: the experiment counts the flops.')),
 }

@@ -62,4 +62,45 @@ MUTANTS = [
            "launches B programs on the last axis instead of B x H: only head 0 is computed",
            old="triton.cdiv(T, w), B * H)",
            new="triton.cdiv(T, w), B)"),
+    Mutant("6.5", "dilated_attention_weights_always_detached",
+           "mixes with torchscale's no_grad weights whatever detach_weights says: the forward is right, the "
+           "gradient is not",
+           old="detach_weights=detach_weights)",
+           new="detach_weights=True)"),
+    Mutant("6.5", "dilated_attention_patterns_averaged",
+           "averages the patterns' outputs instead of weighting them by softmax(LSE)",
+           old="return merge_by_lse([o for o, _ in branches], [lse for _, lse in branches], "
+               "detach_weights=detach_weights)",
+           new="return sum(o for o, _ in branches) / len(branches)"),
+    Mutant("6.5", "dilated_attention_softmax_merge_nan_for_uncovered",
+           "mixes with a plain softmax over the stacked LSEs: right wherever a pattern keeps the query, NaN where "
+           "none does",
+           old="return merge_by_lse([o for o, _ in branches], [lse for _, lse in branches], "
+               "detach_weights=detach_weights)",
+           new="alpha = torch.softmax(torch.stack([lse for _, lse in branches]), dim=0)\n"
+               "return sum(a.unsqueeze(-1) * o for a, (o, _) in zip(alpha, branches))"),
+    Mutant("6.5", "dilated_attention_wrong_rate_per_segment",
+           "pairs each segment length with another pattern's dilation rate (the rates reversed)",
+           old="zip(segment_lengths, dilation_rates)",
+           new="zip(segment_lengths, dilation_rates[::-1])"),
+    Mutant("6.5", "dilated_attention_causal_dropped",
+           "forgets to pass the causal flag on to each pattern: a decoder sees later positions",
+           old="dilated_branch(q, k, v, w, r, causal=causal)",
+           new="dilated_branch(q, k, v, w, r)"),
+    Mutant("6.5", "dilated_attention_dense_log_count",
+           "computes the right output the dense way, with the log-count bias on a T x T score matrix: quadratic",
+           old="branches = [dilated_branch(q, k, v, w, r, causal=causal) for w, r in zip(segment_lengths, "
+               "dilation_rates)]\n"
+               "return merge_by_lse([o for o, _ in branches], [lse for _, lse in branches], "
+               "detach_weights=detach_weights)",
+           new="t = torch.arange(q.size(2))\n"
+               "count = torch.zeros(q.size(1), q.size(2), q.size(2), dtype=q.dtype)\n"
+               "for w, r in zip(segment_lengths, dilation_rates):\n"
+               "    s = head_offsets(q.size(1), r)[:, None, None]\n"
+               "    pair = (t[:, None] // w == t[None, :] // w) & (t[:, None] % r == s) & (t[None, :] % r == s)\n"
+               "    count = count + (pair & (t[None, :] <= t[:, None]) if causal else pair)\n"
+               "scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + torch.log(count)\n"
+               "covered = count.sum(-1, keepdim=True) > 0\n"
+               "scores = torch.where(covered, scores, 0.0)\n"
+               "return torch.where(covered, torch.softmax(scores, dim=-1) @ v, 0.0)"),
 ]
