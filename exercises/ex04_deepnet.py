@@ -1,4 +1,4 @@
-"""Chapter 04: DeepNet: DeepNorm for very deep Post-LN Transformers (3 exercises, 7 points).
+"""Chapter 04: DeepNet: DeepNorm for very deep Post-LN Transformers (4 exercises, 11 points).
 
 Replace each `raise NotImplementedError(...)` by your code, then grade this file:
 
@@ -11,11 +11,13 @@ Start over with `python -m exercises reset 04 --yes` (it overwrites this file).
 See exercises/README.md.
 """
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 
-from nanomodels.deepnet import _check_layers
-from nanomodels.transformer import BRANCH_PROJECTIONS, QK_PROJECTIONS
+from nanomodels.deepnet import DeepNorm, _check_layers, deepnorm_init_
+from nanomodels.transformer import BRANCH_PROJECTIONS, QK_PROJECTIONS, Transformer, TransformerConfig
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -50,3 +52,14 @@ def init_branches_(model: nn.Module, gain: float, *, qk_gain: float = 1.0) -> nn
 
     The shared mechanism of DeepNet's (gain beta < 1) and Sub-LN's (gain gamma > 1) initializations."""
     raise NotImplementedError("Exercise 4.3: which matrices get which gain")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exercise 4.4: a DeepNet built from parts (4 points)
+# Hint: A DeepNet is the core Transformer with one part swapped and one init applied. Which residual, which
+#       final norm, and which two constants, from which row of the table?
+def deepnet(config: TransformerConfig, **parts) -> Transformer:
+    """A decoder-only DeepNet built from parts: the core Transformer (N = config.n_layers blocks, `parts` passed
+    on) with every residual a DeepNorm, LN(alpha x + G(x)), and no final norm (Post-LN: each block ends with its
+    LayerNorm); then `deepnorm_init_` with beta. alpha = (2N)^(1/4), beta = (8N)^(-1/4)."""
+    raise NotImplementedError("Exercise 4.4: a DeepNet built from parts")

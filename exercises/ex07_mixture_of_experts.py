@@ -1,4 +1,4 @@
-"""Chapter 07: sparse mixture of experts: routing, load balance, X-MoE (4 exercises, 11 points).
+"""Chapter 07: sparse mixture of experts: routing, load balance, X-MoE (5 exercises, 15 points).
 
 Replace each `raise NotImplementedError(...)` by your code, then grade this file:
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.grouped_gemm import BLOCK_M
-from nanomodels.moe import Routing, _check_gating
+from nanomodels.moe import MoE, Routing, _check_gating
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -59,3 +59,21 @@ def align_by_expert(experts: torch.Tensor, num_experts: int, block_m: int = BLOC
     block_expert (P_pad / block_m,) int32: the expert of each block;
     expert_blocks (E + 1,) int32: expert e owns blocks expert_blocks[e] .. expert_blocks[e + 1] - 1."""
     raise NotImplementedError("Exercise 7.4: the sort-and-pad metadata of the grouped GEMM")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exercise 7.5: the MoE layer, end to end (4 points)
+# Hint: One layer: route, dispatch into per-expert buffers, run the experts, combine. Which gates weigh the
+#       combine, which capacity holds (training or eval), and where does the balancing loss go?
+def moe_forward(moe: MoE, h: torch.Tensor) -> torch.Tensor:
+    """The MoE layer on S (sub-)tokens h (S, d) -> y (S, d), end to end, with dense (S, E, C) masks:
+
+    route     C = moe.capacity(S) (it differs between training and eval); top_k_routing(moe.router(h), moe.k, C)
+    record    moe.aux_loss = l_aux, kept in the autograd graph (the model adds moe.aux_weight * moe.aux_loss to
+              its loss); moe.last_experts = the (S, k) expert choices, detached (for diagnostics)
+    dispatch  buffer[e, c] = h_s for each kept choice (token s, expert e, slot c); unused slots hold 0  (E, C, d)
+    experts   out[e] = FFN_e(buffer[e]): moe._run_experts(buffer) (across ranks under expert parallelism)
+    combine   y_s = sum_j [kept_j] g_j out[e_j, slot_j] with the routing's gates as they are (k = 2: normalized
+              over both choices before dropping, never again after); a token every expert dropped gets y_s = 0
+    """
+    raise NotImplementedError("Exercise 7.5: the MoE layer, end to end")

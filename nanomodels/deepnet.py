@@ -102,9 +102,14 @@ def deepnorm_init_(model: nn.Module, beta: float) -> nn.Module:
 
 
 def deepnet(config: TransformerConfig, **parts) -> Transformer:
-    """A decoder-only DeepNet: the core Transformer with residual=DeepNorm (Post-LN), then `deepnorm_init_`."""
-    model = Transformer(config, residual=DeepNorm, final_norm=None, **parts)
-    return deepnorm_init_(model, deepnorm_constants(decoder_layers=config.n_layers)["decoder"][1])
+    """A decoder-only DeepNet built from parts: the core Transformer (N = config.n_layers blocks, `parts` passed
+    on) with every residual a DeepNorm, LN(alpha x + G(x)), and no final norm (Post-LN: each block ends with its
+    LayerNorm); then `deepnorm_init_` with beta. alpha = (2N)^(1/4), beta = (8N)^(-1/4)."""
+    # BEGIN EXERCISE 4.4: a DeepNet built from parts
+    alpha, beta = deepnorm_constants(decoder_layers=config.n_layers)["decoder"]
+    model = Transformer(config, residual=partial(DeepNorm, alpha=alpha), final_norm=None, **parts)
+    return deepnorm_init_(model, beta)
+    # END EXERCISE
 
 
 def deepnet_encoder_decoder(config: TransformerConfig, encoder_layers: int, **parts) -> EncoderDecoder:

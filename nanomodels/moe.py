@@ -243,16 +243,13 @@ class MoE(nn.Module):
         if self.heads > 1:
             x = self.head_proj(x)
         h = x.reshape(-1, shape[-1] // self.heads)  # (S, d / heads): sub-tokens in token order
-        logits = self.router(h)
-        C = self.capacity(h.size(0))
-        routing = top_k_routing(logits, self.k, C)
-        self.aux_loss = routing.aux_loss
-        self.last_experts = routing.experts.detach()  # (S, k), for diagnostics
         if self.dispatch == "einsum":
-            combine, dispatch = dense_masks(routing, C)
-            expert_in = torch.einsum("sec,sd->ecd", dispatch.to(h.dtype), h)  # (E, C, d)
-            y = torch.einsum("sec,ecd->sd", combine.to(h.dtype), self._run_experts(expert_in))
+            y = moe_forward(self, h)
         else:
+            C = self.capacity(h.size(0))
+            routing = top_k_routing(self.router(h), self.k, C)
+            self.aux_loss = routing.aux_loss
+            self.last_experts = routing.experts.detach()  # (S, k), for diagnostics
             y = (sorted_dispatch if self.dispatch == "sorted" else self.dispatch)(h, routing, self.experts)
         y = y.reshape(shape)
         return self.merge_proj(y) if self.heads > 1 else y
@@ -271,6 +268,33 @@ class MoE(nn.Module):
         return _AllToAll.apply(out, None)
 
 
+def moe_forward(moe: MoE, h: torch.Tensor) -> torch.Tensor:
+    """The MoE layer on S (sub-)tokens h (S, d) -> y (S, d), end to end, with dense (S, E, C) masks:
+
+    route     C = moe.capacity(S) (it differs between training and eval); top_k_routing(moe.router(h), moe.k, C)
+    record    moe.aux_loss = l_aux, kept in the autograd graph (the model adds moe.aux_weight * moe.aux_loss to
+              its loss); moe.last_experts = the (S, k) expert choices, detached (for diagnostics)
+    dispatch  buffer[e, c] = h_s for each kept choice (token s, expert e, slot c); unused slots hold 0  (E, C, d)
+    experts   out[e] = FFN_e(buffer[e]): moe._run_experts(buffer) (across ranks under expert parallelism)
+    combine   y_s = sum_j [kept_j] g_j out[e_j, slot_j] with the routing's gates as they are (k = 2: normalized
+              over both choices before dropping, never again after); a token every expert dropped gets y_s = 0
+    """
+    # BEGIN EXERCISE 7.5: the MoE layer, end to end
+    C = moe.capacity(h.size(0))
+    routing = top_k_routing(moe.router(h), moe.k, C)
+    moe.aux_loss = routing.aux_loss
+    moe.last_experts = routing.experts.detach()
+    S, E = routing.probs.shape
+    token = torch.arange(S, device=h.device)[:, None].expand_as(routing.experts)[routing.kept]
+    where = (token, routing.experts[routing.kept], routing.slots[routing.kept])  # (token, expert, slot) kept
+    combine = routing.probs.new_zeros(S, E, C).index_put(where, routing.gates[routing.kept])  # (S, E, C)
+    dispatch = torch.zeros(S, E, C, dtype=torch.bool, device=h.device).index_put_(
+        where, torch.ones((), dtype=torch.bool, device=h.device))
+    expert_in = torch.einsum("sec,sd->ecd", dispatch.to(h.dtype), h)  # (E, C, d)
+    return torch.einsum("sec,ecd->sd", combine.to(h.dtype), moe._run_experts(expert_in))
+    # END EXERCISE
+
+
 def sorted_dispatch(h: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
     """y_s = sum_j g_j FFN_{e_j}(h_s) over kept choices, without (S, E, C) tensors: sort the kept (token,
     expert) pairs by expert, run each expert on its contiguous rows, scatter-add the gated results."""
@@ -286,5 +310,5 @@ def sorted_dispatch(h: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
 
 
 __all__ = ["MoE", "LinearRouter", "Routing", "XMoERouter", "dense_masks", "expert_capacity",
-           "load_balancing_loss", "sorted_dispatch", "top_k_gating", "top_k_routing", "xmoe_scores",
+           "load_balancing_loss", "moe_forward", "sorted_dispatch", "top_k_gating", "top_k_routing", "xmoe_scores",
            "xmoe_torchscale_scores"]

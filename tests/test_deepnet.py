@@ -100,3 +100,15 @@ def test_deepnet_uses_the_decoder_only_beta():
 def test_init_rejects_a_non_positive_beta():
     with pytest.raises(ValueError, match="beta"):
         deepnorm_init_(MLP(small_config()), 0.0)
+
+
+def test_post_ln_of_the_same_depth_fails_the_graded_training_run():
+    """Exercise 4.4's run (24 layers, no warmup) separates DeepNet from Post-LN: the check rejects Post-LN."""
+    from exercises.checking import Violation
+    from exercises.checks.ch04_deepnet import a_deep_model_trains
+    from nanomodels.transformer import PostNorm, Transformer
+
+    torch.set_num_threads(1)
+    with pytest.raises(Violation, match="does not train"):
+        a_deep_model_trains.body(lambda config: deepnorm_init_(Transformer(config, residual=PostNorm,
+                                                                           final_norm=None), 1.0))

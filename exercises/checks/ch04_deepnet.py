@@ -1,9 +1,13 @@
-"""Chapter 04's graded checks: the DeepNorm constants, the DeepNorm residual, the beta initialization.
+"""Chapter 04's graded checks: the DeepNorm constants, the DeepNorm residual, the beta initialization, and a
+DeepNet built from parts (its forward written out, its init per matrix, and a 24-layer model that trains).
 
 Each check tests what the paper promises, in float64, against the learner's function (its first argument).
 Known-wrong solutions: exercises/mutants/ch04_*.py.
 """
 
+
+import contextlib
+import math
 
 import torch
 import torch.nn as nn
@@ -11,6 +15,7 @@ from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
 from exercises.checks.common import F64, expect_tensor, naive_layer_norm, xavier_std
+from nanomodels.attention import attention
 from nanomodels.transformer import Transformer, TransformerConfig
 
 TABLE = {6: (1.8612, 0.3799), 12: (2.2134, 0.3195), 18: (2.4495, 0.2887), 24: (2.6321, 0.2686),
@@ -258,6 +263,184 @@ def qk_gain_sets_the_queries_and_keys(init_branches_, gain, qk_gain):
     init_report(lambda model, g: init_branches_(model, g, qk_gain=qk_gain), gain, "gain", qk_gain=qk_gain)
 
 
+# ---- 4.4 a DeepNet built from parts ------------------------------------------------------------------------
+
+def _build(deepnet, config: TransformerConfig, seed: int = 0, **parts) -> Transformer:
+    torch.manual_seed(seed)
+    model = deepnet(config, **parts)
+    if not isinstance(model, Transformer):
+        raise Violation(f"deepnet returned {type(model).__name__}, expected the core Transformer it built")
+    if len(model.blocks) != config.n_layers:
+        raise Violation(f"config.n_layers = {config.n_layers}, but the model has {len(model.blocks)} blocks")
+    return model
+
+
+def _layer_norm_of(part: nn.Module, where: str) -> nn.LayerNorm:
+    norms = [m for m in part.modules() if isinstance(m, nn.LayerNorm)]
+    if len(norms) != 1:
+        raise Violation(f"{where} holds {len(norms)} LayerNorms; a DeepNorm residual holds exactly one")
+    return norms[0]
+
+
+def _written_out(model, idx, alpha, scheme="deepnorm", final=False):
+    """The forward of a DeepNet written out with the model's own embedding, sublayers, norms and head:
+    x = LN(alpha x + G(x)) around every sublayer, no final norm. scheme "branch": LN(x + alpha G(x));
+    "pre": x + G(LN(x)) and a final LN (the explanations of a mismatch)."""
+    T = idx.size(1)
+    x = model.embed.wte.weight[idx] + model.embed.wpe.weight[:T]
+    for i, block in enumerate(model.blocks):
+        for sublayer, residual, name in ((lambda h: block.attn(h, None, True, None), block.attn_residual, "attn"),
+                                         (block.ffn, block.ffn_residual, "ffn")):
+            norm = _layer_norm_of(residual, f"block {i}'s {name}_residual")
+            ln = lambda h: naive_layer_norm(h, norm.weight, norm.bias, norm.eps)  # noqa: E731
+            if scheme == "pre":
+                x = x + sublayer(ln(x))
+            else:
+                x = ln(alpha * x + sublayer(x)) if scheme == "deepnorm" else ln(x + alpha * sublayer(x))
+    if final:
+        norm = _layer_norm_of(model.final_norm, "the final norm")
+        x = naive_layer_norm(x, norm.weight, norm.bias, norm.eps)
+    return model.head(x)
+
+
+@check("in float64 the model's logits equal the DeepNet forward written out with its own parts: "
+       "x = LN(alpha x + G(x)) around each attention and feed-forward sublayer, alpha = (2N)^(1/4), no LayerNorm "
+       "after the last block (every norm's weight and bias drawn at random first), and the `parts` passed on",
+       n_layers=st.integers(1, 6), n_heads=st.sampled_from([1, 2, 4]), head_dim=st.integers(3, 6),
+       T=st.integers(1, 12), vocab=st.integers(2, 40), bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+def forward_is_post_ln_with_alpha_on_the_stream(deepnet, n_layers, n_heads, head_dim, T, vocab, bias, seed):
+    d = n_heads * head_dim
+    config = TransformerConfig(vocab_size=vocab, block_size=12, n_layers=n_layers, d_model=d, n_heads=n_heads,
+                               d_ff=2 * d + 1, bias=bias)
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(1)
+        return attention(*args, **kwargs)
+
+    model = _build(deepnet, config, seed, attention_fn=recording).to(F64)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen, dtype=F64) + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=gen, dtype=F64) - 0.5)
+        idx = torch.randint(0, vocab, (2, T), generator=gen)
+        calls.clear()
+        got, _ = model(idx)
+        if not calls:
+            raise Violation("deepnet(config, attention_fn=f) never calls f: pass `parts` on to the Transformer")
+        alpha = (2 * n_layers) ** 0.25
+        want = _written_out(model, idx, alpha)
+    expect_tensor(got, (2, T, vocab), F64, "the model's logits")
+    diff = (got - want).abs().max().item()
+    if not diff < 1e-9:
+        why = ""
+        variants = {"LN(x + alpha G(x)): alpha on the branch, not on the stream": dict(scheme="branch"),
+                    "LN(x + G(x)): plain Post-LN, alpha = 1": dict(alpha=1.0),
+                    f"alpha = {(3 * n_layers) ** 0.25:.4g}, (3N)^(1/4): the encoder-decoder decoder's row; "
+                    "a decoder-only model has 2 sublayers per block": dict(alpha=(3 * n_layers) ** 0.25),
+                    "x + G(LN(x)) with a final LayerNorm: Pre-LN placement": dict(scheme="pre", final=True),
+                    "LN(alpha x + G(x)) and then one more LayerNorm after the last block: DeepNet is Post-LN, "
+                    "final_norm=None": dict(final=True)}
+        for text, kw in variants.items():
+            with contextlib.suppress(Violation), torch.no_grad():
+                if (model(idx)[0] - _written_out(model, idx, kw.pop("alpha", alpha), **kw)).abs().max() < 1e-9:
+                    why = f": yours computes {text}"
+                    break
+        raise Violation(f"N = {n_layers}: the logits differ from the written-out DeepNet forward by {diff:.3g}{why}")
+
+
+@check("the init: v_proj, out_proj, fc1, fc2 of every block xavier normal with gain beta = (8N)^(-1/4), q_proj "
+       "and k_proj with gain 1 (each std within 6%, the pooled weights normally distributed), embeddings as the core "
+       "draws them (std 0.02), every LayerNorm weight 1 and every bias 0", n_layers=st.sampled_from([1, 2, 6]),
+       seed=st.integers(0, 2 ** 16))
+def init_gives_beta_to_the_branches(deepnet, n_layers, seed):
+    config = TransformerConfig(vocab_size=50, block_size=16, n_layers=n_layers, d_model=96, n_heads=4, d_ff=192)
+    model = _build(deepnet, config, seed)
+    beta = (8 * n_layers) ** -0.25
+    pooled = []
+    for name, p in model.named_parameters():
+        p = p.detach().double()
+        leaf = name.rsplit(".", 2)[-2] if name.endswith(".weight") else None
+        if leaf in ("v_proj", "out_proj", "fc1", "fc2", "q_proj", "k_proj"):
+            gain = 1.0 if leaf in ("q_proj", "k_proj") else beta
+            std, want = p.std().item(), xavier_std(p, gain)
+            if abs(std / want - 1) > 0.06:
+                why = ""
+                if abs(std / xavier_std(p, beta) - 1) < 0.06:
+                    why = ": that is beta; q_proj and k_proj keep gain 1"
+                elif abs(std / 0.02 - 1) < 0.06 or abs(std / (0.02 / math.sqrt(2 * n_layers)) - 1) < 0.06:
+                    why = ": that is the core's GPT-2 init; DeepNet re-draws these matrices (deepnorm_init_)"
+                elif abs(std / xavier_std(p, 1.0) - 1) < 0.06:
+                    why = ": that is gain 1; the branch matrices get beta"
+                elif abs(std / xavier_std(p, 1 / beta) - 1) < 0.06:
+                    why = ": that is 1 / beta"
+                raise Violation(f"N = {n_layers}: {name} has std {std:.4g}; xavier normal with gain {gain:.4g} "
+                                f"gives {want:.4g}{why}")
+            pooled.append(p.flatten() / want)
+        elif name.endswith(("wte.weight", "wpe.weight")):
+            if abs(p.std().item() / 0.02 - 1) > 0.06:
+                raise Violation(f"{name} has std {p.std().item():.4g}; DeepNet leaves the embeddings as the core "
+                                "draws them (std 0.02)")
+        elif "norm" in name:
+            if not torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)):
+                raise Violation(f"{name} changed: every LayerNorm starts at weight 1, bias 0")
+        elif name.endswith(".bias") and not torch.equal(p, torch.zeros_like(p)):
+            raise Violation(f"{name} changed: the biases start at 0")
+    z = torch.cat(pooled)
+    within_one = (z.abs() < 1).double().mean().item()
+    if abs(within_one - 0.6827) > 0.015:
+        raise Violation(f"the re-drawn weights have the right std but {within_one:.1%} of them lie within one std "
+                        "(a normal distribution: 68.3%): xavier NORMAL")
+
+
+def _successor_batch(batch: int, T: int, vocab: int, gen: torch.Generator):
+    """x_t = (x_{t-1} + 1) mod |V| from a random start: (inputs, next tokens), both (batch, T)."""
+    start = torch.randint(0, vocab, (batch, 1), generator=gen)
+    s = (start + torch.arange(T + 1)) % vocab
+    return s[:, :-1], s[:, 1:]
+
+
+@contextlib.contextmanager
+def _float32_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+DEEP = dict(layers=24, vocab=16, T=8, batch=8, steps=30, lr=5e-3)
+
+
+@check(f"a {DEEP['layers']}-layer DeepNet (width 32) learns x_t = x_(t-1) + 1 mod {DEEP['vocab']} in "
+       f"{DEEP['steps']} Adam steps at lr {DEEP['lr']:g} with no warmup: the mean loss of the last 5 steps is below "
+       f"1.5 nats (ln {DEEP['vocab']} = {math.log(DEEP['vocab']):.2f}); Post-LN of the same depth stays near "
+       f"ln {DEEP['vocab']}")
+def a_deep_model_trains(deepnet):
+    config = TransformerConfig(vocab_size=DEEP["vocab"], block_size=DEEP["T"], n_layers=DEEP["layers"], d_model=32,
+                               n_heads=4, d_ff=64)
+    with _float32_default():
+        model = _build(deepnet, config)
+        opt = torch.optim.Adam(model.parameters(), lr=DEEP["lr"], betas=(0.9, 0.98))
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(DEEP["steps"]):
+            x, y = _successor_batch(DEEP["batch"], DEEP["T"], DEEP["vocab"], gen)
+            _, loss = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    last = sum(losses[-5:]) / 5
+    if not last < 1.5:
+        raise Violation(f"the loss went from {losses[0]:.3f} to {last:.3f} (mean of the last 5 steps), not below "
+                        f"1.5: the model does not train at this depth")
+
+
 EXERCISES = {
     "4.1": Exercise(points=2, checks=[single_stack_table, update_bound_is_one, exact_at_every_n, encoder_decoder_table],
                     hint="Read the constants from the paper's table: one formula for a single stack of N "
@@ -285,4 +468,14 @@ EXERCISES = {
                            "nn.init.xavier_normal_ on module.weight with gain `gain` for v_proj, out_proj, fc1, fc2 "
                            "and `qk_gain` for q_proj, k_proj; embeddings, head, norms and biases stay as they were."),
                     mutates=("model",)),
+    "4.4": Exercise(points=4, checks=[forward_is_post_ln_with_alpha_on_the_stream, init_gives_beta_to_the_branches,
+                                      a_deep_model_trains],
+                    hint="A DeepNet is the core Transformer with one part swapped and one init applied. Which "
+                         "residual, which final norm, and which two constants, from which row of the table?",
+                    hints=("Take alpha and beta for a decoder-only stack of config.n_layers blocks (your 4.1). Build "
+                           "the Transformer with a DeepNorm residual that uses that alpha, and no final norm (each "
+                           "block already ends with a LayerNorm); pass `parts` on; then apply the beta init.",
+                           "alpha, beta from deepnorm_constants(decoder_layers=N)['decoder']; Transformer(config, "
+                           "residual=DeepNorm with alpha fixed (functools.partial), final_norm=None, **parts); then "
+                           "deepnorm_init_ with beta, and return the model.")),
 }

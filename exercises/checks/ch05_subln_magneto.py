@@ -1,9 +1,11 @@
-"""Chapter 05's graded checks: the Sub-LN gamma, the Sub-LN feed-forward, the gamma initialization.
+"""Chapter 05's graded checks: the Sub-LN gamma, the Sub-LN feed-forward, the Magneto encoder-decoder (its parts,
+a gamma per stack, and a short training run on a reverse task).
 
 Each check tests what the paper promises, in float64, against the learner's function (its first argument).
 Known-wrong solutions: exercises/mutants/ch05_*.py.
 """
 
+import contextlib
 import math
 
 import torch
@@ -133,9 +135,9 @@ def keeps_float32(subln_ffn, seed):
 STACKS = st.sampled_from([(1, 2), (2, 3), (3, 1)])  # (N encoder, M decoder) layers: every gamma differs
 
 
-def _encoder_decoder(magneto_encoder_decoder, n: int, m: int):
+def _encoder_decoder(magneto_encoder_decoder, n: int, m: int, config: TransformerConfig | None = None):
     torch.manual_seed(0)
-    config = TransformerConfig(vocab_size=50, block_size=16, n_layers=m, d_model=96, n_heads=4, d_ff=192)
+    config = config or TransformerConfig(vocab_size=50, block_size=16, n_layers=m, d_model=96, n_heads=4, d_ff=192)
     model = magneto_encoder_decoder(config, n)
     if not isinstance(model, EncoderDecoder):
         raise Violation(f"magneto_encoder_decoder returned {type(model).__name__}, expected the EncoderDecoder "
@@ -192,6 +194,46 @@ def a_gamma_per_stack(magneto_encoder_decoder, nm):
                 raise Violation(f"{side}.{name} changed: the norms (inner norms included) keep their weight 1")
 
 
+@contextlib.contextmanager
+def _float32_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+REVERSE = dict(digits=8, length=4, batch=16, steps=60, lr=1e-2)
+
+
+@check(f"a 2 + 2 layer Magneto (width 32) learns to reverse {REVERSE['length']} digits of {REVERSE['digits']} in "
+       f"{REVERSE['steps']} Adam steps at lr {REVERSE['lr']:g}: the mean loss of the last 5 steps is below 1.75 nats "
+       f"(ln {REVERSE['digits']} = {math.log(REVERSE['digits']):.2f} is a model that learned only which digits "
+       "occur)")
+def a_reverse_task_trains(magneto_encoder_decoder):
+    V, L, B = REVERSE["digits"], REVERSE["length"], REVERSE["batch"]
+    config = TransformerConfig(vocab_size=V + 1, block_size=L, n_layers=2, d_model=32, n_heads=4, d_ff=64)
+    with _float32_default():
+        model = _encoder_decoder(magneto_encoder_decoder, 2, 2, config)
+        opt = torch.optim.Adam(model.parameters(), lr=REVERSE["lr"])
+        gen = torch.Generator().manual_seed(0)
+        losses = []
+        for _ in range(REVERSE["steps"]):
+            src = torch.randint(0, V, (B, L), generator=gen)
+            out = src.flip(1)
+            tgt = torch.cat([torch.full((B, 1), V), out[:, :-1]], 1)  # token V starts every target
+            _, loss = model(src, tgt, out)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    last = sum(losses[-5:]) / 5
+    if not last < 1.75:
+        raise Violation(f"the loss went from {losses[0]:.3f} to {last:.3f} (mean of the last 5 steps), not below "
+                        "1.75: the model does not learn the reverse task")
+
+
 EXERCISES = {
     "5.1": Exercise(points=2, checks=[single_stack_table, gamma_squared_is_log_2n, encoder_decoder_table],
                     hint="gamma comes from the same theory as DeepNet's constants, with natural "
@@ -207,7 +249,7 @@ EXERCISES = {
                     hints=("Apply fc1, the activation, the given inner norm, then fc2, in that order, "
                            "keeping the input's dtype.",
                            "fc1, then GELU, then the inner norm (it is d_ff wide), then fc2.")),
-    "5.3": Exercise(points=3, checks=[sub_ln_parts_where_magneto_puts_them, a_gamma_per_stack],
+    "5.3": Exercise(points=3, checks=[sub_ln_parts_where_magneto_puts_them, a_gamma_per_stack, a_reverse_task_trains],
                     hint="An encoder-decoder Magneto has two stacks, and each gets its own row of the gamma "
                          "table (gamma, given, is computed by your subln_gamma of 5.1). Which parts carry an inner "
                          "LayerNorm, and which do not?",

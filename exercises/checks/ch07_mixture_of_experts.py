@@ -1,16 +1,22 @@
-"""Chapter 07's graded checks: top-k routing with capacity, the load-balancing loss, the X-MoE scores, and the
-grouped GEMM's sort-and-pad metadata (kernels/grouped_gemm.py).
+"""Chapter 07's graded checks: top-k routing with capacity, the load-balancing loss, the X-MoE scores, the
+grouped GEMM's sort-and-pad metadata (kernels/grouped_gemm.py), and the MoE layer end to end (a tiny MoE model
+that trains with a balanced load).
 
 Each check tests the mechanism in float64 against the learner's function (its first argument), with naive loop
 oracles. Known-wrong solutions: exercises/mutants/ch07_mixture_of_experts.py.
 """
 
+import contextlib
 import math
+from functools import partial
 
 import torch
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
+from exercises.checks.common import expect_tensor, fmt
+from nanomodels.moe import MoE
+from nanomodels.transformer import Transformer, TransformerConfig
 
 F64 = torch.float64
 
@@ -219,6 +225,200 @@ def alignment_drives_a_grouped_matmul(align_by_expert, n, E, block_m, seed):
                         "some pair was multiplied by another expert's weight")
 
 
+# ---- 7.5 the MoE layer, end to end ---------------------------------------------------------------------------
+
+def _layer(S, d, E, k, factor, fraction, training, seed):
+    """An MoE part in float64 with its router and experts drawn from `seed`, and S tokens h (S, d)."""
+    config = TransformerConfig(vocab_size=8, block_size=8, n_layers=1, d_model=d, n_heads=1, d_ff=d + 2)
+    moe = MoE(config, num_experts=E, k=k, capacity_factor=factor, eval_capacity_fraction=fraction).to(F64)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64))
+    moe.train(training)
+    return moe, torch.randn(S, d, generator=g, dtype=F64)
+
+
+def _layer_oracle(moe, h, *, gates="rule", capacity=None, passthrough=False):
+    """(y, l_aux, first-and-second choices) by the rule, one token at a time, differentiable. The keyword
+    arguments give the wrong variants that explain a mismatch."""
+    S, E, k = h.size(0), moe.num_experts, moe.k
+    if capacity is None:
+        capacity = (math.ceil(moe.eval_capacity_fraction * S) if not moe.training and moe.eval_capacity_fraction > 0
+                    else max(1, int(moe.capacity_factor * k * math.ceil(S / E))))
+    p = torch.softmax(moe.router(h), -1)
+    rows = p.tolist()
+    choices = []
+    for row in rows:
+        e1 = max(range(E), key=lambda e: (row[e], -e))
+        choices.append([e1] + ([max((e for e in range(E) if e != e1), key=lambda e: (row[e], -e))] if k == 2 else []))
+    fill, kept = [0] * E, [[False] * k for _ in range(S)]
+    for j in range(k):  # every first choice, then every second choice
+        for s in range(S):
+            e = choices[s][j]
+            kept[s][j] = fill[e] < capacity
+            fill[e] += 1
+    ys = []
+    for s in range(S):
+        picked = [p[s, e] for e in choices[s]]
+        total = sum(picked) if k == 2 else 1.0
+        if gates == "probs":
+            total = 1.0
+        elif gates == "kept":
+            total = sum((q for q, keep in zip(picked, kept[s]) if keep), h.new_zeros(())) if any(kept[s]) else 1.0
+        y = h.new_zeros(h.size(1))
+        for j, e in enumerate(choices[s]):
+            if kept[s][j]:
+                y = y + picked[j] / total * moe.experts[e](h[s:s + 1])[0]
+        if passthrough and not any(kept[s]):
+            y = y + h[s]
+        ys.append(y)
+    first = torch.tensor([c[0] for c in choices])
+    aux = E * (p.mean(0) * torch.bincount(first, minlength=E).to(p.dtype).div(S)).sum()
+    return torch.stack(ys), aux, torch.tensor(choices)
+
+
+LAYERS = dict(S=st.integers(1, 40), d=st.integers(1, 6), E=st.integers(1, 6), k=st.sampled_from([1, 2]),
+              factor=st.sampled_from([0.25, 0.5, 1.0, 2.0]), fraction=st.sampled_from([0.0, 0.25, 0.5]),
+              training=st.booleans(), seed=st.integers(0, 10_000))
+
+
+@check("in float64 the layer's output equals the rule, one token at a time: y_s = sum_j [kept_j] g_j FFN_(e_j)(h_s) "
+       "with the routing's gates, C = moe.capacity(S) (training and eval), a token every expert dropped gives 0",
+       **LAYERS, examples=[dict(S=12, d=3, E=3, k=2, factor=0.5, fraction=0.25, training=True, seed=1)])
+def output_follows_the_rule(moe_forward, S, d, E, k, factor, fraction, training, seed):
+    k = min(k, E)
+    moe, h = _layer(S, d, E, k, factor, fraction, training, seed)
+    with torch.no_grad():
+        y = moe_forward(moe, h)
+        want, _, _ = _layer_oracle(moe, h)
+    expect_tensor(y, (S, d), F64, "moe_forward")
+    diff = (y - want).abs().max().item()
+    if not diff < 1e-10:
+        why = ""
+        variants = {"the gates p[e_j] without the top-2 normalization": dict(gates="probs"),
+                    "the gates normalized again over the kept choices, after dropping": dict(gates="kept"),
+                    "the training capacity in eval mode": dict(capacity=max(1, int(factor * k * math.ceil(S / E)))),
+                    "no capacity limit (no token dropped)": dict(capacity=S * k),
+                    "a dropped token passed through (y_s = h_s): the residual already carries it": dict(
+                        passthrough=True)}
+        with torch.no_grad():
+            for text, kw in variants.items():
+                if (y - _layer_oracle(moe, h, **kw)[0]).abs().max() < 1e-10:
+                    why = f": that is {text}"
+                    break
+        mode = "training" if training else "eval"
+        raise Violation(f"S = {S}, E = {E}, k = {k}, {mode}, C = {moe.capacity(S)}: the output differs from the "
+                        f"rule by {diff:.3g}{why}")
+
+
+@check("the layer sets moe.aux_loss = l_aux of this call, in the autograd graph (its gradient to the router "
+       "equals the rule's), and moe.last_experts = the (S, k) choices, detached", **LAYERS)
+def aux_loss_is_attached(moe_forward, S, d, E, k, factor, fraction, training, seed):
+    k = min(k, E)
+    moe, h = _layer(S, d, E, k, factor, fraction, training, seed)
+    moe.aux_loss, moe.last_experts = torch.zeros(()), None
+    moe_forward(moe, h)
+    aux, choices = moe.aux_loss, moe.last_experts
+    _, want, want_choices = _layer_oracle(moe, h)
+    if type(aux) is not torch.Tensor or aux.dim() != 0:
+        raise Violation(f"moe.aux_loss is {aux!r}; the layer sets it to the scalar l_aux of this call")
+    if abs(aux.item() - want.item()) > 1e-10:
+        raise Violation(f"moe.aux_loss = {aux.item():.6g}; l_aux of this call is {want.item():.6g}")
+    if not aux.requires_grad:
+        raise Violation("moe.aux_loss is detached from the router: the model adds aux_weight * aux_loss to its "
+                        "loss, and the balancing gradient must reach the router")
+    got_grad = torch.autograd.grad(aux, moe.router.proj.weight)[0]
+    want_grad = torch.autograd.grad(want, moe.router.proj.weight)[0]
+    if not torch.allclose(got_grad, want_grad, rtol=0, atol=1e-10):
+        raise Violation(f"the gradient of moe.aux_loss to the router differs from l_aux's by "
+                        f"{(got_grad - want_grad).abs().max().item():.3g}")
+    if type(choices) is not torch.Tensor or tuple(choices.shape) != (S, k) or not torch.equal(choices.cpu(),
+                                                                                            want_choices):
+        raise Violation(f"moe.last_experts is {fmt(choices) if isinstance(choices, torch.Tensor) else choices!r}; "
+                        f"the (S, k) choices are {fmt(want_choices)}")
+    if choices.requires_grad:
+        raise Violation("moe.last_experts carries a gradient; store it detached")
+
+
+@check("gradients flow as in the rule: for a random weighting w, d(sum w * y)/d(router, expert weights, h) equal "
+       "the rule's (the gates keep their gradient, so the router learns from the task)", **LAYERS)
+def gradients_follow_the_rule(moe_forward, S, d, E, k, factor, fraction, training, seed):
+    k = min(k, E)
+    moe, h = _layer(S, d, E, k, factor, fraction, training, seed)
+    h.requires_grad_(True)
+    w = torch.randn(S, d, generator=torch.Generator().manual_seed(seed + 1), dtype=F64)
+    params = list(moe.parameters()) + [h]  # the router first: a detached gate shows there
+    names = [n for n, _ in moe.named_parameters()] + ["h"]
+    got = torch.autograd.grad((moe_forward(moe, h) * w).sum(), params, allow_unused=True)
+    want = torch.autograd.grad((_layer_oracle(moe, h)[0] * w).sum(), params, allow_unused=True)
+    for name, a, b in zip(names, got, want):
+        a = torch.zeros_like(params[names.index(name)]) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        if not torch.allclose(a, b, rtol=0, atol=1e-9):
+            raise Violation(f"the gradient to {name} differs from the rule's by {(a - b).abs().max().item():.3g}"
+                            + (" (the gates are detached?)" if name.startswith("router") else ""))
+
+
+class _GradedMoE(MoE):
+    """The MoE part with the learner's moe_forward as its layer."""
+
+    def __init__(self, config, linear=torch.nn.Linear, *, layer, **kwargs):
+        super().__init__(config, linear, **kwargs)
+        self.layer = [layer]  # a list: not a submodule
+
+    def forward(self, x):
+        return self.layer[0](self, x.reshape(-1, x.size(-1))).reshape(x.shape)
+
+
+@contextlib.contextmanager
+def _float32_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+TOY = dict(vocab=16, T=8, batch=16, steps=40, lr=3e-3, experts=4, aux_weight=0.1)
+
+
+@check(f"a 2-layer model with top-2 MoE feed-forwards ({TOY['experts']} experts, aux_weight {TOY['aux_weight']}) "
+       f"learns x_t = x_(t-1) + 1 mod {TOY['vocab']} in {TOY['steps']} Adam steps: the task loss of the last 5 steps "
+       f"is below 1.5 nats (ln {TOY['vocab']} = {math.log(TOY['vocab']):.2f}) and every layer's l_aux stays below "
+       f"1.2 (1 is a balanced load, {TOY['experts']} a collapse)")
+def a_tiny_moe_model_trains_balanced(moe_forward):
+    config = TransformerConfig(vocab_size=TOY["vocab"], block_size=TOY["T"], n_layers=2, d_model=32, n_heads=4,
+                               d_ff=64)
+    with _float32_default():
+        torch.manual_seed(0)
+        model = Transformer(config, ffn=partial(_GradedMoE, layer=moe_forward, num_experts=TOY["experts"], k=2,
+                                                aux_weight=TOY["aux_weight"]))
+        opt = torch.optim.Adam(model.parameters(), lr=TOY["lr"])
+        gen = torch.Generator().manual_seed(0)
+        task, aux = [], []
+        for _ in range(TOY["steps"]):
+            start = torch.randint(0, TOY["vocab"], (TOY["batch"], 1), generator=gen)
+            s = (start + torch.arange(TOY["T"] + 1)) % TOY["vocab"]
+            _, loss = model(s[:, :-1], s[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            layers = [v.detach().item() for v in model.aux_losses().values()]
+            if len(layers) != config.n_layers:
+                raise Violation(f"{len(layers)} of the {config.n_layers} MoE layers set an aux_loss")
+            aux.append(max(layers))
+            task.append(loss.item() - TOY["aux_weight"] * sum(layers))
+    last, balance = sum(task[-5:]) / 5, sum(aux[-5:]) / 5
+    if not last < 1.5:
+        raise Violation(f"the task loss went from {task[0]:.3f} to {last:.3f} (mean of the last 5 steps), not below "
+                        "1.5: the model does not learn")
+    if not balance < 1.2:
+        raise Violation(f"l_aux ends at {balance:.3f} (the worst layer, mean of the last 5 steps): the load is not "
+                        "balanced (1 is balanced)")
+
+
 EXERCISES = {
     "7.1": Exercise(points=4, checks=[routing_matches_the_rule, capacity_one_keeps_the_first_token,
                                       routing_returns_probs_and_aux],
@@ -237,4 +437,17 @@ EXERCISES = {
                     hint="The grouped GEMM wants every block of rows to belong to one expert: sort the (token, expert) pairs by expert and pad each expert's group to a whole number of blocks.",
                     hints=('Count pairs per expert, round each count up to the block size, and keep the pairs of one expert in token order.',
                            "Per expert: its count rounded up to block_m gives its padded rows and blocks; a pair's row is its expert's first padded row plus its rank among that expert's pairs (a stable sort keeps token order); one expert id per block.")),
+    "7.5": Exercise(points=4, checks=[output_follows_the_rule, aux_loss_is_attached, gradients_follow_the_rule,
+                                      a_tiny_moe_model_trains_balanced],
+                    hint="One layer: route, dispatch into per-expert buffers, run the experts, combine. Which gates "
+                         "weigh the combine, which capacity holds (training or eval), and where does the balancing "
+                         "loss go?",
+                    hints=("Route with your 7.1 on the router's scores and the layer's capacity; store the aux loss "
+                           "(still in the graph) and the choices (detached) on the layer. Scatter each kept (token, "
+                           "choice) to its expert's slot, run every expert on its (E, C, d) buffer, and gather the "
+                           "outputs back weighted by the routing's gates; dropped choices contribute nothing.",
+                           "C from moe.capacity(S); the routing from top_k_routing(moe.router(h), moe.k, C); set "
+                           "moe.aux_loss and moe.last_experts; build a (S, E, C) 0/1 dispatch and a (S, E, C) "
+                           "combine holding the gate at each kept (token, expert, slot); buffers = einsum of dispatch "
+                           "and h; outputs = moe._run_experts(buffers); y = einsum of combine and the outputs.")),
 }

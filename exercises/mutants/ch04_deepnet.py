@@ -99,4 +99,41 @@ MUTANTS = [
            old="        nn.init.xavier_normal_(module.weight, gain=gain)",
            new=("        with torch.no_grad():\n"
                 "            module.weight.mul_(gain)")),
+
+    # -- 4.4 a DeepNet built from parts: the residual, its placement, the final norm, the init
+    Mutant("4.4", "deepnet_alpha_on_the_branch",
+           "writes its own residual LN(x + alpha G(x)): alpha weighs the branch instead of the stream",
+           old="model = Transformer(config, residual=partial(DeepNorm, alpha=alpha), final_norm=None, **parts)",
+           new=("class AlphaOnBranch(DeepNorm):\n"
+                "    def forward(self, x, sublayer):\n"
+                "        return self.norm(x + self.alpha * sublayer(x))\n"
+                "model = Transformer(config, residual=partial(AlphaOnBranch, alpha=alpha), final_norm=None, **parts)")),
+    Mutant("4.4", "deepnet_beta_on_queries_and_keys",
+           "re-draws q_proj and k_proj with gain beta too (the paper keeps them at gain 1)",
+           old="return deepnorm_init_(model, beta)",
+           new="return init_branches_(model, beta, qk_gain=beta)"),
+    Mutant("4.4", "deepnet_pre_ln_placement",
+           "keeps the core's Pre-LN residual x + G(LN(x)) and its final LayerNorm, with DeepNet's init",
+           old="model = Transformer(config, residual=partial(DeepNorm, alpha=alpha), final_norm=None, **parts)",
+           new="model = Transformer(config, **parts)"),
+    Mutant("4.4", "deepnet_keeps_the_final_norm",
+           "keeps the core's final LayerNorm after the last DeepNorm block (Post-LN needs none)",
+           old="model = Transformer(config, residual=partial(DeepNorm, alpha=alpha), final_norm=None, **parts)",
+           new="model = Transformer(config, residual=partial(DeepNorm, alpha=alpha), **parts)"),
+    Mutant("4.4", "deepnet_plain_post_ln",
+           "uses LN(x + G(x)) (alpha = 1) with DeepNet's init: half of DeepNorm",
+           old="model = Transformer(config, residual=partial(DeepNorm, alpha=alpha), final_norm=None, **parts)",
+           new="model = Transformer(config, residual=partial(DeepNorm, alpha=1.0), final_norm=None, **parts)"),
+    Mutant("4.4", "deepnet_without_the_init",
+           "forgets the beta init: the matrices keep the core's GPT-2 init",
+           old="return deepnorm_init_(model, beta)",
+           new="return model"),
+    Mutant("4.4", "deepnet_encoder_decoder_row",
+           "reads alpha and beta from the encoder-decoder table's decoder row ((3N)^(1/4), (12N)^(-1/4))",
+           old='alpha, beta = deepnorm_constants(decoder_layers=config.n_layers)["decoder"]',
+           new='alpha, beta = deepnorm_constants(config.n_layers, config.n_layers)["decoder"]'),
+    Mutant("4.4", "deepnet_drops_the_parts",
+           "ignores `parts`: deepnet(config, attention_fn=f) builds the default model",
+           old="model = Transformer(config, residual=partial(DeepNorm, alpha=alpha), final_norm=None, **parts)",
+           new="model = Transformer(config, residual=partial(DeepNorm, alpha=alpha), final_norm=None)"),
 ]

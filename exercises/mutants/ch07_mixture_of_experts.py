@@ -64,4 +64,46 @@ MUTANTS = [
                ".to(torch.int32)",
            new="block_expert = torch.arange(num_experts, device=experts.device)[blocks > 0]"
                ".repeat_interleave(blocks[blocks > 0].clamp(max=1)).to(torch.int32)"),
+
+    # -- 7.5 the MoE layer end to end: capacity, gates in the combine, dropped tokens, the aux loss
+    Mutant("7.5", "moe_forward_gates_not_normalized",
+           "combines with the router probabilities p[e_j] instead of the routing's gates (no top-2 normalization)",
+           old="combine = routing.probs.new_zeros(S, E, C).index_put(where, routing.gates[routing.kept])  # (S, E, C)",
+           new=("combine = routing.probs.new_zeros(S, E, C).index_put(\n"
+                "    where, routing.probs.gather(1, routing.experts)[routing.kept])")),
+    Mutant("7.5", "moe_forward_renormalizes_over_kept",
+           "normalizes the gates again over the kept choices, so a token with one choice dropped gets gate 1",
+           old="combine = routing.probs.new_zeros(S, E, C).index_put(where, routing.gates[routing.kept])  # (S, E, C)",
+           new=("kept_gates = routing.gates * routing.kept\n"
+                "kept_gates = kept_gates / kept_gates.sum(1, keepdim=True).clamp(min=1e-30)\n"
+                "combine = routing.probs.new_zeros(S, E, C).index_put(where, kept_gates[routing.kept])")),
+    Mutant("7.5", "moe_forward_passes_dropped_tokens_through",
+           "returns h_s for a token every expert dropped (the residual already carries it: counted twice)",
+           old='return torch.einsum("sec,ecd->sd", combine.to(h.dtype), moe._run_experts(expert_in))',
+           new=('y = torch.einsum("sec,ecd->sd", combine.to(h.dtype), moe._run_experts(expert_in))\n'
+                "return y + h * (~routing.kept.any(1))[:, None].to(h.dtype)")),
+    Mutant("7.5", "moe_forward_dropped_choices_in_the_last_slot",
+           "never drops: a choice past the capacity is clamped into the expert's last slot (C - 1)",
+           old=("token = torch.arange(S, device=h.device)[:, None].expand_as(routing.experts)[routing.kept]\n"
+                "where = (token, routing.experts[routing.kept], routing.slots[routing.kept])  # (token, expert, slot) kept\n"
+                "combine = routing.probs.new_zeros(S, E, C).index_put(where, routing.gates[routing.kept])  # (S, E, C)"),
+           new=("token = torch.arange(S, device=h.device)[:, None].expand_as(routing.experts).reshape(-1)\n"
+                "where = (token, routing.experts.reshape(-1), routing.slots.clamp(max=C - 1).reshape(-1))\n"
+                "combine = routing.probs.new_zeros(S, E, C).index_put(where, routing.gates.reshape(-1))")),
+    Mutant("7.5", "moe_forward_aux_loss_detached",
+           "stores the aux loss detached: the model adds it, but no balancing gradient reaches the router",
+           old="moe.aux_loss = routing.aux_loss",
+           new="moe.aux_loss = routing.aux_loss.detach()"),
+    Mutant("7.5", "moe_forward_ignores_capacity",
+           "routes with capacity S: no token is ever dropped",
+           old="C = moe.capacity(h.size(0))",
+           new="C = h.size(0)"),
+    Mutant("7.5", "moe_forward_training_capacity_in_eval",
+           "computes the training capacity int(factor k ceil(S / E)) in eval mode too, instead of moe.capacity(S)",
+           old="C = moe.capacity(h.size(0))",
+           new="C = expert_capacity(h.size(0), moe.num_experts, moe.k, moe.capacity_factor)"),
+    Mutant("7.5", "moe_forward_gates_detached",
+           "detaches the gates in the combine: the router learns only from the balancing loss",
+           old="combine = routing.probs.new_zeros(S, E, C).index_put(where, routing.gates[routing.kept])  # (S, E, C)",
+           new="combine = routing.probs.new_zeros(S, E, C).index_put(where, routing.gates[routing.kept].detach())"),
 ]
