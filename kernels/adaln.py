@@ -15,9 +15,13 @@ Backward, with dy the upstream gradient and w = 1 + scale (N = the row length):
     dx = rstd * (w dy - mean(w dy) - xhat * mean(w dy * xhat))
     dscale = dy * xhat,   dshift = dy                                     per element: no reduction over rows
 
-Since scale and shift differ per row, there is no cross-row sum (the LayerNorm kernel's dw partial buffer):
-the backward is one program per row too. The gate multiplies the MLP's output (x + gate * MLP(y)), on the
-other side of a matmul, so it is not part of this row kernel. Computed in float32 whatever the input dtype.
+A condition is per token (the LatentLM head: each token has its own t and h_i) or shared by the L tokens of a
+sequence (DiT: one class and t per image, shift and scale (B, 1, D)). The kernels take it as it is: row r of x
+reads condition row r // rows_per_cond, so a per-sequence condition is read once per token, never copied to
+(B*L, D). With a per-token condition there is no cross-row sum (the LayerNorm kernel's dw partial buffer): the
+backward is one program per row; a shared condition's dshift and dscale sum over its rows afterwards. The gate
+multiplies the MLP's output (x + gate * MLP(y)), on the other side of a matmul, so it is not part of this row
+kernel. Computed in float32 whatever the input dtype.
 """
 
 import torch
@@ -34,38 +38,48 @@ def modulate_reference(x, shift, scale, eps: float = 1e-6) -> torch.Tensor:
 
 
 @triton.jit
-def _adaln_fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, n_cols, stride_x, stride_s, stride_y, eps,
+def _adaln_fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, n_cols, rows_per_cond, stride_x, stride_s, stride_y, eps,
                       BLOCK: tl.constexpr):
+    """One program per row of x (rows, n_cols): y = (x - mean) * rstd * (1 + scale) + shift, in float32.
+
+    mean = sum(x) / n_cols and rstd = 1 / sqrt(sum((x - mean)^2) / n_cols + eps) over the row's n_cols
+    columns (BLOCK >= n_cols lanes, the ones past n_cols masked), stored per row for the backward. shift and
+    scale hold one condition row per rows_per_cond consecutive rows of x (1: per token; L: per sequence of L
+    tokens), rows stride_s apart; row r of x is modulated by condition row r // rows_per_cond.
+    """
     row = tl.program_id(0).to(tl.int64)  # int64 so row * stride cannot overflow
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    # BEGIN EXERCISE 9.7: the fused adaLN row in Triton
     mean = tl.sum(x, axis=0) / n_cols
     centered = tl.where(inside, x - mean, 0.0)  # the padding must not enter the variance
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
-    scale = tl.load(SCALE + row * stride_s + cols, mask=inside, other=0.0).to(tl.float32)
-    shift = tl.load(SHIFT + row * stride_s + cols, mask=inside, other=0.0).to(tl.float32)
+    cond = row // rows_per_cond  # the condition row this token shares with its sequence
+    scale = tl.load(SCALE + cond * stride_s + cols, mask=inside, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + cond * stride_s + cols, mask=inside, other=0.0).to(tl.float32)
     y = centered * rstd * (1.0 + scale) + shift
+    # END EXERCISE
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=inside)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
 
 
 @triton.jit
-def _adaln_bwd_kernel(X, SCALE, DY, MEAN, RSTD, DX, DSHIFT, DSCALE, n_cols, stride_x, stride_s, stride_dy,
-                      stride_dx, BLOCK: tl.constexpr):
+def _adaln_bwd_kernel(X, SCALE, DY, MEAN, RSTD, DX, DSHIFT, DSCALE, n_cols, rows_per_cond, stride_x, stride_s,
+                      stride_dy, stride_dx, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
     dy = tl.load(DY + row * stride_dy + cols, mask=inside, other=0.0).to(tl.float32)
-    w = 1.0 + tl.load(SCALE + row * stride_s + cols, mask=inside, other=0.0).to(tl.float32)
+    w = 1.0 + tl.load(SCALE + (row // rows_per_cond) * stride_s + cols, mask=inside, other=0.0).to(tl.float32)
     rstd = tl.load(RSTD + row)
     xhat = tl.where(inside, (x - tl.load(MEAN + row)) * rstd, 0.0)
     wdy = w * dy
     dx = rstd * (wdy - tl.sum(wdy, axis=0) / n_cols - xhat * (tl.sum(wdy * xhat, axis=0) / n_cols))
     tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=inside)
-    tl.store(DSCALE + row * stride_dx + cols, (dy * xhat).to(DSCALE.dtype.element_ty), mask=inside)
+    tl.store(DSCALE + row * stride_dx + cols, (dy * xhat).to(DSCALE.dtype.element_ty), mask=inside)  # per row
     tl.store(DSHIFT + row * stride_dx + cols, dy.to(DSHIFT.dtype.element_ty), mask=inside)
 
 
@@ -90,62 +104,79 @@ def _check(x, shift, scale) -> None:
             raise ValueError(f"{name}: broadcasting {tuple(t.shape)} with x must keep x's shape {tuple(x.shape)}")
 
 
-def _rows(t: torch.Tensor, shape, n: int) -> torch.Tensor:
-    """A contiguous (rows, n) copy of t broadcast to shape (a view when t already is one)."""
-    return t.expand(shape).reshape(-1, n).contiguous()
+def _conditions(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
+    """(shift, scale, rows_per_cond): contiguous (conditions, N) rows of each and how many consecutive rows of x
+    share one. Per token (x's shape) or per sequence (x's shape with 1 in dim -2) they are views of the
+    arguments; any other broadcast is expanded to x's shape and copied."""
+    n = x.size(-1)
+    if shift.shape == scale.shape == x.shape:
+        group = 1
+    elif x.dim() >= 2 and x.size(-2) > 1 and shift.shape == scale.shape == x.shape[:-2] + (1, n):
+        group = x.size(-2)
+    else:
+        shift, scale, group = shift.expand(x.shape), scale.expand(x.shape), 1
+    return shift.reshape(-1, n).contiguous(), scale.reshape(-1, n).contiguous(), group
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if backend(x) == "interpreter" and x.dtype == torch.bfloat16 else x.dtype
 
 
-def adaln_forward(x, shift, scale, *, eps=1e-6, out=None):
-    """The forward kernel: (y, mean, rstd); x, shift, scale (rows, N) contiguous; `out` receives y if given."""
+def adaln_forward(x, shift, scale, *, eps=1e-6, out=None, rows_per_cond=1):
+    """The forward kernel: (y, mean, rstd); x (rows, N), shift and scale (rows / rows_per_cond, N), contiguous;
+    `out` receives y if given."""
     n = x.size(-1)
     y = out if out is not None else torch.empty_like(x)
     mean = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     block = triton.next_power_of_2(n)
-    _adaln_fwd_kernel[(x.size(0),)](x, shift, scale, y, mean, rstd, n, x.stride(0), scale.stride(0), y.stride(0),
-                                    float(eps), BLOCK=block, num_warps=_num_warps(block))
+    _adaln_fwd_kernel[(x.size(0),)](x, shift, scale, y, mean, rstd, n, rows_per_cond, x.stride(0), scale.stride(0),
+                                    y.stride(0), float(eps), BLOCK=block, num_warps=_num_warps(block))
     return y, mean, rstd
 
 
-def adaln_backward(x, scale, mean, rstd, dy, *, dx=None):
-    """The backward kernel: (dx, dshift, dscale), each (rows, N); `dx` receives dx if given (guard bands)."""
+def adaln_backward(x, scale, mean, rstd, dy, *, dx=None, rows_per_cond=1):
+    """The backward kernel: (dx, dshift, dscale), dx (rows, N), dshift and dscale shaped like scale (summed over
+    the rows_per_cond rows that share a condition); `dx` receives dx if given (guard bands)."""
     n = x.size(-1)
     dx = dx if dx is not None else torch.empty_like(x)
-    dshift, dscale = torch.empty_like(dx), torch.empty_like(dx)
+    dshift, dscale = torch.empty_like(dx), torch.empty_like(dx)  # per row of x
     block = triton.next_power_of_2(n)
-    _adaln_bwd_kernel[(x.size(0),)](x, scale, dy, mean, rstd, dx, dshift, dscale, n, x.stride(0), scale.stride(0),
-                                    dy.stride(0), dx.stride(0), BLOCK=block, num_warps=_num_warps(block))
+    _adaln_bwd_kernel[(x.size(0),)](x, scale, dy, mean, rstd, dx, dshift, dscale, n, rows_per_cond, x.stride(0),
+                                    scale.stride(0), dy.stride(0), dx.stride(0), BLOCK=block,
+                                    num_warps=_num_warps(block))
+    if rows_per_cond > 1:
+        dshift, dscale = (g.view(-1, rows_per_cond, n).sum(1) for g in (dshift, dscale))
     return dx, dshift, dscale
 
 
 class _AdaLN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, shift, scale, eps):
-        y, mean, rstd = adaln_forward(x, shift, scale, eps=eps)
+    def forward(ctx, x, shift, scale, eps, rows_per_cond):
+        y, mean, rstd = adaln_forward(x, shift, scale, eps=eps, rows_per_cond=rows_per_cond)
         ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.rows_per_cond = rows_per_cond
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, scale, mean, rstd = ctx.saved_tensors
-        dx, dshift, dscale = adaln_backward(x, scale, mean, rstd, dy.contiguous())
-        return dx, dshift, dscale, None
+        dx, dshift, dscale = adaln_backward(x, scale, mean, rstd, dy.contiguous(), rows_per_cond=ctx.rows_per_cond)
+        return dx, dshift, dscale, None, None
 
 
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LN(x) (1 + scale) + shift over the last dimension, forward and backward in Triton; shift and scale
-    broadcast to x (e.g. (B, 1, D) per sequence). Differentiable in x, shift and scale."""
+    broadcast to x: per token (x's shape) or per sequence ((B, 1, D) for x (B, L, D)) they are read in place,
+    other broadcasts are copied to x's shape. Differentiable in x, shift and scale."""
     _check(x, shift, scale)
     if backend(x) == "reference":
         return modulate_reference(x, shift, scale, eps)
     n, dtype = x.size(-1), _compute_dtype(x)
-    # shift/scale as full (rows, N) tensors; autograd sums their gradients back over broadcast dims
     x2 = x.to(dtype).reshape(-1, n).contiguous()  # (rows, N)
-    y = _AdaLN.apply(x2, _rows(shift.to(dtype), x.shape, n), _rows(scale.to(dtype), x.shape, n), float(eps))
+    # (conditions, N) views or copies; autograd takes their gradients back to the arguments' shapes
+    shift2, scale2, rows_per_cond = _conditions(x, shift.to(dtype), scale.to(dtype))
+    y = _AdaLN.apply(x2, shift2, scale2, float(eps), rows_per_cond)
     return y.to(x.dtype).view(x.shape)
 
 

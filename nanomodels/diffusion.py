@@ -188,6 +188,32 @@ def q_sample(x0: Tensor, alphas_cumprod: Tensor, generator: torch.Generator = No
     # END EXERCISE
 
 
+def diffusion_loss(head: nn.Module, h: Tensor, targets: Tensor, outputs: Tensor = None,
+                   generator: torch.Generator = None) -> Tensor:
+    """The diffusion head's training loss for backbone states h (B, L, d) and targets (B, L, C): a scalar.
+
+    head: a DiffusionHead. The conditions c = head(h) (B, L, width) are computed once, or taken from `outputs`
+    when given. Each target and its condition are repeated batch_mul times, the copies of one token adjacent
+    (repeat_interleave): rows x0 (B*L*mul, C) and c (B*L*mul, width). One call q_sample(x0,
+    head.alphas_cumprod, generator) draws (x_t, t, eps), a timestep per row. The network output
+    head.predict(x_t, t, c) is compared with eps (head.prediction == "eps") or with
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 ("v"): the mean squared error over all elements.
+    """
+    if targets.shape[:-1] != h.shape[:-1] or targets.size(-1) != head.latent_dim:
+        raise ValueError(f"targets: expected shape {tuple(h.shape[:-1]) + (head.latent_dim,)}, "
+                         f"got {tuple(targets.shape)}")
+    # BEGIN EXERCISE 9.8: the diffusion head's training loss, end to end
+    c = head(h) if outputs is None else outputs
+    # the backbone ran once; each target gets batch_mul fresh (t, eps) draws
+    c = c.reshape(-1, head.width).repeat_interleave(head.batch_mul, dim=0)  # (B*L*mul, width)
+    x0 = targets.reshape(-1, head.latent_dim).repeat_interleave(head.batch_mul, dim=0)  # (B*L*mul, C)
+    x_t, t, noise = q_sample(x0, head.alphas_cumprod, generator)
+    a = head.alphas_cumprod.to(x0.dtype)[t][:, None]
+    target = noise if head.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    return F.mse_loss(head.predict(x_t, t, c), target)
+    # END EXERCISE
+
+
 class DiffusionHead(nn.Module):
     """The head part: h (B, L, d) -> conditions c (B, L, width); `loss(h, targets)` the per-token diffusion loss.
 
@@ -245,18 +271,9 @@ class DiffusionHead(nn.Module):
 
     def loss(self, h: Tensor, targets: Tensor, outputs: Tensor = None,
              generator: torch.Generator = None) -> Tensor:
-        """Mean squared error of the prediction over B * batch_mul * L noisy copies of targets (B, L, C)."""
-        if targets.shape[:-1] != h.shape[:-1] or targets.size(-1) != self.latent_dim:
-            raise ValueError(f"targets: expected shape {tuple(h.shape[:-1]) + (self.latent_dim,)}, "
-                             f"got {tuple(targets.shape)}")
-        c = self(h) if outputs is None else outputs
-        # the backbone ran once; each target gets batch_mul fresh (t, eps) draws
-        c = c.reshape(-1, self.width).repeat_interleave(self.batch_mul, dim=0)  # (B*L*mul, width)
-        x0 = targets.reshape(-1, self.latent_dim).repeat_interleave(self.batch_mul, dim=0)  # (B*L*mul, C)
-        x_t, t, noise = q_sample(x0, self.alphas_cumprod, generator)
-        a = self.alphas_cumprod.to(x0.dtype)[t][:, None]
-        target = noise if self.prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        return F.mse_loss(self.predict(x_t, t, c), target)
+        """Mean squared error of the prediction over B * batch_mul * L noisy copies of targets (B, L, C):
+        `diffusion_loss`."""
+        return diffusion_loss(self, h, targets, outputs, generator)
 
     @torch.no_grad()
     def sample(self, c: Tensor, num_steps: int = 50, sampler: str = "dpm", c_uncond: Tensor = None,

@@ -1,8 +1,10 @@
 """Chapter 09's graded checks: the cosine schedule, the DDIM sampler, the adaLN modulation and its zero init,
-per-token timesteps in the forward process, the sigma-VAE sample.
+per-token timesteps in the forward process, the sigma-VAE sample, the fused adaLN row in Triton, the diffusion
+head's training loss.
 
-Each check tests what the paper (or the official code it follows) promises, in float64, against the learner's
-function (its first argument). Known-wrong solutions: exercises/mutants/ch09_next_token_diffusion.py.
+Each check tests what the paper (or the official code it follows) promises, in float64 (the Triton kernel in
+float32 under the interpreter), against the learner's function (its first argument). Known-wrong solutions:
+exercises/mutants/ch09_next_token_diffusion.py.
 """
 
 import math
@@ -13,7 +15,9 @@ from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
 from exercises.checks.common import F64, expect_tensor, naive_layer_norm, seeds
-from nanomodels.diffusion import alpha_bar, cosine_schedule, sampling_timesteps
+from kernels import triton
+from nanomodels.diffusion import DiffusionHead, alpha_bar, cosine_schedule, q_sample, sampling_timesteps
+from nanomodels.transformer import TransformerConfig
 
 ABAR = alpha_bar(cosine_schedule(1000))
 
@@ -242,6 +246,307 @@ def one_sigma_per_example(sigma_vae_sample):
                         "sigma per example, shape (B, 1, 1, 1)")
 
 
+# ---- 9.7 the fused adaLN row in Triton ----------------------------------------------------------------------
+
+def _run_kernel(graded, x, shift, scale, rows_per_cond, eps):
+    """Launch the learner's forward kernel (one program per row) under the interpreter: (y, mean, rstd)."""
+    kernel = getattr(graded, "__wrapped__", graded)  # the @triton.jit object behind the grader's guard
+    rows, n = x.shape
+    y = torch.full_like(x, math.nan)
+    mean, rstd = torch.full((rows,), math.nan), torch.full((rows,), math.nan)
+    try:
+        kernel[(rows,)](x, shift, scale, y, mean, rstd, n, rows_per_cond, x.stride(0), shift.stride(0), y.stride(0),
+                        eps, BLOCK=triton.next_power_of_2(n))
+    except Exception as exc:  # the interpreter wraps what the kernel raised: show that instead
+        if type(exc).__name__ == "InterpreterError" and exc.__cause__ is not None:
+            raise exc.__cause__ from None
+        raise
+    return y, mean, rstd
+
+
+def _conditions(rows: int, n: int, seed: int, extra: int = 4):
+    """shift, scale (rows, n) float32 at the start of a buffer whose next `extra` rows are NaN: reading a condition
+    row that does not exist gives NaN, not another tensor's memory."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(2):
+        buf = torch.full(((rows + extra) * n,), math.nan)
+        buf[: rows * n] = torch.randn(rows * n, generator=g) * 0.7
+        out.append(buf[: rows * n].view(rows, n))
+    return out
+
+
+def _adaln_oracle(x, shift, scale, rows_per_cond, eps, *, ddof=0, eps_outside=False, cond_of=None, padded=0,
+                  shift_first=False, one_plus=True, one_pass=False):
+    """The row in float64 (the keywords give the classic mistakes, for the message): (y, mean, rstd)."""
+    n = x.size(1)
+    xd = x.double()
+    mean = xd.mean(1, keepdim=True)
+    centered = xd - mean
+    if one_pass:  # E[x^2] - E[x]^2 in float32, as a one-pass kernel would
+        xf = x.float()
+        var = ((xf * xf).sum(1, keepdim=True) / n - (xf.sum(1, keepdim=True) / n) ** 2).double()
+    else:
+        var = (centered.pow(2).sum(1, keepdim=True) + padded * mean.pow(2)) / (n - ddof)
+    rstd = 1 / (var.sqrt() + eps) if eps_outside else 1 / (var + eps).sqrt()
+    rows = torch.arange(x.size(0))
+    idx = cond_of(rows) if cond_of else rows // rows_per_cond
+    if int(idx.max()) >= shift.size(0):
+        return None
+    sh, sc = shift.double()[idx], scale.double()[idx]
+    w = 1 + sc if one_plus else sc
+    y = (centered * rstd + sh) * w if shift_first else centered * rstd * w + sh
+    return y, mean[:, 0], rstd[:, 0]
+
+
+def _kernel_tolerance(x, scale, shift) -> float:
+    """A few float32 roundings at the scale of the row: |x| / std(x) grows with the mean (the mean's own
+    rounding), (1 + |scale|) and |shift| multiply it."""
+    xd = x.double()
+    spread = (xd.abs().amax(1) / (xd.std(1, correction=0) + 1e-12)).max().item() if x.size(1) > 1 else 1.0
+    return 4e-6 * (1 + spread) * (1 + scale.double().abs().max().item()) + 1e-6 * shift.double().abs().max().item()
+
+
+def _compare_row(graded, x, shift, scale, rows_per_cond, eps, what):
+    y, mean, rstd = _run_kernel(graded, x, shift, scale, rows_per_cond, eps)
+    want_y, want_mean, want_rstd = _adaln_oracle(x, shift, scale, rows_per_cond, eps)
+    tol = _kernel_tolerance(x, scale, shift)
+    diff = (y.double() - want_y).abs().nan_to_num(nan=math.inf).amax(1)
+    if diff.max() > tol:
+        r = int(diff.argmax())
+        mistakes = {
+            "it multiplies by scale, not 1 + scale": dict(one_plus=False),
+            "its variance divides by N - 1; LayerNorm's is the biased one, sum / N": dict(ddof=1),
+            "eps is added outside the square root: 1 / (sqrt(var) + eps), not 1 / sqrt(var + eps)":
+                dict(eps_outside=True),
+            "the shift is added before the scale multiplies: (x_hat + shift)(1 + scale)": dict(shift_first=True),
+            "the padded lanes past n_cols enter the variance (each adds mean^2): zero them before squaring":
+                dict(padded=triton.next_power_of_2(x.size(1)) - x.size(1)),
+            "the variance is E[x^2] - E[x]^2 in one pass: in float32 it cancels when the mean is large compared "
+            "with the spread; subtract the mean first": dict(one_pass=True),
+            "row r reads condition row r % rows_per_cond; consecutive rows share one: r // rows_per_cond":
+                dict(cond_of=lambda rows: rows % rows_per_cond),
+            "row r reads condition row r (per token); rows_per_cond rows share one: r // rows_per_cond":
+                dict(cond_of=lambda rows: rows),
+        }
+        why = ""
+        for text, kw in mistakes.items():
+            alt = _adaln_oracle(x, shift, scale, rows_per_cond, eps, **kw)
+            if alt is not None and not torch.equal(alt[0], want_y) and \
+                    (y.double() - alt[0]).abs().nan_to_num(nan=math.inf).max() <= 10 * tol:
+                why = f": {text}"
+                break
+        if not why and y[r].isnan().any():
+            why = ": NaN (a condition row that does not exist was read, or nothing was computed)"
+        raise Violation(f"{what}: row {r} of y differs from LN(x) (1 + scale) + shift by {diff[r].item():.3g} "
+                        f"(float32 tolerance {tol:.2g}){why}")
+    mean_tol = 4e-7 * (1 + x.double().abs().max().item())
+    if not (mean.double() - want_mean).abs().nan_to_num(nan=math.inf).max() <= mean_tol:
+        raise Violation(f"{what}: the stored mean differs from the row mean by "
+                        f"{(mean.double() - want_mean).abs().max().item():.3g} (the backward reads it)")
+    rel = ((rstd.double() - want_rstd) / want_rstd).abs().nan_to_num(nan=math.inf).max().item()
+    if not rel <= 1e-5:
+        raise Violation(f"{what}: the stored rstd differs from 1 / sqrt(var + eps) by a factor of {rel:.3g} "
+                        "(the backward reads it)")
+
+
+@check("the kernel (float32, under the interpreter) gives LN(x) (1 + scale) + shift, and stores mean and "
+       "1 / sqrt(var + eps) per row, within float32 rounding of a float64 oracle, for rows not a multiple of "
+       "the block, a row of one column, small variances and a large eps")
+def kernel_row_matches_the_float64_oracle(kernel):
+    for rows, n, std, eps, seed in ((4, 37, 1.0, 1e-6, 0), (3, 1, 1.0, 1e-6, 1), (5, 100, 0.7, 0.5, 2),
+                                    (2, 64, 2.0, 1e-6, 3), (3, 37, 1e-3, 1e-6, 4)):
+        x = torch.randn(rows, n, generator=torch.Generator().manual_seed(100 + seed)) * std
+        shift, scale = _conditions(rows, n, seed)
+        _compare_row(kernel, x, shift, scale, 1, eps,
+                     f"{rows} rows of {n} columns (std {std:g}, eps {eps:g})")
+
+
+@check("rows with a large mean compared with their spread (mean 1000 and -300, std 1) keep float32 precision: "
+       "the variance is taken of the centered row, not as E[x^2] - E[x]^2")
+def large_means_keep_the_precision(kernel):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 50, generator=g, dtype=F64) + torch.tensor([[1000.0], [-300.0], [0.0], [40.0]], dtype=F64)
+    shift, scale = _conditions(4, 50, 8)
+    _compare_row(kernel, x.float(), shift, scale, 1, 1e-6, "rows of 50 columns with means 1000, -300, "
+                 "0, 40 and std 1")
+
+
+@check("a condition shared by a sequence: row r of x reads shift and scale from condition row r // rows_per_cond "
+       "(3 sequences of 4 tokens, 2 of 5, and one condition for all 6 rows)")
+def per_sequence_condition_broadcasts_over_tokens(kernel):
+    for sequences, tokens, n, seed in ((3, 4, 37, 10), (2, 5, 16, 11), (1, 6, 20, 12)):
+        x = torch.randn(sequences * tokens, n, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.3
+        shift, scale = _conditions(sequences, n, seed + 1)
+        _compare_row(kernel, x, shift, scale, tokens, 1e-6,
+                     f"{sequences} sequence(s) of {tokens} tokens, {n} columns, rows_per_cond = {tokens}")
+
+
+# ---- 9.8 the diffusion head's training loss -----------------------------------------------------------------
+
+def _random_head(d, C, width, batch_mul, prediction, seed, depth=2):
+    """A float64 head with every parameter drawn (the zero init would hide most mistakes: its output is 0)."""
+    torch.manual_seed(seed)
+    head = DiffusionHead(TransformerConfig(d_model=d, n_heads=1), latent_dim=C, width=width, depth=depth,
+                         batch_mul=batch_mul, prediction=prediction).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64) * 0.3)
+    return head
+
+
+def _loss_oracle(head, h, targets, outputs, seed, *, interleave=True, target_kind=None, from_clean=False,
+                 reduction="mean"):
+    """Written out row by row: token (b, l) copy k is row (b L + l) mul + k; q_sample draws from the seed."""
+    B, L, C = targets.shape
+    mul = head.batch_mul
+    c = head(h) if outputs is None else outputs
+    tokens = [(b, l) for b in range(B) for l in range(L)]
+    x0 = torch.stack([targets[b, l] for b, l in tokens for _ in range(mul)])  # (B*L*mul, C)
+    order = [(b, l) for b, l in tokens for _ in range(mul)] if interleave else [bl for _ in range(mul) for bl in tokens]
+    cond = torch.stack([c[b, l] for b, l in order])
+    x_t, t, eps = q_sample(x0, head.alphas_cumprod, torch.Generator().manual_seed(seed))
+    a = head.alphas_cumprod.to(F64)[t][:, None]
+    kind = target_kind or head.prediction
+    target = {"eps": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0, "x0": x0}[kind]
+    err = (head.predict(x0 if from_clean else x_t, t, cond) - target) ** 2
+    return err.mean() if reduction == "mean" else err.sum()
+
+
+LOSS_CASES = [  # B, L, C, batch_mul, prediction, outputs given
+    (2, 3, 2, 4, "eps", False), (1, 5, 3, 1, "v", False), (3, 2, 1, 3, "v", True), (2, 1, 4, 2, "eps", True)]
+
+
+def _loss_inputs(B, L, C, mul, prediction, given, seed):
+    d, width = 6, 8
+    head = _random_head(d, C, width, mul, prediction, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    h = torch.randn(B, L, d, generator=g, dtype=F64)
+    targets = torch.randn(B, L, C, generator=g, dtype=F64) * 1.5
+    outputs = torch.randn(B, L, width, generator=g, dtype=F64) if given else None
+    return head, h, targets, outputs
+
+
+@check("the loss equals the written-out mean over B*L*batch_mul rows of (head.predict(x_t, t, c) - target)^2, "
+       "exactly (float64, 1e-12): copies of one token adjacent, (x_t, t, eps) from one q_sample call with the "
+       "generator, target eps or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0, c = head(h) or the given outputs")
+def loss_matches_the_written_out_oracle(diffusion_loss):
+    for k, (B, L, C, mul, prediction, given) in enumerate(LOSS_CASES):
+        head, h, targets, outputs = _loss_inputs(B, L, C, mul, prediction, given, seed=20 + k)
+        got = diffusion_loss(head, h, targets, outputs, torch.Generator().manual_seed(5))
+        got = expect_tensor(got, (), F64, "diffusion_loss")
+        with torch.no_grad():
+            want = _loss_oracle(head, h, targets, outputs, 5)
+        what = (f"B = {B}, L = {L}, C = {C}, batch_mul = {mul}, prediction = {prediction!r}, outputs "
+                + ("given" if given else "None"))
+        if not abs(got.item() - want.item()) <= 1e-12 * max(1.0, abs(want.item())):
+            mistakes = {
+                "conditions repeated with repeat (whole batch after whole batch) while the targets are "
+                "interleaved, or the other way round: row i of c must belong to row i of x0": dict(interleave=False),
+                "the target is the clean latent x0, not the noise": dict(target_kind="x0"),
+                "the target is eps, but this head predicts v": dict(target_kind="eps"),
+                "the target is v, but this head predicts eps": dict(target_kind="v"),
+                "the network sees the clean latent x0 instead of the noisy x_t": dict(from_clean=True),
+                "the squared errors are summed, not averaged": dict(reduction="sum"),
+            }
+            why = ""
+            with torch.no_grad():
+                if given and abs(got.item() - _loss_oracle(head, h, targets, None, 5).item()) <= 1e-9:
+                    why = ": the given outputs were ignored (head(h) computed again)"
+                for text, kw in mistakes.items():
+                    if why:
+                        break
+                    alt = _loss_oracle(head, h, targets, outputs, 5, **kw).item()
+                    if alt != want.item() and abs(got.item() - alt) <= 1e-9 * max(1.0, abs(alt)):
+                        why = f": {text}"
+            raise Violation(f"{what}: loss {got.item():.12g}, the written-out loss is {want.item():.12g}{why}")
+
+
+@check("the backbone's conditions are computed once per call (head(h) once, or not at all when outputs are given) "
+       "and the network runs once on all B*L*batch_mul noisy rows")
+def conditions_once_and_one_network_pass(diffusion_loss):
+    for given in (False, True):
+        head, h, targets, outputs = _loss_inputs(2, 3, 2, 4, "eps", given, seed=40)
+        calls, rows = [], []
+        head.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+        predict = head.predict
+
+        def counted(x_t, t, c):
+            rows.append(x_t.shape[0])
+            return predict(x_t, t, c)
+        head.predict = counted
+        diffusion_loss(head, h, targets, outputs, torch.Generator().manual_seed(1))
+        want_calls = [] if given else [tuple(h.shape)]
+        if calls != want_calls:
+            raise Violation(f"outputs {'given' if given else 'None'}: head(.) was called on inputs of shapes {calls}; "
+                            f"expected {want_calls or 'no call (the conditions are given)'}")
+        if rows != [2 * 3 * 4]:
+            raise Violation(f"head.predict ran on batches of {rows} rows; expected one call on B * L * batch_mul = "
+                            f"{2 * 3 * 4} rows")
+
+
+@check("the gradient reaches the backbone: d loss / d h (and d loss / d outputs when given) equals the written-out "
+       "loss's gradient (float64, 1e-10)")
+def gradient_reaches_the_backbone_states(diffusion_loss):
+    for k, given in enumerate((False, True)):
+        head, h, targets, outputs = _loss_inputs(2, 2, 3, 3, "v", given, seed=50 + k)
+        leaf = (outputs if given else h).clone().requires_grad_()
+        args = (head, h, targets, leaf) if given else (head, leaf, targets, None)
+        (got,) = torch.autograd.grad(diffusion_loss(*args, torch.Generator().manual_seed(2)), leaf,
+                                     allow_unused=True)
+        (want,) = torch.autograd.grad(_loss_oracle(*args, 2), leaf)
+        name = "outputs" if given else "h"
+        if got is None:
+            raise Violation(f"d loss / d {name} is None: the conditions were detached from the graph (the "
+                            "backbone would never learn)")
+        diff = (got - want).abs().max().item()
+        if not diff <= 1e-10 * max(1.0, want.abs().max().item()):
+            raise Violation(f"d loss / d {name} differs from the written-out loss's gradient by {diff:.3g}")
+
+
+TOY_CHECK = dict(steps=200, batch=128, width=32, depth=1, lr=4e-3, noise=0.1)  # ~1 s of one CPU core
+
+
+@check("a short experiment: conditioner + diffusion head trained 200 steps with this loss on the bimodal toy "
+       "(y = +x or -x, noise 0.1, v-prediction, one thread, fixed seeds) sample both modes at x = -1.5 and 1: "
+       "at least 70% of 400 DDIM samples within 0.3 of +-x, 30% to 70% of those at +x")
+def trains_a_head_that_samples_both_modes(diffusion_loss):
+    cfg = TOY_CHECK
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    width = cfg["width"]
+    backbone = nn.Sequential(nn.Linear(1, width), nn.SiLU(), nn.Linear(width, width))
+    head = DiffusionHead(TransformerConfig(d_model=width, n_heads=1), latent_dim=1, width=width, depth=cfg["depth"],
+                         prediction="v")
+    opt = torch.optim.AdamW(list(backbone.parameters()) + list(head.parameters()), lr=cfg["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg["steps"])
+    for _ in range(cfg["steps"]):
+        n = cfg["batch"]
+        x = (0.5 + 1.5 * torch.rand(n, 1, generator=gen)) * (torch.randint(0, 2, (n, 1), generator=gen) * 2 - 1)
+        y = (torch.randint(0, 2, (n, 1), generator=gen) * 2 - 1) * x + cfg["noise"] * torch.randn(n, 1, generator=gen)
+        loss = diffusion_loss(head, backbone(x).unsqueeze(1), y.unsqueeze(1), None, gen)
+        if not (isinstance(loss, torch.Tensor) and loss.dim() == 0 and torch.isfinite(loss)):
+            raise Violation(f"the loss is not a finite scalar tensor: {loss!r}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    report = []
+    with torch.no_grad():
+        for xv in (-1.5, 1.0):
+            c = head(backbone(torch.full((400, 1), xv)))
+            ys = head.sample(c, 20, "ddim", generator=torch.Generator().manual_seed(2))[:, 0]
+            pos, neg = (ys - xv).abs() < 0.3, (ys + xv).abs() < 0.3
+            in_mode = (pos | neg).float().mean().item()
+            share = pos.float().sum().item() / max(1, int((pos | neg).sum()))
+            report.append(f"x = {xv}: {in_mode:.0%} within 0.3 of +-x, {share:.0%} of those at +x, "
+                          f"mean sample {ys.mean().item():.3f}")
+            if not (in_mode >= 0.7 and 0.3 <= share <= 0.7):
+                raise Violation("after training with your loss the samples do not show both modes; "
+                                + "; ".join(report))
+
+
 EXERCISES = {
     "9.1": Exercise(points=2, checks=[betas_follow_the_formula, alphas_cumprod_from_one_to_zero],
                     hint='The improved-DDPM cosine schedule defines the cumulative product alpha-bar as a squared cosine of the normalized time, and each beta as the ratio of two neighbours.',
@@ -271,4 +576,14 @@ EXERCISES = {
                     hint='The sigma-VAE does not learn a variance: the encoder gives the mean, the noise scale is drawn per example.',
                     hints=("One sigma per example (broadcast over the other dimensions), scaled by noise_std / 0.8; fresh noise of the latent's shape; everything from the generator.",
                            'z = mu + sigma * noise, with sigma a standard normal draw per example times noise_std / 0.8.')),
+    "9.7": Exercise(points=3, checks=[kernel_row_matches_the_float64_oracle, large_means_keep_the_precision,
+                                      per_sequence_condition_broadcasts_over_tokens],
+                    hint='One program holds one whole row in registers: a LayerNorm without affine over it, then the affine that the condition supplies; consecutive rows (the tokens of a sequence) can share one condition row.',
+                    hints=('Two passes over the loaded row: first its mean, then the variance of the centered values, with the lanes past n_cols set to zero before they are squared. The variance is the biased one (divide by n_cols), and eps goes inside the square root. Load scale and shift from the condition row of this token, not from the row of x.',
+                           "The mean is the row's sum over n_cols; center the row and zero its masked lanes with tl.where; rstd is one over the square root of (the mean of the squared centered values plus eps); the condition row is the integer quotient of the row index by rows_per_cond, stride_s apart; y is the centered row times rstd times (one plus scale), plus shift. Keep mean and rstd as float32 scalars: the lines after the region store them.")),
+    "9.8": Exercise(points=4, checks=[loss_matches_the_written_out_oracle, conditions_once_and_one_network_pass,
+                                      gradient_reaches_the_backbone_states, trains_a_head_that_samples_both_modes],
+                    hint='The backbone runs once; every target then gets batch_mul noisy copies, each with its own timestep, and the head learns to predict the noise (or v) of each copy from the copy and its condition.',
+                    hints=('Turn conditions and targets into rows and repeat both the same way, with the copies of one token next to each other, so that row i of the conditions belongs to row i of the targets; one q_sample call on the repeated targets draws everything, from the generator you are given.',
+                           'The conditions are head(h) unless outputs is given; flatten them to (rows, width) and the targets to (rows, C), repeat_interleave both by batch_mul; q_sample gives (x_t, t, eps); the regression target is eps, or for v-prediction sqrt(abar_t) eps minus sqrt(1 - abar_t) x0; the loss is the mean squared error between head.predict on (x_t, t, conditions) and that target.')),
 }

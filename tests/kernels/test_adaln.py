@@ -3,7 +3,9 @@
 1. reference    the PyTorch reference against a written-out per-element loop (float64) and the diffusion head's
                 `modulate`; bad arguments raise ValueError.
 2. interpreter  both Triton kernels under TRITON_INTERPRET=1 on CPU tensors: fp32 and fp16, odd widths,
-                broadcast (B, 1, D) conditions, forward and backward against float64 autograd, guard bands.
+                conditions per token, per sequence (B, 1, D, read in place) and other broadcasts, forward and
+                backward against float64 autograd, guard bands. The forward row is exercise 9.7, graded by
+                exercises/checks/ch09_next_token_diffusion.py (run against the library by tests/test_diffusion.py).
 3. compile      built for sm_80 / sm_90 through the kernel registry (tests/kernels/test_compile.py).
 4. gpu          (-m gpu) fp16 / bf16 numerics on the device.
 """
@@ -16,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels.adaln import adaln_backward, adaln_forward, adaln_modulate, modulate_reference
+from kernels.adaln import _conditions, adaln_backward, adaln_forward, adaln_modulate, modulate_reference
 from nanomodels.diffusion import modulate
 
 SENTINEL = 12345.0
@@ -108,6 +110,29 @@ def test_per_sequence_condition_broadcasts_over_tokens():
     x = randn(2, 5, 24, seed=1)
     shift, scale = randn(2, 1, 24, seed=2), randn(2, 1, 24, seed=3)
     check_fwd_bwd(x, shift, scale, "(B, 1, D) condition")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("x_shape, shift_shape, scale_shape", [
+    ((3, 4, 24), (3, 1, 24), (3, 1, 24)),  # one condition per sequence: read in place
+    ((5, 24), (1, 24), (1, 24)),  # one condition for every row
+    ((2, 3, 24), (24,), (2, 3, 24)),  # mixed broadcasts: copied to x's shape
+    ((2, 3, 24), (2, 1, 24), (2, 3, 24)),
+    ((2, 1, 24), (2, 1, 24), (2, 1, 24)),  # sequences of one token
+], ids=["per-sequence", "one-for-all", "vector-and-full", "sequence-and-full", "one-token"])
+def test_every_broadcast_of_the_condition_matches_float64_autograd(x_shape, shift_shape, scale_shape):
+    x = randn(*x_shape, seed=30) * 2 + 0.5
+    check_fwd_bwd(x, randn(*shift_shape, seed=31), randn(*scale_shape, seed=32), f"shift {shift_shape}, "
+                  f"scale {scale_shape}")
+
+
+def test_a_condition_shared_by_a_sequence_is_read_in_place_not_copied():
+    x, shift, scale = randn(3, 4, 24, seed=33), randn(3, 1, 24, seed=34), randn(3, 1, 24, seed=35)
+    shift2, scale2, rows_per_cond = _conditions(x, shift, scale)
+    assert rows_per_cond == 4 and shift2.shape == scale2.shape == (3, 24)
+    assert shift2.data_ptr() == shift.data_ptr() and scale2.data_ptr() == scale.data_ptr()
+    _, _, rows_per_token = _conditions(x, randn(3, 4, 24, seed=36), randn(3, 4, 24, seed=37))
+    assert rows_per_token == 1
 
 
 @needs_interpreter
