@@ -261,17 +261,23 @@ print(f"checkpoint: latent fp32 {exp.checkpoint_bytes(trained_bit) / 2 ** 10:.0f
 # input dimension, $c+1$ in bits $2(k \bmod 4)$ of byte $k/4$. Online, the RMSNorm output is quantized to int8 per
 # token, one **integer** matmul accumulates in int32, and two rescales finish:
 # $y = (X_{\text{int8}} W_{\text{tern}}^\top) / s_x / s_W$. One layer equals the fake-quant training forward up to
-# float rounding (tests/test_bitlinear.py checks it to 1e-10 in float64); through a whole float32 model a rounding
+# float rounding (the grader checks it to 1e-10 in float64); through a whole float32 model a rounding
 # difference can move one int8 code of a later layer by one, hence the small difference in the logits below.
+#
+# `TernaryLinear.forward` is one call of `ternary_linear`, the whole integer path, which is **exercise 8.7**
+# (4 points): `python -m exercises grade 08 --exercise 8.7`.
 
 # %%
-from nanomodels.bitlinear import TernaryLinear
+from nanomodels.bitlinear import TernaryLinear, ternary_linear
 
 show(pack_ternary)
+show(TernaryLinear.forward)
+show(ternary_linear)
+
+# %%
 codes_demo = torch.tensor([[-1, 0, 1, 1, 1]], dtype=torch.int8)
 print(f"codes {codes_demo.tolist()[0]} -> bytes {[f'{b:08b}' for b in pack_ternary(codes_demo)[0].tolist()]} -> "
       f"{unpack_ternary(pack_ternary(codes_demo), 5).tolist()[0]}")
-show(TernaryLinear.forward)
 
 # %%
 h = torch.randint(0, tok.vocab_size, (2, 32))
@@ -280,6 +286,28 @@ with torch.no_grad():
     real, _ = packed_model(h)
 print(f"logits, 2-bit integer path vs fake-quant: max |diff| {(real - fake).abs().max():.1e} "
       f"(max |logit| {fake.abs().max():.1f})")
+
+# %% [markdown]
+# **The experiment of exercise 8.7.** A tiny BitNet LM (2 layers, width 32, float64) learns to count up by one,
+# mod 12, in 40 AdamW steps; exported to 2-bit codes, with every layer's forward computed by your `ternary_linear`,
+# it must decode the same greedy tokens as its fake-quant training forward. The cell runs your function from
+# `exercises/ex08_bitlinear.py` once it is written (the library's until then); the grader's last check of 8.7 is
+# this experiment.
+
+# %%
+from exercises import ex08_bitlinear as yours
+from exercises.checks.ch08_bitlinear import greedy_through_both_paths
+
+try:
+    fake_ids, int_ids, logit_diff, last_loss = greedy_through_both_paths(yours.ternary_linear)
+    whose = "your ternary_linear"
+except NotImplementedError:
+    fake_ids, int_ids, logit_diff, last_loss = greedy_through_both_paths(ternary_linear)
+    whose = "the library's ternary_linear (exercise 8.7 is not solved yet)"
+print(f"{whose}; final training loss {last_loss:.3f} nats")
+print(f"fake-quant greedy tokens: {fake_ids[0].tolist()}")
+print(f"integer-path tokens:      {int_ids[0].tolist()}")
+print(f"same tokens: {torch.equal(fake_ids, int_ids)}; max |logit difference| on the prompt {logit_diff:.1e}")
 
 # %% [markdown]
 # ## 8. Kernels
@@ -307,11 +335,22 @@ if ok:
 # activations by 2-bit packed weights with `tl.dot(int8, int8) → int32` (the integer tensor cores on a GPU). Without
 # a GPU they run in Triton's interpreter, here checked against the PyTorch reference; `python -m kernels.aot --only
 # bitnet cuda_ternary` compiles them (and the CUDA C GEMV, a warp per row with `__dp4a`) for sm_80 and sm_90.
+#
+# Inside the matmul kernel, each step of the K loop turns a tile of packed bytes into a (BLOCK_K, BLOCK_N) tile of
+# $W^\top$ in $\{-1, 0, 1\}$: the decode of exercise 8.5, on a whole tile at once. That decode is **exercise 8.6**
+# (3 points): below, the kernel's spec; your file holds the whole kernel with the decode left out. The grader runs
+# your kernel in Triton's interpreter with $X = I$, which returns $W^\top$ itself, and with int8 activations over
+# the whole range, for $K$ not a multiple of 4 nor of the block and odd $N$, and compares the int32 results exactly:
+# `python -m exercises grade 08 --exercise 8.6`.
+
+# %%
+from kernels.bitnet import _ternary_matmul_kernel
+
+show(_ternary_matmul_kernel)
 
 # %%
 from kernels.bitnet import rmsnorm_quant, rmsnorm_quant_reference, ternary_matmul
 
-show(kernels.bitnet._ternary_matmul_kernel)
 xt = torch.randn(6, 200)
 ct, st = rmsnorm_quant(xt, torch.ones(200))
 cr, sr = rmsnorm_quant_reference(xt.double(), torch.ones(200, dtype=torch.float64))
@@ -362,7 +401,10 @@ print("FP:          ", repr(tok.decode(fp_ids[0].tolist())))
 # | 8.3 | `bitlinear` | RMSNorm inside, both STEs: the gradient w.r.t. the latent $W$ is $g_y^\top x_q$ |
 # | 8.4 | `pack_ternary` | the byte layout (code + 1, little-endian 2-bit fields, padding code 1); the round trip |
 # | 8.5 | `unpack_ternary` | the decode every kernel does, `(byte >> 2(k mod 4)) & 3` minus 1, cropped to $K$ |
+# | 8.6 | `_ternary_matmul_kernel` (in `kernels/bitnet.py`) | the same decode on a tile inside the Triton kernel: $X = I$ gives $W^\top$; int32 results exact, with tails in $K$ and $N$ |
+# | 8.7 | `ternary_linear` | the integer path equals the fake-quant forward (1e-10, float64); one `gemm` call on the int8 codes; the experiment's greedy tokens |
 #
 # Known-wrong solutions are in `exercises/mutants/ch08_bitlinear.py` (per-tensor and per-token scales swapped, floor
 # instead of round, the mean of $W$ instead of the mean of $|W|$, no straight-through gradient, no RMSNorm, the 2-bit
-# fields in the wrong order, the wrong padding, a one-bit mask).
+# fields in the wrong order, the wrong padding, a one-bit mask, a shift by $k \bmod 4$ instead of $2(k \bmod 4)$,
+# multiplying by the scales instead of dividing, a float matmul instead of the integer one).

@@ -58,9 +58,10 @@ CHAPTERS = {c.number: c for c in [
             ("nanomodels/dilated.py", "kernels/dilated_attention.py")),
     Chapter("07", "mixture_of_experts", "sparse mixture of experts: routing, load balance, X-MoE",
             ("nanomodels/moe.py", "kernels/grouped_gemm.py")),
-    Chapter("08", "bitlinear", "BitNet b1.58: ternary weights, 8-bit activations", ("nanomodels/bitlinear.py",)),
+    Chapter("08", "bitlinear", "BitNet b1.58: ternary weights, 8-bit activations",
+            ("nanomodels/bitlinear.py", "kernels/bitnet.py")),
     Chapter("09", "next_token_diffusion", "LatentLM: next-token diffusion",
-            ("nanomodels/diffusion.py", "nanomodels/sigma_vae.py", "kernels/adaln.py")),
+            ("nanomodels/diffusion.py", "nanomodels/sigma_vae.py")),
 ]}
 
 

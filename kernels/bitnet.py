@@ -49,6 +49,11 @@ def _rmsnorm_quant_kernel(X, W, Q, S, n_cols, stride_x, stride_q, eps, BLOCK: tl
 def _ternary_matmul_kernel(X, WP, XS, WS, Y, M, N, K, stride_xm, stride_wn, stride_ym,
                            RESCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of Y = X W^T. X: int8 codes (M, K), rows stride_xm apart. WP: W packed 2 bits
+    per weight, uint8 (N, ceil(K / 4)), rows stride_wn apart: weight (n, k) is code c = w + 1 in {0, 1, 2} at bits
+    2 (k mod 4) .. 2 (k mod 4) + 1 of byte (n, k // 4). Each step of the K loop decodes a (BLOCK_K, BLOCK_N) tile
+    of W^T to int8 in {-1, 0, 1}; rows k >= K and columns n >= N are masked (their x is 0, their y not stored).
+    RESCALE: Y = acc / XS[m] / WS (float32); otherwise the int32 accumulators."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -59,8 +64,10 @@ def _ternary_matmul_kernel(X, WP, XS, WS, Y, M, N, K, stride_xm, stride_wn, stri
     for k0 in range(0, K, BLOCK_K):
         k = k0 + rk
         x = tl.load(x_rows + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0)  # (BM, BK) int8
+        # BEGIN EXERCISE 8.6: decoding the 2-bit weights inside the Triton kernel
         byte = tl.load(w_rows + (k // 4)[:, None], mask=(k[:, None] < K) & (rn[None, :] < N), other=0)
         w = ((byte >> ((k % 4) * 2)[:, None].to(tl.uint8)) & 3).to(tl.int8) - 1  # (BK, BN) in {-1, 0, 1}
+        # END EXERCISE
         acc += tl.dot(x, w, out_dtype=tl.int32)  # padding rows of x are 0, so w there does not matter
     out = Y + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     inside = (rm[:, None] < M) & (rn[None, :] < N)
@@ -102,10 +109,16 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, o
     return (codes if out is not None else codes.view(x.shape)), scale.view(*x.shape[:-1], 1)
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) on a GPU: a decode step (M <= 16 tokens), then a batch. BLOCK_K = 64:
+# with 128, Triton 3.6 (GPU images ship it) spills registers (64x64x128, 4 warps: 348 B on sm_80, 224 B on sm_90;
+# 16x64x128: 104 B / 12 B), Triton 3.9 does not; `python -m kernels.aot --only bitnet` compiles both configs.
+GPU_BLOCKS = {"decode": (16, 64, 64, 4), "batch": (64, 64, 64, 8)}
+
+
 def _blocks(M: int):
     if INTERPRET:
         return 16, 32, 64, 4  # one small config on the interpreter path
-    return (16 if M <= 16 else 64), 64, 128, 4
+    return GPU_BLOCKS["decode" if M <= 16 else "batch"]
 
 
 def ternary_matmul(x_codes: torch.Tensor, packed: torch.Tensor, K: int, x_scale=None, w_scale=None,
@@ -149,11 +162,12 @@ def ternary_gemm_triton(x_codes: torch.Tensor, packed: torch.Tensor, K: int) -> 
 AOT_SPECS = [
     AotSpec("rmsnorm_quant fp16 (BLOCK 4096)", _rmsnorm_quant_kernel, {"X": "*fp16", "W": "*fp16", "Q": "*i8",
             "S": "*fp32"}, {"BLOCK": 4096}, scalars={"eps": "fp32"}, num_warps=4, divisible=("stride_x",)),
-    AotSpec("ternary_matmul int8 x 2-bit (64x64x128, 4 warps)", _ternary_matmul_kernel,
-            {"X": "*i8", "WP": "*u8", "XS": "*fp32", "WS": "*fp32", "Y": "*fp32"},
-            {"RESCALE": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3, mma=True,
-            divisible=("stride_xm", "stride_wn", "stride_ym")),
-]
+] + [AotSpec(f"ternary_matmul int8 x 2-bit, {case} ({bm}x{bn}x{bk}, {warps} warps)", _ternary_matmul_kernel,
+             {"X": "*i8", "WP": "*u8", "XS": "*fp32", "WS": "*fp32", "Y": "*fp32"},
+             {"RESCALE": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=3,
+             mma=bm >= 64, divisible=("stride_xm", "stride_wn", "stride_ym"))
+       for case, (bm, bn, bk, warps) in GPU_BLOCKS.items()]  # mma: wgmma on sm_90 needs tiles of 64 rows; the
+# 16-row decode tile compiles to mma.sync there (int8 tensor cores too; tests/kernels/test_bitnet.py checks both)
 
 
 def _bench_gpu(quick: bool, time_ms) -> list:

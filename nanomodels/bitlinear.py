@@ -187,6 +187,23 @@ def ternary_matmul_reference(x_codes: torch.Tensor, packed: torch.Tensor, K: int
     return x_codes.to(torch.int32) @ w.to(torch.int32).T
 
 
+def ternary_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, norm_weight: torch.Tensor,
+                   bias=None, eps: float = 1e-5, gemm=ternary_matmul_reference) -> torch.Tensor:
+    """The integer inference of a BitLinear, x (..., K) -> y (..., N): h = RMSNorm(x) with gain norm_weight (K,);
+    X_int8, s_x = the per-token int8 codes of h and their scale (quantize_activation); the integer matmul
+    acc = gemm(X_int8 (M, K), packed, K) -> int32 (M, N), exact, with packed (N, ceil(K / 4)) the 2-bit codes of
+    W and weight_scale s_W = 1 / mean|W| (quantize_weight, once, offline); y = acc / s_x / s_W (+ bias), in x's
+    dtype. Equals bitlinear(x, W, norm_weight, bias, eps), the fake-quant training forward, up to float rounding."""
+    # BEGIN EXERCISE 8.7: the integer inference path, end to end
+    K = norm_weight.numel()
+    h = rms_norm(x, norm_weight, eps)
+    codes, x_scale = quantize_activation(h)  # int8 (..., K), float (..., 1): one scale per token
+    acc = gemm(codes.reshape(-1, K), packed, K)  # (M, N) int32: additions and subtractions of int8 only
+    y = acc.view(*x.shape[:-1], packed.size(0)).to(x.dtype) / x_scale / weight_scale.to(x.dtype)
+    return y if bias is None else y + bias
+    # END EXERCISE
+
+
 class TernaryLinear(nn.Module):
     """The inference form of a BitLinear: packed 2-bit weights and s_W, RMSNorm, int8 activations, one integer
     matmul `gemm(x_codes (M, K) int8, packed, K) -> int32 (M, N)`, then y = acc / s_x / s_W (+ bias)."""
@@ -217,11 +234,7 @@ class TernaryLinear(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = rms_norm(x, self.norm_weight, self.eps)
-        codes, x_scale = quantize_activation(h)
-        acc = self.gemm(codes.reshape(-1, self.in_features), self.packed, self.in_features)  # (M, N) int32
-        y = acc.view(*x.shape[:-1], self.out_features).to(x.dtype) / x_scale / self.weight_scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        return ternary_linear(x, self.packed, self.weight_scale, self.norm_weight, self.bias, self.eps, self.gemm)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, 2-bit packed"
@@ -238,6 +251,6 @@ def to_ternary(model: nn.Module, gemm=None) -> nn.Module:
     return model
 
 
-__all__ = ["BitLinear", "BitNetResidual", "TernaryLinear", "activation_quant", "bitlinear", "pack_ternary", "quantize_activation",
-           "quantize_weight", "rms_norm", "ternary_matmul_reference", "to_ternary", "unpack_ternary", "weight_quant",
-           "weight_quant_binary"]
+__all__ = ["BitLinear", "BitNetResidual", "TernaryLinear", "activation_quant", "bitlinear", "pack_ternary",
+           "quantize_activation", "quantize_weight", "rms_norm", "ternary_linear", "ternary_matmul_reference",
+           "to_ternary", "unpack_ternary", "weight_quant", "weight_quant_binary"]

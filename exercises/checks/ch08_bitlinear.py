@@ -1,5 +1,6 @@
 """Chapter 08's graded checks: the ternary weight quantizer, the 8-bit activation quantizer, BitLinear with its
-straight-through estimators, and the 2-bit packing the kernels read.
+straight-through estimators, the 2-bit packing the kernels read, the decode inside the Triton kernel (run by
+Triton's interpreter without a GPU) and the integer inference path with its experiment.
 
 Each check tests what the BitNet b1.58 training code (the FAQ of microsoft/unilm bitnet/) promises, in float64,
 against the learner's function (its first argument). Known-wrong solutions: exercises/mutants/ch08_bitlinear.py.
@@ -11,7 +12,7 @@ import torch
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import F64, expect_tensor, seeds
+from exercises.checks.common import F64, expect_tensor, fmt, seeds
 
 shapes = st.tuples(st.integers(1, 6), st.integers(2, 30))
 scales = st.sampled_from([1e-3, 0.37, 1.0, 52.0])
@@ -225,6 +226,221 @@ def unpacking_round_trip(unpack_ternary, n, k, seed):
         raise Violation(f"code {i} came back as {int(back[i])}, it was {int(codes[i])} (codes {codes.tolist()})")
 
 
+# ---- 8.6 the decode inside the Triton kernel ------------------------------------------------------------------
+
+# (M, N, K, BLOCK_M, BLOCK_N, BLOCK_K): K not a multiple of 4 nor of the block, N odd, M and N past one tile
+KERNEL_CASES = ((5, 7, 37, 16, 16, 32), (3, 33, 64, 16, 32, 32), (17, 9, 130, 16, 16, 64), (1, 40, 200, 16, 32, 64))
+
+
+def run_ternary_kernel(kernel, x, packed, K, blocks):
+    """Launch the learner's _ternary_matmul_kernel (integer output, no rescale) on int8 x (M, K) and packed W
+    (N, ceil(K / 4)) with the block sizes (BLOCK_M, BLOCK_N, BLOCK_K): the int32 (M, N) it stores. Under the
+    interpreter (no GPU) on CPU tensors; with a GPU, compiled on the device."""
+    from kernels import HAS_TRITON, INTERPRET
+
+    if not HAS_TRITON:
+        raise Violation("Triton is not installed here (it has Linux wheels only): exercise 8.6 needs its interpreter")
+    kernel = getattr(kernel, "__wrapped__", kernel)  # the graded function is the @triton.jit kernel itself
+    if not hasattr(kernel, "__getitem__"):
+        raise Violation(f"_ternary_matmul_kernel is a {type(kernel).__name__}, not a @triton.jit kernel: keep the "
+                        "decorator")
+    device = "cpu" if INTERPRET else "cuda"
+    M, N = x.size(0), packed.size(0)
+    bm, bn, bk = blocks
+    x, packed = x.to(device), packed.to(device)
+    y = torch.full((M, N), -77, dtype=torch.int32, device=device)
+    try:
+        kernel[(math.ceil(M / bm), math.ceil(N / bn))](x, packed, y, y, y, M, N, K, x.stride(0), packed.stride(0),
+                                                        y.stride(0), RESCALE=False, BLOCK_M=bm, BLOCK_N=bn,
+                                                        BLOCK_K=bk)
+    except Exception as exc:  # the interpreter wraps what the kernel raised: report that, at its line
+        if type(exc).__name__ == "InterpreterError" and exc.__cause__ is not None:
+            raise exc.__cause__ from None
+        if "NotImplementedError" in str(exc):
+            raise NotImplementedError("Exercise 8.6: decoding the 2-bit weights inside the Triton kernel") from None
+        raise
+    return y.cpu()
+
+
+def _decoding_mistake(got_t, codes):
+    """What a wrong decode looks like, from the decoded W^T (K, N) next to the true codes (N, K)."""
+    fields = codes.long() + 1  # the stored 2-bit fields
+    K = codes.size(1)
+    order = torch.arange(K)
+    reversed_fields = (fields[:, (order // 4) * 4 + 3 - order % 4] if K % 4 == 0 else None)
+    for wrong, what in ((fields, "the stored fields c = w + 1 in {0, 1, 2}: the -1 is missing"),
+                        (fields % 2 - 1, "codes from 1 bit of each field: keep both bits of a field"),
+                        (reversed_fields - 1 if reversed_fields is not None else None,
+                         "the four fields of each byte in reverse order: weight k is in the bits 2 (k mod 4) up"),):
+        if wrong is not None and torch.equal(got_t, wrong.T.int()):
+            return f" (it looks like {what})"
+    return ""
+
+
+@check("with X = the identity the kernel returns W^T exactly: every weight (n, k) decodes from its byte and 2-bit "
+       "field to -1, 0 or 1, for K with a tail (not a multiple of 4 nor of BLOCK_K) and odd N")
+def kernel_decodes_every_weight(_ternary_matmul_kernel):
+    for n, k, blocks in ((5, 12, (16, 16, 32)), (7, 37, (16, 16, 32)), (33, 68, (16, 32, 32))):
+        g = torch.Generator().manual_seed(k)
+        codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+        codes[0, :3] = torch.tensor([-1, 0, 1], dtype=torch.int8)  # every value appears
+        eye = torch.eye(k, dtype=torch.int8)
+        got = run_ternary_kernel(_ternary_matmul_kernel, eye, _pack(codes), k, blocks)  # (K, N) = W^T
+        if not torch.equal(got, codes.T.int()):
+            kk, col = (int(v) for v in (got != codes.T.int()).nonzero()[0])
+            byte = int(_pack(codes)[col, kk // 4])
+            raise Violation(f"N = {n}, K = {k}: weight (n = {col}, k = {kk}) is {int(codes[col, kk])}, stored in "
+                            f"byte {byte:08b} (row {col}, byte {kk // 4}, field {kk % 4}), but the kernel gave "
+                            f"{int(got[kk, col])}{_decoding_mistake(got, codes)}")
+
+
+@check("the kernel's int32 accumulators equal X W^T exactly (an int64 oracle) for int8 X over the whole range "
+       "[-128, 127], several K blocks with a tail, and M, N past one tile")
+def kernel_matmul_is_exact(_ternary_matmul_kernel):
+    for m, n, k, *blocks in KERNEL_CASES:
+        g = torch.Generator().manual_seed(m * n + k)
+        x = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+        x[0, 0], x[-1, -1] = -128, 127
+        codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+        got = run_ternary_kernel(_ternary_matmul_kernel, x, _pack(codes), k, blocks)
+        want = (x.long() @ codes.long().T).int()
+        if not torch.equal(got, want):
+            bad = got != want
+            raise Violation(f"M = {m}, N = {n}, K = {k}, blocks {tuple(blocks)}: {int(bad.sum())} of {bad.numel()} "
+                            f"results differ from X W^T, max |diff| {int((got.long() - want.long()).abs().max())}")
+
+
+# ---- 8.7 the integer inference path -------------------------------------------------------------------------
+
+def _exported(w, binary=False):
+    """(packed, s_W) of latent weights W, as TernaryLinear.from_bitlinear stores them (quantized once)."""
+    from nanomodels.bitlinear import quantize_weight
+
+    codes, scale = quantize_weight(w, binary=binary)
+    return _pack(codes), scale
+
+
+@check("ternary_linear(x, packed codes of W, s_W, g, b) equals bitlinear(x, W, g, b), the fake-quant training "
+       "forward, to 1e-10 in float64: one int8 scale per token, the 2-bit codes, both rescales, the bias, any "
+       "leading dimensions", k=st.integers(1, 40), n=st.integers(1, 9),
+       lead=st.sampled_from([(1,), (3,), (2, 3), (2, 1, 2)]), with_bias=st.booleans(), binary=st.booleans(),
+       seed=seeds)
+def integer_path_equals_fake_quant(ternary_linear, k, n, lead, with_bias, binary, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g, dtype=F64) * 0.1
+    gain = 1 + 0.3 * torch.randn(k, generator=g, dtype=F64)
+    x = torch.randn(*lead, k, generator=g, dtype=F64) * torch.logspace(-2, 2, lead[-1], dtype=F64)[:, None]
+    b = torch.linspace(-1, 1, n, dtype=F64) if with_bias else None
+    packed, scale = _exported(w, binary)
+    out = expect_tensor(ternary_linear(x, packed, scale, gain, b, 1e-5), (*lead, n), F64, "ternary_linear")
+    w_q = (w - w.mean()).sign() * w.abs().mean() if binary else naive_weight_quant(w)
+    ref = naive_activation_quant(naive_rms_norm(x, gain, 1e-5)) @ w_q.T + (0 if b is None else b)
+    if not _max_diff(out, ref) <= 1e-10 * max(1.0, ref.abs().max().item()):
+        raise Violation(f"x of shape {tuple(x.shape)} (rows scaled 0.01 to 100), W ({n}, {k}){' binary' if binary else ''}: "
+                        f"ternary_linear differs from aq(RMSNorm(x)) wq(W)^T{' + b' if b is not None else ''} by "
+                        f"{_max_diff(out, ref):.3g} (max |y| {ref.abs().max():.3g})")
+
+
+@check("the matmul runs through `gemm`, once, on the int8 codes (M, K) of RMSNorm(x), and y is gemm's int32 "
+       "result / s_x / s_W: a gemm that adds 1 to every accumulator moves y by 1 / (s_x s_W)")
+def integer_matmul_goes_through_gemm(ternary_linear):
+    from nanomodels.bitlinear import ternary_matmul_reference
+
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(6, 20, generator=g, dtype=F64)
+    gain = 1 + 0.3 * torch.randn(20, generator=g, dtype=F64)
+    x = torch.randn(2, 3, 20, generator=g, dtype=F64) * 5
+    packed, scale = _exported(w)
+    calls = []
+
+    def off_by_one_gemm(codes, packed_, K):
+        calls.append((codes.dtype, tuple(codes.shape), codes.clone(), K))
+        return ternary_matmul_reference(codes, packed_, K) + 1
+
+    out = ternary_linear(x, packed, scale, gain, None, 1e-5, off_by_one_gemm)
+    if len(calls) != 1:
+        raise Violation(f"gemm was called {len(calls)} times; the integer matmul of all M = 6 rows is one call of "
+                        "gemm(codes (M, K) int8, packed, K)")
+    dtype, shape, codes, K = calls[0]
+    h = naive_rms_norm(x, gain, 1e-5).reshape(6, 20)
+    s_x = 127 / h.abs().amax(-1, keepdim=True)
+    want_codes = (h * s_x).round()
+    if dtype != torch.int8 or shape != (6, 20) or K != 20:
+        raise Violation(f"gemm got codes of dtype {dtype} and shape {shape} with K = {K}; expected int8 (6, 20), "
+                        "K = 20 (x (2, 3, 20) flattened to its 6 tokens)")
+    if not torch.equal(codes.double(), want_codes):
+        raise Violation(f"gemm got codes {fmt(codes[0, :6])}... for token 0; the int8 codes of RMSNorm(x) with "
+                        f"one scale 127 / max|h| per token are {fmt(want_codes[0, :6])}...")
+    acc = (want_codes @ unpack_codes(packed, 20).double().T + 1).view(2, 3, 6)
+    want = acc / s_x.view(2, 3, 1) / scale
+    if not _max_diff(out, want) <= 1e-10 * want.abs().max().item():
+        raise Violation(f"y differs from gemm's result / s_x / s_W by {_max_diff(out, want):.3g}: the output must be "
+                        "computed from the int32 accumulators gemm returns")
+
+
+def unpack_codes(packed, K):
+    from nanomodels.bitlinear import unpack_ternary
+
+    return unpack_ternary(packed, K)
+
+
+def greedy_through_both_paths(ternary_linear, steps: int = 40, n_new: int = 24, seed: int = 0):
+    """The experiment of exercise 8.7. A tiny BitNet LM (2 layers, width 32, float64) learns a next-token rule for
+    `steps` AdamW steps (count up by one, mod 12); then it decodes greedily twice from the same prompt: with the fake-quant training forward
+    (BitLinear), and exported (to_ternary) with every layer's forward computed by `ternary_linear`.
+    Returns (fake-quant ids, integer-path ids, max |logit difference| on the prompt, final training loss)."""
+    import copy
+    import functools
+
+    from nanomodels.bitlinear import BitLinear, BitNetResidual, TernaryLinear, to_ternary
+    from nanomodels.transformer import Transformer, TransformerConfig
+
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(vocab_size=12, block_size=32, n_layers=2, d_model=32, n_heads=4, bias=False,
+                            tie_weights=False)
+    model = Transformer(cfg, linear=BitLinear, residual=BitNetResidual).double()
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):  # the rule: count up by one, mod 12, from a random start
+        seq = (torch.randint(0, 12, (8, 1), generator=g) + torch.arange(17)) % 12
+        _, loss = model(seq[:, :-1], targets=seq[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    integer = to_ternary(copy.deepcopy(model))
+    for layer in integer.modules():
+        if isinstance(layer, TernaryLinear):
+            layer.forward = functools.partial(
+                lambda x, m: ternary_linear(x, m.packed, m.weight_scale, m.norm_weight, m.bias, m.eps, m.gemm),
+                m=layer)
+    prompt = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        diff = (model(prompt)[0] - integer(prompt)[0]).abs().max().item()
+    return (model.generate(prompt, n_new, temperature=0.0), integer.generate(prompt, n_new, temperature=0.0),
+            diff, loss.item())
+
+
+@check("the experiment: a tiny BitNet LM trained for 40 steps, exported to 2-bit codes with every layer run by "
+       "ternary_linear, decodes the same 24 greedy tokens as its fake-quant training forward (float64), and its "
+       "logits agree to 1e-9")
+def same_greedy_tokens_through_both_paths(ternary_linear):
+    fake, real, diff, _ = greedy_through_both_paths(ternary_linear)
+    if not torch.equal(fake, real):
+        first = int((fake != real).nonzero()[0, 1])
+        raise Violation(f"the greedy tokens differ from position {first}: fake-quant {fake[0].tolist()}, integer "
+                        f"path {real[0].tolist()} (max |logit difference| on the prompt {diff:.3g})")
+    if not diff <= 1e-9:
+        raise Violation(f"same greedy tokens, but the logits on the prompt differ by {diff:.3g}; in float64 the "
+                        "two paths agree to about 1e-12")
+
+
+def _pack(codes):
+    from nanomodels.bitlinear import pack_ternary
+
+    return pack_ternary(codes)
+
+
 EXERCISES = {
     "8.1": Exercise(points=2, checks=[weight_quant_matches_the_faq, weight_codes_are_ternary,
                                       weight_scale_is_per_tensor],
@@ -247,4 +463,13 @@ EXERCISES = {
                     hint='Unpacking inverts the packing: four 2-bit fields per byte, in the same order.',
                     hints=('Shift each byte right by the four field offsets at once (broadcast), keep 2 bits, and undo the +1.',
                            'Fields (byte >> 0, 2, 4, 6) & 3 along a new last dimension, flattened along K, cut to the first K columns, minus 1, as int8.')),
+    "8.6": Exercise(points=3, checks=[kernel_decodes_every_weight, kernel_matmul_is_exact],
+                    hint='Inside the kernel the decode of exercise 8.5 runs on a whole tile at once: for each row k of the (BLOCK_K, BLOCK_N) tile of W^T, one byte per column and one 2-bit field of it.',
+                    hints=("Row k of the tile needs byte k // 4 of each packed row n (w_rows already points at the rows); the field's shift depends on k only, so it broadcasts along the columns. Mask the loads past K and past N.",
+                           "Load the bytes at w_rows plus k // 4 as a column vector, masked where k >= K or n >= N (other=0); shift them right by 2 (k mod 4) (as uint8, one shift per row), keep the low two bits, convert to int8 and subtract 1 so that tl.dot sees -1, 0 and 1.")),
+    "8.7": Exercise(points=4, checks=[integer_path_equals_fake_quant, integer_matmul_goes_through_gemm,
+                                      same_greedy_tokens_through_both_paths],
+                    hint='At inference BitLinear needs no float matmul: normalize, quantize each token to int8, multiply the int8 codes by the 2-bit weights in integers, then undo both scales.',
+                    hints=("The weights were quantized once, offline (codes in packed, s_W); the activations are quantized on every call with one scale per token (quantize_activation gives codes and s_x). The integer matmul works on 2-D (M, K) codes; put the leading dimensions back afterwards.",
+                           "RMSNorm with the gain and eps; int8 codes and s_x of the result; flatten the codes to (M, K) and call gemm once; view the int32 result as (..., N), convert to x's dtype, divide by s_x (per token) and by s_W; add the bias last.")),
 }

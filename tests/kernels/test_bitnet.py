@@ -14,7 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.bitnet import rmsnorm_quant, rmsnorm_quant_reference, ternary_gemm_triton, ternary_matmul
+from kernels import triton
+from kernels.bitnet import (GPU_BLOCKS, _ternary_matmul_kernel, rmsnorm_quant, rmsnorm_quant_reference,
+                            ternary_gemm_triton, ternary_matmul)
 from kernels.cpu_ternary import available, ternary_gemm_cpu
 from nanomodels.bitlinear import BitLinear, TernaryLinear, pack_ternary
 from tiers import assert_close, compiled_rows, needs_interpreter, randn
@@ -155,6 +157,17 @@ class TestInterpreter:
         assert got.dtype == torch.int32
         assert_equal_ints(got, int64_oracle(x, codes), f"triton {m}x{n}x{k}")
 
+    @pytest.mark.parametrize("config", sorted(GPU_BLOCKS))
+    def test_ternary_matmul_is_exact_with_each_gpu_block_config(self, config):
+        bm, bn, bk, _ = GPU_BLOCKS[config]
+        m, n, k = bm + 3, bn + 5, 2 * bk + 9  # a partial tile in M and N, two full K blocks and a tail
+        x, codes = int_operands(m, n, k, seed=bk)
+        y = torch.empty(m, n, dtype=torch.int32)
+        grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+        _ternary_matmul_kernel[grid](x, pack_ternary(codes), y, y, y, m, n, k, k, (k + 3) // 4, n, RESCALE=False,
+                                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        assert_equal_ints(y, int64_oracle(x, codes), f"{config} blocks {bm}x{bn}x{bk}, {m}x{n}x{k}")
+
     def test_ternary_matmul_rescales_and_writes_nothing_outside_its_output(self):
         m, n, k = 18, 35, 100
         x, codes = int_operands(m, n, k, seed=3)
@@ -201,8 +214,17 @@ class TestCompile:
     def test_ternary_matmul_uses_integer_tensor_cores(self, compiled):
         rows = [r for r in compiled_rows(compiled, "bitnet") if r["kernel"].startswith("ternary_matmul")]
         assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
-        for r in rows:
-            assert (r["mma_sync"] if r["arch"] == "sm_80" else r["wgmma"]) > 0, f"{r['arch']}: no tensor-core MMA"
+        for r in rows:  # sm_90: wgmma for tiles of 64 rows or more, mma.sync (still int8 tensor cores) below
+            mma = r["mma_sync"] if r["arch"] == "sm_80" else r["wgmma"] + r["mma_sync"]
+            assert mma > 0, f"{r['kernel']} {r['arch']}: no tensor-core MMA"
+
+    def test_every_gpu_launch_config_of_ternary_matmul_builds_without_spills(self, compiled):
+        rows = [r for r in compiled_rows(compiled, "bitnet") if r["kernel"].startswith("ternary_matmul")]
+        for config, (bm, bn, bk, warps) in GPU_BLOCKS.items():
+            mine = [r for r in rows if f"{bm}x{bn}x{bk}, {warps} warps" in r["kernel"]]
+            assert {r["arch"] for r in mine} == {"sm_80", "sm_90"}, f"the {config} config is not compiled"
+            for r in mine:
+                assert r["spill_bytes"] in (None, 0), f"{r['kernel']} {r['arch']}: {r['spill_bytes']} B spilled"
 
     @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour; the GPU tier runs it")
     def test_cuda_library_loads_and_reports_a_cuda_error_without_a_gpu(self):
