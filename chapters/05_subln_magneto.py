@@ -329,7 +329,43 @@ print(f"backend: {kernels.backend(h)}; inner LN over d_ff by the kernel vs nn.La
 # |---|---|---|
 # | 5.1 | `subln_gamma` | the table; $\gamma^2 = \log 2N$ for every $N$; the enc-dec rows |
 # | 5.2 | `subln_ffn` | $W_2\,\mathrm{LN}(\mathrm{GELU}(W_1x))$ with the inner norm over $d_\mathrm{ff}$ |
-# | 5.3 | `subln_init_` | per-matrix std: gain $\gamma$ on $W^V, W^O, W_1, W_2$ (multiplied), gain 1 on $W^Q, W^K$, the rest untouched |
+# | 5.3 | `magneto_encoder_decoder` | the parts (Sub-LN self-attention and feed-forward, plain cross-attention, Pre-LN); per stack, gain $\gamma$ of its own row on $W^V, W^O, W_1, W_2$ (multiplied), gain 1 on $W^Q, W^K$; a short training run |
 #
 # Known-wrong solutions are in `exercises/mutants/ch05_subln_magneto.py` ($\gamma$ divided instead of multiplied, the inner norm over $d$ instead
 # of $d_\mathrm{ff}$, $N$ counting sublayers, ...).
+
+# %% [markdown]
+# ### Exercise 5.3: the Magneto encoder-decoder, one $\gamma$ per stack
+#
+# `magneto_encoder_decoder(config, encoder_layers)` builds the core `EncoderDecoder` from parts: Sub-LN self-attention and
+# feed-forward on both sides, Pre-LN residuals, a cross-attention without an inner LayerNorm (the paper's Magneto), then each
+# stack's init with its own row of the $\gamma$ table. Besides the parts and each matrix's std, `python -m exercises grade 05
+# --exercise 5.3` trains a 2 + 2 layer, width-32 model of yours for 60 Adam steps (learning rate $10^{-2}$) to reverse 4 digits
+# of 8: the mean loss of the last 5 steps must be below 1.75 nats ($\ln 8 = 2.08$ is the loss of a model that learned only which
+# digits occur). The cell below runs the same training with the library's model: the result to expect (on one thread we
+# measured 2.20 nats at the first step and 1.29 at the end).
+
+# %%
+from nanomodels.subln import magneto_encoder_decoder
+
+show(magneto_encoder_decoder)
+
+# %%
+torch.manual_seed(0)
+digits, length, batch = 8, 4, 16
+seq2seq = magneto_encoder_decoder(TransformerConfig(vocab_size=digits + 1, block_size=length, n_layers=2, d_model=32,
+                                                    n_heads=4, d_ff=64), encoder_layers=2)
+opt = torch.optim.Adam(seq2seq.parameters(), lr=1e-2)
+gen = torch.Generator().manual_seed(0)
+losses = []
+for _ in range(60):
+    src = torch.randint(0, digits, (batch, length), generator=gen)
+    out = src.flip(1)
+    tgt = torch.cat([torch.full((batch, 1), digits), out[:, :-1]], 1)  # token 8 starts every target
+    _, loss = seq2seq(src, tgt, out)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+print(f"reverse 4 digits of 8: loss {losses[0]:.2f} -> {sum(losses[-5:]) / 5:.2f} (mean of the last 5 steps; the grader "
+      "wants < 1.75)")
