@@ -86,6 +86,11 @@ print(f"eager total {total / (M * N):.2f} MN element transfers; fused kernel 2 M
 # The fused kernel gives each row to one **program** (Triton's unit of parallel work; on a GPU, one thread
 # block). A program loads the whole row into registers. The row is padded to a power of two and the padding is
 # set to $-\infty$, which adds $e^{-\infty} = 0$ to the sum. The program reduces, exponentiates, and stores.
+#
+# Writing that body is **exercise 1.1**, so `show` prints only the kernel's signature and docstring. Write the body in
+# `exercises/ex01_kernels_flash_attention.py` and grade it with `python -m exercises grade 01`. The grader runs your
+# kernel in the interpreter against a float64 softmax: rows whose length is not a power of two, scores of
+# $\pm 10^4$, rows holding $-\infty$, float16 rows.
 
 # %%
 from kernels.softmax import _softmax_kernel, online_softmax, online_softmax_reference, softmax
@@ -115,6 +120,10 @@ print(f"({rows}, 781): max |softmax - torch.softmax| = {(y - torch.softmax(x, -1
 # A second walk writes $e^{x - m}/\ell$. One edge case matters: while every value seen so far is $-\infty$ (masked
 # scores), $e^{m - m'}$ would be $e^{-\infty + \infty}$, which is NaN. The kernel keeps such rows at $\ell = 0$
 # instead.
+#
+# The PyTorch version below is printed in full. The kernel's update of $m$ and $\ell$ inside the first walk is
+# **exercise 1.2** (`python -m exercises grade 01`). Its checks walk rows in 1 to 6 tiles whose max rises, falls
+# or sits in the middle, rows of $\pm 10^4$, and rows that start with whole tiles of $-\infty$.
 
 # %%
 from kernels.softmax import _online_softmax_kernel
@@ -166,6 +175,12 @@ for block_n in (16, 64, 256, 1024):
 # The kernel also stores the log-sum-exp $L_i = m + \log \ell$, one number per row. The backward pass needs it,
 # and so does merging partial attentions (LongNet, chapter 06). The $T \times T$ matrix never exists. The kernel
 # keeps scores in base 2, folding $\log_2 e$ into the scale, because `exp2` is the native instruction.
+#
+# The loop over the key tiles, `_fwd_tiles`, is **exercise 1.3**: the scores of one tile, the mask, and the update
+# of $m$, $\ell$ and acc. `_attn_fwd_kernel`, printed in full, loads the query tile, calls `_fwd_tiles` for the
+# unmasked and then the masked run of key tiles, and writes $O = \mathrm{acc}/\ell$ and the LSE. Grade it with
+# `python -m exercises grade 01`. The grader compares $O$ and the LSE with a float64 oracle over 1 to 3 key
+# tiles, for causal, prefix and key-padding masks, scores of order $10^3$ to $10^4$, and float16 inputs.
 
 # %%
 from kernels.flash_attention import _attn_fwd_kernel, _fwd_tiles
@@ -444,6 +459,23 @@ if torch.cuda.is_available() and not kernels.INTERPRET:
     gpu_benchmark(quick=QUICK)
 else:
     print("No CUDA device: GPU timings unavailable here. On a GPU machine: python -m kernels.bench")
+
+# %% [markdown]
+# ## Exercises
+#
+# Fill in your file, `exercises/ex01_kernels_flash_attention.py`, then run `python -m exercises grade 01`. The
+# grader puts your kernel in place of the library's, runs the library's launcher in Triton's interpreter on the
+# CPU, and compares the result with a float64 oracle.
+#
+# | # | function | what the grader checks |
+# |---|---|---|
+# | 1.1 | `_softmax_kernel` (`kernels/softmax.py`) | softmax of each row for lengths that are not a power of two (the padding lanes take no mass); scores of $\pm 10^4$ without NaN; $-\infty$ entries; float16 |
+# | 1.2 | `_online_softmax_kernel` | the tiled walk equals softmax for 1 to 6 tiles and a short last tile; scores of $\pm 10^4$; whole tiles of $-\infty$ give no NaN; float16 |
+# | 1.3 | `_fwd_tiles` (`kernels/flash_attention.py`) | $O$ and LSE against a float64 oracle over several key and query tiles, bidirectional, causal (the diagonal included), prefix and key padding; rows that see no key give $O = 0$, LSE $= -\infty$; large scores; float16 |
+#
+# Known-wrong solutions the grader must reject are in `exercises/mutants/ch01_kernels_flash_attention.py` (no max
+# shift, padding filled with 0, the running sum or output not rescaled, the rescale's sign flipped, the tile max for
+# the running max, division by $\ell$ inside the loop, $e^x$ for $2^x$, ...).
 
 # %% [markdown]
 # ## Summary

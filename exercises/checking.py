@@ -101,6 +101,8 @@ def _same(value, snap) -> bool:
     import torch
 
     if isinstance(value, torch.Tensor):
+        if not isinstance(snap, torch.Tensor):
+            return False
         if value.device.type == "meta":  # no values to compare
             return value.shape == snap.shape and value.dtype == snap.dtype
         return (value.shape == snap.shape and value.dtype == snap.dtype
@@ -109,7 +111,16 @@ def _same(value, snap) -> bool:
     if isinstance(snap, dict) and hasattr(value, "state_dict"):
         now = value.state_dict()
         return now.keys() == snap.keys() and all(torch.equal(now[k], snap[k]) for k in snap)
-    return type(value) is type(snap) and value == snap
+    if type(value) is not type(snap):
+        return False
+    if isinstance(value, (list, tuple)):  # containers of tensors: element by element, type-exact
+        return len(value) == len(snap) and all(_same(a, b) for a, b in zip(value, snap))
+    if isinstance(value, dict):
+        return value.keys() == snap.keys() and all(_same(value[k], snap[k]) for k in value)
+    try:
+        return value is snap or bool(value == snap)  # `is` first: a float NaN deep-copies to itself
+    except (RuntimeError, ValueError, TypeError):  # no single truth value (an array): not compared
+        return True
 
 
 def _tensors(value):
@@ -193,9 +204,13 @@ def guarded(fn: Callable, name: str, exercise: Exercise | None = None) -> Callab
 
 
 def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, _GROUPS) and exc.exceptions:  # hypothesis' Flaky* errors wrap the real failure
-        exc = exc.exceptions[0]
-    return exc
+    while True:
+        if isinstance(exc, _GROUPS) and exc.exceptions:  # hypothesis' Flaky* errors wrap the real failure
+            exc = exc.exceptions[0]
+        elif type(exc).__name__ == "InterpreterError" and exc.__cause__ is not None:
+            exc = exc.__cause__  # Triton's interpreter wraps what a kernel raised (once per nested @jit call)
+        else:
+            return exc
 
 
 def _counterexample(exc: BaseException) -> str:

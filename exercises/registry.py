@@ -49,6 +49,8 @@ class Chapter:
 CHAPTERS = {c.number: c for c in [
     Chapter("00", "tiny_transformer", "a tiny transformer from scratch",
             ("nanomodels/attention.py", "nanomodels/tokenizer.py", "nanomodels/transformer.py")),
+    Chapter("01", "kernels_flash_attention", "kernels: a fused softmax, the online softmax, FlashAttention",
+            ("kernels/softmax.py", "kernels/flash_attention.py")),
     Chapter("02", "unilm_masks", "UniLM attention masks", ("nanomodels/masks.py",)),
     Chapter("03", "pseudo_masked_lm", "the pseudo-masked language model", ("nanomodels/pmlm.py",)),
     Chapter("04", "deepnet", "DeepNet: DeepNorm for very deep Post-LN Transformers",

@@ -103,6 +103,11 @@ def _query_range(n0, offset, key_len, prefix_len, t_q, BLOCK_M: tl.constexpr, BL
 @triton.jit
 def _fwd_tiles(acc, ell, m, q, q_pos, K, V, stride_kt, stride_vt, key_len, prefix_len, start, end, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, MASKED: tl.constexpr):
+    """Key tiles [start, end) for one query tile, BLOCK_N keys at a time: the online softmax with a running output.
+    Over the keys seen so far, m (BLOCK_M,) is the running max of the base-2 scores s = q k^T * qk_scale (-inf
+    before any visible key), ell (BLOCK_M,) = sum exp2(s - m), acc (BLOCK_M, HEAD_DIM) = sum exp2(s - m) v, all
+    float32; returned updated. MASKED: keys hidden by `_visible` get s = -inf (else every key here is visible).
+    The caller divides acc by ell once, after the last tile, and stores LSE = (m + log2 ell) ln 2."""
     offs_d = tl.arange(0, HEAD_DIM)
     rows = tl.arange(0, BLOCK_N)
     tile_k, tile_v = stride_kt.to(tl.int64), stride_vt.to(tl.int64)  # one tile's first row: int64 n0 * stride
@@ -112,6 +117,7 @@ def _fwd_tiles(acc, ell, m, q, q_pos, K, V, stride_kt, stride_vt, key_len, prefi
         # 64-bit safe, with the register use of 32-bit offsets (int64 everywhere spills at D = 128 on sm_80)
         kt = tl.load(K + n0 * tile_k + rows[None, :] * stride_kt + offs_d[:, None],
                      mask=offs_n[None, :] < key_len, other=0.0)
+        # BEGIN EXERCISE 1.3: one key/value tile of the FlashAttention forward
         s = tl.dot(q, kt) * qk_scale  # (BLOCK_M, BLOCK_N) scores, base 2
         if MASKED:
             s = tl.where(_visible(q_pos[:, None], offs_n[None, :], key_len, prefix_len, MASK_KIND), s,
@@ -125,6 +131,7 @@ def _fwd_tiles(acc, ell, m, q, q_pos, K, V, stride_kt, stride_vt, key_len, prefi
                     mask=offs_n[:, None] < key_len, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
+        # END EXERCISE
     return acc, ell, m
 
 

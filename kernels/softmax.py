@@ -55,27 +55,36 @@ def online_softmax_reference(x: torch.Tensor, block_n: int, trace: Optional[list
 
 @triton.jit
 def _softmax_kernel(X, Y, n_cols, stride_x, stride_y, BLOCK: tl.constexpr):
+    """One program per row: Y[row, :n_cols] = softmax(X[row, :n_cols]), computed in float32 whatever X's dtype.
+    The row is one block of BLOCK lanes (the next power of two >= n_cols); lanes n_cols..BLOCK-1 are padding."""
     row = tl.program_id(0).to(tl.int64)  # one program per row; int64 so row * stride cannot overflow
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
+    # BEGIN EXERCISE 1.1: the fused row softmax, with the padding lanes masked
     x = tl.load(X + row * stride_x + cols, mask=inside, other=-float("inf")).to(tl.float32)
     e = tl.exp(x - tl.max(x, axis=0))  # padding: exp(-inf) = 0
     y = e / tl.sum(e, axis=0)
+    # END EXERCISE
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def _online_softmax_kernel(X, Y, n_cols, stride_x, stride_y, BLOCK_N: tl.constexpr):
+    """One program per row, walked in tiles of BLOCK_N columns, in float32. First walk: the running max m and the
+    running sum ell = sum exp(x - m) over the tiles seen so far. Second walk: Y = exp(x - m) / ell. X may hold
+    -inf (masked scores): while every value seen so far is -inf, m = -inf and ell = 0."""
     row = tl.program_id(0).to(tl.int64)
     m = -float("inf")  # running max
     ell = 0.0  # running sum of exp(x - m)
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         x = tl.load(X + row * stride_x + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+        # BEGIN EXERCISE 1.2: the online softmax update of the running max and sum
         m_new = tl.maximum(m, tl.max(x, axis=0))
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)  # only -inf so far: exp(-inf - 0) = 0, not NaN
         ell = ell * tl.exp(m - m_ref) + tl.sum(tl.exp(x - m_ref), axis=0)
         m = m_new
+        # END EXERCISE
     inv_l = 1.0 / ell
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)

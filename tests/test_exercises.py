@@ -249,16 +249,23 @@ def test_a_patch_that_no_longer_applies_fails_naming_the_mutant():
     assert "this line is not in the region" not in region(marked)
 
 
-@pytest.fixture(scope="module")
-def mutant_reports():
-    """Every mutant graded on its own exercise, one worker per chapter."""
-    reports = {}
-    for chapter in CHAPTERS.values():
+class _MutantReports(dict):
+    """(chapter, mutant) -> report; a chapter's mutants are graded (one worker) when the first one is asked for,
+    so `-k 01` grades chapter 01's mutants only."""
+
+    def __missing__(self, key):
+        chapter = get_chapter(key[0])
         mutants = load_mutants(chapter)
         sources = [Source("mutant", exercises=(m.exercise,), mutant=m.name) for m in mutants]
         for mutant, report in zip(mutants, grade_many(chapter, sources)):
-            reports[chapter.number, mutant.name] = report
-    return reports
+            self[chapter.number, mutant.name] = report
+        return self[key]
+
+
+@pytest.fixture(scope="module")
+def mutant_reports():
+    """Every mutant graded on its own exercise, one worker per chapter."""
+    return _MutantReports()
 
 
 @pytest.mark.slow
@@ -360,6 +367,29 @@ def test_the_library_own_functions_imported_or_wrapped_earn_no_points(tmp_path):
     assert any("calls the library's own `most_frequent_pair`" in c["message"] for c in status["0.4"]["checks"])
     assert status["0.2"]["status"] == "passed", summary(report)  # written by the learner: full marks
     assert "library" in format_report(report)
+
+
+def test_guard_same_sees_a_tensor_edited_in_place_inside_a_list_argument():
+    import torch
+
+    from exercises.checking import Violation, _same, guarded
+
+    def total(tensors):
+        return sum(t.sum() for t in tensors)
+
+    def total_after_editing(tensors):
+        tensors[1].add_(1)  # the caller's tensor, inside the caller's list
+        return total(tensors)
+
+    fresh = lambda: [torch.ones(3), torch.zeros(2, dtype=torch.float64)]  # noqa: E731
+    assert guarded(total, "total")(fresh()) == 3  # an untouched list of tensors passes (no ambiguous truth value)
+    with pytest.raises(Violation, match="changed its argument `tensors` in place"):
+        guarded(total_after_editing, "total_after_editing")(fresh())
+    nested = {"k": (torch.ones(2), [torch.zeros(1)]), "n": float("nan")}
+    assert _same(nested, {"k": (torch.ones(2), [torch.zeros(1)]), "n": nested["n"]})
+    assert not _same(nested, {"k": (torch.ones(2), [torch.ones(1)]), "n": nested["n"]})
+    assert not _same([torch.ones(2)], (torch.ones(2),))  # type-exact: a tuple is not the list it replaced
+    assert not _same([torch.ones(2)], [torch.ones(2, dtype=torch.float64)])
 
 
 # ---- hints ------------------------------------------------------------------------------------------------
