@@ -250,7 +250,8 @@ plt.show()
 # $\alpha$ depends on every pattern's LSE, so each pattern receives $dO$ and $d\mathrm{LSE}$, and the kernels run with
 # $\delta = \mathrm{rowsum}(dO \odot O) - d\mathrm{LSE}$. Each head's kept rows of each segment are gathered into a
 # dense batch of $w/r$ rows (the short last segment's missing rows become padded keys) and $dQ, dK, dV$ are scattered
-# back. The cell compares them with autograd through `dilated_attention` in float64.
+# back. The cell compares them with autograd through `dilated_attention` in float64. The compile tier builds those
+# backward kernels too, with the causal and the no-mask kinds this path launches, at their default configs (no spills).
 
 # %%
 from kernels.dilated_attention import _dilated_fwd_kernel, dilated_attention_kernel, dilated_branch_kernel

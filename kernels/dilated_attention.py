@@ -20,12 +20,14 @@ T/r rows per head and pattern.
 """
 
 import math
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 
 from kernels import INTERPRET, AotSpec, Benchmark, backend, tl, triton
-from kernels.flash_attention import flash_attention_backward
+from kernels.flash_attention import AOT_SPECS as FLASH_AOT_SPECS
+from kernels.flash_attention import MASK_CAUSAL, MASK_NONE, flash_attention_backward
 from nanomodels.dilated import check_patterns, dilated_branch, head_offsets, merge_by_lse
 
 HEAD_DIMS = (16, 32, 64, 128)
@@ -205,6 +207,13 @@ def _aot_specs():
                              _dilated_fwd_kernel, dict.fromkeys(["Q", "K", "V", "OUT"], "*fp16") | {"LSE": "*fp32"},
                              {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True},
                              scalars={"sm_scale": "fp32"}, num_warps=nw, num_stages=ns, mma=True))
+    # the backward: FlashAttention's dK/dV and dQ kernels at their default configs, with the mask kinds this
+    # module launches them with (causal or none, plus key_lengths); flash_attention.py compiles the prefix mask
+    for spec in FLASH_AOT_SPECS:
+        if spec.name.startswith(("attn_bwd_dkdv fp16", "attn_bwd_dq fp16")):
+            for kind, label in ((MASK_CAUSAL, "causal"), (MASK_NONE, "bidirectional")):
+                specs.append(replace(spec, name=spec.name.replace("attn_bwd_", "dilated_bwd ").replace("prefix mask", label),
+                                     constexprs={**spec.constexprs, "MASK_KIND": kind}))
     return specs
 
 

@@ -7,8 +7,8 @@
                 guard bands around both outputs. Backward: dQ, dK, dV equal autograd through
                 nanomodels.dilated.dilated_attention (the gradient through the mixing weights included, not the
                 detached-weights gradient), per pattern through O and LSE, and a central finite difference.
-3. compile      built for sm_80 / sm_90 through the kernel registry (tests/kernels/test_compile.py); the backward
-                runs kernels/flash_attention.py's backward kernels, compiled there.
+3. compile      built for sm_80 / sm_90 through the kernel registry (tests/kernels/test_compile.py): the forward,
+                and kernels/flash_attention.py's dK/dV and dQ kernels with the mask kinds the backward launches.
 4. gpu          (-m gpu) fp16 numerics on the device at T = 4096, forward and backward.
 """
 
