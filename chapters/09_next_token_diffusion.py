@@ -118,6 +118,16 @@ show(adaln_modulation)
 show(q_sample)
 show(DiffusionHead.loss)
 
+# %% [markdown]
+# `DiffusionHead.loss` runs `diffusion_loss`, the loss end to end (exercise 9.8): the conditions from one backbone pass,
+# `batch_mul` copies of every target and of its condition (the copies of one token adjacent), one `q_sample` draw of
+# $(x_t, t, \epsilon)$ per row, and the mean squared error against $\epsilon$ (or $v$).
+
+# %%
+from nanomodels.diffusion import diffusion_loss
+
+show(diffusion_loss)
+
 # %%
 from nanomodels.transformer import TransformerConfig
 
@@ -198,6 +208,22 @@ plt.show()
 # where a multistep extrapolation is least reliable; other spacings were not tried here. On an exact Gaussian denoiser the
 # second-order solver does win at 50 steps
 # (tests/test_diffusion.py).
+
+# %% [markdown]
+# Exercise 9.8 grades `diffusion_loss` against a written-out loss in float64 (values and gradients, ε and v targets,
+# given conditions), and by a short experiment on this toy: a smaller conditioner and head (one adaLN block, width 32)
+# trained for 200 steps with the learner's loss, fixed seeds, one thread; 400 DDIM samples (20 steps) at $x = -1.5$
+# and $x = 1$ must fall near $\pm x$ (at least 70% within 0.3) and split between the two modes (30% to 70% at $+x$).
+# The experiment, on the library's function:
+#
+# ```bash
+# python -m exercises grade 09 --exercise 9.8
+# ```
+
+# %%
+from exercises.checks.ch09_next_token_diffusion import bimodal_toy_experiment, toy_report
+
+print(toy_report(bimodal_toy_experiment(diffusion_loss)).replace("; ", "\n"))
 
 # %% [markdown]
 # ## 4. The σ-VAE
@@ -298,10 +324,39 @@ x, shift, scale = torch.randn(64, 96), torch.randn(64, 96), torch.randn(64, 96)
 print(f"max |kernel - reference| = {(adaln_modulate(x, shift, scale) - modulate_reference(x, shift, scale)).abs().max():.2e}")
 
 # %% [markdown]
+# The forward kernel's row body is exercise 9.7. A condition shared by the $L$ tokens of a sequence (shift and scale
+# $(B, 1, D)$, DiT's case) is read in place: row $r$ of $x$ reads condition row $r$ // `rows_per_cond`, and the
+# backward sums each shared condition's gradient over its rows. The grader runs the learner's kernel under the
+# interpreter against a float64 oracle, on widths that are not a power of two, on rows of small variance with a small
+# and a large eps, with shared conditions, and on rows whose mean is large compared with their spread, where a
+# one-pass variance $\mathbb{E}[x^2] - \mathbb{E}[x]^2$ in float32 cancels:
+
+# %%
+from kernels.adaln import _adaln_fwd_kernel, adaln_forward
+
+show(_adaln_fwd_kernel)
+
+# %%
+means = (1000.0, -300.0, 40.0, 0.0)
+xf = (torch.randn(4, 50, dtype=torch.float64) + torch.tensor(means, dtype=torch.float64)[:, None]).float()
+shift, scale = torch.randn(4, 50) * 0.7, torch.randn(4, 50) * 0.7
+want = modulate_reference(xf.double(), shift.double(), scale.double())
+y, _, _ = adaln_forward(xf, shift, scale)
+one_pass_var = (xf * xf).mean(-1, keepdim=True) - xf.mean(-1, keepdim=True) ** 2
+one_pass = (xf - xf.mean(-1, keepdim=True)) * torch.rsqrt(one_pass_var + 1e-6) * (1 + scale) + shift
+for i, m in enumerate(means):
+    print(f"row mean {m:>6g}, std 1: max |y - float64| kernel {(y[i].double() - want[i]).abs().max():.1e}, "
+          f"one-pass variance {(one_pass[i].double() - want[i]).abs().max():.1e}")
+xs, shift, scale = torch.randn(3, 4, 24), torch.randn(3, 1, 24), torch.randn(3, 1, 24)
+print(f"per-sequence condition (3, 1, 24) for x (3, 4, 24): max |kernel - reference| = "
+      f"{(adaln_modulate(xs, shift, scale) - modulate_reference(xs, shift, scale)).abs().max():.2e}")
+
+# %% [markdown]
 # ## Exercises
 #
 # `exercises/ex09_next_token_diffusion.py`: 9.1 the cosine schedule, 9.2 the DDIM sampler, 9.3 the adaLN modulation, 9.4 the
-# zero-initialized modulation, 9.5 per-token timesteps, 9.6 the σ-VAE sample. Grade with
+# zero-initialized modulation, 9.5 per-token timesteps, 9.6 the σ-VAE sample, 9.7 the fused adaLN row in Triton, 9.8 the
+# diffusion head's training loss, end to end. Grade with
 #
 # ```
 # python -m exercises grade 09
