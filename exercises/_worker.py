@@ -19,6 +19,10 @@ import warnings
 from importlib import import_module
 from pathlib import Path
 
+# The checks run every kernel on CPU tensors, by Triton's interpreter, on any machine: on a GPU machine `kernels` would
+# otherwise send CPU tensors to the PyTorch reference and never run the learner's kernel. Set before triton is imported.
+os.environ["TRITON_INTERPRET"] = "1"
+
 
 class Sink(io.TextIOBase):
     """Stands in for stdout/stderr: counts the lines the learner's code prints, keeps the first few."""

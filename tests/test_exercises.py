@@ -539,3 +539,17 @@ def test_cli_json_has_the_fields_and_exit_status_is_zero_only_at_full_marks():
     assert both.returncode == 0, both.stderr
     assert "Chapter 00" in both.stdout and "Chapter 04" in both.stdout
     assert re.search(r"grand total\s+4/4", both.stdout), both.stdout[-500:]
+    assert "Chapter 00" in both.stdout and "Chapter 04" in both.stdout
+    assert re.search(r"grand total\s+4/4", both.stdout), both.stdout[-500:]
+
+
+@pytest.mark.slow
+def test_kernel_exercises_run_the_learners_kernel_even_where_the_interpreter_is_off(monkeypatch):
+    # A GPU machine runs with TRITON_INTERPRET unset, and `kernels` sends CPU tensors to the PyTorch reference there:
+    # an untouched stub of a kernel exercise would pass. The worker runs every kernel by the interpreter instead.
+    # TRITON_INTERPRET=0 on this CPU machine is the same situation.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    chapter = get_chapter("06")
+    report = grade(chapter, Source("file", str(chapter.student_file)), ["6.4"])
+    assert [(e["id"], e["points"], e["status"]) for e in report["exercises"]] == [("6.4", 0, "not implemented")], \
+        summary(report)
