@@ -107,6 +107,21 @@ ax.set(title="BPE compression on the pydoc corpus", xlabel="vocabulary size (tok
 plt.show()
 
 # %% [markdown]
+# **Exercise 0.6: the whole training loop.** `train_bpe` is the loop around the two steps above: cut the text into chunks,
+# count the adjacent pairs inside them (a chunk that occurs k times counts k times), merge the most frequent pair everywhere,
+# and repeat until the vocabulary is full or no pair occurs twice. Write it in `exercises/ex00_tiny_transformer.py` (your
+# `merge_pair` and `most_frequent_pair` are yours to call), then run
+#
+#     python -m exercises grade 00 --exercise 0.6
+#
+# The grader compares your merges with the algorithm written out (every pair recounted after every merge) on random texts,
+# then runs a short experiment: it trains your `train_bpe` on the first 10,000 characters of this corpus with a 384-token
+# vocabulary and expects the library's merges, which compress that text to 2.02 bytes per token and decode it back exactly.
+
+# %%
+show(train_bpe)
+
+# %% [markdown]
 # The model below uses a 512-token vocabulary (`get_tokenizer` caches the merges, so the second time is instant). Here are its
 # first merges, and a sentence cut into tokens:
 
@@ -268,8 +283,8 @@ print(f"{n_new} greedy tokens: identical; without cache {timings[False][0] * 1e3
 # ## Exercises
 #
 # Chapter 00's graded exercises live in `exercises/ex00_tiny_transformer.py`: masked scaled dot-product attention (0.1),
-# the causal mask (0.2), one BPE merge step (0.3), the most frequent pair with its tie rule (0.4), and sampling with temperature and
-# top-k (0.5). Fill in the bodies, then run
+# the causal mask (0.2), one BPE merge step (0.3), the most frequent pair with its tie rule (0.4), sampling with temperature and
+# top-k (0.5), and BPE training end to end (0.6, with its compression experiment). Fill in the bodies, then run
 #
 #     python -m exercises grade 00
 #

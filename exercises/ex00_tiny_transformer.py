@@ -1,4 +1,4 @@
-"""Chapter 00: a tiny transformer from scratch (5 exercises, 15 points).
+"""Chapter 00: a tiny transformer from scratch (6 exercises, 19 points).
 
 Replace each `raise NotImplementedError(...)` by your code, then grade this file:
 
@@ -12,11 +12,14 @@ See exercises/README.md.
 """
 
 import math
+from collections import Counter, defaultdict
 from typing import Optional
 
+import regex
 import torch
 
 from nanomodels.attention import _combine
+from nanomodels.tokenizer import GPT2_PATTERN
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -93,3 +96,21 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Opt
     draw per row with `generator`.
     """
     raise NotImplementedError("Exercise 0.5: sampling with temperature and top-k")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exercise 0.6: BPE training, the merge loop that builds the vocabulary (4 points)
+# Hint: Training is a loop around 0.3 and 0.4: count the adjacent pairs, pick one, merge it everywhere,
+#       repeat. Where are pairs counted (inside what?), how often does a chunk count, and when does the loop
+#       stop?
+def train_bpe(text: str, vocab_size: int, pattern: str = GPT2_PATTERN) -> list[tuple[int, int]]:
+    """Learn vocab_size - 256 merges from `text`; merge i creates token 256 + i. Returns the list of pairs.
+
+    `pattern` cuts the text into chunks (merges never cross a chunk boundary); a chunk is its UTF-8 bytes. Each
+    merge takes the most frequent adjacent pair inside the chunks (a chunk that occurs k times counts k times;
+    ties go to the smallest pair, `most_frequent_pair`) and replaces it by the new id in every chunk (`merge_pair`).
+    Stops early, without error, once no pair occurs at least twice.
+    """
+    if vocab_size < 256:
+        raise ValueError(f"vocab_size={vocab_size}: byte-level BPE needs vocab_size >= 256 (the bytes)")
+    raise NotImplementedError("Exercise 0.6: BPE training, the merge loop that builds the vocabulary")

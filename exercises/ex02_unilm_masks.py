@@ -1,4 +1,4 @@
-"""Chapter 02: UniLM attention masks (3 exercises, 8 points).
+"""Chapter 02: UniLM attention masks (4 exercises, 12 points).
 
 Replace each `raise NotImplementedError(...)` by your code, then grade this file:
 
@@ -14,7 +14,7 @@ See exercises/README.md.
 import torch
 
 from nanomodels.attention import causal_mask
-from nanomodels.masks import _check_length
+from nanomodels.masks import OBJECTIVES, _check_length, cloze_inputs, objective_mask, sample_objectives, segment_ids
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -62,3 +62,26 @@ def cloze_decode(model, prefix: torch.Tensor, steps: int, mask_id: int, *, objec
     _check_length("steps", steps)
     B = prefix.size(0)
     raise NotImplementedError("Exercise 2.3: cloze decoding with a cache")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exercise 2.4: a mixed-objective UniLM batch, end to end (4 points)
+# Hint: One batch trains four language models at once: every row draws its own objective, and the objective
+#       decides three things for that row. Which tokens may be predicted, which mask, which segment ids?
+def unilm_batch(tokens: torch.Tensor, src_len: int, mask_id: int, generator: torch.Generator,
+                mask_prob: float = 0.15) -> dict:
+    """One mixed-objective cloze batch from tokens (B, n) laid out source ++ target; every draw from `generator`.
+
+    Per row: an objective from `sample_objectives` (an index into OBJECTIVES); each eligible token becomes [MASK]
+    independently with probability `mask_prob`, and a row that drew none gets one, placed uniformly among its
+    eligible tokens. Eligible: every token, except for seq2seq where only the target is predicted (its source rows
+    are bidirectional, which the bidirectional objective already trains). Inputs and targets as `cloze_inputs`
+    makes them; per row, `allowed` is its objective's mask and `segments` its SEGMENT_IDS.
+    Returns inputs, targets (B, n), allowed (B, n, n), segments (B, n), objective (B,).
+    """
+    B, n = tokens.shape
+    if not 0 < src_len < n:
+        raise ValueError(f"src_len: must be in (0, n = {n}) so that source and target are non-empty, got {src_len}")
+    if not 0.0 < mask_prob <= 1.0:
+        raise ValueError(f"mask_prob: must be in (0, 1], got {mask_prob}")
+    raise NotImplementedError("Exercise 2.4: a mixed-objective UniLM batch, end to end")

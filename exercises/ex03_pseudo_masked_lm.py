@@ -1,4 +1,4 @@
-"""Chapter 03: the pseudo-masked language model (3 exercises, 8 points).
+"""Chapter 03: the pseudo-masked language model (4 exercises, 12 points).
 
 Replace each `raise NotImplementedError(...)` by your code, then grade this file:
 
@@ -12,8 +12,10 @@ See exercises/README.md.
 """
 
 import torch
+import torch.nn.functional as F
 
 from nanomodels.pmlm import AE, PSEUDO, REAL
+from nanomodels.transformer import IGNORE_INDEX
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -64,3 +66,18 @@ def s2s_ft_mask(src_len: int, target_span_ids: torch.Tensor) -> torch.Tensor:
     if ids.numel() and (int(ids.min()) < 1 or bool((ids[1:] < ids[:-1]).any())):
         raise ValueError(f"target_span_ids: must be >= 1 and non-decreasing, got {ids.tolist()}")
     raise NotImplementedError("Exercise 3.3: the s2s-ft signed-span-id mask")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exercise 3.4: the PMLM loss, both objectives from one pass (4 points)
+# Hint: The layout and its mask already encode who sees what; the loss is one pass of the model over it and
+#       two averages. What must the pass be told, and over which tokens is each average taken?
+def pmlm_losses(model, batch: dict):
+    """(L_AE, L_PAR) from ONE forward pass of `model` over a `pmlm_batch` layout.
+
+    The pass reads the tokens at their layout positions (a [P] and its real copy share the original position) under
+    the layout's mask `allowed` alone, nothing else hidden. Each loss is the mean cross-entropy over its own
+    predictions (the tokens whose ae_targets / par_targets are not IGNORE_INDEX), a 0-d tensor that carries the
+    gradient; it is 0 when the batch has no prediction of that kind.
+    """
+    raise NotImplementedError("Exercise 3.4: the PMLM loss, both objectives from one pass")

@@ -148,11 +148,13 @@ def shifted_inputs(tokens: torch.Tensor):
 
 def unilm_batch(tokens: torch.Tensor, src_len: int, mask_id: int, generator: torch.Generator,
                 mask_prob: float = 0.15) -> dict:
-    """One mixed-objective cloze batch from tokens (B, n) laid out source ++ target.
+    """One mixed-objective cloze batch from tokens (B, n) laid out source ++ target; every draw from `generator`.
 
-    Per row: an objective from `sample_objectives`; each eligible token becomes [MASK] with probability
-    `mask_prob` (at least one per row). Eligible: every token, except for seq2seq where only the target is
-    predicted (its source rows are bidirectional, which the bidirectional objective already trains).
+    Per row: an objective from `sample_objectives` (an index into OBJECTIVES); each eligible token becomes [MASK]
+    independently with probability `mask_prob`, and a row that drew none gets one, placed uniformly among its
+    eligible tokens. Eligible: every token, except for seq2seq where only the target is predicted (its source rows
+    are bidirectional, which the bidirectional objective already trains). Inputs and targets as `cloze_inputs`
+    makes them; per row, `allowed` is its objective's mask and `segments` its SEGMENT_IDS.
     Returns inputs, targets (B, n), allowed (B, n, n), segments (B, n), objective (B,).
     """
     B, n = tokens.shape
@@ -160,6 +162,7 @@ def unilm_batch(tokens: torch.Tensor, src_len: int, mask_id: int, generator: tor
         raise ValueError(f"src_len: must be in (0, n = {n}) so that source and target are non-empty, got {src_len}")
     if not 0.0 < mask_prob <= 1.0:
         raise ValueError(f"mask_prob: must be in (0, 1], got {mask_prob}")
+    # BEGIN EXERCISE 2.4: a mixed-objective UniLM batch, end to end
     objective = sample_objectives(B, generator)
     eligible = torch.ones(B, n, dtype=torch.bool)
     eligible[objective == OBJECTIVES.index("seq2seq"), :src_len] = False
@@ -170,6 +173,7 @@ def unilm_batch(tokens: torch.Tensor, src_len: int, mask_id: int, generator: tor
     allowed = torch.stack([objective_mask(name, src_len, n - src_len) for name in names])
     segments = torch.stack([segment_ids(name, src_len, n - src_len) for name in names])
     return {"inputs": inputs, "targets": targets, "allowed": allowed, "segments": segments, "objective": objective}
+    # END EXERCISE
 
 
 @torch.no_grad()

@@ -160,13 +160,22 @@ def pmlm_batch(x: torch.Tensor, num_masked: int, generator: torch.Generator, mas
     return batch
 
 
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    if not bool((targets != IGNORE_INDEX).any()):
-        return logits.new_zeros(())  # no prediction of this kind in the batch
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-
-
 def pmlm_losses(model, batch: dict):
-    """(L_AE, L_PAR), mean cross-entropy per prediction, from one forward pass of `model` over the layout."""
+    """(L_AE, L_PAR) from ONE forward pass of `model` over a `pmlm_batch` layout.
+
+    The pass reads the tokens at their layout positions (a [P] and its real copy share the original position) under
+    the layout's mask `allowed` alone, nothing else hidden. Each loss is the mean cross-entropy over its own
+    predictions (the tokens whose ae_targets / par_targets are not IGNORE_INDEX), a 0-d tensor that carries the
+    gradient; it is 0 when the batch has no prediction of that kind.
+    """
+    # BEGIN EXERCISE 3.4: the PMLM loss, both objectives from one pass
     logits, _ = model(batch["tokens"], allowed=batch["allowed"], causal=False, positions=batch["positions"])
-    return _cross_entropy(logits, batch["ae_targets"]), _cross_entropy(logits, batch["par_targets"])
+    logits = logits.reshape(-1, logits.size(-1))  # (B L, |V|)
+    losses = []
+    for targets in (batch["ae_targets"].reshape(-1), batch["par_targets"].reshape(-1)):
+        if bool((targets != IGNORE_INDEX).any()):
+            losses.append(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX))
+        else:
+            losses.append(logits.new_zeros(()))  # no prediction of this kind in the batch
+    return losses[0], losses[1]
+    # END EXERCISE

@@ -74,12 +74,16 @@ def most_frequent_pair(counts: dict[tuple[int, int], int]) -> tuple[int, int]:
 
 
 def train_bpe(text: str, vocab_size: int, pattern: str = GPT2_PATTERN) -> list[tuple[int, int]]:
-    """Learn vocab_size - 256 merges from `text`; merge i creates token 256 + i.
+    """Learn vocab_size - 256 merges from `text`; merge i creates token 256 + i. Returns the list of pairs.
 
+    `pattern` cuts the text into chunks (merges never cross a chunk boundary); a chunk is its UTF-8 bytes. Each
+    merge takes the most frequent adjacent pair inside the chunks (a chunk that occurs k times counts k times;
+    ties go to the smallest pair, `most_frequent_pair`) and replaces it by the new id in every chunk (`merge_pair`).
     Stops early, without error, once no pair occurs at least twice.
     """
     if vocab_size < 256:
         raise ValueError(f"vocab_size={vocab_size}: byte-level BPE needs vocab_size >= 256 (the bytes)")
+    # BEGIN EXERCISE 0.6: BPE training, the merge loop that builds the vocabulary
     chunks = Counter(regex.findall(pattern, text))
     words = [list(chunk.encode("utf-8")) for chunk in chunks]  # each unique chunk once...
     freqs = list(chunks.values())  # ...with its multiplicity
@@ -109,6 +113,7 @@ def train_bpe(text: str, vocab_size: int, pattern: str = GPT2_PATTERN) -> list[t
             words[i] = new
         counts = +counts  # drop the pairs that no longer occur (count 0)
     return merges
+    # END EXERCISE
 
 
 class BPETokenizer:

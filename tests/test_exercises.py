@@ -92,7 +92,7 @@ def test_stub_file_runs_standalone_and_every_exercise_raises_its_number():
             f"ns = runpy.run_path({str(CH00.student_file)!r})\n"
             "calls = {'attention': (torch.zeros(1, 1, 2, 2),) * 3, 'causal_mask': (3,),\n"
             "         'merge_pair': ([1], (1, 1), 9), 'most_frequent_pair': ({(1, 2): 1},),\n"
-            "         'sample_next_token': (torch.zeros(1, 3),)}\n"
+            "         'sample_next_token': (torch.zeros(1, 3),), 'train_bpe': ('aa', 257)}\n"
             "for name, args in calls.items():\n"
             "    try:\n"
             "        ns[name](*args)\n"
@@ -148,11 +148,16 @@ def test_stubs_check_flags_an_out_of_sync_file_and_never_overwrites_solutions(tm
 # ---- the graders are tested ------------------------------------------------------------------------------
 
 # A correct chapter 00 written differently from the library (einsum, -inf then nan_to_num, tril, a for loop,
-# max over sorted pairs, inverse-CDF sampling on probabilities): the checks test the contract, not the code.
+# max over sorted pairs, inverse-CDF sampling on probabilities, BPE training that recounts every pair after each
+# merge): the checks test the contract, not the code.
 ALTERNATIVE_00 = """
+from collections import Counter
+
+import regex
 import torch
 
 from nanomodels.attention import _combine
+from nanomodels.tokenizer import GPT2_PATTERN
 
 
 def attention(q, k, v, allowed=None, *, causal=False):
@@ -197,6 +202,25 @@ def sample_next_token(logits, temperature=1.0, top_k=None, generator=None):
         probs = probs / probs.sum(-1, keepdim=True)
     u = torch.rand(probs.size(0), 1, generator=generator, dtype=probs.dtype)
     return (probs.cumsum(-1) < u).sum(-1, keepdim=True).clamp(max=probs.size(-1) - 1)
+
+
+def train_bpe(text, vocab_size, pattern=GPT2_PATTERN):
+    if vocab_size < 256:
+        raise ValueError("vocab_size must be >= 256")
+    chunks = Counter(regex.findall(pattern, text))
+    words = {tuple(chunk.encode("utf-8")): n for chunk, n in chunks.items()}
+    merges = []
+    while 256 + len(merges) < vocab_size:
+        counts = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                counts[pair] += n
+        if not counts or max(counts.values()) < 2:
+            break
+        pair = most_frequent_pair(dict(counts))
+        merges.append(pair)
+        words = {tuple(merge_pair(list(word), pair, 255 + len(merges))): n for word, n in words.items()}
+    return merges
 """
 
 

@@ -9,14 +9,20 @@ forgetting to renormalise before torch.multinomial changes nothing (it normalise
 mutants; the mutants are changes a check can observe.
 """
 
+import functools
 import math
+from collections import Counter
 
+import regex
 import torch
 from hypothesis import assume
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
 from exercises.checks.common import F64, Inputs, expect_tensor, fmt, halves, seeds, tensors
+from nanomodels.data import load_text
+from nanomodels.tokenizer import GPT2_PATTERN, BPETokenizer
+from nanomodels.tokenizer import train_bpe as library_train_bpe
 
 
 # ---- 0.1 masked scaled dot-product attention ------------------------------------------------------------
@@ -614,6 +620,122 @@ def top_k_none_keeps_every_token(sample_next_token, v, temperature, seed):
                         "draws")
 
 
+# ---- 0.6 BPE training: the merge loop ---------------------------------------------------------------------
+
+def naive_train_bpe(text: str, vocab_size: int, pattern: str) -> list:
+    """The algorithm literally: cut into chunks, then per merge recount every adjacent pair of every chunk
+    occurrence, take the most frequent (ties to the smallest pair), stop below a count of 2, replace it."""
+    words = [list(chunk.encode("utf-8")) for chunk in regex.findall(pattern, text)]
+    merges = []
+    while 256 + len(merges) < vocab_size:
+        counts = Counter(pair for word in words for pair in zip(word, word[1:]))
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        if counts[best] < 2:
+            break
+        merges.append(best)
+        words = [naive_merge(word, best, 255 + len(merges)) for word in words]
+    return merges
+
+
+PATTERNS = {"GPT2_PATTERN": GPT2_PATTERN, "words and spaces": r"\S+|\s+", "single characters": r"(?s)."}
+# a small alphabet makes pairs repeat; multi-byte characters give pairs of bytes above 127
+bpe_texts = st.text(alphabet="ab ab c1 2.\né日", max_size=60)
+
+
+def _merges(train_bpe, text, vocab_size, pattern):
+    got = train_bpe(text, vocab_size, pattern)
+    if type(got) is not list or any(type(m) is not tuple or len(m) != 2 or any(type(i) is not int for i in m)
+                                    for m in got):
+        raise Violation(f"train_bpe({text!r}, {vocab_size}) returned {got!r}; expected a plain list of "
+                        "(int, int) tuples, merge i being the pair that token 256 + i replaces")
+    return got
+
+
+def _first_difference(got, want) -> str:
+    i = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    if i < min(len(got), len(want)):
+        return f"merge {i} is {got[i]}, expected {want[i]}"
+    if len(got) > len(want):
+        return f"{len(got)} merges, expected {len(want)}: merge {i} = {got[i]} should not be there"
+    return f"only {len(got)} merges, expected {len(want)}: the next is {want[i]}"
+
+
+@check("train_bpe(text, vocab_size, pattern) returns exactly the merges of the algorithm written out (chunks by "
+       "the pattern, every pair recounted after each merge, most frequent first, ties to the smallest pair, "
+       "new id 256 + i, stop at vocab_size or when no pair occurs twice)",
+       text=bpe_texts, vocab_size=st.integers(256, 300), pattern=st.sampled_from(list(PATTERNS)),
+       max_examples=60,
+       examples=[{"text": "aaabdaaabac", "vocab_size": 1000, "pattern": "GPT2_PATTERN"},
+                 {"text": "ab ab cd cd", "vocab_size": 1000, "pattern": "GPT2_PATTERN"},
+                 {"text": "aaaa aaaa", "vocab_size": 1000, "pattern": "words and spaces"}])
+def merges_equal_the_algorithm_written_out(train_bpe, text, vocab_size, pattern):
+    got = _merges(train_bpe, text, vocab_size, PATTERNS[pattern])
+    want = naive_train_bpe(text, vocab_size, PATTERNS[pattern])
+    if got != want:
+        raise Violation(f"train_bpe({text!r}, {vocab_size}, pattern={pattern}): {_first_difference(got, want)} "
+                        f"(all of yours: {got[:8]}{' ...' if len(got) > 8 else ''})")
+
+
+@check("a chunk that occurs k times counts k times, and merges never cross a chunk boundary: "
+       "train_bpe(' ab' * k + ' c' + 'xy' ...) follows the chunk multiplicities",
+       k=st.integers(2, 6), extra=st.integers(1, 3))
+def chunk_multiplicity_and_boundaries(train_bpe, k, extra):
+    # " ab" k times makes (32, a) and (a, b) k-fold; "ba" inside one chunk only once per chunk: a learner that
+    # counts unique chunks once, or pairs across chunk boundaries ("b" then " "), merges something else
+    text = " ab" * k + " ba" * (k - 1) + " cb" * extra
+    got = _merges(train_bpe, text, 300, GPT2_PATTERN)
+    want = naive_train_bpe(text, 300, GPT2_PATTERN)
+    if got != want:
+        raise Violation(f"train_bpe({text!r}, 300): {_first_difference(got, want)}; a chunk counts as often as "
+                        "it occurs, and no pair spans two chunks")
+
+
+@check("vocab_size = 256 learns nothing; training stops without error when no pair occurs twice "
+       "(every pair of 'abcdef' is unique) and after vocab_size - 256 merges at most", vocab_size=st.integers(256, 270))
+def stops_at_the_vocabulary_size_or_when_nothing_repeats(train_bpe, vocab_size):
+    for text in ("abcdef", "ab cd ef", ""):
+        got = _merges(train_bpe, text, vocab_size, GPT2_PATTERN)
+        if got:
+            raise Violation(f"train_bpe({text!r}, {vocab_size}) returned {got}; no pair occurs twice, so there is "
+                            "nothing to merge")
+    got = _merges(train_bpe, "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", vocab_size, GPT2_PATTERN)
+    want = naive_train_bpe("a" * 48, vocab_size, GPT2_PATTERN)
+    if got != want:
+        raise Violation(f"train_bpe('a' * 48, {vocab_size}): {_first_difference(got, want)} (vocab_size counts the "
+                        "256 bytes too: at most vocab_size - 256 merges)")
+
+
+PYDOC_CHARS, PYDOC_VOCAB = 10_000, 384
+
+
+@functools.lru_cache(maxsize=1)
+def _pydoc_reference():
+    text = load_text("pydoc")[:PYDOC_CHARS]
+    return text, library_train_bpe(text, PYDOC_VOCAB)
+
+
+@check(f"the experiment: trained on the first {PYDOC_CHARS:,} characters of the pydoc corpus with vocab_size "
+       f"{PYDOC_VOCAB}, your merges equal the library's, and the tokenizer built from them compresses that text "
+       "to the library's bytes per token (about 2.0, from 1.0 for raw bytes) and decodes it back exactly")
+def compresses_the_pydoc_corpus(train_bpe):
+    text, want = _pydoc_reference()
+    got = _merges(train_bpe, text, PYDOC_VOCAB, GPT2_PATTERN)
+    n_bytes = len(text.encode("utf-8"))
+    try:
+        tokenizer = BPETokenizer(got)
+    except ValueError as err:
+        raise Violation(f"BPETokenizer(your merges) refuses them: {err}") from None
+    ids = tokenizer.encode(text)
+    ratio, ref_ratio = n_bytes / len(ids), n_bytes / len(BPETokenizer(want).encode(text))
+    if tokenizer.decode(ids) != text:
+        raise Violation("the tokenizer built from your merges does not decode the corpus back to itself")
+    if got != want or ratio != ref_ratio:
+        raise Violation(f"your {len(got)} merges compress the text to {ratio:.4f} bytes per token, the library's "
+                        f"{len(want)} to {ref_ratio:.4f}; {_first_difference(got, want)}")
+
+
 EXERCISES = {
     "0.1": Exercise(
         points=4,
@@ -682,4 +804,18 @@ EXERCISES = {
                 ties_at_the_kth_logit_are_kept, uses_the_passed_generator, top_k_none_keeps_every_token,
                 each_row_uses_its_own_top_k, top_k_larger_than_the_vocabulary_keeps_every_token,
                 extreme_logits_are_sampled_stably]),
+    "0.6": Exercise(
+        points=4,
+        hint="Training is a loop around 0.3 and 0.4: count the adjacent pairs, pick one, merge it everywhere, "
+             "repeat. Where are pairs counted (inside what?), how often does a chunk count, and when does "
+             "the loop stop?",
+        hints=("Cut the text with `pattern` into chunks and turn each into its UTF-8 bytes; a chunk that "
+               "occurs k times contributes k to each of its pairs (count each distinct chunk once, with its "
+               "multiplicity). After a merge the counts change: recount, or update only the chunks that "
+               "held the pair.",
+               "Loop while 256 + the number of merges is below vocab_size: take the most frequent pair with "
+               "most_frequent_pair, stop if its count is below 2, give it the id 256 + the number of merges "
+               "so far, record it, and replace it in every chunk with merge_pair. Return the list of pairs."),
+        checks=[merges_equal_the_algorithm_written_out, chunk_multiplicity_and_boundaries,
+                stops_at_the_vocabulary_size_or_when_nothing_repeats, compresses_the_pydoc_corpus]),
 }

@@ -1,4 +1,5 @@
-"""Chapter 02's graded checks: the seq2seq mask, the semi-causal mask, cloze decoding with a cache.
+"""Chapter 02's graded checks: the seq2seq mask, the semi-causal mask, cloze decoding with a cache, and a
+mixed-objective UniLM batch end to end (with a short training run on the learner's batches).
 
 Each check tests the mechanism (who may attend to whom; cached decoding = full recompute) against the learner's
 function, its first argument. Known-wrong solutions: exercises/mutants/ch02_*.py.
@@ -10,6 +11,9 @@ from hypothesis import strategies as st
 from exercises.checking import Exercise, Violation, check
 from exercises.checks.common import expect_tensor
 from nanomodels.attention import attention, causal_mask
+from nanomodels.data import make_task
+from nanomodels.masks import OBJECTIVE_PROBS, OBJECTIVES, SEGMENT_IDS
+from nanomodels.masks import unilm_batch as library_unilm_batch
 from nanomodels.transformer import Transformer, TransformerConfig
 
 lengths = st.integers(0, 8)
@@ -195,6 +199,219 @@ def zero_steps_return_empty_results(cloze_decode, objective, batch):
                         f"expected ({batch}, 0, {V + 1})")
 
 
+# ---- 2.4 a mixed-objective UniLM batch, end to end --------------------------------------------------------
+
+FIELDS = ("inputs", "targets", "allowed", "segments", "objective")
+
+
+def who_sees_whom(objective: str, src: int, n: int) -> torch.Tensor:
+    """The four objectives' rules, one (query, key) at a time."""
+    rule = {"bidirectional": lambda i, j: True, "left_to_right": lambda i, j: j <= i,
+            "right_to_left": lambda i, j: j >= i, "seq2seq": lambda i, j: j < src or (i >= src and j <= i)}
+    return torch.tensor([[rule[objective](i, j) for j in range(n)] for i in range(n)], dtype=torch.bool)
+
+
+@st.composite
+def batch_cases(draw):
+    n = draw(st.integers(2, 12))
+    return {"batch": draw(st.integers(1, 6)), "n": n, "src": draw(st.integers(1, n - 1)),
+            "mask_id": draw(st.sampled_from([12, 300, 1000])), "mask_prob": draw(st.sampled_from([0.15, 0.5, 1.0])),
+            "seed": draw(st.integers(0, 2 ** 16))}
+
+
+def _unilm(unilm_batch, tokens, src, mask_id, seed, mask_prob):
+    B, n = tokens.shape
+    out = unilm_batch(tokens, src, mask_id, torch.Generator().manual_seed(seed), mask_prob=mask_prob)
+    if type(out) is not dict or set(out) != set(FIELDS):
+        keys = sorted(out) if isinstance(out, dict) else "-"
+        raise Violation(f"unilm_batch returned {type(out).__name__} with keys {keys}, expected a dict with exactly "
+                        f"the keys {list(FIELDS)}")
+    for key, shape, dtype in (("inputs", (B, n), torch.int64), ("targets", (B, n), torch.int64),
+                              ("allowed", (B, n, n), torch.bool), ("segments", (B, n), torch.int64),
+                              ("objective", (B,), torch.int64)):
+        expect_tensor(out[key], shape, dtype, f"unilm_batch's {key!r}")
+    if bool(((out["objective"] < 0) | (out["objective"] >= len(OBJECTIVES))).any()):
+        raise Violation(f"objective {out['objective'].tolist()}: each must index OBJECTIVES {OBJECTIVES}")
+    return out
+
+
+def _drawn(case):
+    g = torch.Generator().manual_seed(case["seed"] + 1)
+    return torch.randint(0, case["mask_id"], (case["batch"], case["n"]), generator=g)
+
+
+@check("every row gets the mask and the segment ids of its own objective: allowed[b] is that objective's "
+       "who-sees-whom rule for source length src_len, segments[b] is SEGMENT_IDS[objective] over source and "
+       "target", case=batch_cases())
+def each_row_gets_its_objectives_mask_and_segments(unilm_batch, case):
+    tokens = _drawn(case)
+    out = _unilm(unilm_batch, tokens, case["src"], case["mask_id"], case["seed"], case["mask_prob"])
+    src, n = case["src"], case["n"]
+    for b, o in enumerate(out["objective"].tolist()):
+        name = OBJECTIVES[o]
+        bad = out["allowed"][b] != who_sees_whom(name, src, n)
+        if bad.any():
+            i, j = bad.nonzero()[0].tolist()
+            raise Violation(f"row {b} is {name} (src_len {src}, n {n}), but its allowed[{i}, {j}] is "
+                            f"{bool(out['allowed'][b, i, j])}: each row takes its OWN objective's mask")
+        first, second = SEGMENT_IDS[name]
+        want = [first] * src + [second] * (n - src)
+        if out["segments"][b].tolist() != want:
+            raise Violation(f"row {b} is {name}: segments {out['segments'][b].tolist()}, expected {want} "
+                            f"(SEGMENT_IDS[{name!r}] = {SEGMENT_IDS[name]}: the source's id, then the target's)")
+
+
+@check("cloze inputs and targets: a predicted token is [MASK] in the inputs and its original id in the targets; "
+       "every other token is unchanged in the inputs and -100 in the targets; each row predicts at least one "
+       "token, and a seq2seq row never one of its source", case=batch_cases())
+def predicted_tokens_are_masked_and_labelled(unilm_batch, case):
+    tokens = _drawn(case)
+    out = _unilm(unilm_batch, tokens, case["src"], case["mask_id"], case["seed"], case["mask_prob"])
+    predict = out["inputs"] == case["mask_id"]
+    changed = (out["inputs"] != tokens) & ~predict
+    if changed.any():
+        b, i = changed.nonzero()[0].tolist()
+        raise Violation(f"row {b}, position {i}: the input is {int(out['inputs'][b, i])}, neither the token "
+                        f"{int(tokens[b, i])} nor [MASK] = {case['mask_id']}")
+    want = tokens.masked_fill(~predict, -100)
+    bad = out["targets"] != want
+    if bad.any():
+        b, i = bad.nonzero()[0].tolist()
+        what = "a [MASK]ed token" if predict[b, i] else "an unmasked token"
+        raise Violation(f"row {b}, position {i} holds {what}; its target is {int(out['targets'][b, i])}, expected "
+                        f"{int(want[b, i])} (the original id where the input is [MASK], -100 elsewhere)")
+    for b in (~predict.any(dim=1)).nonzero().flatten().tolist()[:1]:
+        raise Violation(f"row {b} ({OBJECTIVES[int(out['objective'][b])]}, n {case['n']}, mask_prob "
+                        f"{case['mask_prob']}) predicts nothing: every row needs at least one [MASK]")
+    s2s = out["objective"] == OBJECTIVES.index("seq2seq")
+    source = predict[:, :case["src"]] & s2s[:, None]
+    if source.any():
+        b, i = source.nonzero()[0].tolist()
+        raise Violation(f"row {b} is seq2seq and masks its source token {i} (src_len {case['src']}): a seq2seq "
+                        "row predicts only its target")
+
+
+def _many(unilm_batch, rows, n, src, mask_prob, seed):
+    tokens = torch.randint(0, 12, (rows, n), generator=torch.Generator().manual_seed(seed))
+    return _unilm(unilm_batch, tokens, src, 12, seed, mask_prob)
+
+
+@check("the objectives are drawn one per row with the paper's mix, 1/3 bidirectional, 1/3 seq2seq, 1/6 "
+       "left-to-right, 1/6 right-to-left (4000 rows, within 5 standard deviations)", seed=st.integers(0, 1000),
+       max_examples=3)
+def objectives_follow_the_paper_mix(unilm_batch, seed):
+    rows = 4000
+    out = _many(unilm_batch, rows, 6, 3, 0.15, seed)
+    freq = torch.bincount(out["objective"], minlength=len(OBJECTIVES)).double() / rows
+    for o, (f, p) in enumerate(zip(freq.tolist(), OBJECTIVE_PROBS)):
+        if abs(f - p) > 5 * (p * (1 - p) / rows) ** 0.5:
+            raise Violation(f"{OBJECTIVES[o]} came up in {f:.1%} of {rows} rows, expected {p:.1%} (OBJECTIVES "
+                            f"{OBJECTIVES} with OBJECTIVE_PROBS); all: {[round(x, 3) for x in freq.tolist()]}")
+
+
+@check("each eligible token is [MASK]ed independently with probability mask_prob, plus one forced where a row "
+       "drew none: per position p + (1 - p)^m / m over the m eligible tokens of the row (4000 rows, within 5 "
+       "standard deviations), and never a seq2seq source token", mask_prob=st.sampled_from([0.15, 0.5, 1e-9]),
+       seed=st.integers(0, 1000), max_examples=4)
+def each_eligible_token_is_masked_with_mask_prob(unilm_batch, mask_prob, seed):
+    rows, n, src = 4000, 8, 3
+    out = _many(unilm_batch, rows, n, src, mask_prob, seed)
+    predict = out["inputs"] == 12
+    for o, name in enumerate(OBJECTIVES):
+        group = predict[out["objective"] == o]
+        if len(group) < 100:
+            continue
+        first = src if name == "seq2seq" else 0
+        m = n - first
+        p = mask_prob + (1 - mask_prob) ** m / m
+        rate = group.double().mean(dim=0)
+        for i in range(n):
+            want = p if i >= first else 0.0
+            if abs(rate[i].item() - want) > 5 * (max(want * (1 - want), 1e-4) / len(group)) ** 0.5:
+                where = "a seq2seq source token" if i < first else f"position {i}"
+                raise Violation(f"mask_prob {mask_prob}: in the {len(group)} {name} rows, {where} is [MASK]ed in "
+                                f"{rate[i].item():.1%} of them, expected {want:.1%} (each of the {m} eligible "
+                                f"tokens with probability mask_prob, and one more, uniformly placed, in a row "
+                                f"that drew none); all positions: {[round(r, 3) for r in rate.tolist()]}")
+
+
+@check("the batch is drawn from `generator` alone: the same seed gives the same batch whatever the global RNG "
+       "holds, the global RNG is left as it was, and another seed gives another batch", seed=st.integers(0, 1000),
+       max_examples=5)
+def draws_only_from_the_generator(unilm_batch, seed):
+    tokens = torch.randint(0, 12, (16, 8), generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    state = torch.get_rng_state()
+    first = _unilm(unilm_batch, tokens, 3, 12, seed, 0.3)
+    if not torch.equal(torch.get_rng_state(), state):
+        raise Violation("unilm_batch drew from the global RNG (its state changed): draw every random number with "
+                        "`generator`")
+    torch.manual_seed(seed + 7)
+    again = _unilm(unilm_batch, tokens, 3, 12, seed, 0.3)
+    for key in FIELDS:
+        if not torch.equal(first[key], again[key]):
+            raise Violation(f"two calls with torch.Generator().manual_seed({seed}) gave different {key!r}: the batch "
+                            "must depend on `generator` only")
+    other = _unilm(unilm_batch, tokens, 3, 12, seed + 1, 0.3)
+    if all(torch.equal(first[k], other[k]) for k in FIELDS):
+        raise Violation(f"seeds {seed} and {seed + 1} gave the same batch: the draws do not use `generator`")
+
+
+REVERSE = make_task("reverse", 2)  # "31|" -> "13.": the source S1 is the prompt, the target S2 the answer
+EXP_MASK = REVERSE.vocab_size  # [MASK], one past the task vocabulary
+EXP_SRC, EXP_N = REVERSE.prompt_len, REVERSE.prompt_len + REVERSE.answer_len
+EXP_STEPS, EXP_ROWS, EXP_PROB = 100, 32, 0.3
+
+
+def _reverse_tokens(rows: int, generator: torch.Generator) -> torch.Tensor:
+    x, y = REVERSE.batch(rows, generator)
+    return torch.cat([x, y[:, -1:]], dim=1)  # prompt ++ answer
+
+
+def cloze_loss(model, b) -> torch.Tensor:
+    return model(b["inputs"], b["targets"], allowed=b["allowed"], causal=False)[1]
+
+
+def unilm_experiment(unilm_batch) -> tuple[float, float, list]:
+    """A tiny Transformer trained for EXP_STEPS AdamW steps on `unilm_batch`'s batches of the 2-digit reversal
+    task; its cloze loss on 256 fresh rows batched by the LIBRARY, before and after, and the training losses."""
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=EXP_MASK + 1, block_size=EXP_N, n_layers=2, d_model=32,
+                                          n_heads=2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g, held_out = torch.Generator().manual_seed(0), torch.Generator().manual_seed(123)
+    evaluation = library_unilm_batch(_reverse_tokens(256, held_out), EXP_SRC, EXP_MASK, held_out, EXP_PROB)
+
+    def measured():
+        model.eval()
+        with torch.no_grad():
+            value = cloze_loss(model, evaluation).item()
+        model.train()
+        return value
+
+    start, losses = measured(), []
+    for _ in range(EXP_STEPS):
+        loss = cloze_loss(model, unilm_batch(_reverse_tokens(EXP_ROWS, g), EXP_SRC, EXP_MASK, g, mask_prob=EXP_PROB))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return start, measured(), losses
+
+
+@check(f"the experiment: a tiny Transformer trained for {EXP_STEPS} steps on your batches of the 2-digit reversal "
+       "task (seeded) has a cloze loss, on 256 fresh rows batched by the library, below half of its start "
+       "(the library's own batches take it from 3.7 to about 1.3 nats)")
+def training_on_the_batches_teaches_a_cloze_model(unilm_batch):
+    start, end, losses = unilm_experiment(unilm_batch)
+    if not end < start / 2:
+        trained = f"; on your own batches the training loss went from {losses[0]:.2f} to {losses[-1]:.2f}" \
+            if losses else ""
+        raise Violation(f"after {EXP_STEPS} steps on your batches the cloze loss on the library's batches is "
+                        f"{end:.3f} nats, from {start:.3f} at the start: not below half{trained}. A model that "
+                        "learns from leaked answers, the wrong masks or the wrong targets does not transfer")
+
+
 EXERCISES = {
     "2.1": Exercise(points=2, checks=[shape_and_dtype, source_rows_never_see_the_target,
                                       every_row_sees_the_whole_source, target_block_is_left_to_right],
@@ -227,4 +444,20 @@ EXERCISES = {
                            "left_to_right). Per step: run [MASK] with causal=False on a copy of the cache "
                            "([dict(layer) for layer in cache]) and take the argmax; then run the predicted token "
                            "with causal=False on the real cache. Return (tokens, logits) stacked over the steps.")),
+    "2.4": Exercise(points=4, checks=[each_row_gets_its_objectives_mask_and_segments,
+                                      predicted_tokens_are_masked_and_labelled, objectives_follow_the_paper_mix,
+                                      each_eligible_token_is_masked_with_mask_prob, draws_only_from_the_generator,
+                                      training_on_the_batches_teaches_a_cloze_model],
+                    hint="One batch trains four language models at once: every row draws its own objective, and "
+                         "the objective decides three things for that row. Which tokens may be predicted, which "
+                         "mask, which segment ids?",
+                    hints=("Draw the objectives with sample_objectives and every other random number with "
+                           "`generator`. Decide per token whether it is eligible (a seq2seq row predicts only its "
+                           "target), mask each eligible token with probability mask_prob and force one where a row "
+                           "drew none; cloze_inputs, objective_mask and segment_ids do the rest, row by row.",
+                           "One uniform number per token from `generator`; make the ineligible ones too large to "
+                           "count. A token is predicted when its number is below mask_prob, or when it is its row's "
+                           "smallest. Then cloze_inputs(tokens, predict, mask_id); stack objective_mask(name, "
+                           "src_len, n - src_len) and segment_ids(...) over the rows' objective names; return the "
+                           "five fields.")),
 }

@@ -1,14 +1,22 @@
-"""Chapter 03's graded checks: the PMLM layout, the pseudo-mask rules, the s2s-ft signed-span-id mask.
+"""Chapter 03's graded checks: the PMLM layout, the pseudo-mask rules, the s2s-ft signed-span-id mask, and the
+PMLM loss end to end (with a short training run on the learner's loss).
 
 Each check tests the mechanism against the learner's function, its first argument, with a naive per-token
 transcription of the rules as the oracle. Known-wrong solutions: exercises/mutants/ch03_*.py.
 """
 
+import functools
+import math
+
 import torch
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import expect_tensor
+from exercises.checks.common import F64, expect_tensor
+from nanomodels.attention import attention
+from nanomodels.pmlm import pmlm_batch
+from nanomodels.pmlm import pmlm_losses as library_pmlm_losses
+from nanomodels.transformer import Transformer, TransformerConfig
 
 AE, PSEUDO, REAL = 0, 1, 2
 M_ID, P_ID = 90, 91
@@ -228,6 +236,209 @@ def official_example(s2s_ft_mask):
             raise Violation(f"row {name} is {got}, expected {want}")
 
 
+# ---- 3.4 the PMLM loss, both objectives from one pass -----------------------------------------------------
+
+LOSS_V = 10  # the toy vocabulary; [M] = 10 and [P] = 11
+
+
+def _model64(seed: int) -> Transformer:
+    """A tiny float64 model with weights large enough that every logit depends on what its token sees."""
+    torch.manual_seed(seed)
+    cfg = TransformerConfig(vocab_size=LOSS_V + 2, block_size=32, n_layers=2, d_model=16, n_heads=2)
+    model = Transformer(cfg, attention_fn=attention).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    return model
+
+
+@st.composite
+def loss_cases(draw):
+    n = draw(st.integers(2, 10))
+    return {"batch": draw(st.integers(1, 4)), "n": n, "num_masked": draw(st.integers(1, n)),
+            "max_ngram": draw(st.integers(1, 4)), "seed": draw(st.integers(0, 2 ** 16))}
+
+
+def _loss_batch(case) -> dict:
+    """Rows that differ: random tokens, spans and orders per row (library pmlm_batch)."""
+    g = torch.Generator().manual_seed(case["seed"])
+    x = torch.randint(0, LOSS_V, (case["batch"], case["n"]), generator=g)
+    return pmlm_batch(x, case["num_masked"], g, LOSS_V, LOSS_V + 1, max_ngram=case["max_ngram"], ngram_prob=0.5)
+
+
+def _pair_of_losses(out, dtype, what="pmlm_losses") -> tuple:
+    if not (type(out) is tuple and len(out) == 2):
+        raise Violation(f"{what} returned {type(out).__name__}, expected a tuple (L_AE, L_PAR)")
+    for name, value in zip(("L_AE", "L_PAR"), out):
+        expect_tensor(value, (), dtype, f"{what}'s {name}")
+    return out
+
+
+def naive_mean_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """-log softmax(logits)[target], one prediction at a time, averaged over the predictions; 0 without any."""
+    terms = []
+    for row, labels in zip(logits.tolist(), targets.tolist()):
+        for scores, label in zip(row, labels):
+            if label != -100:
+                top = max(scores)
+                terms.append(top + math.log(sum(math.exp(v - top) for v in scores)) - scores[label])
+    return sum(terms) / len(terms) if terms else 0.0
+
+
+def _oracle(model, batch, **overrides) -> tuple[float, float]:
+    kwargs = dict(allowed=batch["allowed"], causal=False, positions=batch["positions"]) | overrides
+    with torch.no_grad():
+        logits, _ = model(batch["tokens"], **kwargs)
+    return (naive_mean_cross_entropy(logits, batch["ae_targets"]),
+            naive_mean_cross_entropy(logits, batch["par_targets"]))
+
+
+def _diagnose(model, batch, got) -> str:
+    """Which common slip reproduces the learner's values."""
+    slips = {"the forward pass ran with causal=True (the Transformer's default): pass causal=False, the layout's "
+             "mask is the whole rule": dict(causal=True),
+             "the forward pass ignored the layout's mask `allowed`": dict(allowed=None),
+             "the forward pass ignored the layout's positions (a [P] must sit at its token's position)":
+                 dict(positions=None)}
+    for why, overrides in slips.items():
+        try:
+            other = _oracle(model, batch, **overrides)
+        except Exception:  # noqa: BLE001 - a slip that cannot run explains nothing
+            continue
+        if all(abs(g - o) < 1e-9 for g, o in zip(got, other)):
+            return f": {why}"
+    if all(abs(g - o) < 1e-9 for g, o in zip(got, reversed(_oracle(model, batch)))):
+        return ": the two losses are swapped (return (L_AE, L_PAR))"
+    return ""
+
+
+@check("(L_AE, L_PAR) are the mean cross-entropies, over their own predictions (ae_targets / par_targets not "
+       "-100), of the logits of one pass over the layout with its positions and its mask alone (float64, to "
+       "1e-10), on batches whose rows differ", case=loss_cases(), max_examples=30)
+def losses_equal_the_mean_cross_entropy_of_their_predictions(pmlm_losses, case):
+    model, batch = _model64(case["seed"]), _loss_batch(case)
+    with torch.no_grad():
+        got = _pair_of_losses(pmlm_losses(model, batch), F64)
+    got = tuple(v.item() for v in got)
+    want = _oracle(model, batch)
+    for name, g, w in zip(("L_AE", "L_PAR"), got, want):
+        if not abs(g - w) < 1e-10:
+            raise Violation(f"{case['batch']} rows of n = {case['n']} with {case['num_masked']} masked each: {name} "
+                            f"= {g:.10g}, expected {w:.10g} (L_AE = {want[0]:.6g}, L_PAR = {want[1]:.6g})"
+                            + _diagnose(model, batch, got))
+
+
+@check("both losses come from ONE forward pass over the whole layout of n + 2|M| tokens: the encodings of the "
+       "context are computed once and reused (the model's first block runs once, on every token)",
+       case=loss_cases(), max_examples=10)
+def one_forward_pass_over_the_whole_layout(pmlm_losses, case):
+    model, batch = _model64(case["seed"]), _loss_batch(case)
+    lengths = []
+    hook = model.blocks[0].register_forward_hook(lambda module, args, out: lengths.append(args[0].size(1)))
+    try:
+        with torch.no_grad():
+            pmlm_losses(model, batch)
+    finally:
+        hook.remove()
+    L = batch["tokens"].size(1)
+    if lengths != [L]:
+        raise Violation(f"the model's blocks ran {len(lengths)} time(s), on sequences of length {lengths}; PMLM "
+                        f"takes both losses from one pass over the layout's {L} tokens (the AE block's encodings "
+                        "are shared, not recomputed)")
+
+
+@check("the losses carry the gradient: the gradient of L_AE + L_PAR with respect to the model's parameters "
+       "equals that of the written-out losses (float64, to 1e-9)", case=loss_cases(), max_examples=10)
+def the_gradient_flows_through_both_losses(pmlm_losses, case):
+    model, batch = _model64(case["seed"]), _loss_batch(case)
+    params = list(model.parameters())
+    got = _pair_of_losses(pmlm_losses(model, batch), F64)
+    if not (got[0].requires_grad and got[1].requires_grad):
+        raise Violation("the losses do not require grad (detached, or rebuilt from Python floats): training "
+                        "cannot follow them")
+    mine = torch.autograd.grad(got[0] + got[1], params, allow_unused=True)
+    logits, _ = model(batch["tokens"], allowed=batch["allowed"], causal=False, positions=batch["positions"])
+    flat = logits.reshape(-1, logits.size(-1))
+    ref = sum(torch.nn.functional.cross_entropy(flat, batch[k].reshape(-1)) for k in ("ae_targets", "par_targets"))
+    want = torch.autograd.grad(ref, params)
+    for (name, _), a, b in zip(model.named_parameters(), mine, want):
+        a = torch.zeros_like(b) if a is None else a
+        diff = (a - b).abs().max().item()
+        if not diff < 1e-9:
+            raise Violation(f"the gradient of L_AE + L_PAR with respect to {name} differs from the written-out "
+                            f"losses' by {diff:.3g}")
+
+
+@check("a batch with nothing masked (num_masked = 0) has no prediction of either kind: both losses are 0, "
+       "0-d tensors, not NaN", batch=st.integers(1, 3), n=st.integers(2, 8), seed=st.integers(0, 1000),
+       max_examples=10)
+def no_prediction_gives_zero_losses(pmlm_losses, batch, n, seed):
+    model = _model64(seed)
+    data = _loss_batch({"batch": batch, "n": n, "num_masked": 0, "max_ngram": 1, "seed": seed})
+    with torch.no_grad():
+        got = _pair_of_losses(pmlm_losses(model, data), F64)
+    if any(v.item() != 0.0 for v in got):
+        raise Violation(f"with nothing masked the losses are ({got[0].item()}, {got[1].item()}), expected (0, 0): a "
+                        "mean over no predictions is taken as 0 here (F.cross_entropy gives NaN)")
+
+
+EXP_N, EXP_MASKED, EXP_STEPS, EXP_ROWS = 6, 2, 100, 32
+
+
+def _progressions(rows: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows x_i = (d + s i) mod 10 with a random start d and step s in {0, 1, 2}: a masked token is implied by
+    the context, once the model has worked out d and s from it."""
+    d = torch.randint(0, LOSS_V, (rows, 1), generator=generator)
+    s = torch.randint(0, 3, (rows, 1), generator=generator)
+    return (d + s * torch.arange(EXP_N)) % LOSS_V
+
+
+@functools.lru_cache(maxsize=1)
+def _experiment_batches() -> tuple:
+    g, held_out = torch.Generator().manual_seed(0), torch.Generator().manual_seed(123)
+    train = [pmlm_batch(_progressions(EXP_ROWS, g), EXP_MASKED, g, LOSS_V, LOSS_V + 1) for _ in range(EXP_STEPS)]
+    return train, pmlm_batch(_progressions(256, held_out), EXP_MASKED, held_out, LOSS_V, LOSS_V + 1)
+
+
+def pmlm_experiment(pmlm_losses) -> tuple[float, float, list]:
+    """A tiny Transformer trained for EXP_STEPS AdamW steps on L_AE + L_PAR as `pmlm_losses` computes them;
+    the library's L_AE + L_PAR on 256 held-out rows before and after, and the training losses."""
+    train, evaluation = _experiment_batches()
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=LOSS_V + 2, block_size=EXP_N + 2 * EXP_MASKED, n_layers=2,
+                                          d_model=32, n_heads=2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def measured():
+        model.eval()
+        with torch.no_grad():
+            value = sum(library_pmlm_losses(model, evaluation)).item()
+        model.train()
+        return value
+
+    start, losses = measured(), []
+    for batch in train:
+        l_ae, l_par = _pair_of_losses(pmlm_losses(model, batch), torch.float32)
+        opt.zero_grad(set_to_none=True)
+        (l_ae + l_par).backward()
+        opt.step()
+        losses.append((l_ae + l_par).item())
+    return start, measured(), losses
+
+
+@check(f"the experiment: a tiny Transformer trained for {EXP_STEPS} steps on L_AE + L_PAR from your pmlm_losses "
+       f"(rows of {EXP_N} tokens in arithmetic progression mod 10, {EXP_MASKED} masked, seeded) has a library-"
+       "measured L_AE + L_PAR on 256 held-out rows below 3/4 of its start (the library's own loss takes it from "
+       "5.1 to 3.2 nats; guessing the digits uniformly gives 4.6)")
+def training_on_the_loss_teaches_the_model(pmlm_losses):
+    start, end, losses = pmlm_experiment(pmlm_losses)
+    if not end < 0.75 * start:
+        raise Violation(f"after {EXP_STEPS} steps on your losses, L_AE + L_PAR measured by the library on held-out "
+                        f"rows is {end:.3f} nats, from {start:.3f}: not below 3/4 of the start (your own loss went "
+                        f"from {losses[0]:.3f} to {losses[-1]:.3f}). A loss that reads its answers (a [P] or the "
+                        "AE block seeing the real tokens) trains a model that fails where it cannot")
+
+
 EXERCISES = {
     "3.1": Exercise(points=3, checks=[paper_example, positions_are_shared, blocks_in_factorization_order,
                                       targets_of_both_losses],
@@ -261,4 +472,17 @@ EXERCISES = {
                            "w = [0]*src_len ++ ids ++ (-ids); a key is 'true' when w_key >= 0. Real rows (w_q >= 0): "
                            "true key and w_key <= w_query. Pseudo rows (w_q < 0): true key and -w_key > w_query, or "
                            "w_key == w_query (a pseudo of the same span)."), pure=True),
+    "3.4": Exercise(points=4, checks=[losses_equal_the_mean_cross_entropy_of_their_predictions,
+                                      one_forward_pass_over_the_whole_layout, the_gradient_flows_through_both_losses,
+                                      no_prediction_gives_zero_losses, training_on_the_loss_teaches_the_model],
+                    hint="The layout and its mask already encode who sees what; the loss is one pass of the model "
+                         "over it and two averages. What must the pass be told, and over which tokens is each "
+                         "average taken?",
+                    hints=("Run the model once on the layout's tokens with its positions and its mask, and switch "
+                           "off the model's own causal mask (its default). L_AE averages the cross-entropy over the "
+                           "tokens with an ae_target, L_PAR over those with a par_target; -100 marks the rest.",
+                           "Call the model on batch['tokens'] with allowed, positions and causal set; flatten the "
+                           "batch and sequence axes of the logits; for each of ae_targets and par_targets take "
+                           "F.cross_entropy with ignore_index=IGNORE_INDEX, or a zero 0-d tensor of the logits' "
+                           "dtype when every target is IGNORE_INDEX. Return the pair.")),
 }

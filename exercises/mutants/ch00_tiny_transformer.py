@@ -334,4 +334,36 @@ MUTANTS = [
            new=("    return torch.softmax(scores, dim=1) @ v\n"
                 "scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)\n"
                 "weights = torch.softmax(scores, dim=1)")),
+
+    # -- 0.6 BPE training, the merge loop
+    Mutant("0.6", "train_bpe_counts_each_chunk_once",
+           "counts every distinct chunk once, ignoring how often it occurs in the text",
+           old="freqs = list(chunks.values())  # ...with its multiplicity",
+           new="freqs = [1] * len(chunks)"),
+    Mutant("0.6", "train_bpe_merges_across_chunks",
+           "skips the regex split: the whole text is one chunk, so pairs and merges cross word boundaries",
+           old="chunks = Counter(regex.findall(pattern, text))",
+           new="chunks = Counter([text]) if text else Counter()"),
+    Mutant("0.6", "train_bpe_ignores_the_pattern",
+           "always splits with GPT2_PATTERN, whatever `pattern` says",
+           old="chunks = Counter(regex.findall(pattern, text))",
+           new="chunks = Counter(regex.findall(GPT2_PATTERN, text))"),
+    Mutant("0.6", "train_bpe_merges_pairs_seen_once",
+           "keeps merging pairs that occur only once (stops at count 0 instead of below 2)",
+           old="if counts[pair] < 2:",
+           new="if counts[pair] < 1:"),
+    Mutant("0.6", "train_bpe_never_removes_merged_pairs",
+           ("adds the new pairs after a merge but never subtracts the old ones: the counts go stale and later "
+            "merges are chosen from wrong counts"),
+           old=("        for p in zip(old, old[1:]):\n"
+                "            counts[p] -= freqs[i]\n"),
+           new=""),
+    Mutant("0.6", "train_bpe_one_merge_too_many",
+           "learns vocab_size - 255 merges: the vocabulary ends one token over vocab_size",
+           old="while 256 + len(merges) < vocab_size and counts:",
+           new="while 256 + len(merges) <= vocab_size and counts:"),
+    Mutant("0.6", "train_bpe_ties_by_insertion_order",
+           "picks the pair with max(counts, key=counts.get): ties go to the first pair counted, not the smallest",
+           old="pair = most_frequent_pair(counts)",
+           new="pair = max(counts, key=counts.get)"),
 ]

@@ -75,4 +75,59 @@ MUTANTS = [
                 "sq, sk = step[..., :, None], step[..., None, :]"),
            new=("kq, kk = kind[:, None], kind[None, :]\n"
                 "sq, sk = step[:, None], step[None, :]")),
+
+    # -- 3.4 the PMLM loss, both objectives from one pass
+    Mutant("3.4", "pmlm_losses_model_default_causal",
+           ("leaves the Transformer's default causal=True: every token also loses the keys to its right, the AE "
+            "block is no longer bidirectional"),
+           old="logits, _ = model(batch[\"tokens\"], allowed=batch[\"allowed\"], causal=False, positions=batch[\"positions\"])",
+           new="logits, _ = model(batch[\"tokens\"], allowed=batch[\"allowed\"], positions=batch[\"positions\"])"),
+    Mutant("3.4", "pmlm_losses_without_the_mask",
+           "runs the pass without the layout's mask: every token sees every token, a [P] reads its own real copy",
+           old="logits, _ = model(batch[\"tokens\"], allowed=batch[\"allowed\"], causal=False, positions=batch[\"positions\"])",
+           new="logits, _ = model(batch[\"tokens\"], causal=False, positions=batch[\"positions\"])"),
+    Mutant("3.4", "pmlm_losses_without_the_positions",
+           "runs the pass without the layout's positions: the appended [P]s sit at n, n + 1, ..., not at their tokens",
+           old="logits, _ = model(batch[\"tokens\"], allowed=batch[\"allowed\"], causal=False, positions=batch[\"positions\"])",
+           new="logits, _ = model(batch[\"tokens\"], allowed=batch[\"allowed\"], causal=False)"),
+    Mutant("3.4", "pmlm_losses_averages_over_every_token",
+           "sums the cross-entropy of the predictions but divides by every token of the batch, not by their count",
+           old="        losses.append(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX))",
+           new=("        losses.append(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=\"sum\")\n"
+                "                      / targets.numel())")),
+    Mutant("3.4", "pmlm_losses_par_read_at_the_real_copies",
+           "takes L_PAR at the appended real tokens (which see themselves) instead of at the [P]s",
+           old="for targets in (batch[\"ae_targets\"].reshape(-1), batch[\"par_targets\"].reshape(-1)):",
+           new=("par = torch.where(batch[\"kind\"] == REAL, batch[\"tokens\"], IGNORE_INDEX)\n"
+                "for targets in (batch[\"ae_targets\"].reshape(-1), par.reshape(-1)):")),
+    Mutant("3.4", "pmlm_losses_ae_on_every_context_token",
+           "does not ignore the unmasked tokens: L_AE is also taken at every context token of the AE block",
+           old="for targets in (batch[\"ae_targets\"].reshape(-1), batch[\"par_targets\"].reshape(-1)):",
+           new=("ae = torch.where(batch[\"kind\"] != AE, IGNORE_INDEX, torch.where(batch[\"ae_targets\"] == IGNORE_INDEX,\n"
+                "                                                                 batch[\"tokens\"], batch[\"ae_targets\"]))\n"
+                "for targets in (ae.reshape(-1), batch[\"par_targets\"].reshape(-1)):")),
+    Mutant("3.4", "pmlm_losses_swapped",
+           "returns (L_PAR, L_AE): the two objectives' losses in the wrong order",
+           old="return losses[0], losses[1]",
+           new="return losses[1], losses[0]"),
+    Mutant("3.4", "pmlm_losses_detached",
+           "returns the losses' values without their graph (torch.tensor(loss.item())): nothing trains",
+           old="        losses.append(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX))",
+           new=("        losses.append(torch.tensor(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX).item(),\n"
+                "                                   dtype=logits.dtype))")),
+    Mutant("3.4", "pmlm_losses_nan_without_predictions",
+           "calls F.cross_entropy even when nothing is to be predicted: the mean over no predictions is NaN",
+           old=("    if bool((targets != IGNORE_INDEX).any()):\n"
+                "        losses.append(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX))\n"
+                "    else:\n"
+                "        losses.append(logits.new_zeros(()))  # no prediction of this kind in the batch"),
+           new="    losses.append(F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX))"),
+    Mutant("3.4", "pmlm_losses_two_passes",
+           ("encodes the AE block in a pass of its own and the whole layout in a second: the same values, twice "
+            "the context's compute, the reuse PMLM is built on lost"),
+           old="logits, _ = model(batch[\"tokens\"], allowed=batch[\"allowed\"], causal=False, positions=batch[\"positions\"])",
+           new=("n = int((batch[\"kind\"][0] == AE).sum())\n"
+                "ae_logits, _ = model(batch[\"tokens\"][:, :n], causal=False)\n"
+                "logits, _ = model(batch[\"tokens\"], allowed=batch[\"allowed\"], causal=False, positions=batch[\"positions\"])\n"
+                "logits = torch.cat([ae_logits, logits[:, n:]], dim=1)")),
 ]
