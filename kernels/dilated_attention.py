@@ -176,13 +176,13 @@ class _DilatedBranch(torch.autograd.Function):
         dlse = None if dlse is None else _gather(dlse.float(), pos, ctx.w)
         grads = flash_attention_backward(*seg, causal=ctx.causal, key_lengths=key_lengths, dlse=dlse)
         heads = torch.arange(H, device=q.device)[:, None, None]
-        results = []
-        for g, needed in zip(grads, ctx.needs_input_grad):  # (B * H * n, 1, m, D) -> kept rows of (B, H, T, D)
-            full = q.new_zeros(B, H, pos.size(1) * ctx.w, D) if needed else None
-            if needed:
-                full[:, heads, pos] = g.view(B, *pos.shape, D)
-            results.append(full[:, :, :T] if needed else None)
-        return (*results, None, None, None)
+
+        def scatter(g):  # (B * H * n, 1, m, D) -> (B, H, T, D): the kept rows, 0 on every other row
+            full = q.new_zeros(B, H, pos.size(1) * ctx.w, D)
+            full[:, heads, pos] = g.view(B, *pos.shape, D)
+            return full[:, :, :T]
+
+        return (*(scatter(g) if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None, None)
 
 
 def dilated_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: Sequence[int],
