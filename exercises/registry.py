@@ -63,7 +63,7 @@ CHAPTERS = {c.number: c for c in [
     Chapter("08", "bitlinear", "BitNet b1.58: ternary weights, 8-bit activations",
             ("nanomodels/bitlinear.py", "kernels/bitnet.py")),
     Chapter("09", "next_token_diffusion", "LatentLM: next-token diffusion",
-            ("nanomodels/diffusion.py", "nanomodels/sigma_vae.py")),
+            ("nanomodels/diffusion.py", "nanomodels/sigma_vae.py", "kernels/adaln.py")),
 ]}
 
 
