@@ -54,7 +54,7 @@ CHAPTERS = {c.number: c for c in [
     Chapter("02", "unilm_masks", "UniLM attention masks", ("nanomodels/masks.py",)),
     Chapter("03", "pseudo_masked_lm", "the pseudo-masked language model", ("nanomodels/pmlm.py",)),
     Chapter("04", "deepnet", "DeepNet: DeepNorm for very deep Post-LN Transformers",
-            ("nanomodels/deepnet.py", "nanomodels/transformer.py")),
+            ("nanomodels/deepnet.py", "nanomodels/transformer.py", "kernels/layernorm.py")),
     Chapter("05", "subln_magneto", "Sub-LN and Magneto", ("nanomodels/subln.py",)),
     Chapter("06", "dilated_attention", "LongNet dilated attention",
             ("nanomodels/dilated.py", "kernels/dilated_attention.py")),

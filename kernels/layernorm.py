@@ -48,9 +48,22 @@ def add_norm_reference(x, g=None, weight=None, bias=None, *, alpha: float = 1.0,
 @triton.jit
 def _add_norm_fwd_kernel(X, G, W, B, Y, MEAN, RSTD, n_cols, stride_x, stride_g, stride_y, stride_w, stride_b,
                          alpha, eps, HAS_G: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row of x (rows, n_cols), in float32 whatever the inputs' dtype:
+
+        h = alpha * x + g                          (g only if HAS_G; alpha scales x, the residual stream)
+        LayerNorm:  y = (h - mean) * rstd * w + b,  mean = sum(h) / n_cols,
+                                                    rstd = 1 / sqrt(sum((h - mean)^2) / n_cols + eps)
+        RMSNorm:    y = h * rstd * w + b,           mean = 0 (stored as 0),
+                                                    rstd = 1 / sqrt(sum(h^2) / n_cols + eps)
+
+    b only if HAS_BIAS. The row is one block of BLOCK lanes (the next power of two >= n_cols); lanes
+    n_cols..BLOCK-1 are padding. Rows of x, g and y are stride_x, stride_g, stride_y apart; w and b may be
+    strided (element strides stride_w, stride_b). mean and rstd are stored per row for the backward.
+    """
     row = tl.program_id(0).to(tl.int64)  # one program per row; int64 so row * stride cannot overflow
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
+    # BEGIN EXERCISE 4.5: the fused LN(alpha x + g) row in Triton
     h = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32) * alpha
     if HAS_G:
         h += tl.load(G + row * stride_g + cols, mask=inside, other=0.0).to(tl.float32)
@@ -63,6 +76,7 @@ def _add_norm_fwd_kernel(X, G, W, B, Y, MEAN, RSTD, n_cols, stride_x, stride_g, 
     y = centered * rstd * tl.load(W + cols * stride_w, mask=inside, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(B + cols * stride_b, mask=inside, other=0.0).to(tl.float32)
+    # END EXERCISE
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=inside)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)

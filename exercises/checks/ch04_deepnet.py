@@ -1,7 +1,10 @@
-"""Chapter 04's graded checks: the DeepNorm constants, the DeepNorm residual, the beta initialization, and a
-DeepNet built from parts (its forward written out, its init per matrix, and a 24-layer model that trains).
+"""Chapter 04's graded checks: the DeepNorm constants, the DeepNorm residual, the beta initialization, a
+DeepNet built from parts (its forward written out, its init per matrix, and a 24-layer model that trains), and
+the fused LN(alpha x + g) row in Triton.
 
-Each check tests what the paper promises, in float64, against the learner's function (its first argument).
+Each check tests what the paper promises, in float64, against the learner's function (its first argument). The
+kernel exercise (4.5) installs the learner's kernel in kernels/layernorm.py for one call of the library's
+launcher, run under Triton's interpreter on the CPU in float32, and compares with a float64 oracle.
 Known-wrong solutions: exercises/mutants/ch04_*.py.
 """
 
@@ -13,6 +16,7 @@ import torch
 import torch.nn as nn
 from hypothesis import strategies as st
 
+import kernels.layernorm as kln
 from exercises.checking import Exercise, Violation, check
 from exercises.checks.common import F64, expect_tensor, naive_layer_norm, xavier_std
 from nanomodels.attention import attention
@@ -441,6 +445,193 @@ def a_deep_model_trains(deepnet):
                         f"1.5: the model does not train at this depth")
 
 
+# ---- 4.5 the fused LN(alpha x + g) row in Triton -----------------------------------------------------------
+
+@contextlib.contextmanager
+def _installed(graded):
+    """The library's launcher (add_norm_forward) runs with the learner's kernel in place of its own."""
+    kernel = getattr(graded, "__wrapped__", graded)  # the @triton.jit function behind the grader's guard
+    saved = vars(kln)["_add_norm_fwd_kernel"]
+    kln._add_norm_fwd_kernel = kernel
+    try:
+        yield
+    finally:
+        kln._add_norm_fwd_kernel = saved
+
+
+def _run_add_norm(graded, x, g, w, b, alpha, eps, rms):
+    """(y, mean, rstd) from the library's launcher under the interpreter, with the learner's kernel."""
+    with _installed(graded):
+        try:
+            return kln.add_norm_forward(x, g, w, b, alpha=alpha, eps=eps, rms=rms)
+        except Exception as exc:  # the interpreter wraps what the kernel raised: show that instead
+            if type(exc).__name__ == "InterpreterError" and exc.__cause__ is not None:
+                raise exc.__cause__ from None
+            raise
+
+
+def _add_norm_oracle(x, g, w, b, alpha, eps, rms, *, alpha_on_g=False, no_alpha=False, ddof=0, eps_outside=False,
+                     block=None, pad_mean=False, pad_var=False, one_pass=False, centre_rms=False, unit_stride=False):
+    """The row in float64 (the keywords give the classic mistakes, for the message): (y, mean, rstd)."""
+    n = x.size(-1)
+    xd, gd = x.double(), None if g is None else g.double()
+    a_x, a_g = (1.0, alpha) if alpha_on_g else (1.0, 1.0) if no_alpha else (alpha, 1.0)
+    h = a_x * xd if gd is None else a_x * xd + a_g * gd
+    if unit_stride:  # weight and bias read as contiguous from their first element
+        w, b = (None if t is None else torch.as_strided(t, (n,), (1,)) for t in (w, b))
+    pad = (block or n) - n
+    mean = h.sum(1, keepdim=True) / (n + pad if pad_mean else n)
+    if rms and not centre_rms:
+        mean = torch.zeros_like(mean)
+    centred = h - mean
+    if one_pass:  # E[h^2] - E[h]^2 in float32, as a one-pass kernel would
+        hf = h.float()
+        var = ((hf * hf).sum(1, keepdim=True) / n - (hf.sum(1, keepdim=True) / n) ** 2).double()
+    else:
+        var = (centred.pow(2).sum(1, keepdim=True) + (pad * mean.pow(2) if pad_var else 0)) / (n - ddof)
+    rstd = 1 / (var.sqrt() + eps) if eps_outside else 1 / (var + eps).sqrt()
+    y = centred * rstd * w.double()
+    if b is not None:
+        y = y + b.double()
+    return y, mean[:, 0], rstd[:, 0]
+
+
+def _add_norm_tolerance(x, g, w, b, alpha, rms) -> float:
+    """A few float32 roundings at the scale of the row: max|h| / std(h) (RMSNorm: / rms(h)) grows with the mean
+    (h's own rounding), |w| multiplies it, |b| adds its own rounding."""
+    h = alpha * x.double() + (0 if g is None else g.double())
+    spread = _spread(h, rms)
+    return 4e-6 * (1 + spread) * w.double().abs().max().item() + \
+        (0 if b is None else 1e-6 * b.double().abs().max().item())
+
+
+def _spread(h, rms) -> float:
+    if h.size(1) == 1 and not rms:
+        return 1.0
+    scale = h.pow(2).mean(1).sqrt() if rms else h.std(1, correction=0)
+    return (h.abs().amax(1) / (scale + 1e-12)).max().item()
+
+
+def _compare_add_norm(graded, x, g, w, b, alpha, eps, rms, what, tol=None):
+    y, mean, rstd = _run_add_norm(graded, x, g, w, b, alpha, eps, rms)
+    if type(y) is not torch.Tensor or y.shape != x.shape or y.dtype != x.dtype:
+        raise Violation(f"{what}: the launcher returned y as {getattr(y, 'dtype', type(y))} "
+                        f"{tuple(getattr(y, 'shape', ()))}, expected {x.dtype} {tuple(x.shape)}")
+    want_y, want_mean, want_rstd = _add_norm_oracle(x, g, w, b, alpha, eps, rms)
+    tol = _add_norm_tolerance(x, g, w, b, alpha, rms) if tol is None else tol
+    diff = (y.double() - want_y).abs().nan_to_num(nan=math.inf).amax(1)
+    name = "RMSNorm" if rms else "LayerNorm"
+    if diff.max() > tol:
+        r = int(diff.argmax())
+        block = 1 << max(x.size(1) - 1, 0).bit_length()
+        mistakes = {
+            "alpha multiplies the branch g, not the stream x: DeepNorm is LN(alpha x + g)": dict(alpha_on_g=True),
+            "alpha is missing: h = x + g; DeepNorm scales the stream, h = alpha x + g": dict(no_alpha=True),
+            "its variance divides by N - 1; LayerNorm's is the biased one, sum / N": dict(ddof=1),
+            "eps is added outside the square root: 1 / (sqrt(var) + eps), not 1 / sqrt(var + eps)":
+                dict(eps_outside=True),
+            "the mean divides by BLOCK, the padded length: divide the sum by n_cols": dict(pad_mean=True, block=block),
+            "the padded lanes past n_cols enter the variance (each adds mean^2): zero them before squaring":
+                dict(pad_var=True, block=block),
+            "the variance is E[h^2] - E[h]^2 in one pass: in float32 it cancels when the mean is large compared "
+            "with the spread; subtract the mean first": dict(one_pass=True),
+            "RMSNorm subtracts the mean: its mean is 0, rstd = 1 / sqrt(mean(h^2) + eps)": dict(centre_rms=True),
+            "weight and bias are read as contiguous (W + cols): a strided view such as w[::2] needs the element "
+            "strides stride_w and stride_b": dict(unit_stride=True),
+        }
+        why, closest = "", math.inf  # the mistake whose output is nearest to the kernel's, if near enough
+        for text, kw in mistakes.items():
+            alt = _add_norm_oracle(x, g, w, b, alpha, eps, rms, **kw)[0]
+            d = (y.double() - alt).abs().nan_to_num(nan=math.inf).max().item()
+            if d < closest and d <= max(2 * tol, 0.1 * diff.max().item()):
+                why, closest = f": {text}", d
+        if not why and y[r].isnan().any():
+            why = ": NaN (a division by zero, or a value that was never computed)"
+        ratio = abs(want_mean[r].item()) * want_rstd[r].item()
+        if not why and ratio > 50:
+            why = (f": this row's mean is {ratio:.0f} times its standard deviation; a variance taken as "
+                   "E[h^2] - E[h]^2 in float32 loses most of its digits there: subtract the mean first")
+        raise Violation(f"{what}: row {r} of y differs from the {name} of alpha x + g by {diff[r].item():.3g} "
+                        f"(float32 tolerance {tol:.2g}){why}")
+    h = alpha * x.double() + (0 if g is None else g.double())
+    mean_tol = 4e-7 * (1 + h.abs().max().item())
+    if not (mean.double() - want_mean).abs().nan_to_num(nan=math.inf).max() <= mean_tol:
+        of = "0 (RMSNorm)" if rms else "the row mean of h = alpha x + g"
+        raise Violation(f"{what}: the stored mean differs from {of} by "
+                        f"{(mean.double() - want_mean).abs().nan_to_num(nan=math.inf).max().item():.3g} "
+                        "(the backward reads it)")
+    rel = ((rstd.double() - want_rstd) / want_rstd).abs().nan_to_num(nan=math.inf).max().item()
+    if not rel <= 1e-5 + 2e-7 * _spread(h, rms):
+        raise Violation(f"{what}: the stored rstd differs from 1 / sqrt(var + eps) by a factor of {rel:.3g} "
+                        "(the backward reads it)")
+
+
+def _row_inputs(rows, n, seed, *, std=1.0, mean=0.0):
+    """x, g (rows, n) float32 of the given spread, and a weight and bias (n,) that are not 1 and 0."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=gen) * std + mean
+    g = torch.randn(rows, n, generator=gen) * std + 0.3 * mean
+    w = torch.randn(n, generator=gen) * 0.5 + 1.0
+    b = torch.randn(n, generator=gen) * 0.3
+    return x, g, w, b
+
+
+@check("LayerNorm: the kernel (float32, under the interpreter) gives LN(alpha x + g) w + b with alpha != 1 on "
+       "the stream x, and stores the row mean and 1 / sqrt(var + eps), within float32 rounding of a float64 "
+       "oracle, for rows of 37, 100 and 64 columns (not a multiple of the block and one that is), a row of one "
+       "column, small variances and a large eps")
+def kernel_row_matches_the_float64_oracle(kernel):
+    for rows, n, std, alpha, eps, seed in ((4, 37, 1.0, 2.5, 1e-5, 0), (3, 37, 1e-3, 1.7, 1e-6, 4),
+                                           (5, 100, 0.7, 0.5, 0.5, 2), (2, 64, 2.0, 3.0, 1e-5, 3),
+                                           (3, 1, 1.0, 2.0, 1e-5, 1)):
+        x, g, w, b = _row_inputs(rows, n, 100 + seed, std=std)
+        _compare_add_norm(kernel, x, g, w, b, alpha, eps, False,
+                          f"{rows} rows of {n} columns (std {std:g}, alpha {alpha:g}, eps {eps:g})")
+
+
+@check("rows with a large mean compared with their spread (alpha x + g of mean 1300, -390, 0 and 52, std about "
+       "1.8) keep float32 precision: the variance is taken of the centred row, not as E[h^2] - E[h]^2")
+def large_means_keep_the_precision(kernel):
+    gen = torch.Generator().manual_seed(7)
+    means = torch.tensor([[1000.0], [-300.0], [0.0], [40.0]])
+    x = torch.randn(4, 50, generator=gen) + means
+    g = torch.randn(4, 50, generator=gen) + 0.1 * means
+    w, b = torch.randn(50, generator=gen) * 0.5 + 1.0, torch.randn(50, generator=gen) * 0.3
+    _compare_add_norm(kernel, x, g, w, b, 1.2, 1e-5, False,
+                      "rows of 50 columns with means 1300, -390, 0, 52 and alpha 1.2")
+
+
+@check("RMSNorm (RMS=True, the same kernel): y = h rstd w (+ b) with rstd = 1 / sqrt(mean(h^2) + eps) and the "
+       "stored mean 0, h = alpha x + g of nonzero mean, for 37, 64 and 1 columns, with and without a bias")
+def rmsnorm_branch_does_not_centre(kernel):
+    for rows, n, alpha, bias, seed in ((4, 37, 2.0, True, 20), (3, 64, 0.7, False, 21), (2, 1, 1.5, True, 22)):
+        x, g, w, b = _row_inputs(rows, n, seed, mean=0.8)
+        _compare_add_norm(kernel, x, g, w, b if bias else None, alpha, 1e-5, True,
+                          f"RMSNorm, {rows} rows of {n} columns (alpha {alpha:g}, {'with' if bias else 'no'} bias)")
+
+
+@check("no residual input (g = None: h = alpha x) and no bias; rows of x that are strided (a slice of a wider "
+       "tensor); weight and bias that are strided views (w[::2], b[::3]); float16 rows computed in float32 and "
+       "stored as float16")
+def options_strides_and_float16(kernel):
+    gen = torch.Generator().manual_seed(30)
+    wide = torch.randn(5, 60, generator=gen) * 1.3 + 0.4
+    x = wide[:, 3:40]  # 37 columns, rows 60 apart
+    w_base, b_base = torch.randn(2 * 37, generator=gen) * 0.5 + 1.0, torch.randn(3 * 37, generator=gen) * 0.3
+    _compare_add_norm(kernel, x, None, w_base[::2], None, 1.5, 1e-5, False,
+                      "LayerNorm of 1.5 x without g or bias, x rows strided, weight w[::2]")
+    g = torch.randn(5, 37, generator=gen)
+    _compare_add_norm(kernel, x, g, w_base[::2], b_base[::3], 2.0, 1e-5, False,
+                      "LayerNorm of 2 x + g, weight w[::2] and bias b[::3]")
+    _compare_add_norm(kernel, x, None, w_base[::2], b_base[::3], 0.5, 1e-5, True,
+                      "RMSNorm of 0.5 x without g, weight w[::2] and bias b[::3]")
+    xh, gh = (torch.randn(3, 70, generator=gen) * 2).half(), torch.randn(3, 70, generator=gen).half()
+    w, b = w_base[:70].clone(), b_base[:70].clone()
+    want = _add_norm_oracle(xh, gh, w, b, 1.3, 1e-5, False)[0]
+    _compare_add_norm(kernel, xh, gh, w, b, 1.3, 1e-5, False, "float16 rows of 70 columns (alpha 1.3)",
+                      tol=1e-3 * (1 + want.abs().max().item()))
+
+
 EXERCISES = {
     "4.1": Exercise(points=2, checks=[single_stack_table, update_bound_is_one, exact_at_every_n, encoder_decoder_table],
                     hint="Read the constants from the paper's table: one formula for a single stack of N "
@@ -478,4 +669,21 @@ EXERCISES = {
                            "alpha, beta from deepnorm_constants(decoder_layers=N)['decoder']; Transformer(config, "
                            "residual=DeepNorm with alpha fixed (functools.partial), final_norm=None, **parts); then "
                            "deepnorm_init_ with beta, and return the model.")),
+    "4.5": Exercise(points=3, checks=[kernel_row_matches_the_float64_oracle, large_means_keep_the_precision,
+                                      rmsnorm_branch_does_not_centre, options_strides_and_float16],
+                    hint="One program holds one whole row in registers: build the pre-norm sum with alpha on the "
+                         "right term, normalize it in two passes over the registers, then apply the gain and the "
+                         "optional bias; the padding lanes past n_cols must not count anywhere.",
+                    hints=("Load x (and g when HAS_G) with the lane mask and fill 0, in float32; alpha scales x, the "
+                           "stream, never g. LayerNorm: first the mean over n_cols, then the variance of the centred "
+                           "values with the lanes past n_cols zeroed before they are squared, divided by n_cols, "
+                           "eps inside the square root. RMSNorm: the mean is 0 and nothing is centred. Weight and "
+                           "bias are read with their element strides.",
+                           "h = the masked load of x times alpha, plus the masked load of g when HAS_G; mean = 0.0 "
+                           "when RMS, else the sum of h over the block divided by n_cols; the centred row is "
+                           "tl.where over the lane mask of h minus mean, else 0; rstd is one over the square root "
+                           "of (the sum of the squared centred row over n_cols plus eps); y is the centred row "
+                           "times rstd times the weight loaded at cols times stride_w, plus the bias loaded at "
+                           "cols times stride_b when HAS_BIAS. The lines after the region store y, mean and "
+                           "rstd.")),
 }
