@@ -242,6 +242,25 @@ x = torch.randn(2, 16, 32)
 print(f"max |kernel - einsum| = {(kernel_part(x) - dense_part(x)).abs().max():.2e}")
 
 # %% [markdown]
+# ### Exercise 7.6: one tile of the grouped GEMM, inside the kernel
+#
+# The kernel runs one program per (block of `BLOCK_M` padded rows, tile of `BLOCK_N` columns), and its body is the exercise:
+# read the block's expert from `BLOCK_EXPERT`, gather the block's rows of $A$ through `A_ROWS` (-1 marks a padding row), walk
+# $K$ in steps of `BLOCK_K` with masked loads and `tl.dot` into a float32 accumulator, and store the tile at the rows `C_ROWS`,
+# leaving padding rows and columns $\ge N$ untouched. `python -m exercises grade 07 --exercise 7.6` runs your kernel under
+# Triton's interpreter against a float64 oracle: expert groups of 0, 1, part of a block, one block and several blocks; $K$ not a
+# multiple of `BLOCK_K`; both weight layouts (`TRANS_W`, and the untransposed read of the backward's $dA$ pass); NaN in the
+# memory around every expert's weights and past column $K - 1$, so a tile that reads another expert's weights or past $K$ gives
+# NaN; guard rows around the output, so a stored padding row shows; float16 inputs over $K = 1024$, where a running sum rounded
+# to float16 at every step drifts past float16 rounding; and the library's `grouped_gemm` forward and $dA$ with your kernel in
+# place.
+
+# %%
+from kernels.grouped_gemm import _grouped_gemm_kernel
+
+show(_grouped_gemm_kernel)
+
+# %% [markdown]
 # ## Expert parallelism
 #
 # With `MoE(..., expert_parallel=True)` under `torch.distributed`, each rank holds $E/\text{world}$ experts; the $(E, C, d)$
@@ -253,7 +272,8 @@ print(f"max |kernel - einsum| = {(kernel_part(x) - dense_part(x)).abs().max():.2
 # ## Exercises
 #
 # `python -m exercises grade 07`: 7.1 top-k routing with capacity, 7.2 the load-balancing loss, 7.3 the X-MoE scores, 7.4 the
-# sort-and-pad metadata of the grouped GEMM, 7.5 the MoE layer, end to end.
+# sort-and-pad metadata of the grouped GEMM, 7.5 the MoE layer, end to end, 7.6 one tile of the grouped GEMM inside the Triton
+# kernel (above).
 
 # %% [markdown]
 # ### Exercise 7.5: the MoE layer, end to end

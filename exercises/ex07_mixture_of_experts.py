@@ -1,4 +1,4 @@
-"""Chapter 07: sparse mixture of experts: routing, load balance, X-MoE (5 exercises, 15 points).
+"""Chapter 07: sparse mixture of experts: routing, load balance, X-MoE (6 exercises, 18 points).
 
 Replace each `raise NotImplementedError(...)` by your code, then grade this file:
 
@@ -14,6 +14,7 @@ See exercises/README.md.
 import torch
 import torch.nn.functional as F
 
+from kernels import tl, triton
 from kernels.grouped_gemm import BLOCK_M
 from nanomodels.moe import MoE, Routing, _check_gating
 
@@ -77,3 +78,21 @@ def moe_forward(moe: MoE, h: torch.Tensor) -> torch.Tensor:
               over both choices before dropping, never again after); a token every expert dropped gets y_s = 0
     """
     raise NotImplementedError("Exercise 7.5: the MoE layer, end to end")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Exercise 7.6: one tile of the grouped GEMM: its expert, the gathered rows, the masked K loop (3 points)
+# Hint: One program computes one (BLOCK_M, BLOCK_N) tile: all its rows belong to one expert, read from the
+#       metadata, and each row is gathered from A and scattered to C by the row lists.
+@triton.jit
+def _grouped_gemm_kernel(A, W, C, A_ROWS, C_ROWS, BLOCK_EXPERT, N, K, stride_am, stride_we, stride_wr, stride_cm,
+                         TRANS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """C[c_rows] = A[a_rows] @ W[e]^T (TRANS_W; W[e] is (N, K)) or A[a_rows] @ W[e] (W[e] is (K, N)).
+    Every matrix has unit stride along its last dimension; stride_wr is W's row stride, stride_we its expert
+    stride. Program (pid_m, pid_n) owns rows pid_m * BLOCK_M .. + BLOCK_M - 1 of the int64 row lists A_ROWS and
+    C_ROWS (-1 in A_ROWS marks a padding row) and columns pid_n * BLOCK_N .. + BLOCK_N - 1; all its rows belong
+    to expert BLOCK_EXPERT[pid_m]. The K loop walks BLOCK_K at a time with a float32 accumulator (K need not be a
+    multiple of BLOCK_K); the tile is stored in C's dtype, padding rows and columns >= N left untouched."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    raise NotImplementedError("Exercise 7.6: one tile of the grouped GEMM: its expert, the gathered rows, the masked K loop")

@@ -34,8 +34,13 @@ def _grouped_gemm_kernel(A, W, C, A_ROWS, C_ROWS, BLOCK_EXPERT, N, K, stride_am,
                          TRANS_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):
     """C[c_rows] = A[a_rows] @ W[e]^T (TRANS_W; W[e] is (N, K)) or A[a_rows] @ W[e] (W[e] is (K, N)).
-    Every matrix has unit stride along its last dimension; stride_wr is W's row stride."""
+    Every matrix has unit stride along its last dimension; stride_wr is W's row stride, stride_we its expert
+    stride. Program (pid_m, pid_n) owns rows pid_m * BLOCK_M .. + BLOCK_M - 1 of the int64 row lists A_ROWS and
+    C_ROWS (-1 in A_ROWS marks a padding row) and columns pid_n * BLOCK_N .. + BLOCK_N - 1; all its rows belong
+    to expert BLOCK_EXPERT[pid_m]. The K loop walks BLOCK_K at a time with a float32 accumulator (K need not be a
+    multiple of BLOCK_K); the tile is stored in C's dtype, padding rows and columns >= N left untouched."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    # BEGIN EXERCISE 7.6: one tile of the grouped GEMM: its expert, the gathered rows, the masked K loop
     expert = tl.load(BLOCK_EXPERT + pid_m).to(tl.int64)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     a_row = tl.load(A_ROWS + rows)  # int64 row ids, -1 = padding
@@ -57,6 +62,7 @@ def _grouped_gemm_kernel(A, W, C, A_ROWS, C_ROWS, BLOCK_EXPERT, N, K, stride_am,
         w_ptrs += BLOCK_K if TRANS_W else BLOCK_K * stride_wr
     tl.store(C + c_row[:, None] * stride_cm + cols[None, :], acc.to(C.dtype.element_ty),
              mask=valid[:, None] & (cols[None, :] < N))
+    # END EXERCISE
 
 
 @triton.jit

@@ -1,9 +1,11 @@
 """Chapter 07's graded checks: top-k routing with capacity, the load-balancing loss, the X-MoE scores, the
-grouped GEMM's sort-and-pad metadata (kernels/grouped_gemm.py), and the MoE layer end to end (a tiny MoE model
-that trains with a balanced load).
+grouped GEMM's sort-and-pad metadata (kernels/grouped_gemm.py), the MoE layer end to end (a tiny MoE model
+that trains with a balanced load), and one tile of the grouped GEMM inside its Triton kernel.
 
 Each check tests the mechanism in float64 against the learner's function (its first argument), with naive loop
-oracles. Known-wrong solutions: exercises/mutants/ch07_mixture_of_experts.py.
+oracles. The kernel exercise (7.6) launches the learner's @triton.jit kernel under Triton's interpreter on
+buffers whose surroundings are observable: NaN around every expert's weights and past column K - 1, sentinel
+rows and columns around the output. Known-wrong solutions: exercises/mutants/ch07_mixture_of_experts.py.
 """
 
 import contextlib
@@ -419,6 +421,212 @@ def a_tiny_moe_model_trains_balanced(moe_forward):
                         "balanced (1 is balanced)")
 
 
+# ---- 7.6 one tile of the grouped GEMM, inside the Triton kernel ------------------------------------------------
+
+SENTINEL = -7.0  # what the output holds where the kernel must not write
+GUARD = 3  # rows of the output buffer before and after the real rows, and columns after N
+
+
+def _grouped_buffers(group_sizes, n, k, *, seed, dtype=torch.float32, trans_w=True, positive=False):
+    """A problem for the kernel with every out-of-bounds read observable: the tokens a (M, K) of the pairs, in
+    shuffled expert order, expert weights W (E, N, K) (TRANS_W) or (E, K, N), and guard regions of NaN around
+    them: W has a NaN expert before the first and after the last, A a NaN row before the first, and A's and W's
+    rows are padded past their last column with NaN, so a read of another expert's weights or of columns >= K
+    gives NaN."""
+    g = torch.Generator().manual_seed(seed)
+    experts = torch.cat([torch.full((c,), e) for e, c in enumerate(group_sizes)]).long()
+    experts = experts[torch.randperm(len(experts), generator=g)]  # tokens arrive in any expert order
+    E, M = len(group_sizes), len(experts)
+    draw = (lambda *shape: torch.rand(*shape, generator=g, dtype=F64)) if positive else \
+        (lambda *shape: torch.randn(*shape, generator=g, dtype=F64))
+    a64 = draw(M, k)
+    w64 = draw(E, n, k) * (1 + torch.arange(E, dtype=F64)[:, None, None])  # experts differ in scale too
+    a_buf = torch.full((M + 1, k + 5), float("nan"), dtype=dtype)  # a NaN row before the first
+    a_buf[1:, :k] = a64.to(dtype)
+    rows, inner = (n, k) if trans_w else (k, n)
+    w_buf = torch.full((E + 2, rows, inner + 5), float("nan"), dtype=dtype)
+    w_buf[1:E + 1, :, :inner] = (w64 if trans_w else w64.transpose(1, 2)).to(dtype)
+    return experts, a_buf[1:, :k], w_buf[1:E + 1, :, :inner]
+
+
+@contextlib.contextmanager
+def _installed(module, name: str, graded):
+    """The library's launcher runs with the learner's kernel in place of its own (restored afterwards)."""
+    kernel = getattr(graded, "__wrapped__", graded)  # the @triton.jit function behind the grader's guard
+    saved = vars(module)[name]
+    setattr(module, name, kernel)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def run_grouped_kernel(kernel, a, w, experts, blocks, *, trans_w=True, padding_target=-1):
+    """Launch the learner's _grouped_gemm_kernel on one pair per row of a (pair i = token i, expert experts[i]),
+    metadata from the library's align_by_expert, with (BLOCK_M, BLOCK_N, BLOCK_K) = blocks. Padding rows get
+    C_ROWS = padding_target. Returns (buf, out rows, metadata): buf is the whole output buffer, SENTINEL
+    everywhere the kernel must not write, with GUARD rows before and after and GUARD columns after N."""
+    from kernels import HAS_TRITON, INTERPRET
+    from kernels.grouped_gemm import align_by_expert
+
+    if not HAS_TRITON:
+        raise Violation("Triton is not installed here (it has Linux wheels only): exercise 7.6 needs its interpreter")
+    kernel = getattr(kernel, "__wrapped__", kernel)  # the graded function is the @triton.jit kernel itself
+    if not hasattr(kernel, "__getitem__"):
+        raise Violation(f"_grouped_gemm_kernel is a {type(kernel).__name__}, not a @triton.jit kernel: keep the "
+                        "decorator")
+    device = "cpu" if INTERPRET else "cuda"
+    bm, bn, bk = blocks
+    E = w.size(0)
+    n, k = (w.size(1), w.size(2)) if trans_w else (w.size(2), w.size(1))
+    order, block_expert, _ = align_by_expert(experts, E, bm)
+    c_rows = torch.where(order >= 0, order, padding_target)
+    expert_buf = torch.cat([block_expert, torch.tensor([E], dtype=torch.int32)])  # one past the end: the NaN expert
+    M = a.size(0)
+    buf = torch.full((M + 2 * GUARD, n + GUARD), SENTINEL, dtype=a.dtype, device=device)
+    out = buf[GUARD:GUARD + M, :n]
+    a, w = a.to(device), w.to(device)
+    try:
+        if len(block_expert):
+            kernel[(len(block_expert), math.ceil(n / bn))](
+                a, w, out, order.to(device), c_rows.to(device), expert_buf.to(device), n, k, a.stride(0),
+                w.stride(0), w.stride(1), out.stride(0), TRANS_W=trans_w, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    except Exception as exc:  # the interpreter wraps what the kernel raised: report that, at its line
+        if type(exc).__name__ == "InterpreterError" and exc.__cause__ is not None:
+            raise exc.__cause__ from None
+        if "NotImplementedError" in str(exc):
+            raise NotImplementedError("Exercise 7.6: one tile of the grouped GEMM: its expert, the gathered rows, "
+                                      "the masked K loop") from None
+        raise
+    return buf.cpu(), order, block_expert
+
+
+def _grouped_oracle(a, w, experts, trans_w=True):
+    """out[i] = a[i] @ W[experts[i]]^T (or @ W[experts[i]]), in float64."""
+    w = w.double() if trans_w else w.double().transpose(1, 2)
+    return torch.einsum("mk,mnk->mn", a.double(), w[experts])
+
+
+def _expect_grouped(buf, a, w, experts, order, block_expert, blocks, tol, case, *, trans_w=True):
+    """The real rows equal the oracle; every guard row, guard column and padding target still holds SENTINEL."""
+    M = a.size(0)
+    n = w.size(1) if trans_w else w.size(2)
+    bm = blocks[0]
+    layout = "W[e] is (N, K)" if trans_w else "W[e] is (K, N)"
+    where = (f"{case} (group sizes {torch.bincount(experts, minlength=w.size(0)).tolist()}, N = {n}, "
+             f"K = {a.size(1)}, BLOCK_M, BLOCK_N, BLOCK_K = {blocks}, {layout}, {a.dtype})")
+    got = buf[GUARD:GUARD + M, :n].double()
+    guard_rows = torch.cat([buf[:GUARD], buf[GUARD + M:]])
+    if (guard_rows != SENTINEL).any():
+        raise Violation(f"{where}: the kernel wrote outside the output, into the rows around it: padding rows "
+                        f"(A_ROWS = -1, C_ROWS = -1 here) must not be stored")
+    if (buf[:, n:] != SENTINEL).any():
+        raise Violation(f"{where}: the kernel wrote columns >= N (into the next row's memory): mask the store by "
+                        "the columns too")
+    want = _grouped_oracle(a, w, experts, trans_w)
+    bad = ~((got - want).abs() <= tol * (1 + want.abs()))  # NaN counts as wrong
+    if bad.any():
+        i = int(bad.any(1).nonzero()[0])
+        p = int((order == i).nonzero()[0])
+        e = int(experts[i])
+        why = ""
+        if got[i].isnan().any():
+            why = (" (NaN: the guard memory holds NaN, past column K - 1 of A and of W and in the experts before "
+                   "the first and after the last; was a load not masked by K, or did the tile use another "
+                   "expert's weights?)")
+        elif (got[i] == SENTINEL).all():
+            why = " (the row was never stored)"
+        elif (got[i] == 0).all():
+            why = (" (it holds 0, what a padding row computes: its A_ROWS = -1 loads nothing; was a padding row "
+                   "stored at its C_ROWS?)")
+        else:
+            for other in range(w.size(0)):
+                alt = _grouped_oracle(a[i:i + 1], w, torch.tensor([other]), trans_w)[0]
+                if other != e and torch.allclose(got[i], alt, rtol=1e-3, atol=1e-3):
+                    why = f" (it equals a[{i}] times expert {other}'s weight: the tile used another expert)"
+        raise Violation(f"{where}: {int(bad.any(1).sum())} of {M} rows are wrong, first row {i} (pair {i}, expert "
+                        f"{e}, padded row {p}, block {p // bm} with BLOCK_EXPERT = {int(block_expert[p // bm])}): "
+                        f"max error {(got[i] - want[i]).abs().max().item():.3g}, tolerance {tol:g} x (1 + |out|)"
+                        f"{why}")
+
+
+def _grouped_case(kernel, group_sizes, n, k, blocks, *, seed, case, trans_w=True, padding_target=-1,
+                  dtype=torch.float32, tol=1e-5, positive=False):
+    experts, a, w = _grouped_buffers(group_sizes, n, k, seed=seed, dtype=dtype, trans_w=trans_w, positive=positive)
+    buf, order, block_expert = run_grouped_kernel(kernel, a, w, experts, blocks, trans_w=trans_w,
+                                                  padding_target=padding_target)
+    _expect_grouped(buf, a, w, experts, order, block_expert, blocks, tol, case, trans_w=trans_w)
+
+
+@check("each row of a block is a[a_row] @ W[e]^T with e = BLOCK_EXPERT[block] (float32 against a float64 oracle), "
+       "for expert groups of 0, 1, a part of a block, exactly one block and several blocks, K not a multiple of "
+       "BLOCK_K and N not a multiple of BLOCK_N; W's neighbouring memory (other experts' rows, columns >= K) holds "
+       "NaN, so a tile that reads another expert's weights or past K fails")
+def grouped_tile_matches_the_oracle(_grouped_gemm_kernel):
+    _grouped_case(_grouped_gemm_kernel, [0, 1, 11, 16, 37, 0], 21, 37, (16, 16, 16), seed=1,
+                  case="small blocks, the first and last experts empty")
+    _grouped_case(_grouped_gemm_kernel, [3, 70, 64], 40, 70, (64, 64, 32), seed=2,
+                  case="the library's blocks")
+
+
+@check("padding rows (A_ROWS = -1) are never stored: with C_ROWS = -1 they would land in the row before the output, "
+       "with C_ROWS = 0 (the library's fc2 call) on pair 0's row; columns >= N and the rows around the output keep "
+       "their values")
+def grouped_tile_stores_only_real_rows(_grouped_gemm_kernel):
+    _grouped_case(_grouped_gemm_kernel, [5, 0, 18, 2], 24, 20, (16, 16, 16), seed=3, padding_target=-1,
+                  case="padding rows with C_ROWS = -1")
+    _grouped_case(_grouped_gemm_kernel, [1, 9, 17], 20, 24, (16, 16, 16), seed=4, padding_target=0,
+                  case="padding rows with C_ROWS = 0")
+
+
+@check("with TRANS_W = False (the dA pass of the backward, W[e] stored as (K, N)) each row is a[a_row] @ W[e], "
+       "for N != K")
+def grouped_tile_untransposed_weight(_grouped_gemm_kernel):
+    _grouped_case(_grouped_gemm_kernel, [7, 0, 20, 1], 19, 40, (16, 16, 16), seed=5, trans_w=False,
+                  case="TRANS_W = False")
+
+
+@check("float16 inputs over K = 1024: the accumulator stays float32 through the K loop, so the stored float16 "
+       "result is within float16 rounding (relative 2^-11) of the float64 oracle; a running sum rounded to "
+       "float16 at each of the 64 K steps drifts by more")
+def grouped_tile_float16_accumulates_in_float32(_grouped_gemm_kernel):
+    _grouped_case(_grouped_gemm_kernel, [9, 20], 16, 1024, (16, 16, 16), seed=6, dtype=torch.float16, tol=1e-3,
+                  positive=True, case="float16, positive entries")
+
+
+@check("the library's grouped_gemm with this kernel: its forward and its dA (the same kernel reading W "
+       "untransposed, then index_add) equal the float64 oracle for a top-2 routing of 30 tokens to 4 experts")
+def grouped_gemm_forward_and_input_gradient(_grouped_gemm_kernel):
+    import kernels.grouped_gemm as gg
+
+    g = torch.Generator().manual_seed(7)
+    S, d, f, E = 30, 24, 40, 4
+    experts = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(S)]).flatten()  # (S k,) pair experts
+    order, block_expert, expert_blocks = gg.align_by_expert(experts, E)
+    tokens = torch.where(order >= 0, order // 2, -1)
+    h = torch.randn(S, d, generator=g, requires_grad=True)
+    w = torch.randn(E, f, d, generator=g)
+    weight = torch.randn(len(order), f, generator=g, dtype=F64)
+    # the dA pass stores through C_ROWS = -1 for padding rows: a kernel that stores them would write before
+    # the library's buffer, so the guarded run comes first
+    _grouped_case(_grouped_gemm_kernel, [2, 5], 8, 8, (16, 16, 16), seed=8, case="a guarded run first")
+    with _installed(gg, "_grouped_gemm_kernel", _grouped_gemm_kernel):
+        out = gg.grouped_gemm(h, w, tokens, torch.arange(len(order)), block_expert, expert_blocks, len(order))
+        (out.double() * weight).sum().backward()
+    h64 = h.detach().double().requires_grad_()
+    rows = tokens.clamp(min=0)
+    want = torch.einsum("pd,pfd->pf", h64[rows], w.double()[block_expert.long().repeat_interleave(gg.BLOCK_M)])
+    want = want * (tokens >= 0)[:, None]
+    (want * weight).sum().backward()
+    err = (out.detach().double() - want.detach()).abs().max().item()
+    if not err <= 1e-4:
+        raise Violation(f"grouped_gemm's forward differs from the oracle by {err:.3g}")
+    err = (h.grad.double() - h64.grad).abs().max().item()
+    if not err <= 1e-4:
+        raise Violation(f"grouped_gemm's dA (TRANS_W = False, then index_add over the pairs) differs from the "
+                        f"oracle by {err:.3g}")
+
+
 EXERCISES = {
     "7.1": Exercise(points=4, checks=[routing_matches_the_rule, capacity_one_keeps_the_first_token,
                                       routing_returns_probs_and_aux],
@@ -450,4 +658,22 @@ EXERCISES = {
                            "moe.aux_loss and moe.last_experts; build a (S, E, C) 0/1 dispatch and a (S, E, C) "
                            "combine holding the gate at each kept (token, expert, slot); buffers = einsum of dispatch "
                            "and h; outputs = moe._run_experts(buffers); y = einsum of combine and the outputs.")),
+    "7.6": Exercise(points=3, checks=[grouped_tile_matches_the_oracle, grouped_tile_stores_only_real_rows,
+                                      grouped_tile_untransposed_weight, grouped_tile_float16_accumulates_in_float32,
+                                      grouped_gemm_forward_and_input_gradient],
+                    hint="One program computes one (BLOCK_M, BLOCK_N) tile: all its rows belong to one expert, "
+                         "read from the metadata, and each row is gathered from A and scattered to C by the row "
+                         "lists.",
+                    hints=("The block's expert is BLOCK_EXPERT at the block's index; the tile's rows of A_ROWS and "
+                           "C_ROWS say where each row comes from and goes (-1: padding, neither read nor stored). "
+                           "Walk K in steps of BLOCK_K, loading the gathered A tile and W[e]'s tile (by rows of W "
+                           "when TRANS_W), masked beyond K, and accumulate their tl.dot in a float32 accumulator "
+                           "that starts at zero.",
+                           "expert from BLOCK_EXPERT + pid_m (as int64); rows = pid_m * BLOCK_M + arange(BLOCK_M); "
+                           "a_row and c_row loaded from A_ROWS and C_ROWS at rows; valid where a_row >= 0; cols = "
+                           "pid_n * BLOCK_N + arange(BLOCK_N); A pointers a_row * stride_am + ks; W pointers "
+                           "expert * stride_we plus cols * stride_wr + ks (TRANS_W) or ks * stride_wr + cols; per "
+                           "step the loads masked by valid rows, ks < K - k0 and cols < N, acc += dot, pointers "
+                           "advanced by BLOCK_K (times stride_wr when not TRANS_W); finally store acc in C's dtype "
+                           "at c_row * stride_cm + cols, masked by valid rows and cols < N.")),
 }
