@@ -310,11 +310,19 @@ for kind in ("sigma", "plain"):
 # %% [markdown]
 # ## 6. The kernel: fused adaLN modulate
 #
-# `LN(x)(1 + scale) + shift` is a row kernel: one program per token reads $x$, shift and scale once and writes $y$ once (plus
-# mean and rstd for the backward). Since scale and shift differ per token, the backward needs no reduction over rows. It runs
-# here under the Triton interpreter and matches the reference; `python -m kernels.aot --only adaln` builds it for sm_80/sm_90
-# (no spills). On a GPU the sampling loop — many tiny launches per token — is the place for CUDA graphs; not measured here
-# (no GPU).
+# `LN(x)(1 + scale) + shift` is a row kernel: one program per token reads $x$ and its condition row (shift, scale) once and
+# writes $y$ once (plus mean and rstd for the backward). Row $r$ reads condition row $r$ // `rows_per_cond`: LatentLM's
+# per-token condition is `rows_per_cond = 1`, and then the backward needs no reduction over rows; a condition shared by the
+# $L$ tokens of a sequence (DiT's $(B, 1, D)$) is read in place, and its gradient is summed over those rows afterwards. It
+# runs here under the Triton interpreter and matches the reference; `python -m kernels.aot --only adaln` builds it for
+# sm_80/sm_90 (no spills).
+#
+# On a GPU the per-token sampling loop — the head run `num_steps` times, many tiny launches — is the place for CUDA graphs.
+# `GraphedSampler` (`nanomodels/latentlm.py`) runs one token's solver loop (DDIM or DPM-Solver++(2M), with or without
+# classifier-free guidance) from static buffers with precomputed timesteps and coefficients: on CUDA it is captured once
+# with `torch.cuda.graph` and replayed; on the CPU the same loop runs eagerly and equals `DiffusionHead.sample` exactly in
+# float64 (`tests/test_latentlm_graphs.py`). `python -m nanomodels.train_latentlm --device cuda` times eager against graphed
+# sampling. The capture has not run on a GPU yet, so this chapter reports no speed-up for it.
 
 # %%
 from kernels.adaln import adaln_modulate, modulate_reference
