@@ -9,9 +9,15 @@ of a model that learned nothing; the best possible loss is about 0.65 nats (the 
 
     OMP_NUM_THREADS=1 python chapters/deepnet_experiments.py sweep --depths 12 24 48 \
         --variants post pre deepnorm post-gpt2 --seeds 0 1 2 --steps 300 --out ch04_sweep.json
+    OMP_NUM_THREADS=1 python chapters/deepnet_experiments.py sweep --depths 12 24 48 \
+        --variants post --seeds 0 1 2 3 4 --steps 300 --out ch04_sweep_post.json
+    OMP_NUM_THREADS=1 python chapters/deepnet_experiments.py sweep --depths 12 24 48 \
+        --variants pre deepnorm post-gpt2 --seeds 3 4 --steps 300 --out ch04_sweep_s34.json
     OMP_NUM_THREADS=1 python chapters/deepnet_experiments.py deep --depths 200 --variants deepnorm post --seeds 0 \
         --steps 300 --out ch04_deep.json
 
+The first sweep ran before subnormal flushing was added (below); the second redoes Post-LN with it for all five seeds
+(its near-stalled runs change), the third adds seeds 3 and 4 of the other variants, whose finals do not change with it.
 Results go to chapters/results/. The chapter notebooks (which run in chapters/) import these helpers as
 `deepnet_experiments`; the library code itself lives in nanomodels/.
 """
