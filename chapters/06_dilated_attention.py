@@ -339,6 +339,14 @@ ax.legend()
 plt.show()
 
 # %% [markdown]
+# What the full run shows ($T = 1009$, 300 steps, seeds 0, 1, 2, `results/ch06_reach.json`): local attention retrieves the
+# value only while it lies inside its window (exact match 1.00 at $D = 16$ and $40$ on every seed, 0.02–0.11 from $D = 100$
+# on, where chance is $1/16 = 0.0625$); the dilated mix and dense attention get 1.00 at every distance up to $D = 990$ on
+# every seed. With 8% of dense attention's $T^2$ score entries per head at this length (86,016 vs 1,018,081; a shrinking
+# fraction as $T$ grows, section 4), the dilated patterns reach as far as dense attention on this task. The training times
+# in the last column were measured on a shared, loaded machine; the cost comparison is section 4's.
+
+# %% [markdown]
 # ## Exercises
 #
 # Fill in your file, `exercises/ex06_dilated_attention.py`, then run `python -m exercises grade 06`.
