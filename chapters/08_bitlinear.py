@@ -196,7 +196,7 @@ plt.show()
 
 # %% [markdown]
 # Read the table, not the hope: in the committed full run (3 seeds) the gap did not shrink as the model widened
-# (+0.35, +0.55, +0.52 nats per character at widths 64, 128, 256), and BitNet's drop at the start of stage 2 was
+# (+0.35, +0.60, +0.55 nats per character at widths 64, 128, 256), and BitNet's drop at the start of stage 2 was
 # smaller than FP's at every width. Models this small (under half a million parameters) are far below the 3B
 # parameters where the paper reports b1.58 matching FP16, so this toy does not reproduce the scale claim; it shows
 # the mechanism and the cost of ternary weights at a tiny width.
