@@ -11,27 +11,15 @@ time. Known-wrong solutions: exercises/mutants/ch01_kernels_flash_attention.py.
 """
 
 import math
-from contextlib import contextmanager
 
 import torch
 
 import kernels.flash_attention as fa
 import kernels.softmax as ks
 from exercises.checking import Exercise, Violation, check
+from exercises.checks.common import installed
 
 F32, F16 = torch.float32, torch.float16
-
-
-@contextmanager
-def _installed(module, name: str, graded):
-    """The library's launcher runs with the learner's kernel in place of its own (restored afterwards)."""
-    kernel = getattr(graded, "__wrapped__", graded)  # the @triton.jit function behind the grader's guard
-    saved = vars(module)[name]
-    setattr(module, name, kernel)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
 
 
 def _randn(*shape, seed: int, scale: float = 1.0, dtype=F32) -> torch.Tensor:
@@ -80,7 +68,7 @@ def _block(n: int) -> int:
 
 
 def _fused(graded, x: torch.Tensor) -> torch.Tensor:
-    with _installed(ks, "_softmax_kernel", graded):
+    with installed(ks, "_softmax_kernel", graded):
         return ks.softmax(x)
 
 
@@ -116,7 +104,7 @@ def fused_softmax_masked_scores_and_float16(_softmax_kernel):
 # ---- 1.2 the online softmax update ---------------------------------------------------------------------------
 
 def _online(graded, x: torch.Tensor, block_n: int) -> torch.Tensor:
-    with _installed(ks, "_online_softmax_kernel", graded):
+    with installed(ks, "_online_softmax_kernel", graded):
         return ks.online_softmax(x, block_n=block_n)
 
 
@@ -183,7 +171,7 @@ def attention_oracle(q, k, v, *, causal=False, prefix_len=None, key_lengths=None
 
 
 def _flash(graded, q, k, v, **mask):
-    with _installed(fa, "_fwd_tiles", graded):
+    with installed(fa, "_fwd_tiles", graded):
         return fa.flash_attention_forward(q, k, v, **mask)
 
 

@@ -5,7 +5,6 @@ Each check tests what the paper promises, in float64, against the learner's func
 Known-wrong solutions: exercises/mutants/ch05_*.py.
 """
 
-import contextlib
 import math
 
 import torch
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import F64, expect_tensor, naive_layer_norm, xavier_std
+from exercises.checks.common import F64, expect_tensor, float32_default, naive_layer_norm, xavier_std
 from nanomodels.attention import MultiHeadAttention
 from nanomodels.subln import SubLNAttention, SubLNMLP, subln_gamma
 from nanomodels.encoder_decoder import EncoderDecoder
@@ -194,16 +193,6 @@ def a_gamma_per_stack(magneto_encoder_decoder, nm):
                 raise Violation(f"{side}.{name} changed: the norms (inner norms included) keep their weight 1")
 
 
-@contextlib.contextmanager
-def _float32_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 REVERSE = dict(digits=8, length=4, batch=16, steps=60, lr=1e-2)
 
 
@@ -214,7 +203,7 @@ REVERSE = dict(digits=8, length=4, batch=16, steps=60, lr=1e-2)
 def a_reverse_task_trains(magneto_encoder_decoder):
     V, L, B = REVERSE["digits"], REVERSE["length"], REVERSE["batch"]
     config = TransformerConfig(vocab_size=V + 1, block_size=L, n_layers=2, d_model=32, n_heads=4, d_ff=64)
-    with _float32_default():
+    with float32_default():
         model = _encoder_decoder(magneto_encoder_decoder, 2, 2, config)
         opt = torch.optim.Adam(model.parameters(), lr=REVERSE["lr"])
         gen = torch.Generator().manual_seed(0)

@@ -8,7 +8,6 @@ buffers whose surroundings are observable: NaN around every expert's weights and
 rows and columns around the output. Known-wrong solutions: exercises/mutants/ch07_mixture_of_experts.py.
 """
 
-import contextlib
 import math
 from functools import partial
 
@@ -16,7 +15,7 @@ import torch
 from hypothesis import strategies as st
 
 from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import expect_tensor, fmt
+from exercises.checks.common import expect_tensor, float32_default, fmt, installed
 from nanomodels.moe import MoE
 from nanomodels.transformer import Transformer, TransformerConfig
 
@@ -373,16 +372,6 @@ class _GradedMoE(MoE):
         return self.layer[0](self, x.reshape(-1, x.size(-1))).reshape(x.shape)
 
 
-@contextlib.contextmanager
-def _float32_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 TOY = dict(vocab=16, T=8, batch=16, steps=40, lr=3e-3, experts=4, aux_weight=0.1)
 
 
@@ -393,7 +382,7 @@ TOY = dict(vocab=16, T=8, batch=16, steps=40, lr=3e-3, experts=4, aux_weight=0.1
 def a_tiny_moe_model_trains_balanced(moe_forward):
     config = TransformerConfig(vocab_size=TOY["vocab"], block_size=TOY["T"], n_layers=2, d_model=32, n_heads=4,
                                d_ff=64)
-    with _float32_default():
+    with float32_default():
         torch.manual_seed(0)
         model = Transformer(config, ffn=partial(_GradedMoE, layer=moe_forward, num_experts=TOY["experts"], k=2,
                                                 aux_weight=TOY["aux_weight"]))
@@ -447,18 +436,6 @@ def _grouped_buffers(group_sizes, n, k, *, seed, dtype=torch.float32, trans_w=Tr
     w_buf = torch.full((E + 2, rows, inner + 5), float("nan"), dtype=dtype)
     w_buf[1:E + 1, :, :inner] = (w64 if trans_w else w64.transpose(1, 2)).to(dtype)
     return experts, a_buf[1:, :k], w_buf[1:E + 1, :, :inner]
-
-
-@contextlib.contextmanager
-def _installed(module, name: str, graded):
-    """The library's launcher runs with the learner's kernel in place of its own (restored afterwards)."""
-    kernel = getattr(graded, "__wrapped__", graded)  # the @triton.jit function behind the grader's guard
-    saved = vars(module)[name]
-    setattr(module, name, kernel)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
 
 
 def run_grouped_kernel(kernel, a, w, experts, blocks, *, trans_w=True, padding_target=-1):
@@ -611,7 +588,7 @@ def grouped_gemm_forward_and_input_gradient(_grouped_gemm_kernel):
     # the dA pass stores through C_ROWS = -1 for padding rows: a kernel that stores them would write before
     # the library's buffer, so the guarded run comes first
     _grouped_case(_grouped_gemm_kernel, [2, 5], 8, 8, (16, 16, 16), seed=8, case="a guarded run first")
-    with _installed(gg, "_grouped_gemm_kernel", _grouped_gemm_kernel):
+    with installed(gg, "_grouped_gemm_kernel", _grouped_gemm_kernel):
         out = gg.grouped_gemm(h, w, tokens, torch.arange(len(order)), block_expert, expert_blocks, len(order))
         (out.double() * weight).sum().backward()
     h64 = h.detach().double().requires_grad_()
