@@ -47,6 +47,32 @@ def option(default, help: str, **argparse_options):
     return field(default=default, metadata={"help": help, **argparse_options})
 
 
+
+def check_counts(cfg, at_least_one, non_negative) -> None:
+    """The options of a training config that count things: `at_least_one` must be >= 1, every float field finite,
+    `non_negative` >= 0; the first that breaks its rule is named, as the command line spells it."""
+    for name in at_least_one:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name}: must be >= 1, got {getattr(cfg, name)}")
+    for f in fields(cfg):
+        if f.type in (float, "float") and not math.isfinite(getattr(cfg, f.name)):
+            raise ValueError(f"--{f.name}: must be a finite number, got {getattr(cfg, f.name)}")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name}: must be >= 0, got {getattr(cfg, name)}")
+
+
+def check_schedule_and_run(cfg) -> None:
+    """lr > 0, 0 < min_lr <= lr, a known device, and not both --resume and --overwrite."""
+    if cfg.lr <= 0:
+        raise ValueError(f"--lr: must be > 0, got {cfg.lr}")
+    if not 0 < cfg.min_lr <= cfg.lr:
+        raise ValueError(f"--min_lr: must be in (0, --lr={cfg.lr}], got {cfg.min_lr}")
+    if cfg.device.split(":")[0] not in DEVICES:
+        raise ValueError(f"--device: must be one of {DEVICES} (or 'cuda:N'), got {cfg.device!r}")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite: choose one (continue the run, or start it over)")
+
 @dataclass
 class TrainConfig:
     name: str = option("default", "the run's folder name: the run lives in OUT_DIR/NAME/ (one folder name, "
@@ -88,31 +114,16 @@ class TrainConfig:
 
     def __post_init__(self):
         check_run_name(self.name)
-        positive = ("vocab_size", "n_layers", "d_model", "n_heads", "block_size", "batch_size", "steps",
-                    "eval_interval", "eval_iters")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name}: must be >= 1, got {getattr(self, name)}")
-        for f in fields(self):
-            if f.type in (float, "float") and not math.isfinite(getattr(self, f.name)):
-                raise ValueError(f"--{f.name}: must be a finite number, got {getattr(self, f.name)}")
-        for name in ("warmup", "sample_tokens", "grad_clip", "weight_decay", "stop_at", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name}: must be >= 0, got {getattr(self, name)}")
+        check_counts(self, ("vocab_size", "n_layers", "d_model", "n_heads", "block_size", "batch_size", "steps",
+                            "eval_interval", "eval_iters"),
+                     ("warmup", "sample_tokens", "grad_clip", "weight_decay", "stop_at", "threads"))
         if self.tokenizer not in TOKENIZERS:
             raise ValueError(f"--tokenizer: must be 'bpe' or 'char', got {self.tokenizer!r}")
         if self.tokenizer == "bpe" and self.vocab_size < 257:
             raise ValueError(f"--vocab_size: a byte-level BPE needs more than the 256 bytes, got {self.vocab_size}")
         if self.norm not in RESIDUALS:
             raise ValueError(f"--norm: must be one of {sorted(RESIDUALS)}, got {self.norm!r}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr: must be > 0, got {self.lr}")
-        if not 0 < self.min_lr <= self.lr:
-            raise ValueError(f"--min_lr: must be in (0, --lr={self.lr}], got {self.min_lr}")
-        if self.device.split(":")[0] not in DEVICES:
-            raise ValueError(f"--device: must be one of {DEVICES} (or 'cuda:N'), got {self.device!r}")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite: choose one (continue the run, or start it over)")
+        check_schedule_and_run(self)
         self.model_config()  # d_model/n_heads/dropout rules live in TransformerConfig; check them now
 
     def model_config(self, vocab_size: Optional[int] = None) -> TransformerConfig:

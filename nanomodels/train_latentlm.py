@@ -17,7 +17,6 @@ normalization, so `--vae_from RUN` starts a new LatentLM on the trained sigma-VA
 """
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -29,10 +28,10 @@ import torch.nn.functional as F
 from nanomodels.checkpoint import CHECKPOINT, load_checkpoint, run_kind, save_checkpoint
 from nanomodels.data import procedural_digits
 from nanomodels.latentlm import GraphedSampler, LatentLM
-from nanomodels.runtime import DEVICES, pick_device
+from nanomodels.runtime import pick_device
 from nanomodels.sigma_vae import SigmaVAE, latents_to_sequence, sequence_to_latents
-from nanomodels.train import (Interrupted, check_run_name, deferred_interrupt, lr_at, open_run, option,
-                              plot_history)
+from nanomodels.train import (Interrupted, check_counts, check_run_name, check_schedule_and_run, deferred_interrupt,
+                              lr_at, open_run, option, plot_history)
 from nanomodels.transformer import TransformerConfig
 
 NUM_CLASSES = 10  # the digits 0-9
@@ -91,28 +90,14 @@ class LatentTrainConfig:
                 raise ValueError(str(err).replace("--name", "--vae_from")) from None
             if self.vae_from == self.name:
                 raise ValueError(f"--vae_from: must name another run than --name, got {self.vae_from!r}")
-        for name in ("images", "latent_dim", "vae_steps", "n_layers", "d_model", "n_heads", "head_width",
-                     "head_depth", "batch_size", "steps", "eval_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name}: must be >= 1, got {getattr(self, name)}")
-        for f in fields(self):
-            if f.type in (float, "float") and not math.isfinite(getattr(self, f.name)):
-                raise ValueError(f"--{f.name}: must be a finite number, got {getattr(self, f.name)}")
-        for name in ("warmup", "grad_clip", "weight_decay", "stop_at", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name}: must be >= 0, got {getattr(self, name)}")
+        check_counts(self, ("images", "latent_dim", "vae_steps", "n_layers", "d_model", "n_heads", "head_width",
+                            "head_depth", "batch_size", "steps", "eval_interval"),
+                     ("warmup", "grad_clip", "weight_decay", "stop_at", "threads"))
         if self.head_width % 2:
             raise ValueError(f"--head_width: must be even (sin/cos timestep embedding), got {self.head_width}")
         if not 0 <= self.class_dropout < 1:
             raise ValueError(f"--class_dropout: must be in [0, 1), got {self.class_dropout}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr: must be > 0, got {self.lr}")
-        if not 0 < self.min_lr <= self.lr:
-            raise ValueError(f"--min_lr: must be in (0, --lr={self.lr}], got {self.min_lr}")
-        if self.device.split(":")[0] not in DEVICES:
-            raise ValueError(f"--device: must be one of {DEVICES} (or 'cuda:N'), got {self.device!r}")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume and --overwrite: choose one (continue the run, or start it over)")
+        check_schedule_and_run(self)
         self.model_config()
 
     def model_config(self) -> TransformerConfig:
