@@ -120,4 +120,8 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Te
     acc = gemm(X_int8 (M, K), packed, K) -> int32 (M, N), exact, with packed (N, ceil(K / 4)) the 2-bit codes of
     W and weight_scale s_W = 1 / mean|W| (quantize_weight, once, offline); y = acc / s_x / s_W (+ bias), in x's
     dtype. Equals bitlinear(x, W, norm_weight, bias, eps), the fake-quant training forward, up to float rounding."""
+    if norm_weight.dim() != 1 or x.size(-1) != norm_weight.numel() or packed.dim() != 2 \
+            or packed.size(1) != -(-x.size(-1) // 4):
+        raise ValueError(f"x, packed, norm_weight: need x (..., K), packed (N, ceil(K / 4)) and norm_weight (K,), got "
+                         f"{tuple(x.shape)}, {tuple(packed.shape)} and {tuple(norm_weight.shape)}")
     raise NotImplementedError("Exercise 8.7: the integer inference path, end to end")

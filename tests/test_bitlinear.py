@@ -307,3 +307,15 @@ def test_ternary_linear_takes_a_custom_integer_gemm():
     x = randn(2, 3, 12, seed=12)
     assert_close(fast(x), layer(x), "custom gemm")
     assert calls == [((6, 12), (5, 3), 12)]
+
+
+def test_ternary_linear_names_a_shape_mismatch_instead_of_failing_inside():
+    from nanomodels.bitlinear import pack_ternary, quantize_weight, ternary_linear
+
+    codes, scale = quantize_weight(torch.randn(8, 12, dtype=torch.float64))
+    packed = pack_ternary(codes)
+    assert ternary_linear(torch.randn(3, 12, dtype=torch.float64), packed, scale, torch.ones(12)).shape == (3, 8)
+    for x, norm in ((torch.randn(3, 10), torch.ones(12)), (torch.randn(3, 12), torch.ones(10)),
+                    (torch.randn(3, 16), torch.ones(16))):
+        with pytest.raises(ValueError, match=r"x, packed, norm_weight: need x \(\.\.\., K\)"):
+            ternary_linear(x, packed, scale, norm)
