@@ -84,7 +84,7 @@ def _config_options(p, config) -> None:
             p.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=default,
                            help=f.metadata["help"] + " (a bare flag means true)", **{**extra, "metavar": "BOOL"})
         else:
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type), type(default))
+            kind = extra.pop("type", None) or {"int": int, "float": float, "str": str}.get(str(f.type), type(default))
             p.add_argument(f"--{f.name}", type=kind, default=default, help=f.metadata["help"], **extra)
 
 

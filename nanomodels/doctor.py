@@ -40,7 +40,7 @@ def doctor() -> dict:
         "python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
         "triton": _version("triton"), "numpy": _version("numpy"), "tiktoken": _version("tiktoken"),
         "device": str(device),
-        "threads": f"{torch.get_num_threads()} (torch's default here; train uses --threads, default 1)",
+        "threads": f"{torch.get_num_threads()} (torch's default here; train uses --threads, default 0 = this)",
     }
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability()

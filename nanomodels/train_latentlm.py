@@ -10,28 +10,28 @@ scale, bias = -mean and scale = 1/std of the first 256 training images), are the
 first input is the class (the null class with probability class_dropout, for classifier-free guidance).
 Sampling runs the LatentLM token by token (KV cache) with DPM-Solver++ or DDIM and CFG, un-normalizes, decodes.
 
-Checkpoints and resuming follow nanomodels/train.py: one seeded generator draws every batch and every noise,
-its state is in the checkpoint, Ctrl-C finishes the current step and writes it, and `--resume` continues
-exactly (in the sigma-VAE phase or the LatentLM phase). The checkpoint's "tokenizer" is the sigma-VAE with the
+The run is nanomodels/train.py's `run` with a LatentLMTask (the sigma-VAE phase goes through the same `fit`): one
+seeded generator draws every batch and every noise, its state is in the checkpoint, Ctrl-C finishes the current
+step and writes it, and `--resume` continues exactly (in the sigma-VAE phase or the LatentLM phase). The checkpoint's "tokenizer" is the sigma-VAE with the
 normalization, so `--vae_from RUN` starts a new LatentLM on the trained sigma-VAE of another run.
 """
 
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from nanomodels.checkpoint import CHECKPOINT, load_checkpoint, run_kind, save_checkpoint
+from nanomodels.checkpoint import CHECKPOINT, load_checkpoint, run_kind
 from nanomodels.data import procedural_digits
 from nanomodels.latentlm import GraphedSampler, LatentLM
 from nanomodels.runtime import pick_device
 from nanomodels.sigma_vae import SigmaVAE, latents_to_sequence, sequence_to_latents
-from nanomodels.train import (Interrupted, check_counts, check_run_name, check_schedule_and_run, deferred_interrupt,
-                              lr_at, open_run, option, plot_history)
+from nanomodels.train import (RUN_RESUMABLE, FunctionTask, Interrupted, RunConfig, check_counts, check_run_name,
+                              check_schedule_and_run, fit, option, run, start_device)
 from nanomodels.transformer import TransformerConfig
 
 NUM_CLASSES = 10  # the digits 0-9
@@ -39,16 +39,24 @@ LATENT_TOKENS = 16  # a 16x16 image -> a 4x4 map of latent patches
 TRAIN_SEED, VAL_SEED = 0, 1  # procedural_digits seeds of the training images and the validation images
 VAL_IMAGES = 500
 NORM_IMAGES = 256  # the normalization is measured on the first batch of this many training images
-RESUMABLE = {"name", "out_dir", "steps", "stop_at", "eval_interval", "device", "threads", "resume", "overwrite",
-             "progress"}
 # what `sample` does for a LatentLM run unless told otherwise; the end of training writes this grid
 SAMPLE_DEFAULTS = {"cfg": 3.0, "steps": 20, "sampler": "dpm", "per_class": 8, "seed": 0}
 
 
 @dataclass
-class LatentTrainConfig:
+class LatentTrainConfig(RunConfig):
+    """A `train-latentlm` run: a sigma-VAE, then a class-conditional LatentLM over its latents."""
     name: str = option("digits", "the run's folder name: the run lives in OUT_DIR/NAME/ (one folder name, no path)")
-    out_dir: str = option("runs", "the folder that holds the run folders")
+    steps: int = option(1500, "LatentLM training steps (and the length of its learning-rate schedule)")
+    stop_at: int = option(0, "stop this command after this LatentLM step, with a checkpoint (finish later with "
+                             "--resume); 0 = run to --steps")
+    lr: float = option(2e-3, "peak learning rate (the sigma-VAE trains at this constant rate)")
+    min_lr: float = option(2e-5, "the LatentLM's cosine decays to this learning rate (0 < min_lr <= lr)")
+    warmup: int = option(0, "linear warmup steps of the LatentLM")
+    weight_decay: float = option(0.0, "AdamW weight decay of the LatentLM (the sigma-VAE uses AdamW's 0.01)")
+    grad_clip: float = option(1.0, "max global gradient norm of the LatentLM; 0 = no clipping")
+    eval_interval: int = option(250, "evaluate the validation loss (and write a checkpoint) every this many steps")
+    seed: int = option(1337, "seed of the initialization, the batch order, the noise and the class dropout")
     vae_from: str = option("", "start from the trained sigma-VAE of this run in OUT_DIR (its folder name) instead "
                                "of training one (--vae_steps is then ignored); '' = train one",
                            metavar="RUN")
@@ -64,22 +72,6 @@ class LatentTrainConfig:
     class_dropout: float = option(0.1, "probability of replacing the class by the null class in training (what "
                                        "classifier-free guidance needs), in [0, 1)")
     batch_size: int = option(64, "images per optimizer step (sigma-VAE and LatentLM)")
-    steps: int = option(1500, "LatentLM training steps (and the length of its learning-rate schedule)")
-    stop_at: int = option(0, "stop this command after this LatentLM step, with a checkpoint (finish later with "
-                             "--resume); 0 = run to --steps")
-    lr: float = option(2e-3, "peak learning rate (the sigma-VAE trains at this constant rate)")
-    min_lr: float = option(2e-5, "the LatentLM's cosine decays to this learning rate (0 < min_lr <= lr)")
-    warmup: int = option(0, "linear warmup steps of the LatentLM")
-    weight_decay: float = option(0.0, "AdamW weight decay of the LatentLM (the sigma-VAE uses AdamW's 0.01)")
-    grad_clip: float = option(1.0, "max global gradient norm of the LatentLM; 0 = no clipping")
-    eval_interval: int = option(250, "evaluate the validation loss (and write a checkpoint) every this many steps")
-    seed: int = option(1337, "seed of the initialization, the batch order, the noise and the class dropout")
-    device: str = option("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    threads: int = option(1, "CPU threads for torch; 0 = torch's choice (one per core)")
-    resume: bool = option(False, "continue the run in OUT_DIR/NAME/ from its checkpoint (after Ctrl-C, --stop_at, "
-                                 "or to lengthen it with a larger --steps)")
-    overwrite: bool = option(False, "start over even if OUT_DIR/NAME/ holds a checkpoint")
-    progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
         check_run_name(self.name)
@@ -106,10 +98,6 @@ class LatentTrainConfig:
                                      n_heads=self.n_heads)
         except ValueError as err:
             raise ValueError(f"--{err}") from None
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
 
 
 def build_latentlm(cfg: LatentTrainConfig, latent_dim: int) -> LatentLM:
@@ -199,10 +187,10 @@ def load_latentlm(run_dir, device: Optional[str] = None):
 
 def train_latentlm(cfg: LatentTrainConfig) -> dict:
     """Train the sigma-VAE (unless --vae_from), then the LatentLM; returns the metrics (also metrics.json)."""
-    device = pick_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    return _train(cfg, device)
+    device, rank, world = start_device(cfg)
+    if world > 1:
+        raise ValueError("train-latentlm: runs in one process (start it without torchrun)")
+    return run(cfg, LatentLMTask(cfg, device))
 
 
 def _source_vae(cfg: LatentTrainConfig) -> dict:
@@ -220,132 +208,126 @@ def _source_vae(cfg: LatentTrainConfig) -> dict:
     return state
 
 
-def _train(cfg: LatentTrainConfig, device: torch.device) -> dict:
-    from tqdm.auto import tqdm
+class LatentLMTask:
+    """Next-token diffusion on procedural digits, for nanomodels.train.run: a sigma-VAE phase (before_loop, through
+    the same `fit`, constant lr, checkpointed as step 0), then the LatentLM, whose batches are random images."""
+    kind, phase = "latentlm", "LatentLM"
+    resumable = RUN_RESUMABLE
+    rank, world = 0, 1
 
-    ckpt_path = cfg.run_dir / CHECKPOINT
-    state = open_run(cfg, "latentlm", RESUMABLE)
-    source = _source_vae(cfg) if state is None and cfg.vae_from else state  # where the sigma-VAE comes from
-    x, y = procedural_digits(cfg.images, seed=TRAIN_SEED)
-    xv, yv = procedural_digits(VAL_IMAGES, seed=VAL_SEED)
-    x, y, xv, yv = x.to(device), y.to(device), xv.to(device), yv.to(device)
+    def __init__(self, cfg: LatentTrainConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.rate = ("images_per_s", "img_s", cfg.batch_size)
 
-    torch.manual_seed(cfg.seed)
-    vae = SigmaVAE(cfg.latent_dim).to(device)
-    norm, vae_step, vae_metrics = None, 0, {"steps": cfg.vae_steps}  # norm stays None until the VAE is trained
-    if source is not None:
-        vae.load_state_dict(source["tokenizer"]["vae"])
-        norm, vae_step, vae_metrics = source["tokenizer"]["norm"], source["vae_step"], source["vae_metrics"]
-        if source is not state:
-            vae_metrics = {**vae_metrics, "from": cfg.vae_from}
-    lm = build_latentlm(cfg, vae.latent_dim).to(device)
-    vae_opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr)  # the chapter's sigma-VAE optimizer
-    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # every batch, noise and class dropout
-    start, history = 0, []
-    if state is not None:
-        lm.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if state["vae_optimizer"] is not None:
-            vae_opt.load_state_dict(state["vae_optimizer"])
-        gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start, history = state["step"], state["history"]
-    saved = start if state is not None else None
+    def setup(self, state):
+        cfg, device = self.cfg, self.device
+        source = _source_vae(cfg) if state is None and cfg.vae_from else state  # where the sigma-VAE comes from
+        x, y = procedural_digits(cfg.images, seed=TRAIN_SEED)
+        xv, yv = procedural_digits(VAL_IMAGES, seed=VAL_SEED)
+        self.x, self.y, self.xv, self.yv = x.to(device), y.to(device), xv.to(device), yv.to(device)
+        torch.manual_seed(cfg.seed)
+        self.vae = SigmaVAE(cfg.latent_dim).to(device)
+        # norm stays None until the VAE is trained
+        self.norm, self.vae_step, self.vae_metrics = None, 0, {"steps": cfg.vae_steps}
+        if source is not None:
+            self.vae.load_state_dict(source["tokenizer"]["vae"])
+            self.norm, self.vae_step = source["tokenizer"]["norm"], source["vae_step"]
+            self.vae_metrics = source["vae_metrics"]
+            if source is not state:
+                self.vae_metrics = {**self.vae_metrics, "from": cfg.vae_from}
+        self.model = build_latentlm(cfg, self.vae.latent_dim).to(device)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.lr)  # the chapter's sigma-VAE optimizer
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batches, noise, class dropout
+        if state is not None and state["vae_optimizer"] is not None:
+            self.vae_opt.load_state_dict(state["vae_optimizer"])
 
-    def checkpoint(step: int) -> None:
-        nonlocal saved
-        save_checkpoint(ckpt_path, {
-            "kind": "latentlm", "model": lm.state_dict(), "optimizer": opt.state_dict(), "step": step,
-            "vae_step": vae_step, "vae_optimizer": vae_opt.state_dict() if norm is None else None,
-            "vae_metrics": vae_metrics, "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "history": history, "config": asdict(cfg), "tokenizer": vae_to_dict(vae, norm)})
-        saved = step
+    def describe(self, start, stop):
+        cfg = self.cfg
+        vae_part = (f"sigma-VAE steps {self.vae_step}..{cfg.vae_steps}, then " if self.norm is None else
+                    f"the sigma-VAE of {cfg.vae_from}, " if cfg.vae_from else "")
+        return (f"{vae_part}LatentLM steps {start}..{stop} of {cfg.steps}, "
+                f"{sum(p.numel() for p in self.model.parameters()):,} LatentLM parameters, {cfg.images:,} training "
+                "digits")
 
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    stop = min(cfg.stop_at or cfg.steps, cfg.steps)
-    try:
-        with deferred_interrupt(enabled=True) as interrupt:
-            vae_part = (f"sigma-VAE steps {vae_step}..{cfg.vae_steps}, then " if norm is None else
-                        f"the sigma-VAE of {cfg.vae_from}, " if cfg.vae_from else "")
-            print(f"training {cfg.run_dir}: {vae_part}LatentLM steps {start}..{stop} of {cfg.steps}, "
-                  f"{sum(p.numel() for p in lm.parameters()):,} LatentLM parameters, {cfg.images:,} training "
-                  f"digits, device {device}, CPU threads {torch.get_num_threads()} (--threads); Ctrl-C stops "
-                  "with a checkpoint", flush=True)
-            if norm is None:
-                t0 = time.perf_counter()
-                bar = tqdm(range(vae_step, cfg.vae_steps), initial=vae_step, total=cfg.vae_steps, unit="step",
-                           desc="sigma-VAE", disable=not cfg.progress, dynamic_ncols=True)
-                for k in bar:
-                    idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen, device=device)
-                    loss = vae.loss(x[idx], gen)[0]
-                    vae_opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    vae_opt.step()
-                    vae_step = k + 1
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                    if interrupt.is_set():
-                        break
-                bar.close()
-                vae_metrics["seconds"] = vae_metrics.get("seconds", 0.0) + time.perf_counter() - t0
-                if vae_step == cfg.vae_steps:  # trained: measure the normalization once, from now on fixed
-                    vae.eval()
-                    with torch.no_grad():
-                        first = latents_to_sequence(vae.encode(x[:NORM_IMAGES]))
-                        norm = {"bias": -first.mean().item(), "scale": 1.0 / first.std().item()}
-                        recon = F.mse_loss(vae.decode(vae.encode(xv)), xv).item()
-                    vae_metrics.update(train_loss=loss.item(), val_recon_mse=recon)
-                    print(f"sigma-VAE step {vae_step:5d} | train {loss.item():.4f} | val reconstruction MSE "
-                          f"{recon:.4f}", flush=True)
-                checkpoint(0)
-                if interrupt.is_set():
-                    raise Interrupted(f"interrupted: checkpoint of sigma-VAE step {vae_step} written to "
-                                      f"{ckpt_path}; continue with --resume")
-            vae.eval()
-            seq, seq_val = encode_digits(vae, x, norm), encode_digits(vae, xv, norm)
-            bar = tqdm(range(start, stop), initial=start, total=cfg.steps, unit="step", desc="LatentLM",
-                       disable=not cfg.progress, dynamic_ncols=True)
+    def before_loop(self, interrupt, checkpoint):
+        """The sigma-VAE phase (unless it is done): fit at the constant --lr, then the latent normalization."""
+        from tqdm.auto import tqdm
+
+        cfg, vae, x, gen = self.cfg, self.vae, self.x, self.generator
+        if self.norm is None:
             t0 = time.perf_counter()
-            lm.train()
-            for step in bar:
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, cfg)
-                idx = torch.randint(0, len(seq), (cfg.batch_size,), generator=gen, device=device)
-                loss = lm(seq[idx], y[idx], generator=gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.grad_clip)
-                opt.step()
-                images_per_s = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images_per_s:,.0f}")
-                if (step + 1) % cfg.eval_interval == 0 or step + 1 == stop:
-                    record = {"step": step + 1, "train_loss": loss.item(), "lr": lr_at(step, cfg),
-                              "images_per_s": images_per_s, "val_loss": evaluate(lm, seq_val, yv, cfg.seed)}
-                    bar.write(f"step {step + 1:5d} | train {record['train_loss']:.4f} | val {record['val_loss']:.4f}")
-                    history.append(record)
-                    checkpoint(step + 1)
-                if interrupt.is_set():
-                    if saved != step + 1:
-                        checkpoint(step + 1)
-                    bar.close()
-                    raise Interrupted(f"interrupted: checkpoint of step {step + 1} written to {ckpt_path}; "
-                                      "continue with --resume")
+            bar = tqdm(total=cfg.vae_steps, initial=self.vae_step, unit="step", desc="sigma-VAE",
+                       disable=not cfg.progress, dynamic_ncols=True)
+
+            def on_step(done, loss):
+                self.vae_step = done
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                return interrupt.is_set()
+
+            images = FunctionTask(batch=lambda step: torch.randint(0, len(x), (cfg.batch_size,), generator=gen,
+                                                                   device=self.device),
+                                  loss=lambda model, idx: model.loss(x[idx], gen)[0])
+            losses = fit(vae, images, cfg.vae_steps, optimizer=self.vae_opt, start=self.vae_step, on_step=on_step)
             bar.close()
-        if stop < cfg.steps:
-            print(f"stopped at step {stop} of {cfg.steps} (--stop_at); continue with --resume")
-            return {"history": history, "vae": vae_metrics, "stopped_at": stop}
-        return finish(cfg, lm, vae, norm, vae_metrics, history)
-    except Interrupted:
-        raise
-    except KeyboardInterrupt:
-        if saved is None:
-            left = f"{ckpt_path} still holds the earlier run" if ckpt_path.exists() else "no checkpoint written"
-            raise Interrupted(f"interrupted before the first checkpoint: {left}; run the command again to "
-                              "start") from None
-        raise Interrupted(f"interrupted: {ckpt_path} holds the checkpoint of step {saved}; "
-                          "continue with --resume") from None
+            self.vae_metrics["seconds"] = self.vae_metrics.get("seconds", 0.0) + time.perf_counter() - t0
+            if self.vae_step == cfg.vae_steps:  # trained: measure the normalization once, from now on fixed
+                vae.eval()
+                with torch.no_grad():
+                    first = latents_to_sequence(vae.encode(x[:NORM_IMAGES]))
+                    self.norm = {"bias": -first.mean().item(), "scale": 1.0 / first.std().item()}
+                    recon = F.mse_loss(vae.decode(vae.encode(self.xv)), self.xv).item()
+                self.vae_metrics.update(train_loss=losses[-1], val_recon_mse=recon)
+                print(f"sigma-VAE step {self.vae_step:5d} | train {losses[-1]:.4f} | val reconstruction MSE "
+                      f"{recon:.4f}", flush=True)
+            checkpoint(0)
+            if interrupt.is_set():
+                raise Interrupted(f"interrupted: checkpoint of sigma-VAE step {self.vae_step} written to "
+                                  f"{cfg.run_dir / CHECKPOINT}; continue with --resume")
+        vae.eval()
+        self.seq, self.seq_val = encode_digits(vae, x, self.norm), encode_digits(vae, self.xv, self.norm)
+
+    def batch(self, step):
+        return torch.randint(0, len(self.seq), (self.cfg.batch_size,), generator=self.generator, device=self.device)
+
+    def loss(self, model, idx):
+        return model(self.seq[idx], self.y[idx], generator=self.generator)
+
+    def evaluate(self):
+        return evaluate(self.model, self.seq_val, self.yv, self.cfg.seed)
+
+    def record(self):
+        return {}
+
+    def checkpoint_state(self):
+        return {"kind": "latentlm", "vae_step": self.vae_step,
+                "vae_optimizer": self.vae_opt.state_dict() if self.norm is None else None,
+                "vae_metrics": self.vae_metrics, "tokenizer": vae_to_dict(self.vae, self.norm)}
+
+    def stopped(self):
+        return {"vae": self.vae_metrics}
+
+    def finish(self, history):
+        """metrics.json's content, loss.png's baseline and the default sample grid."""
+        cfg, lm = self.cfg, self.model
+        lm.eval()
+        grid = write_samples(lm, self.vae, self.norm, cfg.run_dir / grid_name(**{
+            "cfg_scale": SAMPLE_DEFAULTS["cfg"], "sampler": SAMPLE_DEFAULTS["sampler"],
+            "num_steps": SAMPLE_DEFAULTS["steps"], "seed": SAMPLE_DEFAULTS["seed"]}),
+            cfg_scale=SAMPLE_DEFAULTS["cfg"], num_steps=SAMPLE_DEFAULTS["steps"], sampler=SAMPLE_DEFAULTS["sampler"],
+            per_class=SAMPLE_DEFAULTS["per_class"], seed=SAMPLE_DEFAULTS["seed"])
+        val_loss = history[-1]["val_loss"]
+        metrics = {"val_loss": val_loss, "steps": cfg.steps, "params": sum(p.numel() for p in lm.parameters()),
+                   "vae": self.vae_metrics, "history": history, "grid": str(grid)}
+        # the zero-initialized head predicts v = 0: loss E[v^2] = abar E[eps^2] + (1 - abar) E[z^2], about 1 for
+        # latents normalized to unit variance
+        plot = {"baseline": 1.0, "title": "LatentLM diffusion loss", "ylabel": "v-prediction MSE per latent channel",
+                "baseline_label": "zero head (initialization)"}
+        lines = [f"sigma-VAE reconstruction MSE {self.vae_metrics['val_recon_mse']:.4f} (validation digits); "
+                 f"LatentLM diffusion loss {val_loss:.4f} (validation; about 1 at initialization)",
+                 f"wrote {cfg.run_dir}/ (ckpt.pt, config.json, metrics.json, loss.png, {grid.name}: row k = digit k)"]
+        return metrics, plot, lines
 
 
 @torch.no_grad()
@@ -355,28 +337,6 @@ def evaluate(lm: LatentLM, seq: torch.Tensor, labels: torch.Tensor, seed: int) -
     loss = lm(seq, labels, generator=torch.Generator(device=seq.device).manual_seed(seed + 1)).item()
     lm.train()
     return loss
-
-
-def finish(cfg, lm, vae, norm, vae_metrics, history) -> dict:
-    """The end of a run: metrics.json, loss.png and the default sample grid."""
-    lm.eval()
-    grid = write_samples(lm, vae, norm, cfg.run_dir / grid_name(**{
-        "cfg_scale": SAMPLE_DEFAULTS["cfg"], "sampler": SAMPLE_DEFAULTS["sampler"],
-        "num_steps": SAMPLE_DEFAULTS["steps"], "seed": SAMPLE_DEFAULTS["seed"]}),
-        cfg_scale=SAMPLE_DEFAULTS["cfg"], num_steps=SAMPLE_DEFAULTS["steps"], sampler=SAMPLE_DEFAULTS["sampler"],
-        per_class=SAMPLE_DEFAULTS["per_class"], seed=SAMPLE_DEFAULTS["seed"])
-    val_loss = history[-1]["val_loss"]
-    metrics = {"val_loss": val_loss, "steps": cfg.steps, "params": sum(p.numel() for p in lm.parameters()),
-               "vae": vae_metrics, "history": history, "grid": str(grid)}
-    (cfg.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    # the zero-initialized head predicts v = 0: loss E[v^2] = abar E[eps^2] + (1 - abar) E[z^2], about 1 for latents
-    # normalized to unit variance
-    plot_history(history, 1.0, cfg.run_dir / "loss.png", title="LatentLM diffusion loss",
-                 ylabel="v-prediction MSE per latent channel", baseline_label="zero head (initialization)")
-    print(f"\nsigma-VAE reconstruction MSE {vae_metrics['val_recon_mse']:.4f} (validation digits); LatentLM "
-          f"diffusion loss {val_loss:.4f} (validation; about 1 at initialization)")
-    print(f"wrote {cfg.run_dir}/ (ckpt.pt, config.json, metrics.json, loss.png, {grid.name}: row k = digit k)")
-    return metrics
 
 
 def benchmark_cuda_graph_sampling(device: str = "cuda", *, run_dir: str = "",

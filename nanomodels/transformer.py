@@ -22,7 +22,8 @@ below state each contract:
                                                    the head owns its loss (LM: cross-entropy; diffusion: MSE)
 
 Auxiliary losses: any part that has an `aux_weight` attribute and sets `aux_loss` (a scalar) in its forward
-contributes `aux_weight * aux_loss` to the loss `forward` returns (MoE's load balancing); `aux_losses()` lists them.
+contributes `aux_weight * aux_loss` to the loss `forward` returns (MoE's load balancing); `auxiliary_loss()` is
+their weighted sum (what a trainer logs), `aux_losses()` lists them by module.
 
 Positions: learned absolute position embeddings (GPT-2, BERT, UniLM), added to the token embeddings.
 `positions` can be passed explicitly, which the pseudo-masked LM needs (several tokens share a position).
@@ -169,9 +170,6 @@ def layer_norm(config: TransformerConfig) -> nn.Module:
     return nn.LayerNorm(config.d_model, bias=config.bias)
 
 
-# residual scheme -> its final norm, for the CLI's --norm
-RESIDUALS = {"pre": (PreNorm, layer_norm), "post": (PostNorm, None)}
-
 
 class MLP(nn.Module):
     """fc2(GELU(fc1(x))): d -> d_ff -> d."""
@@ -277,16 +275,23 @@ class _Model(nn.Module):
         if self.config.tie_weights and type(proj) is nn.Linear and hasattr(self.embed, "wte"):
             proj.weight = self.embed.wte.weight
 
+    def _aux_parts(self):
+        return [(name, m) for name, m in self.named_modules()
+                if hasattr(m, "aux_weight") and getattr(m, "aux_loss", None) is not None]
+
     def aux_losses(self) -> dict:
-        """{module name: aux_loss} of the parts that set one in the last forward."""
-        return {name: m.aux_loss for name, m in self.named_modules()
-                if hasattr(m, "aux_weight") and getattr(m, "aux_loss", None) is not None}
+        """{module name: aux_loss} of the parts that set one in the last forward (unweighted)."""
+        return {name: m.aux_loss for name, m in self._aux_parts()}
+
+    def auxiliary_loss(self):
+        """The sum of aux_weight * aux_loss over the parts that set one in the last forward (0.0 when none): what
+        `forward` adds to the head's loss, and the one place a trainer reads it (to log it apart)."""
+        return sum((m.aux_weight * m.aux_loss for _, m in self._aux_parts()), 0.0)
 
     def _loss(self, h, targets, outputs):
         loss = self.head.loss(h, targets, outputs)
-        for m in self.modules():
-            if hasattr(m, "aux_weight") and getattr(m, "aux_loss", None) is not None:
-                loss = loss + m.aux_weight * m.aux_loss  # visibly weighted: the part's aux_weight
+        for _, m in self._aux_parts():
+            loss = loss + m.aux_weight * m.aux_loss  # visibly weighted: the part's aux_weight
         return loss
 
     def num_params(self, non_embedding: bool = True) -> int:

@@ -244,7 +244,10 @@ def test_help_explains_every_option(capsys, monkeypatch):
         assert f"--{f.name}" in text, f"--{f.name} is missing from train --help"
         assert f"{f.metadata['help']}" in text, f"--{f.name}: its explanation is missing from train --help"
     for needle in ("or the path to a UTF-8 text file (default: pydoc)", "--tokenizer {bpe,char}", "--norm {pre,post}",
-                   "0 = run to --steps", "0 = torch's choice (one per core)", "(default: 1)", "(default: 500)"):
+                   "--residual {pre,post,deepnorm,subln}", "--attention {softmax,dilated}", "--ffn {mlp,moe}",
+                   "--router {linear,xmoe}", "--linear {dense,bitlinear}", "--segment_lengths W [W ...]",
+                   "0 = run to --steps", "0 = torch's choice (one per core", "--threads 1 is often faster",
+                   "(default: 0)", "(default: 500)"):
         assert needle in text, f"train --help does not say {needle!r}"
 
 
@@ -270,4 +273,4 @@ def test_sample_cli_reads_a_trained_run(place, tmp_path):
 def test_doctor_runs_and_says_which_thread_count_train_uses(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
-    assert "train uses --threads, default 1" in out and "kernel test tiers:" in out, out
+    assert "train uses --threads, default 0 = this" in out and "kernel test tiers:" in out, out

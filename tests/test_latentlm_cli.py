@@ -10,7 +10,7 @@ import torch
 from matplotlib.image import imread
 from test_cli import TINY, assert_one_error_line, assert_same_weights, finish, nanomodels
 
-import nanomodels.train_latentlm as trainer
+import nanomodels.train as trainer  # the one loop, which train-latentlm runs too
 from nanomodels.__main__ import main
 from nanomodels.train import Interrupted, TrainConfig, load_checkpoint, train
 from nanomodels.train_latentlm import LatentTrainConfig, image_grid, train_latentlm
