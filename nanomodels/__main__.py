@@ -212,6 +212,7 @@ def sample_text(args) -> None:
 
     import torch
 
+    from nanomodels.parts import uses_kv_cache
     from nanomodels.train import load_model
 
     model, tok, _ = load_model(Path(args.out_dir) / args.name, args.device)
@@ -220,7 +221,7 @@ def sample_text(args) -> None:
     if prompt.numel() == 0:
         raise ValueError("--prompt: must not be empty")
     out = model.generate(prompt, args.tokens, temperature=args.temperature, top_k=args.top_k,
-                         generator=torch.Generator(device=device).manual_seed(args.seed))
+                         generator=torch.Generator(device=device).manual_seed(args.seed), use_cache=uses_kv_cache(model))
     print(tok.decode(out[0].tolist()))
 
 

@@ -605,7 +605,7 @@ class LMTask:
         return evaluate(self.model, self.val_ids, self.cfg, self.device, self.amp)
 
     def record(self):
-        return {"aux_loss": float(self.model.auxiliary_loss())} if self.cfg.ffn == "moe" else {}
+        return {"aux_loss": self.model.auxiliary_loss().detach().item()} if self.cfg.ffn == "moe" else {}
 
     def checkpoint_state(self):
         return {"tokenizer": self.tok.to_dict()}
