@@ -34,6 +34,7 @@ import torch
 
 from nanomodels.deepnet import deepnet, deepnorm_init_
 from nanomodels.subln import magneto
+from nanomodels.train import FunctionTask, fit
 from nanomodels.transformer import PostNorm, PreNorm, Transformer, TransformerConfig
 
 HERE = Path(__file__).resolve().parent
@@ -83,16 +84,10 @@ def train_run(variant: str, n_layers: int, lr: float, seed: int, steps: int, toy
     model = build(variant, n_layers, seed, toy)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(1000 + seed)
-    losses, start = [], time.perf_counter()
-    for _ in range(steps):
-        x, y = fib_batch(toy["batch_size"], toy["block_size"], toy["vocab_size"], gen, rule=toy["rule"])
-        loss = model(x, y)[1]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            break
+    batches = FunctionTask(lambda step: fib_batch(toy["batch_size"], toy["block_size"], toy["vocab_size"], gen,
+                                                  rule=toy["rule"]))
+    start = time.perf_counter()
+    losses = fit(model, batches, steps, optimizer=opt, on_step=lambda done, loss: not math.isfinite(loss.item()))
     seconds = time.perf_counter() - start
     return {"variant": variant, "n_layers": n_layers, "lr": lr, "seed": seed, "steps": steps, "losses": losses,
             "seconds": seconds, "sec_per_step": seconds / len(losses), "final": final_loss(losses, steps)}

@@ -14,7 +14,7 @@ import torch
 from nanomodels.data import exact_match, make_task
 from nanomodels.masks import cloze_decode, cloze_inputs, seq2seq_mask
 from nanomodels.pmlm import s2s_pseudo_layout
-from nanomodels.train import TrainConfig, lr_at, make_optimizer
+from nanomodels.train import FunctionTask, TrainConfig, fit, lr_at, make_optimizer
 from nanomodels.transformer import Transformer, TransformerConfig
 
 task = make_task("sort", 14)
@@ -59,23 +59,24 @@ def run(method, seed, steps, eval_every, n_eval):
     torch.manual_seed(seed)
     model = Transformer(TransformerConfig(**CONFIG))
     tc = TrainConfig(steps=steps, lr=2e-3, min_lr=2e-4, warmup=min(100, steps // 5), weight_decay=0.1)
-    opt = make_optimizer(model, tc, torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
-    curve, t0 = [], time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
+
+    def batch(step):
         x, y = task.batch(64, g)
-        seq = torch.cat([x, y[:, -1:]], dim=1)
-        loss = make_loss(model, seq[:, :S], seq[:, S:], g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % eval_every == 0 and step + 1 < steps:
+        return torch.cat([x, y[:, -1:]], dim=1)
+
+    curve, t0 = [], time.perf_counter()
+
+    def on_step(done, loss):
+        nonlocal t0
+        if done % eval_every == 0 and done < steps:
             seconds = time.perf_counter() - t0
-            curve.append((step + 1, seconds, evaluate(model, token, 300)))
+            curve.append((done, seconds, evaluate(model, token, 300)))
             t0 = time.perf_counter() - seconds  # evaluation time does not count as training time
+
+    fit(model, FunctionTask(batch, lambda model, seq: make_loss(model, seq[:, :S], seq[:, S:], g)), steps,
+        optimizer=make_optimizer(model, tc, torch.device("cpu")), lr=lambda step: lr_at(step, tc), grad_clip=1.0,
+        on_step=on_step)
     seconds = time.perf_counter() - t0
     final = evaluate(model, token, n_eval)
     curve.append((steps, seconds, final))

@@ -11,7 +11,7 @@ import torch
 
 from nanomodels.data import make_task
 from nanomodels.masks import cloze_inputs, left_to_right_mask, unilm_batch
-from nanomodels.train import TrainConfig, lr_at, make_optimizer
+from nanomodels.train import FunctionTask, TrainConfig, fit, lr_at, make_optimizer
 from nanomodels.transformer import Transformer, TransformerConfig
 
 task = make_task("reverse", 8)
@@ -33,19 +33,10 @@ def new_model(seed):
 def train(model, steps, make_loss, seed, lr=2e-3):
     """AdamW, warmup + cosine (nanomodels.train), batch 64, gradient clipping at 1; returns (model, losses)."""
     tc = TrainConfig(steps=steps, lr=lr, min_lr=lr / 10, warmup=min(100, steps // 5), weight_decay=0.1)
-    opt = make_optimizer(model, tc, torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
-        loss = make_loss(model, tokens_batch(64, g), g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+    batches = FunctionTask(batch=lambda step: tokens_batch(64, g), loss=lambda model, tokens: make_loss(model, tokens, g))
+    losses = fit(model, batches, steps, optimizer=make_optimizer(model, tc, torch.device("cpu")),
+                 lr=lambda step: lr_at(step, tc), grad_clip=1.0)
     return model.eval(), losses
 
 
