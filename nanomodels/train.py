@@ -113,6 +113,12 @@ class RunConfig:
         return Path(self.out_dir) / self.name
 
 
+def run_option(name: str, default, help: Optional[str] = None):
+    """RunConfig's field `name` with another default (and help text), for a config that derives from it."""
+    metadata = RunConfig.__dataclass_fields__[name].metadata
+    return option(default, help or metadata["help"], **{k: v for k, v in metadata.items() if k != "help"})
+
+
 @dataclass
 class TrainConfig(RunConfig):
     """A `train` run: a decoder LM built from the named parts (nanomodels/parts.py) on a text."""

@@ -31,7 +31,7 @@ from nanomodels.latentlm import GraphedSampler, LatentLM
 from nanomodels.runtime import pick_device
 from nanomodels.sigma_vae import SigmaVAE, latents_to_sequence, sequence_to_latents
 from nanomodels.train import (RUN_RESUMABLE, FunctionTask, Interrupted, RunConfig, check_counts, check_run_name,
-                              check_schedule_and_run, fit, option, run, start_device)
+                              check_schedule_and_run, fit, option, run, run_option, start_device)
 from nanomodels.transformer import TransformerConfig
 
 NUM_CLASSES = 10  # the digits 0-9
@@ -46,17 +46,20 @@ SAMPLE_DEFAULTS = {"cfg": 3.0, "steps": 20, "sampler": "dpm", "per_class": 8, "s
 @dataclass
 class LatentTrainConfig(RunConfig):
     """A `train-latentlm` run: a sigma-VAE, then a class-conditional LatentLM over its latents."""
-    name: str = option("digits", "the run's folder name: the run lives in OUT_DIR/NAME/ (one folder name, no path)")
-    steps: int = option(1500, "LatentLM training steps (and the length of its learning-rate schedule)")
-    stop_at: int = option(0, "stop this command after this LatentLM step, with a checkpoint (finish later with "
-                             "--resume); 0 = run to --steps")
-    lr: float = option(2e-3, "peak learning rate (the sigma-VAE trains at this constant rate)")
-    min_lr: float = option(2e-5, "the LatentLM's cosine decays to this learning rate (0 < min_lr <= lr)")
-    warmup: int = option(0, "linear warmup steps of the LatentLM")
-    weight_decay: float = option(0.0, "AdamW weight decay of the LatentLM (the sigma-VAE uses AdamW's 0.01)")
-    grad_clip: float = option(1.0, "max global gradient norm of the LatentLM; 0 = no clipping")
-    eval_interval: int = option(250, "evaluate the validation loss (and write a checkpoint) every this many steps")
-    seed: int = option(1337, "seed of the initialization, the batch order, the noise and the class dropout")
+    name: str = run_option("name", "digits")
+    steps: int = run_option("steps", 1500, "LatentLM training steps (and the length of its learning-rate schedule)")
+    stop_at: int = run_option("stop_at", 0, "stop this command after this LatentLM step, with a checkpoint (finish "
+                                            "later with --resume); 0 = run to --steps")
+    lr: float = run_option("lr", 2e-3, "peak learning rate (the sigma-VAE trains at this constant rate)")
+    min_lr: float = run_option("min_lr", 2e-5, "the LatentLM's cosine decays to this learning rate (0 < min_lr <= lr)")
+    warmup: int = run_option("warmup", 0, "linear warmup steps of the LatentLM")
+    weight_decay: float = run_option("weight_decay", 0.0, "AdamW weight decay of the LatentLM (the sigma-VAE uses "
+                                                          "AdamW's 0.01)")
+    grad_clip: float = run_option("grad_clip", 1.0, "max global gradient norm of the LatentLM; 0 = no clipping")
+    eval_interval: int = run_option("eval_interval", 250, "evaluate the validation loss (and write a checkpoint) "
+                                                          "every this many steps")
+    seed: int = run_option("seed", 1337, "seed of the initialization, the batch order, the noise and the class "
+                                         "dropout")
     vae_from: str = option("", "start from the trained sigma-VAE of this run in OUT_DIR (its folder name) instead "
                                "of training one (--vae_steps is then ignored); '' = train one",
                            metavar="RUN")
