@@ -15,16 +15,22 @@ softmax(X_r X_rᵀ / √(d / n_heads)); for large teachers the paper takes an up
 A teacher row of zeros (a query with no visible key) adds 0 to a KL but counts in its mean unless `mask`
 drops it.
 
+`capture_attention(model, layer)` records a layer's q, k, v and attention probabilities during an ordinary
+forward through MultiHeadAttention's read-only `tap`; the forward result stays bit-identical. `logit_kl` is
+the standard baseline: KL between the output distributions at temperature τ (Hinton et al. 2015).
+
 Paper vs official code: microsoft/unilm's `minilm/` holds the released models' README and an XNLI
 fine-tuning script, no distillation code; the losses here follow the papers' equations.
 """
 
 import math
+from contextlib import contextmanager
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from nanomodels.attention import causal_mask
+from nanomodels.attention import MultiHeadAttention, attention, causal_mask, sdpa_attention
 
 
 def _check(x: torch.Tensor, name: str, dims: Optional[int], what: str) -> None:
@@ -125,3 +131,93 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, allowed: Optional[torch.Te
         return torch.softmax(scores, dim=-1)
     weights = torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1)
     return weights.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+
+
+class AttentionRecord:
+    """One layer's heads from the last forward: q, k, v (B, H, T, Dh); x_q, x_k, x_v (B, T, d), the heads
+    concatenated (MiniLMv2's input); probs (B, H, T, T), the attention probabilities."""
+
+    q = k = v = allowed = None
+    causal = False
+
+    def __call__(self, q, k, v, allowed, causal):
+        self.q, self.k, self.v, self.allowed, self.causal = q, k, v, allowed, causal
+
+    @staticmethod
+    def _concat(h: torch.Tensor) -> torch.Tensor:
+        B, H, T, D = h.shape
+        return h.transpose(1, 2).reshape(B, T, H * D)  # (B, T, d)
+
+    @property
+    def x_q(self) -> torch.Tensor:
+        return self._concat(self.q)
+
+    @property
+    def x_k(self) -> torch.Tensor:
+        return self._concat(self.k)
+
+    @property
+    def x_v(self) -> torch.Tensor:
+        return self._concat(self.v)
+
+    @property
+    def probs(self) -> torch.Tensor:
+        return attention_probs(self.q, self.k, self.allowed, self.causal)
+
+
+@contextmanager
+def capture_attention(model, layer: int):
+    """`with capture_attention(model, layer=-1) as rec: model(idx)` -> rec holds that block's self-attention.
+
+    model: a Transformer (its `blocks`); layer: a block index (negative counts from the end). The block's
+    attention must compute `attention` or `sdpa_attention`: rec.probs is their formula. The tap is removed on
+    exit, also after an exception. Tensors keep their graph: run a teacher under torch.no_grad()."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"model: expected a Transformer with `blocks`, got {type(model).__name__}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -len(blocks) <= layer < len(blocks):
+        raise ValueError(f"layer: must be an integer in [-{len(blocks)}, {len(blocks)}), got {layer!r}")
+    attn = blocks[layer].attn
+    if not isinstance(attn, MultiHeadAttention) or attn.attn_fn not in (attention, sdpa_attention):
+        raise ValueError(f"layer: block {layer}'s attention must be a MultiHeadAttention computing attention "
+                         f"or sdpa_attention (rec.probs is their formula), got "
+                         f"{getattr(attn, 'attn_fn', attn)!r}")
+    if attn.tap is not None:
+        raise ValueError(f"layer: block {layer} is already being captured")
+    rec = attn.tap = AttentionRecord()
+    try:
+        yield rec
+    finally:
+        attn.tap = None
+
+
+def minilm_loss(teacher_rec: AttentionRecord, student_rec: AttentionRecord,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MiniLM's L_AT + L_VR from two records (teacher's and student's last layer; equal head counts)."""
+    for name, rec in (("teacher_rec", teacher_rec), ("student_rec", student_rec)):
+        if getattr(rec, "q", None) is None:
+            raise ValueError(f"{name}: expected an AttentionRecord filled by a forward, got {rec!r}")
+    if teacher_rec.q.size(1) != student_rec.q.size(1):
+        raise ValueError(f"teacher_rec and student_rec: MiniLM needs equal head counts, got "
+                         f"{teacher_rec.q.size(1)} and {student_rec.q.size(1)} (MiniLMv2's relation heads "
+                         f"do not)")
+    l_at = attention_kl(teacher_rec.probs, student_rec.probs, mask)
+    return l_at + attention_kl(value_relation(teacher_rec.v), value_relation(student_rec.v), mask)
+
+
+def logit_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+             temperature: float = 1.0) -> torch.Tensor:
+    """τ² · mean over positions of KL(softmax(teacher/τ) ‖ softmax(student/τ)), logits (..., V); the teacher
+    is detached. The factor τ² is Hinton et al.'s (2015)."""
+    _check(teacher_logits, "teacher_logits", None, "(..., V)")
+    _check(student_logits, "student_logits", None, "(..., V)")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher_logits and student_logits: expected one shape, got "
+                         f"{tuple(teacher_logits.shape)} and {tuple(student_logits.shape)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature: must be a number > 0, got {temperature!r}")
+    log_t = F.log_softmax(teacher_logits.detach() / temperature, dim=-1)
+    log_s = F.log_softmax(student_logits / temperature, dim=-1)
+    p_t = log_t.exp()
+    kl = torch.where(p_t > 0, p_t * (log_t - log_s), 0.0).sum(-1)  # 0 log 0 = 0 (a -inf teacher logit)
+    return temperature ** 2 * kl.mean()

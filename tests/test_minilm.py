@@ -1,5 +1,6 @@
 """MiniLM / MiniLMv2 (reference/09-beyond.md §5): the attention KL, value relations, relation heads, the v2
-loss, against naive per-element loops. float64."""
+loss, the attention capture and the two distillation losses a trainer calls, against naive per-element loops.
+float64."""
 
 import math
 
@@ -8,7 +9,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nanomodels.minilm import attention_kl, attention_probs, minilm_v2_loss, relation, value_relation
+from nanomodels.attention import MultiHeadAttention, attention, sdpa_attention
+from nanomodels.minilm import (AttentionRecord, attention_kl, attention_probs, capture_attention, logit_kl,
+                               minilm_loss, minilm_v2_loss, relation, value_relation)
+from nanomodels.transformer import Transformer, TransformerConfig
 
 
 @pytest.fixture(autouse=True)
@@ -283,3 +287,158 @@ def test_gradients_reach_only_the_student():
     sq = [torch.randn(2, 5, 12, requires_grad=True) for _ in range(3)]
     minilm_v2_loss(tq, sq, 6).backward()
     assert all(x.grad is None for x in tq) and all(x.grad.abs().sum() > 0 for x in sq), "minilm_v2_loss"
+    tl, sl = torch.randn(2, 5, 7, requires_grad=True), torch.randn(2, 5, 7, requires_grad=True)
+    logit_kl(tl, sl, 2.0).backward()
+    assert tl.grad is None and sl.grad.abs().sum() > 0, "logit_kl"
+
+
+# ---- capture_attention: the hook on MultiHeadAttention -----------------------------------------------------
+
+def model(seed, attention_fn=sdpa_attention, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=11, block_size=8, n_layers=3, d_model=16, n_heads=4)
+    return Transformer(TransformerConfig(**{**cfg, **kw}), attention_fn=attention_fn).eval()
+
+
+@pytest.mark.parametrize("attention_fn", [attention, sdpa_attention], ids=["reference", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("padded", [False, True])
+def test_capture_leaves_logits_bit_identical(attention_fn, dtype, padded):
+    m = model(0, attention_fn).to(dtype)
+    idx = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(1))
+    allowed = torch.ones(2, 8, 8, dtype=torch.bool)
+    allowed[1, :, 5:] = False  # sequence 1 is padded after 5 tokens
+    kw = dict(allowed=allowed) if padded else {}
+    plain = m(idx, **kw)[0]
+    for layer in (0, -1):
+        with capture_attention(m, layer) as rec:
+            captured = m(idx, **kw)[0]
+        assert torch.equal(captured, plain), f"logits changed under capture of layer {layer}"
+        assert rec.q.dtype == dtype and rec.probs.shape == (2, 4, 8, 8)
+    assert all(b.attn.tap is None for b in m.blocks), "no tap left after the context"
+
+
+def test_capture_records_the_chosen_layers_heads():
+    m = model(1)
+    idx = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(2))
+    seen = {}
+    handle = m.blocks[1].attn.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0]))
+    with capture_attention(m, 1) as rec:
+        m(idx)
+    handle.remove()
+    x, attn = seen["x"], m.blocks[1].attn
+    for name, proj, got in (("q", attn.q_proj, rec.x_q), ("k", attn.k_proj, rec.x_k),
+                            ("v", attn.v_proj, rec.x_v)):
+        full = proj(x)  # (B, T, d)
+        assert torch.equal(got, full), f"x_{name} is the {name} projection of the layer's input"
+        heads = getattr(rec, name)
+        assert heads.shape == (2, 4, 6, 4)
+        for h in range(4):
+            assert torch.equal(heads[:, h], full[..., 4 * h:4 * h + 4]), f"{name} head {h}: columns 4h..4h+3"
+
+
+@pytest.mark.parametrize("attention_fn", [attention, sdpa_attention], ids=["reference", "sdpa"])
+def test_captured_probs_are_the_attention_weights(attention_fn):
+    m = model(2, attention_fn)
+    idx = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(3))
+    allowed = torch.ones(2, 8, 8, dtype=torch.bool)
+    allowed[1, :, 6:] = False
+    allowed[1, 6:] = False  # padding queries see nothing: zero rows
+    for kw in ({}, dict(allowed=allowed)):
+        with capture_attention(m, -1) as rec:
+            m(idx, **kw)
+        mask = rec.allowed
+        eye = torch.eye(8).expand(2, 4, 8, 8)  # attention(q, k, I) returns the weights themselves
+        weights = attention(rec.q, rec.k, eye, mask, causal=True)
+        assert_close(rec.probs, weights, "probs vs attention's weights", atol=1e-14)
+        assert_close(rec.probs @ rec.v, attention_fn(rec.q, rec.k, rec.v, mask, causal=True), "probs @ v")
+        sums = rec.probs.sum(-1)
+        if kw:
+            assert (sums[1, :, 6:] == 0).all(), "a query with no visible key has a zero row"
+            sums = sums[:, :, :6]
+        assert_close(sums, torch.ones_like(sums), "rows sum to 1")
+        assert (rec.probs.triu(1) == 0).all(), "causal: no weight on the future"
+
+
+def test_capture_removes_the_tap_after_an_error_and_rejects_bad_arguments():
+    m = model(0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_attention(m, 0):
+            raise RuntimeError("boom")
+    assert m.blocks[0].attn.tap is None
+    with pytest.raises(ValueError, match=r"layer: must be an integer in \[-3, 3\), got 3"):
+        with capture_attention(m, 3):
+            pass
+    with capture_attention(m, 0):
+        with pytest.raises(ValueError, match="layer: block -3 is already being captured"):
+            with capture_attention(m, -3):
+                pass
+    with pytest.raises(ValueError, match="model: expected a Transformer"):
+        with capture_attention(MultiHeadAttention(m.config), 0):
+            pass
+    other = model(0, attention_fn=lambda q, k, v, allowed=None, *, causal=False: attention(q, k, v, allowed))
+    with pytest.raises(ValueError, match="layer: block 0's attention must be a MultiHeadAttention computing"):
+        with capture_attention(other, 0):
+            pass
+
+
+# ---- minilm_loss, logit_kl ---------------------------------------------------------------------------------
+
+def test_minilm_loss_is_l_at_plus_l_vr_and_trains_only_the_student():
+    teacher = model(3, n_layers=3, d_model=32, n_heads=4)
+    student = model(4, n_layers=2, d_model=16, n_heads=4)  # narrower and shallower, same head count
+    idx = torch.randint(0, 11, (2, 7), generator=torch.Generator().manual_seed(4))
+    mask = row_mask(3, 2, 7)
+    with torch.no_grad(), capture_attention(teacher, -1) as t_rec:
+        teacher(idx)
+    with capture_attention(student, -1) as s_rec:
+        student(idx)
+    loss = minilm_loss(t_rec, s_rec, mask)
+    expected = (naive_kl(t_rec.probs, s_rec.probs.detach(), mask)
+                + naive_kl(value_relation(t_rec.v), value_relation(s_rec.v).detach(), mask))
+    assert_close(loss.detach(), torch.tensor(expected), "L_AT + L_VR vs the loops")
+    assert minilm_loss(t_rec, t_rec).item() == 0.0
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters()), "the teacher gets no gradient"
+    assert student.blocks[-1].attn.q_proj.weight.grad.abs().sum() > 0, "the student's last layer is trained"
+
+
+def test_minilm_loss_rejects_unequal_head_counts_and_empty_records():
+    t_rec, s_rec = AttentionRecord(), AttentionRecord()
+    with pytest.raises(ValueError, match="teacher_rec: expected an AttentionRecord filled by a forward"):
+        minilm_loss(t_rec, s_rec)
+    t_rec(*torch.randn(3, 1, 4, 5, 2), None, True)
+    s_rec(*torch.randn(3, 1, 2, 5, 4), None, True)
+    with pytest.raises(ValueError, match=r"teacher_rec and student_rec: .*got 4 and 2"):
+        minilm_loss(t_rec, s_rec)
+
+
+def naive_logit_kl(t, s, tau):
+    t, s = t.reshape(-1, t.size(-1)), s.reshape(-1, s.size(-1))
+    total = 0.0
+    for row_t, row_s in zip(t.tolist(), s.tolist()):
+        pt = naive_softmax_rows([[x / tau for x in row_t]])[0].tolist()
+        ps = naive_softmax_rows([[x / tau for x in row_s]])[0].tolist()
+        total += sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps) if a > 0)
+    return tau ** 2 * total / t.size(0)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.5, 0.5])
+def test_logit_kl_matches_the_loop(tau):
+    t, s = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    assert_close(logit_kl(t, s, tau), torch.tensor(naive_logit_kl(t, s, tau)), f"logit_kl at tau {tau}")
+    assert logit_kl(t, t, tau).item() == 0.0
+    shifted = t + torch.randn(2, 3, 1)
+    assert_close(logit_kl(t, shifted, tau), torch.tensor(0.0), "softmax ignores a per-row shift", atol=1e-14)
+
+
+def test_logit_kl_zero_teacher_probability_adds_zero_and_bad_input_raises():
+    t, s = torch.randn(4, 5), torch.randn(4, 5)
+    t[:, 0] = -math.inf  # the teacher rules token 0 out
+    assert_close(logit_kl(t, s), torch.tensor(naive_logit_kl(t, s, 1.0)), "a -inf teacher logit")
+    with pytest.raises(ValueError, match=r"teacher_logits and student_logits: expected one shape"):
+        logit_kl(t, s[:, :4])
+    with pytest.raises(ValueError, match="temperature: must be a number > 0, got 0"):
+        logit_kl(t, s, 0)
+    with pytest.raises(ValueError, match="student_logits: expected a floating"):
+        logit_kl(t, s.long())
