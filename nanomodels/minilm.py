@@ -137,28 +137,12 @@ class AttentionRecord:
     """One layer's heads from the last forward: q, k, v (B, H, T, Dh); x_q, x_k, x_v (B, T, d), the heads
     concatenated (MiniLMv2's input); probs (B, H, T, T), the attention probabilities."""
 
-    q = k = v = allowed = None
+    q = k = v = x_q = x_k = x_v = allowed = None
     causal = False
 
     def __call__(self, q, k, v, allowed, causal):
         self.q, self.k, self.v, self.allowed, self.causal = q, k, v, allowed, causal
-
-    @staticmethod
-    def _concat(h: torch.Tensor) -> torch.Tensor:
-        B, H, T, D = h.shape
-        return h.transpose(1, 2).reshape(B, T, H * D)  # (B, T, d)
-
-    @property
-    def x_q(self) -> torch.Tensor:
-        return self._concat(self.q)
-
-    @property
-    def x_k(self) -> torch.Tensor:
-        return self._concat(self.k)
-
-    @property
-    def x_v(self) -> torch.Tensor:
-        return self._concat(self.v)
+        self.x_q, self.x_k, self.x_v = (h.transpose(1, 2).flatten(2) for h in (q, k, v))  # (B, T, H * Dh)
 
     @property
     def probs(self) -> torch.Tensor:
