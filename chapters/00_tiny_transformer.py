@@ -117,7 +117,7 @@ plt.show()
 # The grader compares your merges with the algorithm written out (every pair recounted after every merge) on random texts,
 # then runs a short experiment: it trains your `train_bpe` on the first 10,000 characters of this corpus with a 384-token
 # vocabulary and expects the library's merges, which compress that text to 2.02 bytes per token and decode it back exactly
-# (`_pydoc_reference` in `exercises/checks/ch00_tiny_transformer.py` trains them).
+# (`_pydoc_reference` in `exercises/grading/checks/ch00_tiny_transformer.py` trains them).
 
 # %%
 show(train_bpe)

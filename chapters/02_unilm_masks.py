@@ -163,7 +163,7 @@ show(unilm_batch)
 # reversal task must bring its cloze loss, measured on batches built by the library, below half of its start. With the
 # library's own batches it goes from 3.71 to 1.28 nats. Batches that keep the true tokens in the inputs (the answer
 # leaks; the mutant `unilm_batch_inputs_keep_the_answer`) take the training loss to 0.002 while the library-measured loss
-# stays at 3.50: the model learned to copy. (Both numbers: `unilm_experiment` in `exercises/checks/ch02_unilm_masks.py`,
+# stays at 3.50: the model learned to copy. (Both numbers: `unilm_experiment` in `exercises/grading/checks/ch02_unilm_masks.py`,
 # run on `nanomodels.masks.unilm_batch` and on that mutant.)
 
 # %%

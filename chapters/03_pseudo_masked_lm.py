@@ -283,7 +283,7 @@ show(pmlm_losses)
 # progression mod 10 with 2 masked, must bring the library-measured L_AE + L_PAR on 256 held-out rows below 3/4 of its
 # start. With the library's loss it goes from 5.12 to 3.18 nats (guessing the digits uniformly gives 2 ln 10 = 4.61). A
 # loss computed without the layout's mask lets every `[P]` read its answer: its own value falls to 0.25 while the
-# library-measured loss rises to 10.2 nats. (Both numbers: `pmlm_experiment` in `exercises/checks/ch03_pseudo_masked_lm.py`,
+# library-measured loss rises to 10.2 nats. (Both numbers: `pmlm_experiment` in `exercises/grading/checks/ch03_pseudo_masked_lm.py`,
 # run on `nanomodels.pmlm.pmlm_losses` and on the mutant `pmlm_losses_without_the_mask`.)
 
 # %%

@@ -158,7 +158,7 @@ for causal in (False, True):
 # ```
 
 # %%
-from exercises.checks.ch06_dilated_attention import COST_PATTERNS, cost_experiment, cost_table
+from exercises.grading.checks.ch06_dilated_attention import COST_PATTERNS, cost_experiment, cost_table
 
 print(f"patterns w = {COST_PATTERNS[0]}, r = {COST_PATTERNS[1]}; B = 1, H = 4, D = 8, causal")
 print(cost_table(cost_experiment(dilated_attention)))
@@ -359,5 +359,5 @@ plt.show()
 # | 6.4 | `dilated_branch_kernel` (`kernels/dilated_attention.py`) | the launch: grid and dilated row strides; the kernel equals `dilated_branch` |
 # | 6.5 | `dilated_attention` | the log-count identity for outputs and gradients; `detach_weights`; uncovered queries give 0; the cost experiment: flops $= 4BHD \times$ score entries, linear in $T$ |
 #
-# Known-wrong solutions the grader must reject are in `exercises/mutants/ch06_dilated_attention.py` (offsets ignored,
+# Known-wrong solutions the grader must reject are in `exercises/grading/mutants/ch06_dilated_attention.py` (offsets ignored,
 # padded keys attended, $\alpha$ detached, mixing by output norm, patterns averaged, the dense log-count matrix, ...).

@@ -222,7 +222,7 @@ plt.show()
 # ```
 
 # %%
-from exercises.checks.ch09_next_token_diffusion import bimodal_toy_experiment, toy_report
+from exercises.grading.checks.ch09_next_token_diffusion import bimodal_toy_experiment, toy_report
 
 print(toy_report(bimodal_toy_experiment(diffusion_loss)).replace("; ", "\n"))
 

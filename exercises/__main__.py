@@ -15,8 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from exercises.registry import CHAPTERS, chapter_of, get_chapter
-from exercises.stubs import MarkerError
+from exercises.grading.registry import CHAPTERS, chapter_of, get_chapter
+from exercises.grading.stubs import MarkerError
 
 
 def _chapters(name: str):
@@ -24,7 +24,7 @@ def _chapters(name: str):
 
 
 def _grade(args) -> int:
-    from exercises.grader import GraderError, Source, format_json, format_report, format_total, grade
+    from exercises.grading.grader import GraderError, Source, format_json, format_report, format_total, grade
 
     chapters = _chapters(args.chapter)
     if (args.file or args.mutant) and len(chapters) > 1:
@@ -39,7 +39,7 @@ def _grade(args) -> int:
         if args.reference:
             source = Source("reference")
         elif args.mutant:
-            from exercises.mutants import find
+            from exercises.grading.mutants import find
 
             mutant = find(chapter, args.mutant)  # KeyError naming the chapter's mutants when unknown
             source = Source("mutant", exercises=(mutant.exercise,), mutant=mutant.name)
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     which.add_argument("--file", help="the file to grade (default: the chapter's exercises/exNN_<topic>.py)")
     which.add_argument("--reference", action="store_true", help="grade the reference solutions (the library)")
     which.add_argument("--mutant", metavar="NAME",
-                       help="grade the reference with this mutant's patch (exercises/mutants/chNN_<topic>.py)")
+                       help="grade the reference with this mutant's patch (exercises/grading/mutants/chNN_<topic>.py)")
     g.add_argument("--exercise", action="append", metavar="ID", help="grade only this exercise (repeatable)")
     g.add_argument("--timeout", type=float, default=None, metavar="S", help="time limit per check (20 s)")
     g.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -95,19 +95,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "grade":
-            from exercises.grader import DEFAULT_TIMEOUT_S
+            from exercises.grading.grader import DEFAULT_TIMEOUT_S
 
             args.timeout = DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
             return _grade(args)
         if args.command == "hint":
-            from exercises.hints import show
+            from exercises.grading.hints import show
 
             return show(args.exercise, args.level)
         if args.command == "reset":
-            from exercises.stubs import reset
+            from exercises.grading.stubs import reset
 
             return reset(_chapters(args.chapter), yes=args.yes)
-        from exercises.stubs import write_stubs
+        from exercises.grading.stubs import write_stubs
 
         return write_stubs(check=args.check, force=args.force)
     except KeyError as exc:

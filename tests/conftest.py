@@ -1,6 +1,6 @@
 """Shared test setup: one thread (stable and fast on small ops), hypothesis profiles, the gpu marker, and the
 graded checks as property tests: a test module that sets CHAPTER = "04" and asks for a `graded_check` argument
-runs once per check of every exercise of that chapter, against the library (exercises/checks/common.py).
+runs once per check of every exercise of that chapter, against the library (exercises/grading/checks/common.py).
 
 TRITON_INTERPRET=1 is set here, before anything imports triton, unless a CUDA device is present: the
 kernels' interpreter tier then runs on CPU tensors; with a CUDA device the real compiler runs (the `-m gpu`
@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_generate_tests(metafunc):
     if "graded_check" in metafunc.fixturenames:
-        from exercises.checks.common import library_checks
+        from exercises.grading.checks.common import library_checks
 
         checks = library_checks(metafunc.module.CHAPTER)
         metafunc.parametrize("graded_check", checks, ids=[c.id for c in checks])

@@ -1,5 +1,5 @@
 """DeepNet / DeepNorm (reference/03). The invariants of the constants, the residual and the beta init are the graded
-checks of chapter 04 (exercises/checks/ch04_deepnet.py), run here against the library; this file adds what the
+checks of chapter 04 (exercises/grading/checks/ch04_deepnet.py), run here against the library; this file adds what the
 grader does not check: bad input, the DeepNorm part and block inside the core Transformer, `deepnet` itself. float64."""
 
 import pytest
@@ -8,7 +8,7 @@ import torch.nn as nn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exercises.checks.common import F64, naive_layer_norm, xavier_std
+from exercises.grading.checks.common import F64, naive_layer_norm, xavier_std
 from nanomodels.deepnet import DeepNorm, deepnet, deepnorm_bound, deepnorm_constants, deepnorm_init_
 from nanomodels.transformer import MLP, TransformerConfig
 
@@ -104,8 +104,8 @@ def test_init_rejects_a_non_positive_beta():
 
 def test_post_ln_of_the_same_depth_fails_the_graded_training_run():
     """Exercise 4.4's run (24 layers, no warmup) separates DeepNet from Post-LN: the check rejects Post-LN."""
-    from exercises.checking import Violation
-    from exercises.checks.ch04_deepnet import a_deep_model_trains
+    from exercises.grading.checking import Violation
+    from exercises.grading.checks.ch04_deepnet import a_deep_model_trains
     from nanomodels.transformer import PostNorm, Transformer
 
     torch.set_num_threads(1)

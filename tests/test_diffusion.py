@@ -17,7 +17,7 @@ from nanomodels.transformer import TransformerConfig
 
 SAMPLERS = {"ddim": ddim_sample, "dpm": dpm_solver_sample}
 ABAR = alpha_bar(cosine_schedule(1000))
-CHAPTER = "09"  # tests/conftest.py runs its graded checks (exercises/checks/ch09_*) as `graded_check`
+CHAPTER = "09"  # tests/conftest.py runs its graded checks (exercises/grading/checks/ch09_*) as `graded_check`
 
 
 def test_graded_invariant_holds_for_the_library(graded_check):

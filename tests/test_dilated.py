@@ -18,7 +18,7 @@ from nanomodels.dilated import (DilatedAttention, check_patterns, dilated_attent
 from nanomodels.transformer import Transformer, TransformerConfig
 
 TOL = 1e-10
-CHAPTER = "06"  # tests/conftest.py runs chapter 06's graded checks (exercises/checks/ch06_dilated_attention.py)
+CHAPTER = "06"  # tests/conftest.py runs chapter 06's graded checks (exercises/grading/checks/ch06_dilated_attention.py)
 
 
 def test_graded_invariant_holds_for_the_library(graded_check):

@@ -1,5 +1,5 @@
 """The graders are tested: the reference scores full marks, the untouched stub zero, and every known-wrong
-solution in exercises/mutants/ loses its exercise's points; the stubs are in sync with the library; learner
+solution in exercises/grading/mutants/ loses its exercise's points; the stubs are in sync with the library; learner
 code that prints, raises, exits, crashes or loops forever is contained.
 
 Grading runs in worker processes (torch is imported once per worker), so each test grades in batches.
@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `exercises` sits beside the library; an older editable install may miss it
     sys.path.insert(0, str(ROOT))
 
-from exercises.grader import Source, format_report, grade, grade_many  # noqa: E402
-from exercises.registry import CHAPTERS, chapter_of, get_chapter  # noqa: E402
-from exercises.mutants import Mutant, PatchError, build, patched_source, region  # noqa: E402
-from exercises.mutants import load as load_mutants  # noqa: E402
-from exercises.stubs import BEGIN, END, MarkerError, generate, reset, scan, solved, write_stubs  # noqa: E402
+from exercises.grading.grader import Source, format_report, grade, grade_many  # noqa: E402
+from exercises.grading.registry import CHAPTERS, chapter_of, get_chapter  # noqa: E402
+from exercises.grading.mutants import Mutant, PatchError, build, patched_source, region  # noqa: E402
+from exercises.grading.mutants import load as load_mutants  # noqa: E402
+from exercises.grading.stubs import BEGIN, END, MarkerError, generate, reset, scan, solved, write_stubs  # noqa: E402
 
 CH00 = get_chapter("00")
 
@@ -396,7 +396,7 @@ def test_the_library_own_functions_imported_or_wrapped_earn_no_points(tmp_path):
 def test_guard_same_sees_a_tensor_edited_in_place_inside_a_list_argument():
     import torch
 
-    from exercises.checking import Violation, _same, guarded
+    from exercises.grading.checking import Violation, _same, guarded
 
     def total(tensors):
         return sum(t.sum() for t in tensors)
@@ -419,7 +419,7 @@ def test_guard_same_sees_a_tensor_edited_in_place_inside_a_list_argument():
 # ---- hints ------------------------------------------------------------------------------------------------
 
 def test_hint_levels_advance_on_repeated_calls_and_level_chooses_one(tmp_path):
-    from exercises.hints import levels, show
+    from exercises.grading.hints import levels, show
 
     state, lines = tmp_path / "hints.json", []
     for want in (1, 2, 3, 3):
@@ -437,7 +437,7 @@ OWN_HINTS = tuple(CHAPTERS)  # every chapter has three levels per exercise
 
 @pytest.mark.parametrize("chapter", [c for c in CHAPTERS.values() if c.number in OWN_HINTS], ids=lambda c: c.number)
 def test_no_hint_gives_a_line_of_the_solution(chapter):
-    from exercises.hints import levels
+    from exercises.grading.hints import levels
 
     for m in scan(chapter):
         solution = [line.strip() for line in region(m).splitlines()

@@ -1,7 +1,7 @@
 """Property tests for nanomodels.masks (UniLM attention masks, objective sampler, cloze decoding), float64.
 
 The invariants of the seq2seq and semi-causal masks and cloze decoding are the graded checks of chapter 02
-(exercises/checks/ch02_unilm_masks.py), run here against the library; this file adds what the grader does not
+(exercises/grading/checks/ch02_unilm_masks.py), run here against the library; this file adds what the grader does not
 check.
 """
 

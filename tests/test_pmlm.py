@@ -1,7 +1,7 @@
 """Property tests for nanomodels.pmlm (UniLMv2 pseudo-masked LM): layout, mask rules, leaks, reuse, losses.
 
 The invariants of the layout, the mask rules and the s2s-ft mask are the graded checks of chapter 03
-(exercises/checks/ch03_pseudo_masked_lm.py), run here against the library; this file adds what the grader does
+(exercises/grading/checks/ch03_pseudo_masked_lm.py), run here against the library; this file adds what the grader does
 not check.
 """
 

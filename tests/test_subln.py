@@ -1,5 +1,5 @@
 """Sub-LN / Magneto (reference/04). The invariants of gamma, the Sub-LN feed-forward and the gamma init are the graded
-checks of chapter 05 (exercises/checks/ch05_subln_magneto.py), run here against the library; this file adds what
+checks of chapter 05 (exercises/grading/checks/ch05_subln_magneto.py), run here against the library; this file adds what
 the grader does not check: bad input, where the inner norms sit in the parts, scale invariance, the reduction to
 Pre-LN, `magneto` itself. float64."""
 
@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nanomodels.attention import attention
-from exercises.checks.common import F64, naive_layer_norm, xavier_std
+from exercises.grading.checks.common import F64, naive_layer_norm, xavier_std
 from nanomodels.subln import SubLNAttention, SubLNMLP, magneto, subln_gamma, subln_init_
 from nanomodels.transformer import MLP, PreNorm, Transformer, TransformerConfig
 

@@ -5,7 +5,7 @@
 2. interpreter  both Triton kernels under TRITON_INTERPRET=1 on CPU tensors: fp32 and fp16, odd widths,
                 conditions per token, per sequence (B, 1, D, read in place) and other broadcasts, forward and
                 backward against float64 autograd, guard bands. The forward row is exercise 9.7, graded by
-                exercises/checks/ch09_next_token_diffusion.py (run against the library by tests/test_diffusion.py).
+                exercises/grading/checks/ch09_next_token_diffusion.py (run against the library by tests/test_diffusion.py).
 3. compile      built for sm_80 / sm_90 through the kernel registry (tests/kernels/test_compile.py).
 4. gpu          (-m gpu) fp16 / bf16 numerics on the device.
 """

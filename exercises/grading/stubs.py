@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
 
-from exercises.registry import CHAPTERS, ROOT, Chapter, chapter_of
+from exercises.grading.registry import CHAPTERS, ROOT, Chapter, chapter_of
 
 BEGIN = re.compile(r"^(?P<indent>\s*)# BEGIN EXERCISE (?P<id>\d+\.\d+): (?P<title>\S.*?)\s*$")
 END = re.compile(r"^(?P<indent>\s*)# END EXERCISE\s*$")

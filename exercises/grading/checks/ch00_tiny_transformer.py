@@ -1,7 +1,7 @@
 """Chapter 00's graded checks: attention, the causal mask, one BPE merge, the most frequent pair, sampling.
 
 Each check tests the mechanism (what the equation promises), in float64, against the learner's function,
-its first argument. Known-wrong solutions: exercises/mutants/ch00_*.py.
+its first argument. Known-wrong solutions: exercises/grading/mutants/ch00_*.py.
 
 Not every plausible-looking change is a mistake: applying the temperature after the top-k filter keeps the
 same tokens with the same probabilities (for T > 0, dividing by T preserves the order of the logits), and
@@ -18,8 +18,8 @@ import torch
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import F64, Inputs, expect_tensor, fmt, halves, seeds, tensors
+from exercises.grading.checking import Exercise, Violation, check
+from exercises.grading.checks.common import F64, Inputs, expect_tensor, fmt, halves, seeds, tensors
 from nanomodels.data import load_text
 from nanomodels.tokenizer import GPT2_PATTERN, BPETokenizer
 from nanomodels.tokenizer import train_bpe as library_train_bpe

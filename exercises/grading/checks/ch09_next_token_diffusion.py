@@ -4,7 +4,7 @@ head's training loss.
 
 Each check tests what the paper (or the official code it follows) promises, in float64 (the Triton kernel in
 float32 under the interpreter), against the learner's function (its first argument). Known-wrong solutions:
-exercises/mutants/ch09_next_token_diffusion.py.
+exercises/grading/mutants/ch09_next_token_diffusion.py.
 """
 
 import math
@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 from hypothesis import strategies as st
 
-from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import F64, expect_tensor, naive_layer_norm, seeds
+from exercises.grading.checking import Exercise, Violation, check
+from exercises.grading.checks.common import F64, expect_tensor, naive_layer_norm, seeds
 from kernels import triton
 from nanomodels.diffusion import DiffusionHead, alpha_bar, cosine_schedule, q_sample, sampling_timesteps
 from nanomodels.transformer import TransformerConfig

@@ -2,7 +2,7 @@
 a gamma per stack, and a short training run on a reverse task).
 
 Each check tests what the paper promises, in float64, against the learner's function (its first argument).
-Known-wrong solutions: exercises/mutants/ch05_*.py.
+Known-wrong solutions: exercises/grading/mutants/ch05_*.py.
 """
 
 import math
@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
-from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import F64, expect_tensor, float32_default, naive_layer_norm, xavier_std
+from exercises.grading.checking import Exercise, Violation, check
+from exercises.grading.checks.common import F64, expect_tensor, float32_default, naive_layer_norm, xavier_std
 from nanomodels.attention import MultiHeadAttention
 from nanomodels.subln import SubLNAttention, SubLNMLP, subln_gamma
 from nanomodels.encoder_decoder import EncoderDecoder

@@ -3,7 +3,7 @@ dilated attention end to end with its cost experiment (`cost_experiment`).
 
 Each check tests what the LongNet paper promises, in float64 (the kernel in float32), against the learner's
 function (its first argument), with oracles written out here. Known-wrong solutions:
-exercises/mutants/ch06_dilated_attention.py.
+exercises/grading/mutants/ch06_dilated_attention.py.
 """
 
 import math
@@ -11,8 +11,8 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import F64
+from exercises.grading.checking import Exercise, Violation, check
+from exercises.grading.checks.common import F64
 
 
 def _qkv(B, H, T, D, seed, dtype=F64):

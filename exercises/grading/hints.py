@@ -11,7 +11,7 @@ import textwrap
 from importlib import import_module
 from pathlib import Path
 
-from exercises.registry import chapter_of, get_chapter
+from exercises.grading.registry import chapter_of, get_chapter
 
 WIDTH = 110
 

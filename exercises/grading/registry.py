@@ -1,15 +1,15 @@
 """Which library files feed which student file: one row per chapter.
 
 One name per chapter: chapter 04 with topic "deepnet" is exercises/ex04_deepnet.py (the learner's file),
-exercises/checks/ch04_deepnet.py (points, hints, graded checks) and exercises/mutants/ch04_deepnet.py (known-wrong
+exercises/grading/checks/ch04_deepnet.py (points, hints, graded checks) and exercises/grading/mutants/ch04_deepnet.py (known-wrong
 solutions as patches of the reference).
 
 Adding a chapter's exercises:
   1. mark the regions in the library (`# BEGIN EXERCISE 6.1: title` ... `# END EXERCISE`, inside a function);
   2. add its row below;
-  3. write exercises/checks/chNN_<topic>.py (points, hints and graded checks per exercise; copy
-     ch04_deepnet.py's shape, and take strategies and oracles from exercises/checks/common.py);
-  4. write exercises/mutants/chNN_<topic>.py: at least 3 `Mutant(...)` patches per exercise;
+  3. write exercises/grading/checks/chNN_<topic>.py (points, hints and graded checks per exercise; copy
+     ch04_deepnet.py's shape, and take strategies and oracles from exercises/grading/checks/common.py);
+  4. write exercises/grading/mutants/chNN_<topic>.py: at least 3 `Mutant(...)` patches per exercise;
   5. run `python -m exercises stubs` and commit the generated exercises/exNN_<topic>.py.
 tests/test_exercises.py picks the new chapter and its mutants up by itself.
 """
@@ -17,7 +17,7 @@ tests/test_exercises.py picks the new chapter and its mutants up by itself.
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent  # the repository
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 EXERCISES_DIR = ROOT / "exercises"
 
 
@@ -39,11 +39,11 @@ class Chapter:
 
     @property
     def checks_module(self) -> str:
-        return f"exercises.checks.ch{self.name}"
+        return f"exercises.grading.checks.ch{self.name}"
 
     @property
     def mutants_module(self) -> str:
-        return f"exercises.mutants.ch{self.name}"
+        return f"exercises.grading.mutants.ch{self.name}"
 
 
 CHAPTERS = {c.number: c for c in [

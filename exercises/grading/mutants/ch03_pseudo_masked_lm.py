@@ -1,9 +1,9 @@
 """Chapter 03's mutants (the pseudo-masked language model): known-wrong solutions, each a patch of a reference
 region. Every mutant must lose its exercise's points, and every patch must still apply to the library's region
-(tests/test_exercises.py). The format is described in exercises/mutants/__init__.py.
+(tests/test_exercises.py). The format is described in exercises/grading/mutants/__init__.py.
 """
 
-from exercises.mutants import Mutant
+from exercises.grading.mutants import Mutant
 
 MUTANTS = [
     Mutant("3.1", "pmlm_layout_ignores_the_order",

@@ -2,7 +2,7 @@
 PMLM loss end to end (with a short training run on the learner's loss).
 
 Each check tests the mechanism against the learner's function, its first argument, with a naive per-token
-transcription of the rules as the oracle. Known-wrong solutions: exercises/mutants/ch03_*.py.
+transcription of the rules as the oracle. Known-wrong solutions: exercises/grading/mutants/ch03_*.py.
 """
 
 import functools
@@ -11,8 +11,8 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import F64, expect_tensor
+from exercises.grading.checking import Exercise, Violation, check
+from exercises.grading.checks.common import F64, expect_tensor
 from nanomodels.attention import attention
 from nanomodels.pmlm import pmlm_batch
 from nanomodels.pmlm import pmlm_losses as library_pmlm_losses

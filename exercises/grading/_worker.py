@@ -1,6 +1,6 @@
 """The grading worker: imports torch and the checks once, then grades a list of files, one exercise at a time.
 
-Started by exercises/grader.py as `python -m exercises._worker PAYLOAD.json`; it reports on its own pipe
+Started by exercises/grading/grader.py as `python -m exercises.grading._worker PAYLOAD.json`; it reports on its own pipe
 (one JSON event per line), never on stdout, which belongs to the learner's code. The grader kills it when an
 exercise runs past its time limit, and starts a fresh one at the next exercise.
 
@@ -70,7 +70,7 @@ def load(source: dict, marked, job: int, chapter) -> tuple[dict, str | None]:
     if source["kind"] != "file":
         reference = {m.function: getattr(import_module(m.module), m.function) for m in marked}
         if source["kind"] == "mutant":  # the reference with one function patched
-            from exercises.mutants import build, find
+            from exercises.grading.mutants import build, find
 
             mutant = find(chapter, source["mutant"])
             target = next(m for m in marked if m.id == mutant.exercise)
@@ -89,7 +89,7 @@ def _guard_library(marked, student_module: str) -> dict:
     calls it (a wrapper around the library's answer), and otherwise calls the library. Installed before the
     learner's file is imported, so `from nanomodels... import f` binds the guard: detected by identity.
     Returns {(module, name): (original, guard)}."""
-    from exercises.checking import Violation
+    from exercises.grading.checking import Violation
 
     guards = {}
     for m in marked:
@@ -147,9 +147,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from exercises.checking import run_check
-    from exercises.registry import Chapter
-    from exercises.stubs import scan
+    from exercises.grading.checking import run_check
+    from exercises.grading.registry import Chapter
+    from exercises.grading.stubs import scan
 
     fields = payload["chapter"]
     fields.update(sources=tuple(fields["sources"]), directory=Path(fields["directory"]))

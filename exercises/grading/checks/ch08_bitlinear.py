@@ -3,7 +3,7 @@ straight-through estimators, the 2-bit packing the kernels read, the decode insi
 Triton's interpreter without a GPU) and the integer inference path with its experiment.
 
 Each check tests what the BitNet b1.58 training code (the FAQ of microsoft/unilm bitnet/) promises, in float64,
-against the learner's function (its first argument). Known-wrong solutions: exercises/mutants/ch08_bitlinear.py.
+against the learner's function (its first argument). Known-wrong solutions: exercises/grading/mutants/ch08_bitlinear.py.
 """
 
 import math
@@ -11,8 +11,8 @@ import math
 import torch
 from hypothesis import strategies as st
 
-from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import F64, expect_tensor, fmt, seeds
+from exercises.grading.checking import Exercise, Violation, check
+from exercises.grading.checks.common import F64, expect_tensor, fmt, seeds
 
 shapes = st.tuples(st.integers(1, 6), st.integers(2, 30))
 scales = st.sampled_from([1e-3, 0.37, 1.0, 52.0])

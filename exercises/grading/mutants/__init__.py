@@ -1,6 +1,6 @@
 """Mutants: known-wrong solutions, each a patch of one exercise's reference region (the library's own code).
 
-One file per chapter, `exercises/mutants/chNN_<topic>.py`, defines `MUTANTS`, a list of
+One file per chapter, `exercises/grading/mutants/chNN_<topic>.py`, defines `MUTANTS`, a list of
 
     Mutant("0.1", "attention_no_scale", "forgets the 1/sqrt(d) scaling: ...",
            old="scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)",
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Callable
 
-from exercises.registry import ROOT, Chapter
-from exercises.stubs import Marked, scan
+from exercises.grading.registry import ROOT, Chapter
+from exercises.grading.stubs import Marked, scan
 
 
 class PatchError(ValueError):

@@ -2,14 +2,14 @@
 mixed-objective UniLM batch end to end (with a short training run on the learner's batches).
 
 Each check tests the mechanism (who may attend to whom; cached decoding = full recompute) against the learner's
-function, its first argument. Known-wrong solutions: exercises/mutants/ch02_*.py.
+function, its first argument. Known-wrong solutions: exercises/grading/mutants/ch02_*.py.
 """
 
 import torch
 from hypothesis import strategies as st
 
-from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import expect_tensor
+from exercises.grading.checking import Exercise, Violation, check
+from exercises.grading.checks.common import expect_tensor
 from nanomodels.attention import attention, causal_mask
 from nanomodels.data import make_task
 from nanomodels.masks import OBJECTIVE_PROBS, OBJECTIVES, SEGMENT_IDS

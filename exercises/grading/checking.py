@@ -1,4 +1,4 @@
-"""The pieces a chapter's graded checks are made of (exercises/checks/chNN.py).
+"""The pieces a chapter's graded checks are made of (exercises/grading/checks/chNN.py).
 
     @check("the weights of one query sum to 1: softmax runs over the keys", case=attention_cases())
     def weights_sum_to_one(attention, case):

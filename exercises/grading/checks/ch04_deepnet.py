@@ -5,7 +5,7 @@ the fused LN(alpha x + g) row in Triton.
 Each check tests what the paper promises, in float64, against the learner's function (its first argument). The
 kernel exercise (4.5) installs the learner's kernel in kernels/layernorm.py for one call of the library's
 launcher, run under Triton's interpreter on the CPU in float32, and compares with a float64 oracle.
-Known-wrong solutions: exercises/mutants/ch04_*.py.
+Known-wrong solutions: exercises/grading/mutants/ch04_*.py.
 """
 
 
@@ -17,8 +17,8 @@ import torch.nn as nn
 from hypothesis import strategies as st
 
 import kernels.layernorm as kln
-from exercises.checking import Exercise, Violation, check
-from exercises.checks.common import F64, expect_tensor, float32_default, installed, naive_layer_norm, xavier_std
+from exercises.grading.checking import Exercise, Violation, check
+from exercises.grading.checks.common import F64, expect_tensor, float32_default, installed, naive_layer_norm, xavier_std
 from nanomodels.attention import attention
 from nanomodels.transformer import Transformer, TransformerConfig
 

@@ -2,7 +2,7 @@
 
 The grader's checks ARE the ideas' property tests: tests/test_<idea>.py runs every check of its chapter against
 the library (`library_checks`, wired in by tests/conftest.py), so an invariant is written once, here in
-exercises/checks/, and tests/ keeps only what the grader does not check (error messages, integration, training).
+exercises/grading/checks/, and tests/ keeps only what the grader does not check (error messages, integration, training).
 """
 
 import contextlib
@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from hypothesis import strategies as st
 
-from exercises.checking import Check, Exercise, Violation, run_check
+from exercises.grading.checking import Check, Exercise, Violation, run_check
 
 F64 = torch.float64
 
@@ -121,8 +121,8 @@ class LibraryCheck:
 
 def library_checks(chapter_number: str) -> list[LibraryCheck]:
     """Every check of every exercise of a chapter, paired with the library function it grades."""
-    from exercises.registry import get_chapter
-    from exercises.stubs import scan
+    from exercises.grading.registry import get_chapter
+    from exercises.grading.stubs import scan
 
     chapter = get_chapter(chapter_number)
     spec = import_module(chapter.checks_module).EXERCISES

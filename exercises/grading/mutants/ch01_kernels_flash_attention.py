@@ -1,10 +1,10 @@
 """Chapter 01's mutants (the fused softmax, the online softmax, one FlashAttention tile): known-wrong kernel
 bodies, each a patch of a reference region. Every mutant must lose its exercise's points, and every patch must
 still apply to the library's region (tests/test_exercises.py). The format is described in
-exercises/mutants/__init__.py.
+exercises/grading/mutants/__init__.py.
 """
 
-from exercises.mutants import Mutant
+from exercises.grading.mutants import Mutant
 
 MUTANTS = [
     Mutant("1.1", "_softmax_kernel_no_max_shift",

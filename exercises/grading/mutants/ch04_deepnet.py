@@ -1,9 +1,9 @@
 """Chapter 04's mutants (DeepNet: DeepNorm for very deep Post-LN Transformers): known-wrong solutions, each a
 patch of a reference region. Every mutant must lose its exercise's points, and every patch must still apply to
-the library's region (tests/test_exercises.py). The format is described in exercises/mutants/__init__.py.
+the library's region (tests/test_exercises.py). The format is described in exercises/grading/mutants/__init__.py.
 """
 
-from exercises.mutants import Mutant
+from exercises.grading.mutants import Mutant
 
 MUTANTS = [
     Mutant("4.2", "deepnorm_alpha_on_the_branch",

@@ -1,6 +1,6 @@
 """The grader: runs a chapter's graded checks against a learner's file in a separate, killable process.
 
-Containment. The checks run in a worker process (exercises/_worker.py) that reports on its own pipe. Each
+Containment. The checks run in a worker process (exercises/grading/_worker.py) that reports on its own pipe. Each
 check has a time limit (DEFAULT_TIMEOUT_S; importing the learner's file too): past it, the worker is killed,
 that exercise is "timed out", and a fresh worker carries on with the next exercise. Whatever the learner's
 code does (raise, print, exit, loop forever, crash the interpreter), this process only reads events, so it
@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exercises.registry import ROOT, Chapter
+from exercises.grading.registry import ROOT, Chapter
 
 DEFAULT_TIMEOUT_S = 20.0  # per check (each check runs its examples, then shrinks a failure)
 STARTUP_LIMIT_S = 120.0  # importing torch and the checks, before any learner code runs
@@ -37,7 +37,7 @@ class GraderError(RuntimeError):
 @dataclass(frozen=True)
 class Source:
     """What to grade: a learner's file, the reference (the library itself), or a mutant (the reference with
-    one exercise's region patched, by name from exercises/mutants/chNN_<topic>.py)."""
+    one exercise's region patched, by name from exercises/grading/mutants/chNN_<topic>.py)."""
 
     kind: str  # "file" | "reference" | "mutant"
     path: str | None = None  # the file, for kind "file"
@@ -99,7 +99,7 @@ def _failed(meta: dict, kind: str, message: str) -> list[dict]:
 def grade_many(chapter: Chapter, sources: list[Source], exercises: list[str] | None = None, *,
                timeout: float = DEFAULT_TIMEOUT_S, max_examples: int | None = None) -> list[dict]:
     """Grade several files in one worker (torch is imported once); one report per source, in order."""
-    from exercises.stubs import scan
+    from exercises.grading.stubs import scan
 
     ids = [m.id for m in scan(chapter)]
     wanted = [list(s.exercises or exercises or ids) for s in sources]
@@ -143,7 +143,7 @@ def _run_worker(chapter, jobs, todo, i, results, imports, meta, extra_output, tm
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env.setdefault(var, "1")
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "exercises._worker", str(payload)], cwd=tmp, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "exercises.grading._worker", str(payload)], cwd=tmp, env=env,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 pass_fds=(write_fd,), start_new_session=True)
     os.close(write_fd)
