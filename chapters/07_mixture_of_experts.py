@@ -38,6 +38,7 @@
 
 # %%
 import json
+import statistics
 from functools import partial
 
 import matplotlib.pyplot as plt
@@ -132,15 +133,23 @@ for name, route, C in (("GShard (ours)", lambda x, c: top_k_routing(x, 2, c), ex
 
 # %%
 STEPS = 60 if QUICK else 600
-SEEDS = [0] if QUICK else [0, 1, 2]
+SEEDS = [0] if QUICK else [0, 1, 2, 3, 4]
 runs = {(v, s): exp.train(v, s, STEPS, checkpoint_every=max(STEPS // 12, 1))
         for v in ("dense", "moe") for s in SEEDS}
+
+
+def spread(xs):  # (mean, sample std; 0 for one seed)
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
 for v in ("dense", "moe"):
     vals = [runs[v, s]["val_loss"] for s in SEEDS]
     print(f"{v:>6}: {runs[v, 0]['params']:>6} parameters, validation loss after {STEPS} steps: "
-          + ", ".join(f"{x:.3f}" for x in vals) + f" (mean {sum(vals) / len(vals):.3f})")
-wins = sum(runs["moe", s]["val_loss"] < runs["dense", s]["val_loss"] for s in SEEDS)
-print(f"MoE below dense in {wins} of {len(SEEDS)} seeds")
+          + ", ".join(f"{x:.3f}" for x in vals) + " (mean ± std {:.3f} ± {:.3f})".format(*spread(vals)))
+gaps = [runs["moe", s]["val_loss"] - runs["dense", s]["val_loss"] for s in SEEDS]
+gap, sd = spread(gaps)
+print(f"paired by seed, MoE - dense: {gap:+.3f} nats (standard error {sd / len(gaps) ** 0.5:.3f}); "
+      f"MoE below dense in {sum(g < 0 for g in gaps)} of {len(SEEDS)} seeds")
 
 # %% [markdown]
 # ## Without the aux loss, does expert usage collapse?
