@@ -22,7 +22,7 @@
 #
 # A sparse MoE layer replaces the feed-forward network by $E$ experts and a router. Each token goes to its top-$k$ experts
 # only, so the parameters grow $E$-fold while the FLOPs per token stay those of $k$ experts. For the $S$ tokens of a batch
-# (GShard, [arXiv 2006.16668](https://arxiv.org/abs/2006.16668), as microsoft/torchscale implements it):
+# (GShard, [arXiv 2006.16668](https://arxiv.org/abs/2006.16668); torchscale's top-1 gate is this rule, its top-2 gate is not — below):
 #
 # $$p_s = \mathrm{softmax}(W_r h_s),\quad e_1 = \arg\max p_s,\quad y_s = \sum_j g_j\,\mathbb{1}[\text{kept}]\,\mathrm{FFN}_{e_j}(h_s),
 # \quad g = p[e_1]\ (k{=}1),\ \ g_j = \frac{p[e_j]}{p[e_1] + p[e_2]}\ (k{=}2)$$
@@ -38,6 +38,7 @@
 
 # %%
 import json
+import statistics
 from functools import partial
 
 import matplotlib.pyplot as plt
@@ -96,6 +97,33 @@ for c in (1.0, 10.0):
           f"torchscale max |s| = {ts.abs().max():.3f}")
 
 # %% [markdown]
+# torchscale's X-MoE projection $W$ is `nn.Linear`'s default init, $U(\pm 1/\sqrt d)$, std $1/\sqrt{3d}$; `XMoERouter`
+# draws $N(0, 1/d)$.
+#
+# **Top-2 in torchscale 0.3.0** (`top2gating`, `torchscale/component/xmoe/routing.py`) is not the deterministic rule
+# above. Its config default `moe_second_expert_policy="random"` keeps the second expert only where $2 g_2 > u$,
+# $u \sim U(0, 1)$, at eval too; the `Top2Gate` class's own default `"sampling"` picks $e_2$ with Gumbel noise on the
+# logits. Gates are normalized *after* dropping (a token whose second choice was dropped gets $g_1 = 1$), and the top-2
+# capacity is $C = 2\lceil S/E\rceil$ whatever the capacity factor. The course keeps GShard's rule as the default (it is
+# deterministic and testable); `TorchscaleTop2` in `nanomodels/moe_torchscale.py` is torchscale's, an option of the
+# MoE part (`MoE(config, k=2, routing=TorchscaleTop2("random"))`), tested against a transcription of `top2gating` in
+# `tests/test_moe_torchscale.py`. The same logits, capacity factor 1:
+
+# %%
+from nanomodels.moe import expert_capacity
+from nanomodels.moe_torchscale import TorchscaleTop2
+
+S_DEMO, E_DEMO = 64, 8
+logits = torch.randn(S_DEMO, E_DEMO, generator=torch.Generator().manual_seed(1)) * 2
+for name, route, C in (("GShard (ours)", lambda x, c: top_k_routing(x, 2, c), expert_capacity(S_DEMO, E_DEMO, 2, 1.0)),
+                       ("torchscale random", TorchscaleTop2("random", generator=torch.Generator().manual_seed(0)),
+                        TorchscaleTop2().capacity(S_DEMO, E_DEMO, True))):
+    r = route(logits, C)
+    gate_one = ((r.gates[:, 0] == 1) & r.kept[:, 0]).sum().item()
+    print(f"{name:18}: C = {C:2}, second choices kept {r.kept[:, 1].sum().item():2}/{S_DEMO}, first choices kept "
+          f"{r.kept[:, 0].sum().item():2}/{S_DEMO}, tokens with g1 = 1: {gate_one}")
+
+# %% [markdown]
 # ## Dense FFN vs MoE at equal active FLOPs
 #
 # The task (see `moe_experiments.py`): a random second-order Markov chain over 32 tokens with 10% noise; predicting it means
@@ -105,15 +133,23 @@ for c in (1.0, 10.0):
 
 # %%
 STEPS = 60 if QUICK else 600
-SEEDS = [0] if QUICK else [0, 1, 2]
+SEEDS = [0] if QUICK else [0, 1, 2, 3, 4]
 runs = {(v, s): exp.train(v, s, STEPS, checkpoint_every=max(STEPS // 12, 1))
         for v in ("dense", "moe") for s in SEEDS}
+
+
+def spread(xs):  # (mean, sample std; 0 for one seed)
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
 for v in ("dense", "moe"):
     vals = [runs[v, s]["val_loss"] for s in SEEDS]
     print(f"{v:>6}: {runs[v, 0]['params']:>6} parameters, validation loss after {STEPS} steps: "
-          + ", ".join(f"{x:.3f}" for x in vals) + f" (mean {sum(vals) / len(vals):.3f})")
-wins = sum(runs["moe", s]["val_loss"] < runs["dense", s]["val_loss"] for s in SEEDS)
-print(f"MoE below dense in {wins} of {len(SEEDS)} seeds")
+          + ", ".join(f"{x:.3f}" for x in vals) + " (mean ± std {:.3f} ± {:.3f})".format(*spread(vals)))
+gaps = [runs["moe", s]["val_loss"] - runs["dense", s]["val_loss"] for s in SEEDS]
+gap, sd = spread(gaps)
+print(f"paired by seed, MoE - dense: {gap:+.3f} nats (standard error {sd / len(gaps) ** 0.5:.3f}); "
+      f"MoE below dense in {sum(g < 0 for g in gaps)} of {len(SEEDS)} seeds")
 
 # %% [markdown]
 # ## Without the aux loss, does expert usage collapse?

@@ -32,8 +32,10 @@
 # x_q = \frac{\mathrm{clamp}(\mathrm{round}(x \cdot 127/\max_j|x_j|), -128, 127)}{127/\max_j|x_j|}, \qquad
 # \mathrm{BitLinear}(x) = x_q(\mathrm{RMSNorm}(x))\,W_q^\top.$$
 #
-# This chapter follows the official training code (the FAQ of microsoft/unilm's `bitnet/` folder) line by line:
-# the two quantizers and the STE layer (graded exercises 8.1–8.3), properties you can see, FP vs BitNet tiny
+# This chapter follows the official training code (the FAQ of microsoft/unilm's `bitnet/` folder) line by line —
+# except that the FAQ's forward ignores the bias, while `BitLinear` keeps `nn.Linear`'s `bias=True` and adds it
+# (`BitLinear(..., bias=False)` is the FAQ layer, `tests/test_bitlinear_official.py`; the models here pass the
+# config's bias): the two quantizers and the STE layer (graded exercises 8.1–8.3), properties you can see, FP vs BitNet tiny
 # language models at three widths with the BitNet learning rate and the two-stage schedule, the ternary codes over
 # training, the memory of the weights, the integer inference path with 2-bit packed weights, the kernels (a CPU
 # AVX2 GEMV, Triton, CUDA C), and generation from the trained 1.58-bit model on the CPU.
@@ -258,7 +260,12 @@ print(f"checkpoint: latent fp32 {exp.checkpoint_bytes(trained_bit) / 2 ** 10:.0f
 # ## 7. The inference path
 #
 # Offline, the latent weights are quantized once to codes $c \in \{-1,0,1\}$ and packed: 4 codes per byte along the
-# input dimension, $c+1$ in bits $2(k \bmod 4)$ of byte $k/4$. Online, the RMSNorm output is quantized to int8 per
+# input dimension, $c+1$ in bits $2(k \bmod 4)$ of byte $k/4$. That layout is this course's own: none of the three
+# official formats is byte-compatible with it — the BitNet GPU kernel's (codes $c+2$ permuted in $16\times 32$ tiles,
+# the 2-bit fields of each int32 interleaved), the HF 2B4T checkpoint's (codes $c+1$ packed along the *output*
+# dimension, uint8 $(N/4, K)$: `pack_hf_bitnet` / `unpack_hf_bitnet` write and read it) and bitnet.cpp's I2_S (blocks of
+# 128 weights, byte $b$ holding weights $b, b+32, b+64, b+96$ from the high bits down); `nanomodels/bitlinear.py`
+# spells out each. Online, the RMSNorm output is quantized to int8 per
 # token, one **integer** matmul accumulates in int32, and two rescales finish:
 # $y = (X_{\text{int8}} W_{\text{tern}}^\top) / s_x / s_W$. One layer equals the fake-quant training forward up to
 # float rounding (the grader checks it to 1e-10 in float64); through a whole float32 model a rounding

@@ -26,8 +26,18 @@ every BitLinear of a model for its TernaryLinear, whose state_dict is the 2-bit 
 
 Paper vs official code (the training code in microsoft/unilm @ 768a3c8, bitnet/The-Era-of-1-bit-LLMs FAQ; the
 inference model microsoft/BitNet gpu/model.py @ 179c2c9):
-- The quantizers and BitLinear.forward follow the FAQ code line by line; its RMSNorm is written as a plain
-  function here, with a learnable gain (ones at init).
+- The quantizers and BitLinear.forward follow the FAQ code line by line except for the bias: the FAQ forward
+  returns F.linear(x_quant, w_quant) and ignores self.bias; BitLinear keeps nn.Linear's default bias=True (the
+  Transformer passes config.bias) and adds it, so BitLinear(..., bias=False) is the FAQ layer
+  (tests/test_bitlinear.py). Its RMSNorm is a plain function here, with a learnable gain (ones at init).
+- The 2-bit layout above is this project's own: none of the three official formats is byte-compatible with it.
+  The GPU kernel's (microsoft/BitNet gpu/pack_weight.py): codes w + 2, the (N, K) matrix permuted in 16 x 32
+  tiles into the tensor-core load order, 4 codes per byte, then the 2-bit fields of each int32 interleaved:
+  int8 (N, K/4). The HF 2B4T checkpoint's (transformers' unpack_weights): codes w + 1 packed along the output
+  dimension, uint8 (N/4, K), byte (r, k) holding rows r, r + N/4, r + N/2, r + 3N/4 in bits 0-1, 2-3, 4-5, 6-7
+  (`pack_hf_bitnet`), with y = acc / (s_x weight_scale). bitnet.cpp's I2_S (src/ggml-bitnet-mad.cpp): codes
+  w + 1, the tensor flattened into blocks of 128, byte b of a block holding weights b, b + 32, b + 64, b + 96 in
+  bits 6-7, 4-5, 2-3, 0-1, one float max|W| after the data.
 - Released checkpoints hold the latent full-precision weights, not ternary values (microsoft/unilm#1502):
   export must apply weight_quant. Never quantize already-quantized weights again: the codes survive but the
   values shrink, weight_quant(weight_quant(W)) = p weight_quant(W) with p the non-zero fraction (about 0.69
@@ -177,6 +187,27 @@ def unpack_ternary(packed: torch.Tensor, K: int) -> torch.Tensor:
     # END EXERCISE
 
 
+def pack_hf_bitnet(codes: torch.Tensor) -> torch.Tensor:
+    """The HF 2B4T layout: int8 codes (N, K) in {-1, 0, 1}, N a multiple of 4 -> uint8 (N / 4, K), row
+    i (N / 4) + r of the codes in bits 2i, 2i + 1 of row r (code + 1)."""
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.size(0) % 4 or codes.is_floating_point():
+        raise ValueError(f"codes: must be a 2-D integer tensor (N, K) with N a multiple of 4, got "
+                         f"{getattr(codes, 'dtype', type(codes).__name__)} {tuple(getattr(codes, 'shape', ()))}")
+    if codes.numel() and (codes.min() < -1 or codes.max() > 1):
+        raise ValueError("codes: every entry must be -1, 0 or 1")
+    fields = (codes.to(torch.uint8) + 1).view(4, codes.size(0) // 4, codes.size(1))  # (4, N/4, K)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=codes.device)[:, None, None]
+    return (fields << shifts).sum(0, dtype=torch.uint8)
+
+
+def unpack_hf_bitnet(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_hf_bitnet: uint8 (N / 4, K) -> int8 codes (N, K)."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed: must be a 2-D uint8 tensor, got {getattr(packed, 'dtype', type(packed))}")
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)[:, None, None]
+    return ((packed[None] >> shifts) & 3).reshape(-1, packed.size(1)).to(torch.int8) - 1
+
+
 def ternary_matmul_reference(x_codes: torch.Tensor, packed: torch.Tensor, K: int) -> torch.Tensor:
     """The integer matmul X_int8 W_tern^T: int8 (M, K) x packed (N, ceil(K/4)) -> int32 (M, N), exact."""
     if x_codes.dtype != torch.int8 or x_codes.dim() != 2 or x_codes.size(1) != K:
@@ -255,6 +286,7 @@ def to_ternary(model: nn.Module, gemm=None) -> nn.Module:
     return model
 
 
-__all__ = ["BitLinear", "BitNetResidual", "TernaryLinear", "activation_quant", "bitlinear", "pack_ternary",
-           "quantize_activation", "quantize_weight", "rms_norm", "ternary_linear", "ternary_matmul_reference",
-           "to_ternary", "unpack_ternary", "weight_quant", "weight_quant_binary"]
+__all__ = ["BitLinear", "BitNetResidual", "TernaryLinear", "activation_quant", "bitlinear", "pack_hf_bitnet",
+           "pack_ternary", "quantize_activation", "quantize_weight", "rms_norm", "ternary_linear",
+           "ternary_matmul_reference", "to_ternary", "unpack_hf_bitnet", "unpack_ternary", "weight_quant",
+           "weight_quant_binary"]

@@ -16,19 +16,18 @@ appended and the backbone continues with its KV cache. Two samplers, both ending
   DPM-Solver++(2M) (arXiv 2211.01095, Alg. 2), lambda = log(alpha / sigma), h_i = lambda_i - lambda_{i-1}:
       x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i,
       D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2},  r_i = h_{i-1} / h_i   (D_1 = x0_0: first order)
-  with a first-order final step to sigma = 0, which returns the last x0 (diffusers' lower_order_final).
+  Time grid: LatentLM's (LatentLM/schedule/dpm_solver.py = diffusers' DPMSolverMultistepScheduler defaults):
+  round(linspace(0, T-1, n+1))[::-1][:-1], then a first-order step to sigma = 0 (x = x0). grid="endpoint" (T-1 .. 0,
+  the older grid) ends on a second-order step to lambda_0 = 5.05; tests/test_dpm_grid.py measures both.
 
 The head (DiT/MAR-style adaLN MLP): c = cond(h_i) + TimestepEmbed(t); blocks x + gate * MLP(LN(x) (1 + scale)
-+ shift) with (shift, scale, gate) = Linear(SiLU(c)); a final adaLN + Linear. The modulation and the final
-linear are zero-initialized, so the head outputs exactly 0 at init (loss = E[eps^2] = 1 per element).
-Training draws t per token and `batch_mul` noise draws per target while the backbone runs once.
++ shift) with (shift, scale, gate) = Linear(SiLU(c)); a final adaLN + Linear, the modulation and the final linear
+zero-initialized (the head outputs 0 at init). Training draws t per token, `batch_mul` draws per target.
 
 Paper vs official code (microsoft/unilm @ 768a3c8, LatentLM/): only the ImageNet class-conditional part is
-released. The code samples t per token (torch.multinomial over B*mul*h*w), uses batch_mul = 4, normalizes the
-VAE latents with scale = 1/std and bias = -mean measured on the first batch, trains with class dropout 0.1
-and samples with DPM-Solver (250 steps) and CFG scale 4. Its head normalizes with RMSNorm and uses SwiGLU;
-this file uses LayerNorm (the adaLN of DiT/MAR that the paper's head follows, and the fused kernel's
-`LN(x)(1 + scale) + shift`) and a SiLU MLP.
+released: t per token (torch.multinomial), batch_mul = 4, latents normalized by scale = 1/std and bias = -mean
+of the first batch, class dropout 0.1, DPM-Solver with 250 steps and CFG 4. Its head uses RMSNorm and SwiGLU;
+this file LayerNorm (DiT/MAR's adaLN, the fused kernel's `LN(x)(1 + scale) + shift`) and a SiLU MLP.
 """
 
 import math
@@ -73,6 +72,18 @@ def sampling_timesteps(num_train_steps: int, num_steps: int) -> list:
     return torch.linspace(num_train_steps - 1, 0, num_steps, dtype=torch.float64).round().long().tolist()
 
 
+def dpm_solver_timesteps(num_train_steps: int, num_steps: int, grid: str = "diffusers") -> list:
+    """The num_steps solver timesteps: "diffusers" T-1 .. round((T-1)/n) (the last step then goes to sigma = 0),
+    "endpoint" sampling_timesteps (T-1 .. 0)."""
+    if grid not in ("diffusers", "endpoint"):
+        raise ValueError(f"grid: must be 'diffusers' or 'endpoint', got {grid!r}")
+    if grid == "endpoint":
+        return sampling_timesteps(num_train_steps, num_steps)
+    if not 1 <= num_steps <= max(1, num_train_steps - 1):
+        raise ValueError(f"num_steps: must be in [1, T-1={num_train_steps - 1}] on the diffusers grid, got {num_steps!r}")
+    return torch.linspace(0, num_train_steps - 1, num_steps + 1, dtype=torch.float64).round().long().flip(0)[:-1].tolist()
+
+
 def _eps_at(eps_fn, x, t: int) -> Tensor:
     return eps_fn(x, torch.full((x.size(0),), t, dtype=torch.long, device=x.device))
 
@@ -97,11 +108,13 @@ def ddim_sample(eps_fn: Callable, x_T: Tensor, alphas_cumprod: Tensor, num_steps
     # END EXERCISE
 
 
-def dpm_solver_sample(eps_fn: Callable, x_T: Tensor, alphas_cumprod: Tensor, num_steps: int) -> Tensor:
-    """DPM-Solver++(2M) from x_T over the same timesteps as ddim_sample; the same eps_fn contract."""
+def dpm_solver_sample(eps_fn: Callable, x_T: Tensor, alphas_cumprod: Tensor, num_steps: int, *,
+                      grid: str = "diffusers") -> Tensor:
+    """DPM-Solver++(2M) from x_T over dpm_solver_timesteps(T, num_steps, grid), first order at the first step
+    and at the last (to sigma = 0, returning that step's x0); the same eps_fn contract as ddim_sample."""
     _check_sampler(x_T, alphas_cumprod, num_steps)
     a = alphas_cumprod.to(x_T.dtype)
-    steps = sampling_timesteps(a.numel(), num_steps)
+    steps = dpm_solver_timesteps(a.numel(), num_steps, grid)
     alpha, sigma = a.sqrt(), (1 - a).sqrt()
     lam = alpha.log() - sigma.log()  # lambda_t, the half log-SNR
     x, x0_prev, h_prev = x_T, None, None
@@ -269,17 +282,14 @@ class DiffusionHead(nn.Module):
         a = self.alphas_cumprod.to(x_t.dtype)[t][:, None]
         return a.sqrt() * out + (1 - a).sqrt() * x_t
 
-    def loss(self, h: Tensor, targets: Tensor, outputs: Tensor = None,
-             generator: torch.Generator = None) -> Tensor:
-        """Mean squared error of the prediction over B * batch_mul * L noisy copies of targets (B, L, C):
-        `diffusion_loss`."""
+    def loss(self, h: Tensor, targets: Tensor, outputs: Tensor = None, generator: torch.Generator = None) -> Tensor:
+        """`diffusion_loss`: the MSE over B * batch_mul * L noisy copies of targets (B, L, C)."""
         return diffusion_loss(self, h, targets, outputs, generator)
 
     @torch.no_grad()
     def sample(self, c: Tensor, num_steps: int = 50, sampler: str = "dpm", c_uncond: Tensor = None,
                cfg_scale: float = 1.0, generator: torch.Generator = None) -> Tensor:
-        """One latent per condition c (N, width) -> (N, C). With c_uncond, classifier-free guidance:
-        eps = eps_u + cfg_scale (eps_c - eps_u)."""
+        """One latent per condition c (N, width) -> (N, C); with c_uncond, CFG: eps_u + cfg_scale (eps_c - eps_u)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: must be one of {sorted(SAMPLERS)}, got {sampler!r}")
         x_T = torch.randn(c.size(0), self.latent_dim, generator=generator, device=c.device, dtype=c.dtype)

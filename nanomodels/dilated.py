@@ -19,15 +19,19 @@ r_i = a^i bounds the sum by T w0 a / (a - 1).
 Names: `segment_lengths` are the paper's w, `dilation_rates` its r, `offsets` its s_j; q, k, v are (B, H, T, D).
 T need not be a multiple of w: the last segment is shorter, and the keys padded onto it never receive weight.
 
-Paper vs official code (microsoft/torchscale @ 4d1e0e8, torchscale/component/dilated_attention.py): (1) offsets
-are implicit there: a diagonal trick gives a contiguous block of H/r heads the same offset (head j gets
-j // (H/r)), a permutation of the paper's j mod r; this file uses j mod r. (2) With H < r torchscale pads the
-heads, so some offsets are never queried; here offsets H..r-1 are never queried either, and a query kept by no
-pattern gets 0. (3) torchscale computes alpha under torch.no_grad(): the forward is exact but the backward is not
-the gradient of the combined attention; here alpha is differentiable unless `detach_weights=True`. (4) torchscale
-zero-pads to a multiple of w without a key mask, so in bidirectional use padded zero keys (score 0) absorb
-attention mass; here padded keys are masked. (5) torchscale runs only on a GPU (flash-attn or xformers); this file
-is plain PyTorch and runs anywhere.
+Paper vs official code (microsoft/torchscale @ 4d1e0e8, torchscale/component/dilated_attention.py), all five
+reproduced by `torchscale_dilated_attention` below: (1) offsets are implicit there: a diagonal trick over the
+heads padded to a multiple of r gives head j the offset j // ceil(H / r) (`torchscale_head_offsets`), so for
+H = 6, r = 4 the heads get [0, 0, 1, 1, 2, 2] and offset 3 is never queried although H >= r; this file uses
+j mod r. (2) With H < r offsets H..r-1 are never queried here either; a query kept by no pattern gets 0. (3)
+torchscale computes alpha under torch.no_grad(): the forward is exact but the backward is not the gradient of
+the combined attention; here alpha is differentiable unless `detach_weights=True`. (4) Padding: torchscale cuts
+a segment to min(w, T), zero-pads the sequence to a multiple of that and each segment to a multiple of r, with no
+key mask: in bidirectional use zero keys (score 0) take attention mass only where w < T does not divide T or r
+does not divide min(w, T); a pattern with w >= T and r | T is never padded. Segments padded to a multiple of r
+are laid end to end at that length, so later rows shift (w = 10, r = 3, T = 20: rows 12-19 carry rows 10-17's
+results). Here padded keys are masked and r must divide w. (5) torchscale runs only on a GPU (flash-attn or
+xformers); this file is plain PyTorch and runs anywhere.
 """
 
 import math
@@ -198,3 +202,45 @@ def longnet(segment_lengths: Sequence[int], dilation_rates: Sequence[int], *, de
     """The attention part with these patterns: Transformer(config, attention=longnet(*geometric_patterns(64, 4, 3)))."""
     return partial(DilatedAttention, segment_lengths=segment_lengths, dilation_rates=dilation_rates,
                    detach_weights=detach_weights)
+
+
+def torchscale_head_offsets(n_heads: int, r: int) -> torch.Tensor:
+    """torchscale's offsets: head j keeps row j // ceil(H / r) (mod r) of each segment (heads padded to r)."""
+    return torch.arange(n_heads) // -(-n_heads // r)
+
+
+def torchscale_dilated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_lengths: Sequence[int],
+                                 dilation_rates: Sequence[int], *, mask_padding: bool = False) -> torch.Tensor:
+    """What torchscale's DilatedAttention computes, bidirectional, one process: (B, H, T, D) -> (B, H, T, D).
+
+    Per pattern: segment length sl = min(w, T), the sequence zero-padded to a multiple of sl, each segment
+    zero-padded to a multiple of r (g rows), head j keeps rows t r + j // ceil(H / r), attention over every kept
+    row with no mask (mask_padding=True masks the padded ones), the segments' g rows laid end to end and cut to
+    T, patterns mixed by alpha = softmax(LSE) under no_grad. For r dividing w and no padding this is
+    `dilated_attention` with torchscale's offsets and `detach_weights=True`."""
+    B, H, T, D = q.shape
+    outs, lses = [], []
+    for w, r in zip(segment_lengths, dilation_rates):
+        sl = min(w, T)
+        n, g = -(-T // sl), -(-sl // r) * r  # segments, and rows per segment once padded to a multiple of r
+        m, s = g // r, torchscale_head_offsets(H, r).to(q.device)
+        real = torch.arange(n * sl, device=q.device).view(n, sl) < T  # (n, sl): not sequence padding
+        real = torch.nn.functional.pad(real, (0, g - sl)).view(n, m, r)[..., s].permute(2, 0, 1)  # (H, n, m)
+
+        def kept(x):  # (B, H, T, D) -> (B, H, n, m, D)
+            x = torch.nn.functional.pad(x, (0, 0, 0, n * sl - T)).view(B, H, n, sl, D)
+            x = torch.nn.functional.pad(x, (0, 0, 0, g - sl)).view(B, H, n, m, r, D)
+            return x[:, torch.arange(H, device=q.device), :, :, s].transpose(0, 1)
+
+        qs, ks, vs = kept(q), kept(k), kept(v)
+        scores = qs @ ks.transpose(-2, -1) / math.sqrt(D)  # (B, H, n, m, m)
+        if mask_padding:
+            scores = scores.masked_fill(~real[None, :, :, None, :], -math.inf)
+        lse = torch.logsumexp(scores, dim=-1)  # (B, H, n, m)
+        out = torch.softmax(scores, dim=-1) @ vs
+        mine = torch.arange(r, device=q.device) == s[:, None]  # (H, r)
+        out = torch.where(mine[None, :, None, None, :, None], out.unsqueeze(4), 0.0).reshape(B, H, n * g, D)
+        lse = torch.where(mine[None, :, None, None, :], lse.unsqueeze(4), -math.inf).reshape(B, H, n * g)
+        outs.append(out[:, :, :T])
+        lses.append(lse[:, :, :T])
+    return merge_by_lse(outs, lses, detach_weights=True)

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from nanomodels.diffusion import SAMPLERS, DiffusionHead, sampling_timesteps
+from nanomodels.diffusion import SAMPLERS, DiffusionHead, dpm_solver_timesteps, sampling_timesteps
 from nanomodels.transformer import Transformer
 
 Tensor = torch.Tensor
@@ -173,7 +173,7 @@ class GraphedSampler:
         self.cond, self.noise, self.out = (torch.zeros(rows, head.width, **kw), torch.zeros(N, C, **kw),
                                            torch.zeros(N, C, **kw))
         a = head.alphas_cumprod.to(p.dtype)  # the samplers' `alphas_cumprod.to(dtype)`, on the head's device
-        steps = sampling_timesteps(T, num_steps)
+        steps = sampling_timesteps(T, num_steps) if solver == "ddim" else dpm_solver_timesteps(T, num_steps)
         self.t = torch.tensor(steps, dtype=torch.long, device=p.device)[:, None].repeat(1, rows)  # (S, rows)
         self.coef = self._coefficients(a, steps)  # (S, k)
 

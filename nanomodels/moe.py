@@ -2,35 +2,33 @@
 (arXiv 2204.09179) and multi-head MoE (MH-MoE, arXiv 2404.15045).
 
 A MoE layer replaces the feed-forward FFN(h) by E experts FFN_1..FFN_E and a router. For the S = B*T tokens
-h_s of a batch (GShard arXiv 2006.16668, as microsoft/torchscale implements it):
+h_s of a batch (GShard arXiv 2006.16668; torchscale's top-1 gate is this rule, its top-2 gate is not: see
+nanomodels/moe_torchscale.py, the `routing=TorchscaleTop2(...)` option):
 
     p_s  = softmax(s(h_s))                       router probabilities over the E experts (float32 or wider)
     e1   = argmax_e p_s;   e2 = argmax_{e != e1} p_s                                  (k = 2 only)
-    g    = p[e1]                      (k = 1, not renormalized)
-    g_j  = p[e_j] / (p[e1] + p[e2])   (k = 2, computed before any token is dropped)
+    g    = p[e1] (k = 1, not renormalized);   g_j = p[e_j] / (p[e1] + p[e2]) (k = 2, before any drop)
     slots: per expert, in token order, first to every first choice, then to the second choices;
            a token whose slot is >= C (the capacity) is dropped from that expert (the residual carries it)
     y_s  = sum_j g_j [kept_j] FFN_{e_j}(h_s)
-    l_aux = E * sum_e mean_s(p_{s,e}) * mean_s(1[e1(s) = e])      1 at uniform routing, E at collapse;
-                                                                  the argmax fraction has no gradient
+    l_aux = E * sum_e mean_s(p_{s,e}) * mean_s(1[e1(s) = e])   1 uniform, E at collapse; argmax part no grad
     C    = int(capacity_factor * k * ceil(S / E)) when training,  ceil(f * S) at eval (f > 0)
 
-Router scores s(h), selectable: "linear" s = W_r h. "xmoe" (the paper, eq. 7): project to a low dimension
-d_e << d, L2-normalize both the token and the expert embeddings e_k, learnable temperature tau:
-s_k = cos(W h, e_k) / tau, so |s_k| <= 1/tau. "xmoe_torchscale": what the official code computes.
-MH-MoE (heads = h > 1): h -> W_head h, split into h sub-tokens of d/h, route each sub-token independently,
-concatenate the expert outputs and apply W_merge.
+Router scores s(h): "linear" s = W_r h. "xmoe" (the paper, eq. 7): project to d_e << d, L2-normalize the token
+and the expert embeddings e_k, learnable temperature tau: s_k = cos(W h, e_k) / tau, |s_k| <= 1/tau.
+"xmoe_torchscale": the official code's. MH-MoE (heads = h > 1): h -> W_head h, h sub-tokens of d/h routed
+independently, the expert outputs concatenated, W_merge.
 
-Paper vs official code (microsoft/torchscale @ 4d1e0e8, torchscale/component/xmoe/routing.py): the X-MoE
-gate normalizes only the expert side (the token normalization is commented out) and has no temperature
-(`gating_t` is never defined; TEMPERATURE_FOR_L_UAX = 0.07 is unused, microsoft/torchscale#63), so its
-scores are ||W h|| cos(W h, e_k), unbounded; it also rescales the expert embeddings to norm 1.5 in place
-before each forward. The paper-faithful gate of the same group (xy980523/MoEc_model, top1gate.py) uses a
-sigmoid of cos / tau for the gate value; here every router feeds the same softmax gating above.
+Paper vs official code (microsoft/torchscale 0.3.0 = @ 4d1e0e8, torchscale/component/xmoe/routing.py): the
+X-MoE gate normalizes only the expert side (the token normalization is commented out), has no temperature
+(`gating_t` is never defined, microsoft/torchscale#63): scores ||W h|| cos(W h, e_k), unbounded; it rescales the
+expert embeddings to norm 1.5 in place before each forward; W is nn.Linear's default, U(+-1/sqrt(d)), std
+1/sqrt(3d) (here N(0, 1/d)). The paper-faithful gate (xy980523/MoEc_model) gates by a sigmoid of cos / tau.
 """
 
 import math
 from dataclasses import replace
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -38,13 +36,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanomodels.moe_parallel import run_experts_parallel
 from nanomodels.transformer import MLP, TransformerConfig
 
 
 class Routing(NamedTuple):
     experts: torch.Tensor  # (S, k) long: e1 (and e2)
     slots: torch.Tensor  # (S, k) long: the position in that expert's buffer (may be >= C)
-    gates: torch.Tensor  # (S, k) float: g_j, before dropping
+    gates: torch.Tensor  # (S, k) float: g_j (GShard: normalized before dropping)
     kept: torch.Tensor  # (S, k) bool: slot < C
     probs: torch.Tensor  # (S, E) float: p
     aux_loss: torch.Tensor  # scalar: l_aux
@@ -94,8 +93,8 @@ def load_balancing_loss(probs: torch.Tensor, e1: torch.Tensor) -> torch.Tensor:
 
 
 def top_k_gating(logits: torch.Tensor, k: int, capacity: int):
-    """GShard / torchscale top-k gating: logits (S, E) -> (combine (S, E, C) float, dispatch (S, E, C) bool,
-    aux_loss scalar). combine[s, e, c] = g where token s holds slot c of expert e, else 0."""
+    """GShard top-k gating (torchscale's for k = 1): logits (S, E) -> (combine (S, E, C) float, dispatch (S, E, C)
+    bool, aux_loss scalar). combine[s, e, c] = g where token s holds slot c of expert e, else 0."""
     r = top_k_routing(logits, k, capacity)
     return (*dense_masks(r, capacity), r.aux_loss)
 
@@ -112,7 +111,7 @@ def dense_masks(r: Routing, capacity: int):
 
 
 def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: float) -> int:
-    """C = int(capacity_factor * k * ceil(S / E)), at least 1 (torchscale's top-1 and top-2 at factor 1)."""
+    """C = int(capacity_factor * k * ceil(S / E)), at least 1 (torchscale: top-1 this, top-2 2 ceil(S / E))."""
     return max(1, int(capacity_factor * k * math.ceil(num_tokens / num_experts)))
 
 
@@ -170,36 +169,22 @@ ROUTERS = {"linear": LinearRouter, "xmoe": XMoERouter,
            "xmoe_torchscale": lambda d, n, routing_dim: XMoERouter(d, n, routing_dim, style="torchscale")}
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all over equal chunks of dim 0; its own transpose, so the backward is the same exchange."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        x = x.contiguous()  # a gradient may arrive strided; the exchange reads and writes flat buffers
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _AllToAll.apply(grad, ctx.group), None
-
-
 class MoE(nn.Module):
     """The sparse MoE feed-forward part: `Transformer(config, ffn=partial(MoE, num_experts=8))`.
 
     num_experts = E, k = top-k, capacity_factor and eval_capacity_fraction (f) set C; router: "linear",
     "xmoe" or "xmoe_torchscale" (routing_dim = d_e); heads = h > 1 makes it MH-MoE; d_expert = each expert's
     hidden width (config.d_ff); dispatch: "einsum" (dense (S, E, C) masks), "sorted" (gather by expert) or a
-    function with sorted_dispatch's signature (kernels/grouped_gemm.py's grouped_gemm_dispatch).
-    aux_weight multiplies the aux loss the model adds. expert_parallel: the E experts are split over the
-    ranks of the default process group (E / world each), tokens are exchanged with all_to_all."""
+    function like sorted_dispatch (kernels/grouped_gemm.py's grouped_gemm_dispatch); routing: None (GShard's
+    rule, top_k_routing) or a part with `capacity(S, E, training)` and `(logits, C) -> Routing` (TorchscaleTop2
+    in nanomodels/moe_torchscale.py); aux_weight multiplies the aux loss the model adds; expert_parallel:
+    nanomodels/moe_parallel.py."""
 
     def __init__(self, config: TransformerConfig, linear: type = nn.Linear, *, num_experts: int = 8,
                  k: int = 1, capacity_factor: float = 1.0, eval_capacity_fraction: float = 0.25,
                  router: str = "linear", routing_dim: int = 16, heads: int = 1, d_expert: int = None,
-                 dispatch: str = "einsum", aux_weight: float = 0.01, expert_parallel: bool = False):
+                 dispatch: str = "einsum", aux_weight: float = 0.01, expert_parallel: bool = False,
+                 routing=None):
         super().__init__()
         if not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(f"num_experts: must be a positive integer, got {num_experts!r}")
@@ -210,18 +195,19 @@ class MoE(nn.Module):
         if router not in ROUTERS:
             raise ValueError(f"router: must be one of {sorted(ROUTERS)}, got {router!r}")
         if not isinstance(heads, int) or heads < 1 or config.d_model % heads:
-            raise ValueError(f"heads: must be a positive integer dividing d_model ({config.d_model}), "
-                             f"got {heads!r}")
+            raise ValueError(f"heads: must be a positive integer dividing d_model ({config.d_model}), got {heads!r}")
         if dispatch not in ("einsum", "sorted") and not callable(dispatch):
             raise ValueError(f"dispatch: must be 'einsum', 'sorted' or a function like sorted_dispatch, "
                              f"got {dispatch!r}")
+        if routing is not None and (getattr(routing, "k", None) != k or not hasattr(routing, "capacity")):
+            raise ValueError(f"routing: must be None or a routing part for k = {k} with a capacity method, got {routing!r}")
         world = dist.get_world_size() if expert_parallel else 1
         if num_experts % world or (expert_parallel and dispatch != "einsum"):
             raise ValueError(f"expert_parallel: needs dispatch='einsum' and num_experts ({num_experts}) "
                              f"divisible by the world size ({world})")
         self.num_experts, self.k, self.heads, self.dispatch = num_experts, k, heads, dispatch
         self.capacity_factor, self.eval_capacity_fraction = capacity_factor, eval_capacity_fraction
-        self.aux_weight, self.expert_parallel = aux_weight, expert_parallel
+        self.aux_weight, self.expert_parallel, self.routing = aux_weight, expert_parallel, routing
         width = config.d_model // heads  # each (sub-)token's width
         args = (width, num_experts) if router == "linear" else (width, num_experts, routing_dim)
         self.router = ROUTERS[router](*args)
@@ -234,6 +220,8 @@ class MoE(nn.Module):
         self.aux_loss = torch.zeros(())
 
     def capacity(self, num_tokens: int) -> int:
+        if self.routing is not None:
+            return self.routing.capacity(num_tokens, self.num_experts, self.training)
         if not self.training and self.eval_capacity_fraction > 0:
             return math.ceil(self.eval_capacity_fraction * num_tokens)
         return expert_capacity(num_tokens, self.num_experts, self.k, self.capacity_factor)
@@ -243,14 +231,19 @@ class MoE(nn.Module):
         if self.heads > 1:
             x = self.head_proj(x)
         h = x.reshape(-1, shape[-1] // self.heads)  # (S, d / heads): sub-tokens in token order
-        if self.dispatch == "einsum":
+        if self.dispatch == "einsum" and self.routing is None:
             y = moe_forward(self, h)
         else:
             C = self.capacity(h.size(0))
-            routing = top_k_routing(self.router(h), self.k, C)
+            routing = (self.routing or partial(top_k_routing, k=self.k))(self.router(h), capacity=C)
             self.aux_loss = routing.aux_loss
             self.last_experts = routing.experts.detach()  # (S, k), for diagnostics
-            y = (sorted_dispatch if self.dispatch == "sorted" else self.dispatch)(h, routing, self.experts)
+            if self.dispatch == "einsum":
+                combine, dispatch = dense_masks(routing, C)
+                out = self._run_experts(torch.einsum("sec,sd->ecd", dispatch.to(h.dtype), h))
+                y = torch.einsum("sec,ecd->sd", combine.to(h.dtype), out)
+            else:
+                y = (sorted_dispatch if self.dispatch == "sorted" else self.dispatch)(h, routing, self.experts)
         y = y.reshape(shape)
         return self.merge_proj(y) if self.heads > 1 else y
 
@@ -258,14 +251,7 @@ class MoE(nn.Module):
         """(E, C, d) -> (E, C, d), each expert on its own buffer; across ranks when expert_parallel."""
         if not self.expert_parallel:
             return torch.stack([expert(xe) for expert, xe in zip(self.experts, expert_in)])
-        E, C, d = expert_in.shape
-        local = len(self.experts)
-        world = E // local
-        received = _AllToAll.apply(expert_in, None).view(world, local, C, d)  # from every rank, my experts
-        received = received.transpose(0, 1).reshape(local, world * C, d)
-        out = torch.stack([expert(xe) for expert, xe in zip(self.experts, received)])
-        out = out.view(local, world, C, d).transpose(0, 1).reshape(E, C, d)  # back in (rank, expert) order
-        return _AllToAll.apply(out, None)
+        return run_experts_parallel(self.experts, expert_in)
 
 
 def moe_forward(moe: MoE, h: torch.Tensor) -> torch.Tensor:
@@ -309,6 +295,5 @@ def sorted_dispatch(h: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
     return h.new_zeros(h.shape).index_add_(0, token, out)
 
 
-__all__ = ["MoE", "LinearRouter", "Routing", "XMoERouter", "dense_masks", "expert_capacity",
-           "load_balancing_loss", "moe_forward", "sorted_dispatch", "top_k_gating", "top_k_routing", "xmoe_scores",
-           "xmoe_torchscale_scores"]
+__all__ = ["MoE", "LinearRouter", "Routing", "XMoERouter", "dense_masks", "expert_capacity", "load_balancing_loss",
+           "moe_forward", "sorted_dispatch", "top_k_gating", "top_k_routing", "xmoe_scores", "xmoe_torchscale_scores"]

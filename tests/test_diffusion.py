@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from nanomodels.data import procedural_digits
 from nanomodels.diffusion import (DiffusionHead, alpha_bar, cosine_schedule, ddim_sample, dpm_solver_sample,
-                                  q_sample, sampling_timesteps)
+                                  dpm_solver_timesteps, q_sample, sampling_timesteps)
 from nanomodels.sigma_vae import (PlainVAE, SigmaVAE, gaussian_kl, latents_to_sequence, sequence_to_latents,
                                   sigma_vae_sample)
 from nanomodels.transformer import TransformerConfig
@@ -112,11 +112,12 @@ def test_oracle_denoiser_recovers_x0_exactly(sampler, num_steps, batch, dim, see
     assert torch.allclose(out, x0, rtol=0, atol=1e-10), f"{sampler} must return x0: {_diff(out, x0)}"
 
 
+@pytest.mark.parametrize("grid", ["diffusers", "endpoint"])
 @pytest.mark.parametrize("num_steps", [1, 2, 3, 10, 50])
-def test_dpm_solver_matches_the_papers_algorithm(num_steps):
+def test_dpm_solver_matches_the_papers_algorithm(num_steps, grid):
     x_T = torch.randn(3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    out = dpm_solver_sample(smooth_eps, x_T, ABAR, num_steps)
-    expected = oracle_dpmpp_2m(smooth_eps, x_T, ABAR, sampling_timesteps(1000, num_steps))
+    out = dpm_solver_sample(smooth_eps, x_T, ABAR, num_steps, grid=grid)
+    expected = oracle_dpmpp_2m(smooth_eps, x_T, ABAR, dpm_solver_timesteps(1000, num_steps, grid))
     assert torch.allclose(out, expected, rtol=0, atol=1e-10), f"DPM-Solver++(2M) != Alg. 2: {_diff(out, expected)}"
 
 
@@ -141,7 +142,8 @@ def test_samplers_call_eps_fn_once_per_step_with_long_timesteps_per_row(sampler)
         return torch.zeros_like(x)
     SAMPLERS[sampler](eps_fn, torch.randn(4, 2, dtype=torch.float64), ABAR, 7)
     assert len(calls) == 7, f"{len(calls)} calls for 7 steps"
-    for t, step in zip(calls, sampling_timesteps(1000, 7)):
+    expected = sampling_timesteps(1000, 7) if sampler == "ddim" else dpm_solver_timesteps(1000, 7)
+    for t, step in zip(calls, expected):
         assert t.dtype == torch.long and t.shape == (4,) and (t == step).all()
 
 
