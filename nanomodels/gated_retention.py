@@ -6,18 +6,20 @@ logsigmoid(x_t W_gamma) / 16). With log_decay_t = log gamma_t, the three forms b
 
     parallel    o_n = sum_{m <= n} exp(sum_{j=m+1..n} log_decay_j) (q_n . k_m) v_m  =  (Q K^T ⊙ D) V,
                 D[n, m] = exp(c_n - c_m) for n >= m else 0,   c_n = sum_{j <= n} log_decay_j   (a cumulative sum)
-    recurrent   S_t = gamma_t S_{t-1} + k_t^T v_t,   o_t = q_t S_t                 (S: (Dk, Dv) per head; O(1) per token)
+    recurrent   S_t = gamma_t S_{t-1} + k_t^T v_t,   o_t = q_t S_t        (S: one (Dk, Dv) state per head, whatever T)
     chunkwise   inside a chunk the parallel form, across chunks the state:  with b_j the cumulative log decay from
                 the chunk's start to position j,  o_j = parallel_j + exp(b_j) q_j S_prev  and
-                S = exp(b_last) S_prev + sum_j exp(b_last - b_j) k_j^T v_j                         (O(T C) time)
+                S = exp(b_last) S_prev + sum_j exp(b_last - b_j) k_j^T v_j
 
 A constant log_decay = log gamma is RetNet's retention. No scaling and no normalisation here: callers scale q.
 Shapes: q, k (B, H, T, Dk), v (B, H, T, Dv), log_decay (B, H, T), state (B, H, Dk, Dv).
 
-Paper vs official code (microsoft/unilm YOCO/yoco/models/decoder/gate_retention.py): the official module scales k
-by Dk^(-1/2) (YOCO's GatedRetention in nanomodels/yoco.py scales q: the same products), and its chunk kernel needs
-T to be a multiple of 256, so prefill pads the prompt and masks the padding out of the state; the chunkwise form
-here takes any T.
+Paper vs official code (microsoft/unilm YOCO/yoco/models/decoder/kernel/gate_recurrent.py, read at 7402b0e): its
+parallel, chunk and recurrent functions scale k by Dk^(-1/2) themselves (YOCO's GatedRetention in nanomodels/yoco.py
+scales q instead: the same products) and take the cumulative sum of the log decays in float32; the chunk function
+reshapes T into T // chunk_size chunks, so T must be a multiple of the chunk size, and the model's prefill pads the
+prompt to a multiple of 256 and masks the padding out of the state. The chunkwise form here takes any T and
+computes in the input dtype.
 """
 
 from typing import Optional

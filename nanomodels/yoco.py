@@ -209,6 +209,8 @@ class YOCO(_Model):
         self._tie()
 
     def _self_decode(self, idx, past, caches):
+        if idx.dim() != 2:
+            raise ValueError(f"idx: expected token ids of shape (B, T), got {tuple(idx.shape)}")
         positions = self._positions(idx.size(1), past, None, idx.device)
         x = self.embed(idx, positions)
         for i, layer in enumerate(self.self_layers):
@@ -234,7 +236,7 @@ class YOCO(_Model):
     def prefill(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The prompt (B, T) -> (logits of its last position (B, V), cache); the cross-decoder sees one position."""
         if idx.dim() != 2 or idx.size(1) < 1:
-            raise ValueError(f"idx: expected token ids of shape (B, T) with T >= 1, got {tuple(idx.shape)}")
+            raise ValueError(f"idx: expected a prompt of shape (B, T) with T >= 1, got {tuple(idx.shape)}")
         caches = [{} for _ in self.self_layers]
         x = self._self_decode(idx, 0, caches)
         k, v = self._global_kv(x)

@@ -264,12 +264,27 @@ def test_prefill_then_steps_equal_full_forward(kind, prompt):
     assert cache["pos"] == idx.size(1)
 
 
-def test_step_leaves_the_given_cache_unchanged():
-    model, idx = build(self_attention="sliding_window"), tokens(1, 6)
+@pytest.mark.parametrize("kind", KINDS)
+def test_step_leaves_the_given_cache_unchanged(kind):
+    model, idx = build(self_attention=kind), tokens(1, 6)
     _, cache = model.prefill(idx[:, :5])
+    kept = {"k": cache["k"].clone(), "self": [{n: t.clone() for n, t in c.items()} for c in cache["self"]]}
     first, _ = model.step(idx[:, 5:6], cache)
     again, _ = model.step(idx[:, 5:6], cache)
-    assert torch.equal(first, again) and cache["pos"] == 5 and cache["self"][0]["k"].size(2) == 3
+    assert torch.equal(first, again) and cache["pos"] == 5 and torch.equal(cache["k"], kept["k"])
+    for c, c_kept in zip(cache["self"], kept["self"]):
+        assert c.keys() == c_kept.keys() and all(torch.equal(c[n], c_kept[n]) for n in c)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefill_runs_only_the_last_position_through_the_cross_decoder(kind):
+    model, idx = build(self_attention=kind), tokens(2, 9)
+    seen = []
+    for layer in model.cross_layers:
+        layer.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    _, cache = model.prefill(idx)
+    assert seen == [(2, 1, 16)] * 2, "the cross-decoder runs on the last prompt position only"
+    assert cache["k"].shape == cache["v"].shape == (2, 2, 9, 8), "the global KV covers the whole prompt"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -371,6 +386,8 @@ def test_bad_decoding_inputs_raise_value_error():
     model, idx = build(), tokens(2, 24)
     with pytest.raises(ValueError, match="idx"):
         model.prefill(idx[:, :0])
+    with pytest.raises(ValueError, match="idx"):
+        model(idx[0])
     _, cache = model.prefill(idx[:, :23])
     with pytest.raises(ValueError, match="idx_t"):
         model.step(idx[:, :2], cache)
