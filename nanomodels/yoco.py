@@ -27,8 +27,9 @@ when n_layers is None); given both, n_layers defaults to their sum and must equa
 
 Paper vs official code (microsoft/unilm YOCO/yoco/models/decoder/, read at 7402b0e): the official model has no
 position embeddings and rotates q and k (interleaved RoPE) in the self-decoder and the cross-decoder's q and
-global K; RMSNorm everywhere; a SwiGLU FFN; grouped key-value heads in the cross-decoder. Here the core's learned
-positions, LayerNorm and GELU MLP stand in, so that YOCO differs from chapter 00's Transformer only in its mixers.
+global K; RMSNorm everywhere; a SwiGLU FFN; no biases; grouped key-value heads in the cross-decoder. Here the
+core's learned positions, LayerNorm and GELU MLP stand in, so that YOCO differs from the core Transformer only in
+its mixers and the global KV.
 Its `skip_cross_decoder` prefill returns zeros of shape (B, 1, d) in place of the cross-decoder's output; here
 prefill runs the last prompt position through the cross-decoder and returns its logits.
 """
