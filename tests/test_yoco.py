@@ -264,6 +264,14 @@ def test_prefill_then_steps_equal_full_forward(kind, prompt):
     assert cache["pos"] == idx.size(1)
 
 
+def test_gated_retention_model_does_not_depend_on_the_chunk_size():
+    idx = tokens(2, 12)
+    want = build(chunk_size=12)(idx)  # one chunk: the parallel form
+    for chunk_size in (1, 5, 64):
+        got = build(chunk_size=chunk_size)(idx)
+        assert torch.allclose(got, want, rtol=0, atol=TOL), report(f"chunk {chunk_size} vs one chunk", got, want)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_step_leaves_the_given_cache_unchanged(kind):
     model, idx = build(self_attention=kind), tokens(1, 6)
