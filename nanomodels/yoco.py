@@ -1,0 +1,263 @@
+"""YOCO, "You Only Cache Once" (Sun et al. 2024, arXiv 2405.05254): a decoder-decoder that caches key-values once.
+
+A Transformer decoder caches keys and values in every layer: L layers, L caches growing with the context. YOCO
+splits the L layers in two halves:
+
+    self-decoder   n_self_layers layers of *efficient* self-attention, whose cache does not grow with the context:
+                   gated retention (a (Dk, Dv) state per head) or sliding-window attention (the last `window` keys)
+    global KV      K, V = k_proj(RMSNorm(x)), v_proj(RMSNorm(x)) from the self-decoder's output x: ONE cache
+    cross-decoder  n_cross_layers layers of causal cross-attention onto that one K, V (each layer its own q and
+                   out projections, no keys or values of its own)
+
+so the cache is one layer's K, V plus the self-decoder's constant-size state, whatever n_cross_layers is. Since
+the cross-decoder needs only K, V, prefill can exit early: the prompt runs through the self-decoder and the
+global KV, and only its last position runs through the cross-decoder (it gives the first new token's logits).
+
+Gated retention (the gRet of the paper, multi-head): q = x W_Q / sqrt(Dk), k = x W_K, v = x W_V, the gate
+log gamma_t = logsigmoid(x_t W_gamma) / 16 (one per head and token), o = gated_retention(q, k, v, log gamma)
+(nanomodels/gated_retention.py), a per-head RMSNorm without affine, then (swish(x W_G) ⊙ o) W_O.
+Sliding-window attention: query n sees keys m with n - window < m <= n (`window` positions, itself included).
+
+The rest are the core's parts (nanomodels/transformer.py): token + learned position embeddings, Pre-LN residuals
+around every mixer and MLP, a final LayerNorm, the tied LM head, GPT-2's init.
+
+Layer split (YOCOConfig): with neither n_self_layers nor n_cross_layers given, n_layers is split in halves (the
+paper's L/2 + L/2) and an odd n_layers is a ValueError; given one, the other is n_layers minus it (or equal to it
+when n_layers is None); given both, n_layers defaults to their sum and must equal it.
+
+Paper vs official code (microsoft/unilm YOCO/yoco/models/decoder/, read at 7402b0e): the official model has no
+position embeddings and rotates q and k (interleaved RoPE) in the self-decoder and the cross-decoder's q and
+global K; RMSNorm everywhere; a SwiGLU FFN; no biases; grouped key-value heads in the cross-decoder. Here the
+core's learned positions, LayerNorm and GELU MLP stand in, so that YOCO differs from the core Transformer only in
+its mixers and the global KV.
+Its `skip_cross_decoder` prefill returns zeros of shape (B, 1, d) in place of the cross-decoder's output; here
+prefill runs the last prompt position through the cross-decoder and returns its logits.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanomodels.attention import MultiHeadAttention, sdpa_attention
+from nanomodels.gated_retention import gated_retention, gated_retention_chunkwise, gated_retention_recurrent
+from nanomodels.transformer import (MLP, LMHead, PreNorm, TokenEmbedding, TransformerConfig, _Model, gpt2_init_,
+                                    layer_norm)
+
+__all__ = ["gated_retention", "gated_retention_recurrent", "gated_retention_chunkwise", "sliding_window_mask",
+           "GatedRetention", "SlidingWindowAttention", "CrossAttention", "YOCOConfig", "YOCO"]
+
+GATE_LOGIT_NORMALIZER = 16  # log gamma_t = logsigmoid(x W_gamma) / 16: gamma_t = sigmoid(x W_gamma)^(1/16)
+SELF_ATTENTIONS = ("gated_retention", "sliding_window")
+
+
+def _positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+@dataclass
+class YOCOConfig(TransformerConfig):
+    n_layers: Optional[int] = None  # L = n_self_layers + n_cross_layers; None = their sum (4 if neither is given)
+    n_self_layers: Optional[int] = None  # self-decoder depth; None = L/2
+    n_cross_layers: Optional[int] = None  # cross-decoder depth; None = L/2
+    self_attention: str = "gated_retention"  # the self-decoder's mixer: "gated_retention" or "sliding_window"
+    window: int = 32  # sliding window: each query sees this many positions (itself included)
+    chunk_size: int = 64  # gated retention's chunkwise form in forward and prefill
+
+    def __post_init__(self):
+        n_self, n_cross, L = self.n_self_layers, self.n_cross_layers, self.n_layers
+        for name in ("n_self_layers", "n_cross_layers"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if L is not None:
+            _positive_int("n_layers", L)
+        if n_self is None and n_cross is None:
+            L = 4 if L is None else L
+            if L % 2:
+                raise ValueError(f"n_layers: an odd n_layers ({L}) has no L/2 + L/2 split; make it even or give "
+                                 "n_self_layers and n_cross_layers")
+            n_self = n_cross = L // 2
+        elif n_self is None or n_cross is None:
+            given = n_self if n_cross is None else n_cross
+            other = given if L is None else L - given
+            name = "n_cross_layers" if n_cross is None else "n_self_layers"
+            if other < 1:
+                raise ValueError(f"{name}: n_layers ({L}) minus the other half ({given}) leaves {other} layers; "
+                                 "each half needs at least one")
+            n_self, n_cross = (given, other) if n_cross is None else (other, given)
+        elif L is not None and L != n_self + n_cross:
+            raise ValueError(f"n_layers: must equal n_self_layers + n_cross_layers = {n_self + n_cross}, got {L}")
+        self.n_self_layers, self.n_cross_layers, self.n_layers = n_self, n_cross, n_self + n_cross
+        if self.self_attention not in SELF_ATTENTIONS:
+            raise ValueError(f"self_attention: must be one of {SELF_ATTENTIONS}, got {self.self_attention!r}")
+        _positive_int("window", self.window)
+        _positive_int("chunk_size", self.chunk_size)
+        super().__post_init__()
+
+
+def sliding_window_mask(n_queries: int, window: int, n_keys: Optional[int] = None, device=None) -> torch.Tensor:
+    """Boolean (n_queries, n_keys): query i (at position i + n_keys - n_queries) sees key j when
+    position - window < j <= position, i.e. the last `window` positions up to itself."""
+    n_keys = n_queries if n_keys is None else n_keys
+    position = torch.arange(n_queries, device=device)[:, None] + (n_keys - n_queries)
+    key = torch.arange(n_keys, device=device)[None, :]
+    return (key <= position) & (key > position - window)
+
+
+class GatedRetention(nn.Module):
+    """Multi-head gated retention with a swish output gate; `cache` (a dict or None) carries its state."""
+
+    def __init__(self, config: YOCOConfig, *, linear: type = nn.Linear):
+        super().__init__()
+        d, bias, self.n_heads, self.chunk_size = config.d_model, config.bias, config.n_heads, config.chunk_size
+        self.q_proj, self.k_proj, self.v_proj, self.g_proj = (linear(d, d, bias=bias) for _ in range(4))
+        self.gt_proj = linear(d, config.n_heads, bias=bias)  # W_gamma: one gate logit per head
+        self.out_proj = linear(d, d, bias=bias)
+        self.head_norm = nn.RMSNorm(d // config.n_heads, eps=1e-5, elementwise_affine=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = q * q.size(-1) ** -0.5  # (B, H, T, Dk)
+        log_decay = F.logsigmoid(self.gt_proj(x)).transpose(1, 2) / GATE_LOGIT_NORMALIZER  # (B, H, T)
+        state = None if cache is None else cache.get("state")
+        if T == 1 and state is not None:  # decoding: one O(1) recurrent step
+            o, state = gated_retention_recurrent(q, k, v, log_decay, state)
+        else:
+            o, state = gated_retention_chunkwise(q, k, v, log_decay, self.chunk_size, state)
+        if cache is not None:
+            cache["state"] = state  # (B, H, Dk, Dv): its size does not depend on T
+        o = self.head_norm(o).transpose(1, 2).reshape(B, T, C)
+        return self.dropout(self.out_proj(F.silu(self.g_proj(x)) * o))
+
+
+class SlidingWindowAttention(MultiHeadAttention):
+    """Causal attention over the last `window` positions; the cache keeps only those positions' keys and values."""
+
+    def __init__(self, config: YOCOConfig, *, attn_fn=sdpa_attention, linear: type = nn.Linear):
+        super().__init__(config, attn_fn=attn_fn, linear=linear)
+        self.window = config.window
+
+    def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        past = cache["k"].size(2) if cache is not None and "k" in cache else 0
+        allowed = sliding_window_mask(x.size(1), self.window, past + x.size(1), device=x.device)
+        y = self.attend(x, allowed, False, cache)
+        if cache is not None:  # the next query needs at most the last window - 1 of these, plus itself
+            cache["k"], cache["v"] = cache["k"][:, :, -self.window:], cache["v"][:, :, -self.window:]
+        return self.dropout(self.out_proj(y))
+
+
+class CrossAttention(nn.Module):
+    """Causal attention from this layer's queries onto the global K, V (B, H, Tk, D); queries are the last Tq."""
+
+    def __init__(self, config: YOCOConfig, *, attn_fn=sdpa_attention, linear: type = nn.Linear):
+        super().__init__()
+        self.n_heads, self.attn_fn = config.n_heads, attn_fn
+        self.q_proj = linear(config.d_model, config.d_model, bias=config.bias)
+        self.out_proj = linear(config.d_model, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, -1).transpose(1, 2)  # (B, H, T, D)
+        y = self.attn_fn(q, k, v, causal=True)  # query i sees keys j <= i + (Tk - T)
+        return self.dropout(self.out_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class Layer(nn.Module):
+    """x + mixer(LN(x)), then x + MLP(LN(x)): a core Pre-LN block around any mixer."""
+
+    def __init__(self, config: YOCOConfig, mixer: nn.Module, *, linear: type = nn.Linear):
+        super().__init__()
+        self.mixer, self.mixer_residual = mixer, PreNorm(config)
+        self.ffn, self.ffn_residual = MLP(config, linear=linear), PreNorm(config)
+
+    def forward(self, x, **mixer_args):
+        x = self.mixer_residual(x, lambda h: self.mixer(h, **mixer_args))
+        return self.ffn_residual(x, self.ffn)
+
+
+class YOCO(_Model):
+    """The decoder-decoder. forward(idx) -> logits (B, T, V); prefill/step decode with one global KV cache.
+
+    A cache is a dict: "pos" (tokens seen), "self" (one dict per self-decoder layer: gated retention's "state",
+    or the sliding window's "k", "v"), and the global "k", "v" (B, H, T, D). `step` returns a new cache and
+    leaves the one it was given unchanged."""
+
+    def __init__(self, config: YOCOConfig, *, attention_fn=sdpa_attention, linear: type = nn.Linear):
+        super().__init__()
+        if not isinstance(config, YOCOConfig):
+            raise ValueError(f"config: must be a YOCOConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed = TokenEmbedding(config)
+        mixer = {"gated_retention": lambda: GatedRetention(config, linear=linear),
+                 "sliding_window": lambda: SlidingWindowAttention(config, attn_fn=attention_fn, linear=linear),
+                 }[config.self_attention]
+        self.self_layers = nn.ModuleList(Layer(config, mixer(), linear=linear) for _ in range(config.n_self_layers))
+        d = config.d_model
+        self.kv_norm = nn.RMSNorm(d, eps=1e-5)
+        self.k_proj, self.v_proj = linear(d, d, bias=config.bias), linear(d, d, bias=config.bias)
+        self.cross_layers = nn.ModuleList(
+            Layer(config, CrossAttention(config, attn_fn=attention_fn, linear=linear), linear=linear)
+            for _ in range(config.n_cross_layers))
+        self.final_norm = layer_norm(config)
+        self.head = LMHead(config)
+        gpt2_init_(self, config.n_layers)
+        self._tie()
+
+    def _self_decode(self, idx, past, caches):
+        if idx.dim() != 2:
+            raise ValueError(f"idx: expected token ids of shape (B, T), got {tuple(idx.shape)}")
+        positions = self._positions(idx.size(1), past, None, idx.device)
+        x = self.embed(idx, positions)
+        for i, layer in enumerate(self.self_layers):
+            x = layer(x, cache=None if caches is None else caches[i])
+        return x
+
+    def _global_kv(self, x):
+        B, T, C = x.shape
+        h = self.kv_norm(x)
+        return [p(h).view(B, T, self.config.n_heads, -1).transpose(1, 2) for p in (self.k_proj, self.v_proj)]
+
+    def _cross_decode(self, x, k, v):
+        for layer in self.cross_layers:
+            x = layer(x, k=k, v=v)
+        return self.head(self.final_norm(x))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V)."""
+        x = self._self_decode(idx, 0, None)
+        k, v = self._global_kv(x)
+        return self._cross_decode(x, k, v)
+
+    def prefill(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The prompt (B, T) -> (logits of its last position (B, V), cache); the cross-decoder sees one position."""
+        if idx.dim() != 2 or idx.size(1) < 1:
+            raise ValueError(f"idx: expected a prompt of shape (B, T) with T >= 1, got {tuple(idx.shape)}")
+        caches = [{} for _ in self.self_layers]
+        x = self._self_decode(idx, 0, caches)
+        k, v = self._global_kv(x)
+        logits = self._cross_decode(x[:, -1:], k, v)[:, -1]  # the early exit
+        return logits, {"pos": idx.size(1), "self": caches, "k": k, "v": v}
+
+    def step(self, idx_t: torch.Tensor, cache: dict) -> tuple[torch.Tensor, dict]:
+        """One new token (B, 1) after the cached ones -> (its logits (B, V), the new cache)."""
+        B = cache["k"].size(0)
+        if idx_t.dim() != 2 or tuple(idx_t.shape) != (B, 1):
+            raise ValueError(f"idx_t: expected one token per sequence, shape ({B}, 1), got {tuple(idx_t.shape)}")
+        caches = [dict(c) for c in cache["self"]]  # the mixers replace entries; the given cache stays valid
+        x = self._self_decode(idx_t, cache["pos"], caches)
+        k_t, v_t = self._global_kv(x)
+        k, v = torch.cat([cache["k"], k_t], dim=2), torch.cat([cache["v"], v_t], dim=2)
+        logits = self._cross_decode(x, k, v)[:, -1]
+        return logits, {"pos": cache["pos"] + 1, "self": caches, "k": k, "v": v}
+
+    @staticmethod
+    def cache_nbytes(cache: dict) -> int:
+        """Bytes held by the cache's tensors: the global K, V and every self-decoder layer's state."""
+        tensors = [cache["k"], cache["v"]] + [t for c in cache["self"] for t in c.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
