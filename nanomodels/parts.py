@@ -6,6 +6,7 @@
     build_lm(config, attention="dilated", segment_lengths=(32, 64, 128), dilation_rates=(1, 2, 4))  # ch. 06
     build_lm(config, ffn="moe", experts=8, top_k=2, router="xmoe") # chapter 07's (X-)MoE
     build_lm(config, linear="bitlinear")                           # chapter 08's BitNet b1.58 body
+    build_lm(config, attention="retention")                        # RetNet's multi-scale retention
 
 Each name picks one part of the core Transformer (nanomodels/transformer.py); `build_lm` validates the names and
 the combinations before building anything, so `python -m nanomodels train --residual subln --ffn moe` fails with
@@ -24,11 +25,12 @@ from nanomodels.bitlinear import BitLinear, BitNetResidual
 from nanomodels.deepnet import deepnet
 from nanomodels.dilated import DilatedAttention, check_patterns, longnet
 from nanomodels.moe import MoE
+from nanomodels.retnet import MultiScaleRetention
 from nanomodels.subln import magneto
 from nanomodels.transformer import PostNorm, PreNorm, Transformer, TransformerConfig, layer_norm
 
 RESIDUALS = ("pre", "post", "deepnorm", "subln")  # where the norm sits (chapters 00, 04, 05)
-ATTENTIONS = ("softmax", "dilated")  # who attends to whom, and at what cost (chapter 06)
+ATTENTIONS = ("softmax", "dilated", "retention")  # who attends to whom, at what cost (chapters 06, 10)
 FFNS = ("mlp", "moe")  # the feed-forward sublayer (chapter 07)
 ROUTERS = ("linear", "xmoe")  # MoE's router (chapter 07)
 LINEARS = ("dense", "bitlinear")  # the body's linear layers (chapter 08)
@@ -50,6 +52,10 @@ def check_parts(*, residual: str = "pre", attention: str = "softmax", ffn: str =
     _choose(name("attention"), attention, ATTENTIONS)
     _choose(name("ffn"), ffn, FFNS)
     _choose(name("linear"), linear, LINEARS)
+    if attention == "retention" and residual in ("deepnorm", "subln"):
+        raise ValueError(f"{name('attention')}: retention has its own projections, gate and per-head norm, which "
+                         f"DeepNet's and Sub-LN's initializations do not cover; it combines with {name('residual')} "
+                         "pre or post")
     if residual == "subln" and (attention != "softmax" or ffn != "mlp"):
         raise ValueError(f"{name('residual')}: subln brings its own attention and feed-forward parts (a LayerNorm "
                          f"inside each); it combines only with {name('attention')} softmax and {name('ffn')} mlp")
@@ -85,6 +91,8 @@ def build_lm(config: TransformerConfig, *, residual: str = "pre", attention: str
     parts = {}
     if attention == "dilated":
         parts["attention"] = longnet(tuple(segment_lengths), tuple(dilation_rates))
+    if attention == "retention":
+        parts["attention"] = MultiScaleRetention
     if ffn == "moe":
         parts["ffn"] = partial(MoE, num_experts=experts, k=top_k, capacity_factor=capacity_factor, router=router,
                                aux_weight=aux_weight)
@@ -98,7 +106,11 @@ def build_lm(config: TransformerConfig, *, residual: str = "pre", attention: str
         parts.update(residual=PostNorm, final_norm=None)
     parts.setdefault("residual", PreNorm)
     parts.setdefault("final_norm", layer_norm)
-    return Transformer(config, **parts)
+    model = Transformer(config, **parts)
+    for m in model.modules():  # the core's GPT-2 init covered every part; retention keeps torchscale's
+        if isinstance(m, MultiScaleRetention):
+            m.reset_parameters()
+    return model
 
 
 def uses_kv_cache(model: nn.Module) -> bool:

@@ -135,8 +135,9 @@ class TrainConfig(RunConfig):
     residual: str = option("pre", "the residual scheme: 'pre' (Pre-LN), 'post' (Post-LN), 'deepnorm' (DeepNet, "
                                   "chapter 04), 'subln' (Magneto's Sub-LN, chapter 05)", choices=RESIDUALS)
     norm: str = option("", "deprecated, use --residual: 'pre' or 'post' ('' = not given)", choices=tuple(NORMS))
-    attention: str = option("softmax", "'softmax' (dense causal attention) or 'dilated' (LongNet's dilated "
-                                       "attention, chapter 06, with --segment_lengths and --dilation_rates)",
+    attention: str = option("softmax", "'softmax' (dense causal attention), 'dilated' (LongNet's dilated "
+                                       "attention, chapter 06, with --segment_lengths and --dilation_rates) or "
+                                       "'retention' (RetNet's multi-scale retention; sample decodes recurrently)",
                             choices=ATTENTIONS)
     segment_lengths: tuple = option((32, 64, 128), "dilated attention: the segment length w of each pattern",
                                     nargs="+", type=int, metavar="W")

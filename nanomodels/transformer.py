@@ -321,7 +321,7 @@ class Transformer(_Model):
         if inputs.dim() < 2:
             raise ValueError(f"inputs: expected a batch of sequences, (B, T) token ids or (B, T, C) vectors, "
                              f"got shape {tuple(inputs.shape)}")
-        past = cache[0]["k"].size(2) if cache and "k" in cache[0] else 0
+        past = (cache[0]["k"].size(2) if "k" in cache[0] else cache[0].get("offset", 0)) if cache else 0
         positions = self._positions(inputs.shape[1], past, positions, inputs.device)
         x = self.embed(inputs, positions, segments)
         for i, block in enumerate(self.blocks):

@@ -244,7 +244,7 @@ def test_help_explains_every_option(capsys, monkeypatch):
         assert f"--{f.name}" in text, f"--{f.name} is missing from train --help"
         assert f"{f.metadata['help']}" in text, f"--{f.name}: its explanation is missing from train --help"
     for needle in ("or the path to a UTF-8 text file (default: pydoc)", "--tokenizer {bpe,char}", "--norm {pre,post}",
-                   "--residual {pre,post,deepnorm,subln}", "--attention {softmax,dilated}", "--ffn {mlp,moe}",
+                   "--residual {pre,post,deepnorm,subln}", "--attention {softmax,dilated,retention}", "--ffn {mlp,moe}",
                    "--router {linear,xmoe}", "--linear {dense,bitlinear}", "--segment_lengths W [W ...]",
                    "0 = run to --steps", "0 = torch's choice (one per core", "--threads 1 is often faster",
                    "(default: 0)", "(default: 500)"):

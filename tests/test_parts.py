@@ -15,6 +15,7 @@ from nanomodels.deepnet import deepnet
 from nanomodels.dilated import longnet
 from nanomodels.moe import MoE
 from nanomodels.parts import build_lm, check_parts
+from nanomodels.retnet import retnet_lm
 from nanomodels.subln import magneto
 from nanomodels.train import TrainConfig, load_model
 from nanomodels.transformer import PostNorm, Transformer, TransformerConfig
@@ -28,6 +29,7 @@ OPTIONS = {  # one run per idea that is a decoder part, and a module the rebuilt
     "moe": ({"ffn": "moe", "experts": 4, "top_k": 2, "capacity_factor": 1.5, "aux_weight": 0.05}, "LinearRouter"),
     "xmoe": ({"ffn": "moe", "experts": 4, "router": "xmoe"}, "XMoERouter"),
     "bitlinear": ({"linear": "bitlinear"}, "BitLinear"),
+    "retention": ({"attention": "retention"}, "MultiScaleRetention"),
 }
 
 
@@ -89,6 +91,7 @@ def same_model(a: torch.nn.Module, b: torch.nn.Module, what: str) -> None:
     ("dilated", lambda c: Transformer(c, attention=longnet((4, 8), (1, 2)))),
     ("moe", lambda c: Transformer(c, ffn=partial(MoE, num_experts=4, k=2, router="xmoe", aux_weight=0.1))),
     ("bitlinear", None),
+    ("retention", lambda c: retnet_lm(c)),
 ])
 def test_each_name_builds_the_model_its_chapter_builds(name, theirs):
     from nanomodels.bitlinear import BitNetResidual
@@ -97,7 +100,7 @@ def test_each_name_builds_the_model_its_chapter_builds(name, theirs):
           "subln": {"residual": "subln"}, "dilated": dict(attention="dilated", segment_lengths=(4, 8),
                                                          dilation_rates=(1, 2)),
           "moe": dict(ffn="moe", experts=4, top_k=2, router="xmoe", aux_weight=0.1),
-          "bitlinear": {"linear": "bitlinear"}}[name]
+          "bitlinear": {"linear": "bitlinear"}, "retention": {"attention": "retention"}}[name]
     if theirs is None:  # chapter 08's build
         theirs = lambda c: Transformer(c, linear=BitLinear, residual=BitNetResidual)  # noqa: E731
     torch.manual_seed(0)
@@ -108,7 +111,8 @@ def test_each_name_builds_the_model_its_chapter_builds(name, theirs):
 
 @pytest.mark.parametrize("options,message", [
     ({"residual": "postln"}, "--residual: must be one of pre, post, deepnorm, subln, got 'postln'"),
-    ({"attention": "linear"}, "--attention: must be one of softmax, dilated, got 'linear'"),
+    ({"attention": "linear"}, "--attention: must be one of softmax, dilated, retention, got 'linear'"),
+    ({"attention": "retention", "residual": "deepnorm"}, "--attention: retention has its own projections"),
     ({"ffn": "moe", "router": "hash"}, "--router: must be one of linear, xmoe, got 'hash'"),
     ({"linear": "ternary"}, "--linear: must be one of dense, bitlinear, got 'ternary'"),
     ({"residual": "subln", "ffn": "moe"}, "--residual: subln brings its own attention and feed-forward parts"),
