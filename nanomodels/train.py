@@ -41,11 +41,15 @@ from nanomodels.data import get_batch, load_text, train_val_split
 from nanomodels.parts import ATTENTIONS, FFNS, LINEARS, RESIDUALS, ROUTERS, build_lm, check_parts, uses_kv_cache
 from nanomodels.runtime import DEVICES, autocast_dtype, pick_device
 from nanomodels.tokenizer import get_tokenizer, tokenizer_from_dict
-from nanomodels.transformer import Transformer, TransformerConfig
+from nanomodels.transformer import TransformerConfig
+from nanomodels.yoco import SELF_ATTENTIONS, YOCO, YOCOConfig
 
 TOKENIZERS = ("bpe", "char")
 VAL_FRACTION = 0.1  # the last 10% of the corpus's tokens are the validation split
 NORMS = {"pre": "pre", "post": "post"}  # the deprecated --norm -> --residual
+ARCHS = ("transformer", "yoco")
+PART_OPTIONS = ("residual", "attention", "segment_lengths", "dilation_rates", "ffn", "experts", "top_k",
+                "capacity_factor", "router", "aux_weight", "linear")
 
 
 def option(default, help: str, **argparse_options):
@@ -132,6 +136,13 @@ class TrainConfig(RunConfig):
     n_heads: int = option(4, "attention heads (must divide --d_model)")
     block_size: int = option(128, "context length in tokens")
     dropout: float = option(0.0, "dropout probability")
+    arch: str = option("transformer", "'transformer' (the core decoder, built from the parts below) or 'yoco' "
+                                      "(YOCO's decoder-decoder: --n_layers / 2 self-decoder layers of "
+                                      "--self_attention, then as many cross-decoder layers sharing one global KV)",
+                       choices=ARCHS)
+    self_attention: str = option("gated_retention", "yoco: the self-decoder's mixer, 'gated_retention' or "
+                                                    "'sliding_window' (with --window)", choices=SELF_ATTENTIONS)
+    window: int = option(32, "yoco: the sliding window's width in tokens")
     residual: str = option("pre", "the residual scheme: 'pre' (Pre-LN), 'post' (Post-LN), 'deepnorm' (DeepNet, "
                                   "chapter 04), 'subln' (Magneto's Sub-LN, chapter 05)", choices=RESIDUALS)
     norm: str = option("", "deprecated, use --residual: 'pre' or 'post' ('' = not given)", choices=tuple(NORMS))
@@ -177,6 +188,14 @@ class TrainConfig(RunConfig):
             self.residual, self.norm = NORMS[self.norm], ""
         self.segment_lengths, self.dilation_rates = list(self.segment_lengths), list(self.dilation_rates)
         check_parts(**self.parts(), prefix="--")
+        if self.arch not in ARCHS:
+            raise ValueError(f"--arch: must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.arch == "yoco":
+            changed = [f"--{f.name}" for f in fields(self) if f.name in PART_OPTIONS
+                       and getattr(self, f.name) != f.default and f.name not in ("segment_lengths", "dilation_rates")]
+            if changed:
+                raise ValueError(f"--arch: yoco builds its own decoder; {', '.join(changed)} apply to --arch "
+                                 "transformer")
         check_schedule_and_run(self)
         self.model_config()  # d_model/n_heads/dropout rules live in TransformerConfig; check them now
 
@@ -188,10 +207,12 @@ class TrainConfig(RunConfig):
                     router=self.router, aux_weight=self.aux_weight)
 
     def model_config(self, vocab_size: Optional[int] = None) -> TransformerConfig:
+        size = dict(vocab_size=vocab_size or self.vocab_size, block_size=self.block_size, n_layers=self.n_layers,
+                    d_model=self.d_model, n_heads=self.n_heads, dropout=self.dropout)
         try:
-            return TransformerConfig(vocab_size=vocab_size or self.vocab_size, block_size=self.block_size,
-                                     n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
-                                     dropout=self.dropout)
+            if self.arch == "yoco":
+                return YOCOConfig(**size, self_attention=self.self_attention, window=self.window)
+            return TransformerConfig(**size)
         except ValueError as err:
             raise ValueError(f"--{err}") from None
 
@@ -524,8 +545,10 @@ def unigram_loss(train_ids: torch.Tensor, val_ids: torch.Tensor, vocab_size: int
     return float(-logp[val_ids].mean())
 
 
-def build_model(cfg: TrainConfig, vocab_size: int) -> Transformer:
-    """The run's model: the core Transformer with the parts cfg names (nanomodels/parts.py)."""
+def build_model(cfg: TrainConfig, vocab_size: int) -> torch.nn.Module:
+    """The run's model: the core Transformer with the parts cfg names (nanomodels/parts.py), or YOCO."""
+    if cfg.arch == "yoco":
+        return YOCO(cfg.model_config(vocab_size))
     return build_lm(cfg.model_config(vocab_size), **cfg.parts())
 
 

@@ -43,8 +43,8 @@ import torch.nn.functional as F
 
 from nanomodels.attention import MultiHeadAttention, sdpa_attention
 from nanomodels.gated_retention import gated_retention, gated_retention_chunkwise, gated_retention_recurrent
-from nanomodels.transformer import (MLP, LMHead, PreNorm, TokenEmbedding, TransformerConfig, _Model, gpt2_init_,
-                                    layer_norm)
+from nanomodels.transformer import (MLP, LMHead, PreNorm, TokenEmbedding, TransformerConfig, _check_sampling, _Model,
+                                    gpt2_init_, layer_norm, sample_next_token)
 
 __all__ = ["gated_retention", "gated_retention_recurrent", "gated_retention_chunkwise", "sliding_window_mask",
            "GatedRetention", "SlidingWindowAttention", "CrossAttention", "YOCOConfig", "YOCO"]
@@ -228,11 +228,13 @@ class YOCO(_Model):
             x = layer(x, k=k, v=v)
         return self.head(self.final_norm(x))
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, V)."""
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+        """Token ids (B, T) -> logits (B, T, V); with targets (B, T), (logits, loss) as the core Transformer gives
+        (the head's cross-entropy), which is what the trainer calls."""
         x = self._self_decode(idx, 0, None)
         k, v = self._global_kv(x)
-        return self._cross_decode(x, k, v)
+        logits = self._cross_decode(x, k, v)
+        return logits if targets is None else (logits, self.head.loss(None, targets, logits))
 
     def prefill(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The prompt (B, T) -> (logits of its last position (B, V), cache); the cross-decoder sees one position."""
@@ -255,6 +257,24 @@ class YOCO(_Model):
         k, v = torch.cat([cache["k"], k_t], dim=2), torch.cat([cache["v"], v_t], dim=2)
         logits = self._cross_decode(x, k, v)[:, -1]
         return logits, {"pos": cache["pos"] + 1, "self": caches, "k": k, "v": v}
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True):
+        """Extend idx (B, T) by max_new_tokens sampled tokens, like Transformer.generate: prefill once, then one
+        `step` per token (use_cache), or a full forward per token; past block_size the window slides and the
+        last block_size tokens are prefilled again."""
+        _check_sampling(max_new_tokens, temperature, top_k)
+        block, cache = self.config.block_size, None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = self(idx[:, -block:])[:, -1]
+            elif cache is None or cache["pos"] >= block:
+                logits, cache = self.prefill(idx[:, -block:])
+            else:
+                logits, cache = self.step(idx[:, -1:], cache)
+            idx = torch.cat([idx, sample_next_token(logits, temperature, top_k, generator)], dim=1)
+        return idx
 
     @staticmethod
     def cache_nbytes(cache: dict) -> int:

@@ -30,6 +30,8 @@ OPTIONS = {  # one run per idea that is a decoder part, and a module the rebuilt
     "xmoe": ({"ffn": "moe", "experts": 4, "router": "xmoe"}, "XMoERouter"),
     "bitlinear": ({"linear": "bitlinear"}, "BitLinear"),
     "retention": ({"attention": "retention"}, "MultiScaleRetention"),
+    "yoco": ({"arch": "yoco"}, "GatedRetention"),
+    "yoco-window": ({"arch": "yoco", "self_attention": "sliding_window", "window": 8}, "SlidingWindowAttention"),
 }
 
 
@@ -126,6 +128,9 @@ def test_each_name_builds_the_model_its_chapter_builds(name, theirs):
     ({"ffn": "moe", "experts": 1, "top_k": 2}, "--top_k: must be 1 or 2 and at most --experts (1), got 2"),
     ({"ffn": "moe", "capacity_factor": 0.0}, "--capacity_factor: must be > 0, got 0.0"),
     ({"ffn": "moe", "aux_weight": -1.0}, "--aux_weight: must be >= 0, got -1.0"),
+    ({"arch": "yoco", "ffn": "moe"}, "--arch: yoco builds its own decoder; --ffn apply to --arch transformer"),
+    ({"arch": "yoco", "n_layers": 3}, "--n_layers: an odd n_layers (3) has no L/2 + L/2 split"),
+    ({"arch": "yoco", "window": 0}, "--window: must be"),
     ({"norm": "post", "residual": "deepnorm"}, "--norm: deprecated, and it contradicts --residual deepnorm"),
 ])
 def test_bad_names_and_impossible_combinations_say_why(options, message):

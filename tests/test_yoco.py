@@ -402,3 +402,19 @@ def test_bad_decoding_inputs_raise_value_error():
     _, cache = model.step(idx[:, 23:], cache)
     with pytest.raises(ValueError, match="block_size"):
         model.step(idx[:, 23:], cache)
+
+
+@pytest.mark.parametrize("kind", ["gated_retention", "sliding_window"])
+def test_generate_with_the_cache_equals_recomputing_and_slides_past_block_size(kind):
+    torch.manual_seed(0)
+    model = YOCO(YOCOConfig(vocab_size=30, block_size=12, n_layers=2, d_model=16, n_heads=2, self_attention=kind,
+                            window=4, chunk_size=5)).double().eval()
+    prompt = torch.randint(0, 30, (2, 5), generator=torch.Generator().manual_seed(1))
+    a = model.generate(prompt, 15, temperature=0, use_cache=True)
+    b = model.generate(prompt, 15, temperature=0, use_cache=False)
+    assert a.shape == (2, 20) and torch.equal(a, b)
+    logits = model(prompt)
+    assert torch.allclose(model(prompt[:, :-1], prompt[:, 1:])[1],
+                          torch.nn.functional.cross_entropy(model(prompt[:, :-1]).reshape(-1, 30),
+                                                            prompt[:, 1:].reshape(-1)), rtol=0, atol=1e-12)
+    assert logits.shape == (2, 5, 30)
