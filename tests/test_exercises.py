@@ -575,3 +575,42 @@ def test_kernel_exercises_run_the_learners_kernel_even_where_the_interpreter_is_
     report = grade(chapter, Source("file", str(chapter.student_file)), ["6.4"])
     assert [(e["id"], e["points"], e["status"]) for e in report["exercises"]] == [("6.4", 0, "not implemented")], \
         summary(report)
+
+
+# ---- statistical checks never reject a correct answer (false-rejection < 1e-6 each, by construction) -------------
+
+def _sigma_vae_eps_first(mu, noise_std=0.75, generator=None):  # a correct 9.6 that draws eps before sigma
+    import torch
+
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+    sigma = torch.randn((mu.size(0),) + (1,) * (mu.dim() - 1), generator=generator, dtype=mu.dtype)
+    return mu + sigma * (noise_std / 0.8) * eps
+
+
+def _sigma_vae_normal_(mu, noise_std=0.75, generator=None):  # a correct 9.6 drawn with Tensor.normal_
+    import torch
+
+    sigma = torch.empty(mu.size(0), *([1] * (mu.dim() - 1)), dtype=mu.dtype).normal_(0, noise_std / 0.8,
+                                                                                       generator=generator)
+    return mu + sigma * torch.empty_like(mu).normal_(generator=generator)
+
+
+def _q_sample_eps_first(x0, alphas_cumprod, generator=None):  # a correct 9.5 that draws eps before t
+    import torch
+
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    t = torch.randint(0, alphas_cumprod.numel(), (x0.size(0),), generator=generator)
+    a = alphas_cumprod.to(x0.dtype)[t][:, None]
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exercise, fn", [("9.6", _sigma_vae_eps_first), ("9.6", _sigma_vae_normal_),
+                                          ("9.5", _q_sample_eps_first)], ids=lambda v: getattr(v, "__name__", v))
+def test_statistical_checks_pass_correct_answers_in_any_draw_order_and_seed(exercise, fn):
+    from exercises.grading.checking import run_check
+
+    spec = import_module(get_chapter(chapter_of(exercise)).checks_module).EXERCISES[exercise]
+    for c in spec.checks:  # each seeded check on 40 seeds (the grader draws 4 to 6)
+        result = run_check(c, fn, max_examples=40 if c.strategies else None, exercise=spec)
+        assert result["passed"], f"{exercise} {c.name} rejects a correct answer: {result['message']}"

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from exercises.grading.checking import Exercise, Violation, check
-from exercises.grading.checks.common import F64, expect_tensor, float32_default, naive_layer_norm, xavier_std
+from exercises.grading.checks.common import (F64, expect_tensor, float32_default, naive_layer_norm, std_tolerance,
+                                             xavier_std)
 from nanomodels.attention import MultiHeadAttention
 from nanomodels.subln import SubLNAttention, SubLNMLP, subln_gamma
 from nanomodels.encoder_decoder import EncoderDecoder
@@ -182,7 +183,7 @@ def a_gamma_per_stack(magneto_encoder_decoder, nm):
             if leaf in ("v_proj", "out_proj", "fc1", "fc2", "q_proj", "k_proj"):
                 gain = gamma[side] if leaf not in ("q_proj", "k_proj") else 1.0
                 std, want = p.detach().std().item(), xavier_std(p, gain)
-                if abs(std / want - 1) > 0.06:
+                if abs(std / want - 1) > std_tolerance(p.numel()):
                     why = ""
                     if abs(std / xavier_std(p, gamma[other]) - 1) < 0.06:
                         why = f": that is the {other}'s gamma {gamma[other]:.4g}; each stack takes its own row"

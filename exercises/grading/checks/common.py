@@ -80,6 +80,33 @@ def expect_fresh(out: torch.Tensor, inputs, what: str) -> None:
                             "the caller's tensor; return a new tensor")
 
 
+# ---- statistics of random draws -------------------------------------------------------------------------------
+# A check on random draws accepts an estimate within Z standard errors of its expectation, the standard error
+# computed for a CORRECT answer from the number of draws (never from the learner's own draws, which a wrong answer
+# could make noisy). A correct answer lands more than 6 standard errors off with probability 2e-9 (normal tail),
+# so a check that makes up to a few hundred such comparisons rejects a correct solution with probability < 1e-6,
+# whatever order it draws its random numbers in. Each check's invariant names its draws and tolerance.
+Z = 6.0
+
+
+def expect_estimate(estimate: float, want: float, se: float, what: str, why: str = "") -> None:
+    """A statistic of random draws lies within Z standard errors (se, for a correct answer) of `want`."""
+    if not abs(estimate - want) <= Z * se:  # `not <=`: a NaN estimate fails too
+        raise Violation(f"{what} = {estimate:.4g}, expected {want:.4g} (a correct answer lies within {Z * se:.2g}, "
+                        f"{Z:g} standard errors){why}")
+
+
+def std_tolerance(n: int, floor: float = 0.06) -> float:
+    """The relative tolerance on the sample std of n normal draws: Z standard errors (1 / sqrt(2 (n - 1))),
+    at least `floor`."""
+    return max(floor, Z / math.sqrt(2 * (n - 1)))
+
+
+def fraction_tolerance(p: float, n: int, floor: float) -> float:
+    """The tolerance on the fraction of n independent draws that fall in a set of probability p."""
+    return max(floor, Z * math.sqrt(p * (1 - p) / n))
+
+
 def naive_layer_norm(x, weight=None, bias=None, eps: float = 0.0):
     """(x - mean) / sqrt(var + eps) * weight + bias over the last axis, variance with 1/d (biased), written out."""
     mean = x.sum(-1, keepdim=True) / x.size(-1)
