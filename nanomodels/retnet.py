@@ -34,7 +34,6 @@ tokens); here the last chunk may be shorter. (4) torchscale's RetNet embeds toke
 RMSNorm and a GLU FFN; `retnet_lm` keeps the core's parts, so TokenEmbedding's learned positions are still added.
 """
 
-import math
 from functools import partial
 from typing import Optional
 
