@@ -162,7 +162,7 @@ def problems(row: dict) -> list:
 
 def compile_cuda(specs=None, archs=ARCHS) -> list:
     """Compile [(module, CudaSpec)] (default: every registered one) -> one row per entry function and arch."""
-    from kernels.cuda_softmax import nvcc
+    from kernels.cuda_build import nvcc
 
     compiler = nvcc()
     if compiler is None:
@@ -210,7 +210,7 @@ def report(archs=ARCHS, modules=None) -> dict:
 
 
 def missing_toolchains() -> list:
-    from kernels.cuda_softmax import nvcc
+    from kernels.cuda_build import nvcc
 
     reasons = []
     try:

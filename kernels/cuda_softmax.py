@@ -7,71 +7,32 @@ Without a GPU the library still builds and loads; launching then returns a CUDA 
 """
 
 import ctypes
-import functools
-import hashlib
-import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from kernels import Benchmark, CudaSpec
+from kernels import Benchmark, CudaSpec, cuda_build
+from kernels.cuda_build import nvcc
 
 SOURCE = Path(__file__).parent / "cuda" / "softmax.cu"
-CACHE = Path(os.environ.get("NANOMODELS_CACHE", Path.home() / ".cache" / "nanomodels")) / "kernels"
-
-
-def nvcc() -> Optional[str]:
-    """Path of nvcc (PATH, then $CUDA_HOME/bin, then /usr/local/cuda/bin), or None."""
-    found = shutil.which("nvcc")
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if not found and home and (Path(home) / "bin" / "nvcc").exists():
-            found = str(Path(home) / "bin" / "nvcc")
-    return found
+_INT, _PTR = ctypes.c_int, ctypes.c_void_p
 
 
 def build(arch: Optional[str] = None) -> Path:
-    """Compile softmax.cu into a shared library for `arch` (e.g. "sm_90"; default: the current GPU, else sm_80).
-    Cached by source hash and arch."""
-    compiler = nvcc()
-    if compiler is None:
-        raise RuntimeError("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): the CUDA softmax needs the "
-                           "CUDA toolkit")
-    if arch is None:
-        major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0)
-        arch = f"sm_{major}{minor}"
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    lib = CACHE / f"softmax_{digest}_{arch}.so"
-    if not lib.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        out = subprocess.run([compiler, "-O3", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared", str(SOURCE), "-o",
-                              str(tmp)], capture_output=True, text=True)
-        if out.returncode:
-            raise RuntimeError(f"nvcc failed to build {SOURCE.name} for {arch} (exit {out.returncode}):\n"
-                               f"{(out.stderr or out.stdout).strip()}")
-        tmp.replace(lib)  # atomic: a concurrent build never sees half a file
-    return lib
+    """Compile softmax.cu into a shared library for `arch` (e.g. "sm_90"; default: the current GPU, else sm_80),
+    by kernels.cuda_build (cached by source hash and arch; nvcc's error text on a failed build)."""
+    return cuda_build.build(SOURCE, arch)
 
 
-@functools.lru_cache(maxsize=None)
 def load(arch: Optional[str] = None) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build(arch)))
-    lib.softmax_rows_launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                        ctypes.c_void_p]
-    lib.softmax_rows_launch.restype = ctypes.c_int
-    lib.softmax_error_string.argtypes = [ctypes.c_int]
-    lib.softmax_error_string.restype = ctypes.c_char_p
-    return lib
+    return cuda_build.load(SOURCE, {"softmax_rows_launch": [_PTR, _PTR, _INT, _INT, _INT, _PTR]},
+                           error_string="softmax_error_string", arch=arch)
 
 
 def launch(lib: ctypes.CDLL, x_ptr: int, y_ptr: int, n_rows: int, n_cols: int, version: int, stream: int) -> None:
     """Call the host launcher; raise RuntimeError with CUDA's message on a nonzero cudaError_t."""
-    code = lib.softmax_rows_launch(x_ptr, y_ptr, n_rows, n_cols, version, stream)
-    if code != 0:
-        raise RuntimeError(f"softmax_rows_launch: CUDA error {code}: {lib.softmax_error_string(code).decode()}")
+    cuda_build.launch(lib, "softmax_rows_launch", x_ptr, y_ptr, n_rows, n_cols, version, stream)
 
 
 def cuda_softmax(x: torch.Tensor, *, version: int = 2) -> torch.Tensor:
@@ -83,13 +44,14 @@ def cuda_softmax(x: torch.Tensor, *, version: int = 2) -> torch.Tensor:
     if x.device.type != "cuda":
         raise ValueError(f"x: must be on a CUDA device (the kernel reads it through a device pointer), got a tensor "
                          f"on {x.device}; use kernels.softmax.softmax or torch.softmax there")
+    if x.size(-1) > 2**31 - 1 or x.numel() // x.size(-1) > 2**31 - 1:
+        raise ValueError(f"x: rows and columns must each fit in a C int (< 2**31), got shape {tuple(x.shape)}")
     if version not in (1, 2):
         raise ValueError(f"version: 1 (two reductions) or 2 (online), got {version}")
     rows = x.reshape(-1, x.size(-1)).contiguous()
     y = torch.empty_like(rows)
-    with torch.cuda.device(x.device):  # launch on x's GPU, not the current one, and on that GPU's stream
-        launch(load(), rows.data_ptr(), y.data_ptr(), rows.size(0), rows.size(1), version,
-               torch.cuda.current_stream(x.device).cuda_stream)
+    with cuda_build.on_device(x) as stream:  # launch on x's GPU, not the current one, and on that GPU's stream
+        launch(load(), rows.data_ptr(), y.data_ptr(), rows.size(0), rows.size(1), version, stream)
     return y.view(x.shape)
 
 

@@ -7,74 +7,66 @@ Without a GPU the library still builds and loads; a launch then returns a CUDA e
 """
 
 import ctypes
-import functools
-import hashlib
-import os
-import subprocess
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from kernels import Benchmark, CudaSpec
-from kernels.cuda_softmax import CACHE, nvcc
+from kernels import Benchmark, CudaSpec, cuda_build
+from kernels.cuda_build import nvcc
 
 SOURCE = Path(__file__).parent / "cuda" / "ternary_gemv.cu"
+_INT, _PTR = ctypes.c_int, ctypes.c_void_p
 
 
 def build(arch: Optional[str] = None) -> Path:
-    """Compile ternary_gemv.cu into a shared library for `arch` (default: the current GPU, else sm_80); cached by
-    source hash and arch."""
-    compiler = nvcc()
-    if compiler is None:
-        raise RuntimeError("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): the CUDA ternary GEMV needs "
-                           "the CUDA toolkit")
-    if arch is None:
-        major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0)
-        arch = f"sm_{major}{minor}"
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    lib = CACHE / f"ternary_gemv_{digest}_{arch}.so"
-    if not lib.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run([compiler, "-O3", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared", str(SOURCE), "-o",
-                        str(tmp)], check=True, capture_output=True, text=True)
-        tmp.replace(lib)  # atomic: a concurrent build never sees half a file
-    return lib
+    """Compile ternary_gemv.cu into a shared library for `arch` (default: the current GPU, else sm_80), by
+    kernels.cuda_build (cached by source hash and arch; nvcc's error text on a failed build)."""
+    return cuda_build.build(SOURCE, arch)
 
 
-@functools.lru_cache(maxsize=None)
 def load(arch: Optional[str] = None) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build(arch)))
-    lib.ternary_gemv_launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                        ctypes.c_int, ctypes.c_void_p]
-    lib.ternary_gemv_launch.restype = ctypes.c_int
-    lib.ternary_error_string.argtypes = [ctypes.c_int]
-    lib.ternary_error_string.restype = ctypes.c_char_p
-    return lib
+    return cuda_build.load(SOURCE, {"ternary_gemv_launch": [_PTR, _PTR, _PTR, _INT, _INT, _PTR]},
+                           error_string="ternary_error_string", arch=arch)
 
 
 def launch(lib: ctypes.CDLL, w_ptr: int, x_ptr: int, y_ptr: int, n: int, k: int, stream: int) -> None:
     """Call the host launcher; raise RuntimeError with CUDA's message on a nonzero cudaError_t."""
-    code = lib.ternary_gemv_launch(w_ptr, x_ptr, y_ptr, n, k, stream)
-    if code != 0:
-        raise RuntimeError(f"ternary_gemv_launch: CUDA error {code}: {lib.ternary_error_string(code).decode()}")
+    cuda_build.launch(lib, "ternary_gemv_launch", w_ptr, x_ptr, y_ptr, n, k, stream)
+
+
+def check_arguments(x_codes, packed, K: int) -> None:
+    """ValueError naming the argument, before anything reaches the GPU: dtypes, shapes, devices (both CUDA, the
+    same GPU) and the C int range of N and K. Runs on any device, so the rules are tested without a GPU."""
+    if not isinstance(K, int) or not 0 <= K <= 2**31 - 4:
+        raise ValueError(f"K: an int in [0, 2**31 - 4] (the launcher's C int), got {K!r}")
+    if not isinstance(x_codes, torch.Tensor) or x_codes.dtype != torch.int8 or tuple(x_codes.shape) != (K,):
+        raise ValueError(f"x_codes: an int8 tensor of shape (K={K},), got {getattr(x_codes, 'dtype', None)} "
+                         f"{tuple(getattr(x_codes, 'shape', ()))}")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2 \
+            or packed.size(1) != (K + 3) // 4:
+        raise ValueError(f"packed: a uint8 tensor of shape (N, ceil(K/4) = {(K + 3) // 4}), got "
+                         f"{getattr(packed, 'dtype', None)} {tuple(getattr(packed, 'shape', ()))}")
+    if packed.size(0) > 2**31 - 1:
+        raise ValueError(f"packed: N = {packed.size(0)} rows do not fit the launcher's C int")
+    cuda_build.check_cuda_tensors(x_codes=x_codes, packed=packed)
 
 
 def cuda_ternary_gemv(x_codes: torch.Tensor, packed: torch.Tensor, K: int) -> torch.Tensor:
-    """W x for one int8 activation vector (K,) on the GPU: packed (N, ceil(K/4)) uint8 -> int32 (N,), exact."""
-    if not isinstance(x_codes, torch.Tensor) or not x_codes.is_cuda or x_codes.dtype != torch.int8 \
-            or tuple(x_codes.shape) != (K,):
-        raise ValueError(f"x_codes: an int8 CUDA tensor of shape (K={K},), got {getattr(x_codes, 'dtype', None)} "
-                         f"{tuple(getattr(x_codes, 'shape', ()))} on {getattr(x_codes, 'device', '?')}")
-    if not isinstance(packed, torch.Tensor) or not packed.is_cuda or packed.dtype != torch.uint8 \
-            or packed.dim() != 2 or packed.size(1) != (K + 3) // 4:
-        raise ValueError(f"packed: a uint8 CUDA tensor of shape (N, ceil(K/4) = {(K + 3) // 4}), got "
-                         f"{getattr(packed, 'dtype', None)} {tuple(getattr(packed, 'shape', ()))}")
+    """W x for one int8 activation vector (K,) on the GPU: packed (N, ceil(K/4)) uint8 -> int32 (N,), exact.
+    Any strides (non-contiguous arguments are copied); x is read as 32-bit words, so an x whose data is not on a
+    4-byte boundary (a view at an odd offset) is copied to an aligned buffer. N = 0 or K = 0: an empty or zero
+    result, no launch."""
+    check_arguments(x_codes, packed, K)
+    N = packed.size(0)
+    if N == 0 or K == 0:
+        return torch.zeros(N, dtype=torch.int32, device=x_codes.device)
     x, w = x_codes.contiguous(), packed.contiguous()
-    y = torch.empty(w.size(0), dtype=torch.int32, device=x.device)
-    launch(load(), w.data_ptr(), x.data_ptr(), y.data_ptr(), w.size(0), K,
-           torch.cuda.current_stream(x.device).cuda_stream)
+    if cuda_build.misaligned(x, 4):
+        x = x.clone()  # a fresh allocation is aligned (torch's allocator hands out 512-byte-aligned blocks)
+    y = torch.empty(N, dtype=torch.int32, device=x.device)
+    with cuda_build.on_device(x) as stream:  # x's GPU, its current stream
+        launch(load(), w.data_ptr(), x.data_ptr(), y.data_ptr(), N, K, stream)
     return y
 
 

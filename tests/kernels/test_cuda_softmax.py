@@ -143,13 +143,13 @@ class TestArguments:
             cuda_softmax(torch.zeros(3, 5, dtype=torch.float16))
 
     def test_a_failing_nvcc_build_shows_nvccs_error_text(self, tmp_path, monkeypatch):
-        from kernels import cuda_softmax
+        from kernels import cuda_build, cuda_softmax
 
         if cuda_softmax.nvcc() is None:
             pytest.skip("nvcc not found")
         broken = tmp_path / "softmax.cu"
         broken.write_text('extern "C" __global__ void k(float* x) { x[0] = undefined_name; }\n')
         monkeypatch.setattr(cuda_softmax, "SOURCE", broken)
-        monkeypatch.setattr(cuda_softmax, "CACHE", tmp_path / "cache")
+        monkeypatch.setattr(cuda_build, "CACHE", tmp_path / "cache")
         with pytest.raises(RuntimeError, match="(?s)nvcc failed to build softmax.cu.*undefined_name"):
             cuda_softmax.build("sm_80")
