@@ -101,6 +101,11 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, o
     rows = rows if rows.stride(-1) == 1 else rows.contiguous()
     if backend(x) == "interpreter" and rows.dtype == torch.bfloat16:
         rows = rows.float()  # no bf16 arithmetic in the interpreter
+    if out is not None and (out.dtype != torch.int8 or tuple(out.shape) != tuple(rows.shape)
+                            or out.device != x.device or (out.numel() and out.stride(-1) != 1)):
+        raise ValueError(f"out: must be an int8 tensor of shape {tuple(rows.shape)} on {x.device} with unit column "
+                         f"stride (rows may be strided), got {out.dtype} {tuple(out.shape)} strides {out.stride()}")
+    weight = weight.contiguous()  # the kernel reads the gain as W + cols
     codes = out if out is not None else torch.empty(rows.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(rows.size(0), dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(n)
@@ -137,19 +142,27 @@ def ternary_matmul(x_codes: torch.Tensor, packed: torch.Tensor, K: int, x_scale=
         raise ValueError("x_scale, w_scale: pass both (a rescaled float32 result) or neither (int32 accumulators)")
     rescale = x_scale is not None
     M, N = x_codes.size(0), packed.size(0)
+    dtype = torch.float32 if rescale else torch.int32
+    if out is not None and (not isinstance(out, torch.Tensor) or out.dtype != dtype or tuple(out.shape) != (M, N)
+                            or out.device != x_codes.device):
+        raise ValueError(f"out: must be a {dtype} tensor of shape ({M}, {N}) on {x_codes.device} (the "
+                         f"{'rescaled' if rescale else 'int32'} result), got {getattr(out, 'dtype', type(out))} "
+                         f"{tuple(getattr(out, 'shape', ()))}")
     if backend(x_codes) == "reference":
         acc = ternary_matmul_reference(x_codes, packed, K)
-        return acc.float() / x_scale.float() / w_scale.float() if rescale else acc
+        y = acc.float() / x_scale.float() / w_scale.float() if rescale else acc
+        return y if out is None else out.copy_(y)
     x, w = x_codes.contiguous(), packed.contiguous()
-    y = out if out is not None else torch.empty(M, N, dtype=torch.float32 if rescale else torch.int32,
-                                                 device=x.device)
+    # the kernel stores with a row stride and unit column stride; any other `out` gets the result by a copy
+    direct = out is not None and (out.numel() == 0 or out.stride(1) == 1)
+    y = out if direct else torch.empty(M, N, dtype=dtype, device=x.device)
     xs = x_scale.reshape(M).float().contiguous() if rescale else y
     ws = w_scale.reshape(1).float() if rescale else y
     bm, bn, bk, warps = _blocks(M)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _ternary_matmul_kernel[grid](x, w, xs, ws, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
                                  RESCALE=rescale, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
-    return y
+    return y if out is None or direct else out.copy_(y)
 
 
 def ternary_gemm_triton(x_codes: torch.Tensor, packed: torch.Tensor, K: int) -> torch.Tensor:

@@ -150,6 +150,53 @@ class TestInterpreter:
         band[1:rows + 1, 3:cols + 3] = False
         assert (buf[band] == SENTINEL_INT).all(), f"{int((buf[band] != SENTINEL_INT).sum())} guard cells written"
 
+    @pytest.mark.parametrize("gain", ["strided", "offset", "expanded"])
+    def test_rmsnorm_quant_reads_a_gain_of_any_stride(self, gain):
+        rows, cols = 6, 96
+        x = randn(rows, cols, seed=8) * 2
+        base = randn(2 * cols + 1, seed=9).abs() + 0.5
+        w = {"strided": base[::2][:cols], "offset": base[1:cols + 1],
+             "expanded": torch.tensor([1.7]).expand(cols)}[gain]
+        codes, scale = rmsnorm_quant(x, w)
+        want_codes, want_scale = rmsnorm_quant(x, w.contiguous())
+        assert torch.equal(codes, want_codes), f"{int((codes != want_codes).sum())} codes differ with a {gain} gain"
+        assert torch.equal(scale, want_scale)
+
+    def test_rmsnorm_quant_refuses_an_out_it_cannot_write(self):
+        x = randn(4, 16, seed=10)
+        for bad, rule in ((torch.empty(16, 4, dtype=torch.int8).t(), "unit column stride"),
+                          (torch.empty(4, 16, dtype=torch.int32), "int8"),
+                          (torch.empty(4, 15, dtype=torch.int8), "shape")):
+            with pytest.raises(ValueError, match=f"out: .*{rule}"):
+                rmsnorm_quant(x, torch.ones(16), out=bad)
+
+    @pytest.mark.parametrize("layout", ["transposed", "column-strided", "offset"])
+    @pytest.mark.parametrize("rescale", [False, True])
+    def test_ternary_matmul_writes_any_out_view_and_nothing_around_it(self, layout, rescale):
+        m, n, k = 3, 5, 9
+        x, codes = int_operands(m, n, k, seed=11)
+        scales = (torch.rand(m, 1) + 0.5, torch.tensor(0.7)) if rescale else ()
+        want = ternary_matmul(x, pack_ternary(codes), k, *scales)
+        sentinel = -7
+        buf = torch.full((2 * n + 3, 2 * m + 3), sentinel, dtype=want.dtype)
+        out = {"transposed": buf[1:n + 1, 1:m + 1].t(), "column-strided": buf.t()[1:m + 1, 1:2 * n + 1:2],
+               "offset": buf.view(-1)[1:1 + m * n].view(m, n)}[layout]
+        got = ternary_matmul(x, pack_ternary(codes), k, *scales, out=out)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(out, want), f"{layout} out written wrong"
+        written = torch.zeros_like(buf, dtype=torch.bool)
+        written.view(-1)[torch.as_strided(torch.arange(buf.numel()), out.shape, out.stride(),
+                                          out.storage_offset()).reshape(-1)] = True
+        assert (buf[~written] == sentinel).all(), "a write outside out"
+
+    def test_ternary_matmul_refuses_an_out_of_the_wrong_dtype_or_shape(self):
+        x, codes = int_operands(2, 3, 4, seed=12)
+        for bad in (torch.empty(2, 3), torch.empty(3, 2, dtype=torch.int32)):
+            with pytest.raises(ValueError, match="out: must be a torch.int32 tensor of shape"):
+                ternary_matmul(x, pack_ternary(codes), 4, out=bad)
+        with pytest.raises(ValueError, match="out: must be a torch.float32 tensor"):
+            ternary_matmul(x, pack_ternary(codes), 4, torch.ones(2, 1), torch.tensor(1.0),
+                           out=torch.empty(2, 3, dtype=torch.int32))
+
     @pytest.mark.parametrize("m, n, k", [(1, 1, 1), (1, 33, 130), (17, 40, 7), (20, 70, 300)])
     def test_ternary_matmul_is_exact(self, m, n, k):
         x, codes = int_operands(m, n, k, seed=m + n + k)
