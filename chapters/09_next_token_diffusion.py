@@ -103,6 +103,24 @@ for name, sampler in (("DDIM", ddim_sample), ("DPM-Solver++(2M)", dpm_solver_sam
     print(f"{name:<17} max |sample - x0| for 1, 5, 50 steps: " + ", ".join(f"{e:.1e}" for e in errs))
 
 # %% [markdown]
+# **The time grid.** The official sampler (`LatentLM/schedule/dpm_solver.py`, diffusers' `DPMSolverMultistepScheduler` with
+# its defaults) does not put $t = 0$ on the grid: its $n$ timesteps run from $T-1$ down to $\mathrm{round}((T-1)/n)$, and a last
+# first-order step goes to $\sigma = 0$. `dpm_solver_sample` uses that grid; `grid="endpoint"` is the grid $T-1, \dots, 0$ that
+# DDIM walks, on which the last second-order step extrapolates to $\lambda_0 = 5.0$. On data $x_0 \sim N(\mu, s^2)$ the exact
+# $\epsilon$ is known, and so is the exact ODE solution ($z = (x_t - \alpha\mu)/\sqrt{\alpha^2 s^2 + \sigma^2}$ stays constant):
+
+# %%
+for s in (1.0, 3.0):
+    eps_exact = lambda x, t: ((1 - abar[t][:, None]).sqrt() * (x - abar[t][:, None].sqrt() * 0.5)  # noqa: E731
+                              / (abar[t][:, None] * s ** 2 + 1 - abar[t][:, None]))
+    z = torch.randn(256, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = 0.5 + s * (z - abar[-1].sqrt() * 0.5) / (abar[-1] * s ** 2 + 1 - abar[-1]).sqrt()
+    for grid in ("diffusers", "endpoint"):
+        errs = [(dpm_solver_sample(eps_exact, z, abar, k, grid=grid) - exact).abs().max().item() for k in (5, 10, 50)]
+        print(f"N(0.5, {s:.0f}^2), grid {grid:<9}: max |sample - exact ODE solution| at 5, 10, 50 steps: "
+              + ", ".join(f"{e:.1e}" for e in errs))
+
+# %% [markdown]
 # ## 2. The diffusion head
 #
 # After DiT and MAR: the condition $c = \mathrm{cond}(h_i) + \mathrm{TimestepEmbed}(t)$ modulates each block through adaLN,
