@@ -12,7 +12,9 @@ MUTANTS = [
            new="slot1 = (mask1.cumsum(0) - 1 + F.one_hot(p.masked_fill(mask1.bool(), float('-inf')).argmax(-1), "
                "E).sum(0) * (k == 2)).gather(1, e1[:, None])"),
     Mutant("7.1", "top_k_routing_renormalizes_after_dropping",
-           "renormalizes the top-2 gates over the kept choices only (after dropping), not before",
+           "renormalizes the top-2 gates over the kept choices only (after dropping): torchscale's default "
+           "(moe_normalize_gate_prob_before_dropping=False), but wrong for this exercise's rule, GShard's "
+           "normalization before dropping",
            old="gates = gates / gates.sum(1, keepdim=True)  # before dropping",
            new="gates = gates * (slots < capacity)\n"
                "    gates = gates / gates.sum(1, keepdim=True).clamp(min=1e-30)"),
@@ -72,7 +74,8 @@ MUTANTS = [
            new=("combine = routing.probs.new_zeros(S, E, C).index_put(\n"
                 "    where, routing.probs.gather(1, routing.experts)[routing.kept])")),
     Mutant("7.5", "moe_forward_renormalizes_over_kept",
-           "normalizes the gates again over the kept choices, so a token with one choice dropped gets gate 1",
+           "normalizes the gates again over the kept choices, so a token with one choice dropped gets gate 1 "
+           "(torchscale's top-2 default; this exercise's rule uses the routing's gates as they are)",
            old="combine = routing.probs.new_zeros(S, E, C).index_put(where, routing.gates[routing.kept])  # (S, E, C)",
            new=("kept_gates = routing.gates * routing.kept\n"
                 "kept_gates = kept_gates / kept_gates.sum(1, keepdim=True).clamp(min=1e-30)\n"
