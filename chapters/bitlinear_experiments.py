@@ -36,6 +36,7 @@ import torch.nn as nn
 from nanomodels.bitlinear import BitLinear, BitNetResidual, TernaryLinear, quantize_weight, to_ternary
 from nanomodels.data import get_batch, load_text, train_val_split
 from nanomodels.tokenizer import CharTokenizer
+from nanomodels.train import FunctionTask, fit
 from nanomodels.transformer import Transformer, TransformerConfig
 
 HERE = Path(__file__).resolve().parent
@@ -110,23 +111,26 @@ def train_run(kind: str, width: int, seed: int, steps: int, data=None, lr=None) 
     run = {"kind": kind, "width": width, "seed": seed, "lr": lr, "steps": steps, "eval_steps": [], "val": [],
            "train": [], "codes": []}
     recent, start = [], time.perf_counter()
-    for step in range(steps + 1):
+
+    def record(step, loss=None):  # after `step` steps: the validation loss, the mean training loss since the last
+        nonlocal recent
+        if loss is not None:
+            recent.append(loss.item())
         if step % TOY["eval_every"] == 0 or step == steps:
             run["eval_steps"].append(step)
             run["val"].append(evaluate(model, val))
             run["train"].append(sum(recent) / len(recent) if recent else run["val"][-1])
             run["codes"].append(code_fractions(model) if kind == "bit" else None)
             recent = []
-        if step == steps:
-            break
+
+    def schedule(step, opt):
         step_lr, wd = two_stage(step, steps, lr)
         opt.param_groups[0].update(lr=step_lr, weight_decay=wd)
         opt.param_groups[1].update(lr=step_lr)
-        _, loss = model(*get_batch(train, TOY["batch_size"], TOY["block_size"], g))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        recent.append(loss.item())
+
+    record(0)
+    fit(model, FunctionTask(lambda step: get_batch(train, TOY["batch_size"], TOY["block_size"], g)), steps,
+        optimizer=opt, schedule=schedule, on_step=record)
     run["seconds"] = time.perf_counter() - start
     run["model"] = model
     return run

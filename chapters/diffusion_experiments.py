@@ -35,6 +35,7 @@ from nanomodels.data import procedural_digits
 from nanomodels.diffusion import DiffusionHead
 from nanomodels.latentlm import LatentLM
 from nanomodels.sigma_vae import PlainVAE, SigmaVAE, latents_to_sequence, sequence_to_latents
+from nanomodels.train import FunctionTask, fit
 from nanomodels.transformer import TransformerConfig
 
 HERE = Path(__file__).resolve().parent
@@ -82,16 +83,12 @@ def train_toy(kind: str, steps: int, seed: int, toy: dict = TOY, prediction: str
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=toy["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    losses = []
-    for _ in range(steps):
-        x, y = toy_pairs(toy["batch"], gen)
-        h = backbone(x)
-        loss = head.loss(h, y.unsqueeze(1), generator=gen) if kind == "diffusion" else F.mse_loss(head(h[:, 0]), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+    def loss(model, xy):
+        (x, y), h = xy, backbone(xy[0])
+        return head.loss(h, y.unsqueeze(1), generator=gen) if kind == "diffusion" else F.mse_loss(head(h[:, 0]), y)
+
+    losses = fit(nn.ModuleList([backbone, head]), FunctionTask(lambda step: toy_pairs(toy["batch"], gen), loss),
+                 steps, optimizer=opt, on_step=lambda step, _: sched.step())
     return backbone, head, losses
 
 
@@ -174,20 +171,17 @@ class DigitClassifier(nn.Module):
         return self.out(self.body(x))
 
 
-def _batches(n: int, batch: int, steps: int, gen: torch.Generator):
-    for _ in range(steps):
-        yield torch.randint(0, n, (batch,), generator=gen)
+def _indices(n: int, batch: int, gen: torch.Generator):
+    """A task's batches: `batch` random indices into n examples, from gen (the loss is set by the caller)."""
+    return lambda step: torch.randint(0, n, (batch,), generator=gen)
 
 
 def train_classifier(x, y, steps: int, seed: int) -> DigitClassifier:
     torch.manual_seed(seed)
     model, gen = DigitClassifier(), torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    for idx in _batches(len(x), 128, steps, gen):
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    fit(model, FunctionTask(_indices(len(x), 128, gen), lambda model, idx: F.cross_entropy(model(x[idx]), y[idx])),
+        steps, optimizer=opt)
     return model.eval()
 
 
@@ -197,11 +191,8 @@ def train_vae(kind: str, x, steps: int, seed: int, cfg: dict = IMAGES):
     vae = SigmaVAE(cfg["latent_dim"]) if kind == "sigma" else PlainVAE(cfg["latent_dim"])
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg["lr"])
-    for idx in _batches(len(x), cfg["batch"], steps, gen):
-        loss = vae.loss(x[idx], gen)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    fit(vae, FunctionTask(_indices(len(x), cfg["batch"], gen), lambda vae, idx: vae.loss(x[idx], gen)[0]), steps,
+        optimizer=opt)
     return vae.eval()
 
 
@@ -223,12 +214,8 @@ def train_latentlm(seq, y, steps: int, seed: int, cfg: dict = IMAGES) -> LatentL
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for idx in _batches(len(seq), cfg["batch"], steps, gen):
-        loss = model(seq[idx], y[idx], generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    fit(model, FunctionTask(_indices(len(seq), cfg["batch"], gen), lambda lm, idx: lm(seq[idx], y[idx], generator=gen)),
+        steps, optimizer=opt, on_step=lambda step, _: sched.step())
     return model.eval()
 
 

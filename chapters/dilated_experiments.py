@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from nanomodels.attention import attention, sdpa_attention
 from nanomodels.dilated import dilated_attention, longnet, num_score_entries
+from nanomodels.train import FunctionTask, fit
 from nanomodels.transformer import Transformer, TransformerConfig
 
 HERE = Path(__file__).resolve().parent
@@ -182,16 +183,13 @@ def reach_run(kind: str, seed: int, cfg: dict = REACH, progress=None) -> dict:
     model = reach_model(kind, cfg, seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     gen = torch.Generator().manual_seed(1000 + seed)
-    start, losses = time.perf_counter(), []
-    for step in range(cfg["steps"]):
-        x, y = reach_batch(cfg["batch"], cfg, gen)
-        _, loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if progress and (step + 1) % 50 == 0:
-            progress(f"{kind} seed {seed}: step {step + 1} loss {loss.item():.3f}")
+    def report(done, loss):
+        if progress and done % 50 == 0:
+            progress(f"{kind} seed {seed}: step {done} loss {loss.item():.3f}")
+
+    start = time.perf_counter()
+    losses = fit(model, FunctionTask(lambda step: reach_batch(cfg["batch"], cfg, gen)), cfg["steps"], optimizer=opt,
+                 on_step=report)
     train_s = time.perf_counter() - start
     eval_gen = torch.Generator().manual_seed(99)
     accuracy = {}

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from nanomodels.moe import MoE, sorted_dispatch, top_k_gating, top_k_routing
+from nanomodels.train import FunctionTask, fit
 from nanomodels.transformer import MLP, Transformer, TransformerConfig
 
 HERE = Path(__file__).resolve().parent
@@ -88,16 +89,16 @@ def train(variant: str, seed: int = 0, steps: int = 600, batch_size: int = 16, l
     gen = torch.Generator().manual_seed(seed)
     probe = batch(table, 64, TOY["block_size"], torch.Generator().manual_seed(10_000))
     history, previous = [], None
-    for step in range(1, steps + 1):
-        x, y = batch(table, batch_size, TOY["block_size"], gen)
-        loss = total_loss(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+    def checkpoint(step, loss):
+        nonlocal previous
         if step % checkpoint_every == 0 or step == steps:
             row = {"step": step, "loss": loss.item(), **probe_routing(model, probe, previous)}
             previous = row.pop("assignment", None)
             history.append(row)
+
+    fit(model, FunctionTask(lambda step: batch(table, batch_size, TOY["block_size"], gen),
+                            lambda model, xy: total_loss(model, *xy)), steps, optimizer=opt, on_step=checkpoint)
     return {"variant": variant, "seed": seed, "steps": steps, "val_loss": history[-1]["val_loss"],
             "params": sum(p.numel() for p in model.parameters()), "history": history}
 

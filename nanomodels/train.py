@@ -310,9 +310,11 @@ class FunctionTask:
 
 def fit(model: torch.nn.Module, task: Task, steps: int, *, optimizer: torch.optim.Optimizer,
         lr: Union[None, float, Callable[[int], float]] = None, grad_clip: float = 0.0, start: int = 0,
-        on_step: Optional[Callable[[int, torch.Tensor], Optional[bool]]] = None) -> list:
+        on_step: Optional[Callable[[int, torch.Tensor], Optional[bool]]] = None,
+        schedule: Optional[Callable[[int, torch.optim.Optimizer], None]] = None) -> list:
     """The training loop, written once: steps start .. steps-1 of `model` on `task`, each one
-        learning rate (lr: None keeps the optimizer's, a number, or a function of the step) -> task.batch(step)
+        learning rate (lr: None keeps the optimizer's, a number, or a function of the step; or schedule(step,
+        optimizer), which sets the groups itself: several rates, weight decay) -> task.batch(step)
         -> task.loss(model, batch) -> backward -> clip the global gradient norm to grad_clip (0: no clipping)
         -> optimizer.step()
     then on_step(steps done, detached loss), which may evaluate, log or checkpoint, and returns True to stop.
@@ -323,6 +325,8 @@ def fit(model: torch.nn.Module, task: Task, steps: int, *, optimizer: torch.opti
         if lr is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr(step) if callable(lr) else lr
+        if schedule is not None:
+            schedule(step, optimizer)
         loss = task.loss(model, task.batch(step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
