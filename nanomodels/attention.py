@@ -103,6 +103,8 @@ class MultiHeadAttention(nn.Module):
     (nn.Linear, or BitLinear). Self-attention by default; with `memory` (B, S, C) the keys and values come from
     it (cross-attention: an encoder-decoder's decoder attending to the encoder's output). A `cache` dict, when
     given, holds this layer's past keys and values (for cross-attention: the memory's, computed once).
+    `tap`, when set, is called with q, k, v (B, H, T, D) and the mask before attention: a read-only probe
+    (nanomodels/minilm.py's capture_attention records a layer's heads for distillation with it).
     """
 
     def __init__(self, config, *, attn_fn: AttentionFn = sdpa_attention, linear: type = nn.Linear):
@@ -114,6 +116,7 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = linear(d, d, bias=bias)
         self.out_proj = linear(d, d, bias=bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.tap = None
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -133,7 +136,10 @@ class MultiHeadAttention(nn.Module):
                 if memory is None and "k" in cache:
                     k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
-        y = self.attn_fn(q, k, v, as_4d_mask(allowed, T, k.size(2)), causal=causal)  # (B, H, T, D)
+        allowed = as_4d_mask(allowed, T, k.size(2))
+        if self.tap is not None:
+            self.tap(q, k, v, allowed, causal)
+        y = self.attn_fn(q, k, v, allowed, causal=causal)  # (B, H, T, D)
         return y.transpose(1, 2).reshape(B, T, C)
 
     def forward(self, x: torch.Tensor, allowed=None, causal: bool = False, cache: Optional[dict] = None,

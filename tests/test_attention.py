@@ -138,3 +138,20 @@ def test_multihead_attention_with_cache_equals_full_sequence():
     steps = [mha(x[:, :3], causal=True, cache=cache)] + [mha(x[:, t:t + 1], causal=True, cache=cache)
                                                           for t in range(3, 6)]
     assert_close(torch.cat(steps, dim=1), full, "prefill + one-token steps vs full causal pass")
+
+
+def test_multihead_attention_tap_sees_the_heads_and_changes_nothing():
+    torch.manual_seed(0)
+    config = TransformerConfig(vocab_size=8, d_model=16, n_heads=4)
+    mha = MultiHeadAttention(config, attn_fn=sdpa_attention).eval()
+    x, allowed = torch.randn(2, 6, 16), torch.rand(2, 6, 6) < 0.7
+    plain = mha(x, allowed, causal=True)
+    seen = []
+    mha.tap = lambda q, k, v, mask, causal: seen.append((q, k, v, mask, causal))
+    tapped = mha(x, allowed, causal=True)
+    mha.tap = None
+    assert torch.equal(tapped, plain), "the tap changed the output"
+    (q, k, v, mask, causal), = seen
+    assert torch.equal(q, mha.split_heads(mha.q_proj(x))) and q.shape == (2, 4, 6, 4)
+    assert torch.equal(k, mha.split_heads(mha.k_proj(x))) and torch.equal(v, mha.split_heads(mha.v_proj(x)))
+    assert torch.equal(mask, as_4d_mask(allowed, 6, 6)) and causal is True
