@@ -114,7 +114,7 @@ def main(argv=None):
         from nanomodels.train import VAL_FRACTION
         ids = torch.tensor(tok.encode(load_text("pydoc")), dtype=torch.long)
         _, val_ids = train_val_split(ids, VAL_FRACTION)
-        out = {"command": "OMP_NUM_THREADS=1 python chapters/minilm_experiments.py students " + " ".join(argv),
+        out = {"command": "OMP_NUM_THREADS=1 python chapters/minilm_experiments.py " + " ".join(argv),
                "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread, shared loaded machine",
                "student": {**STUDENT, "steps": args.steps}, "arms": ARMS, "rows": rows,
                "teacher": {"val_loss_block32": val_loss(teacher, val_ids, 32), "params": teacher.num_params()}}
