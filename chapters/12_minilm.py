@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from nanomodels.distill import DistillTask, default_teacher_layer, distill_terms
+from nanomodels.distill import default_teacher_layer, distill_terms
 from nanomodels.minilm import attention_kl, minilm_v2_loss, relation
 from nanomodels.runtime import quick_mode
 
