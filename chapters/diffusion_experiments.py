@@ -84,7 +84,7 @@ def train_toy(kind: str, steps: int, seed: int, toy: dict = TOY, prediction: str
     opt = torch.optim.AdamW(params, lr=toy["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     def loss(model, xy):
-        (x, y), h = xy, backbone(xy[0])
+        y, h = xy[1], backbone(xy[0])
         return head.loss(h, y.unsqueeze(1), generator=gen) if kind == "diffusion" else F.mse_loss(head(h[:, 0]), y)
 
     losses = fit(nn.ModuleList([backbone, head]), FunctionTask(lambda step: toy_pairs(toy["batch"], gen), loss),
