@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nanomodels.distill import DistillConfig, DistillTask
+from nanomodels.distill import DistillTask
 from nanomodels.train import LMTask, TrainConfig, fit, load_model, lr_at, train
 
 HERE = Path(__file__).resolve().parent
@@ -68,7 +68,7 @@ def student(arm: str, seed: int, teacher_dir: Path, **overrides) -> dict:
     """One student, trained through fit: an LMTask from scratch, or a DistillTask; its validation loss."""
     options = {**STUDENT, **ARMS[arm], "seed": seed, "name": f"ch12_{arm}_{seed}", **overrides}
     if "distill" in options:
-        cfg = DistillConfig(distill_from=str(teacher_dir), **options)
+        cfg = TrainConfig(distill_from=str(teacher_dir), **options)
         task = DistillTask(cfg, torch.device("cpu"))
     else:
         cfg = TrainConfig(**options)

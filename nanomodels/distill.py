@@ -16,20 +16,19 @@ The papers distill with the attention terms alone and fine-tune afterwards; here
 student's LM loss in one run (one schedule, equal steps for every kind).
 
 `distill_terms` / `distill_loss` are the loss on one batch (a chapter calls them with nanomodels.train.fit);
-`DistillTask` is the same loss as a task for `nanomodels.train.run`, configured by the DistillConfig fields
+`DistillTask` is the same loss as a task for `nanomodels.train.run`, configured by TrainConfig's distillation fields
 distill_from, distill, distill_weight, relation_heads, teacher_layer.
 """
 
 import contextlib
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from nanomodels.minilm import capture_attention, logit_kl, minilm_loss, minilm_v2_loss
-from nanomodels.train import LMTask, TrainConfig, evaluate, load_model, option
+from nanomodels.train import DISTILL_KINDS as KINDS
+from nanomodels.train import LMTask, check_distill_options, evaluate, load_model
 
-KINDS = ("logits", "minilm", "minilmv2")
 
 
 def default_teacher_layer(n_layers: int) -> int:
@@ -77,33 +76,6 @@ def distill_loss(kind: str, teacher, student, batch, *, weight: float = 1.0, tea
     lm, term = distill_terms(kind, teacher, student, batch, teacher_layer=teacher_layer,
                              relation_heads=relation_heads)
     return lm + weight * term
-
-
-@dataclass
-class DistillConfig(TrainConfig):
-    """A `train` run of a student distilled from a teacher run (the fields a TrainConfig needs for it)."""
-    distill_from: str = option("", "the teacher: a `train` run's folder (OUT_DIR/NAME); '' = no distillation")
-    distill: str = option("logits", "what the student learns from the teacher: 'logits' (KL of the next-token "
-                                    "distributions), 'minilm' (last-layer attention + value relations, same head "
-                                    "count), 'minilmv2' (Q-Q, K-K, V-V relations, any head count)", choices=KINDS)
-    distill_weight: float = option(1.0, "the weight of the distillation term added to the LM loss")
-    relation_heads: int = option(0, "minilmv2: relation heads of teacher and student (must divide both widths); "
-                                    "0 = the teacher's --n_heads")
-    teacher_layer: int = option(-1, "minilmv2: the teacher's layer, 0-based; -1 = 3 * n_layers // 4 (upper-middle)")
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_distill_options(self)
-
-
-def check_distill_options(cfg) -> None:
-    """The rules that need no teacher: a known --distill, --distill_weight >= 0, --relation_heads >= 0,
-    --teacher_layer >= -1."""
-    if cfg.distill not in KINDS:
-        raise ValueError(f"--distill: must be one of {', '.join(KINDS)}, got {cfg.distill!r}")
-    for name, low in (("distill_weight", 0), ("relation_heads", 0), ("teacher_layer", -1)):
-        if getattr(cfg, name) < low:
-            raise ValueError(f"--{name}: must be >= {low}, got {getattr(cfg, name)}")
 
 
 def check_teacher(cfg, teacher_cfg, teacher_vocab: int) -> None:

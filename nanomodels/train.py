@@ -48,6 +48,7 @@ TOKENIZERS = ("bpe", "char")
 VAL_FRACTION = 0.1  # the last 10% of the corpus's tokens are the validation split
 NORMS = {"pre": "pre", "post": "post"}  # the deprecated --norm -> --residual
 ARCHS = ("transformer", "yoco")
+DISTILL_KINDS = ("logits", "minilm", "minilmv2")  # nanomodels/distill.py
 PART_OPTIONS = ("residual", "attention", "segment_lengths", "dilation_rates", "ffn", "experts", "top_k",
                 "capacity_factor", "router", "aux_weight", "linear")
 
@@ -117,6 +118,19 @@ class RunConfig:
         return Path(self.out_dir) / self.name
 
 
+def check_distill_options(cfg) -> None:
+    """The distillation rules that need no teacher: a known --distill, --distill_weight >= 0, --relation_heads >= 0,
+    --teacher_layer >= -1, and --arch transformer."""
+    if cfg.distill not in DISTILL_KINDS:
+        raise ValueError(f"--distill: must be one of {', '.join(DISTILL_KINDS)}, got {cfg.distill!r}")
+    for name, low in (("distill_weight", 0), ("relation_heads", 0), ("teacher_layer", -1)):
+        if getattr(cfg, name) < low:
+            raise ValueError(f"--{name}: must be >= {low}, got {getattr(cfg, name)}")
+    if cfg.distill_from:
+        if cfg.arch != "transformer":
+            raise ValueError("--distill_from: the student must be an --arch transformer model")
+
+
 def run_option(name: str, default, help: Optional[str] = None):
     """RunConfig's field `name` with another default (and help text), for a config that derives from it."""
     metadata = RunConfig.__dataclass_fields__[name].metadata
@@ -167,6 +181,16 @@ class TrainConfig(RunConfig):
     batch_size: int = option(32, "sequences per optimizer step, summed over all processes")
     eval_iters: int = option(20, "validation batches per evaluation")
     sample_tokens: int = option(200, "tokens to sample at the end of the run")
+    distill_from: str = option("", "distill this student from a teacher: a `train` run's folder, e.g. runs/teacher "
+                                   "(nanomodels/distill.py); '' = no distillation", metavar="RUN_DIR")
+    distill: str = option("logits", "what the student learns from the teacher: 'logits' (KL of the next-token "
+                                    "distributions), 'minilm' (last-layer attention + value relations, same head "
+                                    "count), 'minilmv2' (Q-Q, K-K, V-V relations, any head count)",
+                          choices=DISTILL_KINDS)
+    distill_weight: float = option(1.0, "the weight of the distillation term added to the LM loss")
+    relation_heads: int = option(0, "minilmv2: relation heads of teacher and student (must divide both widths); "
+                                    "0 = the teacher's --n_heads")
+    teacher_layer: int = option(-1, "minilmv2: the teacher's layer, 0-based; -1 = 3 * n_layers // 4 (upper-middle)")
 
     def __post_init__(self):
         check_run_name(self.name)
@@ -196,6 +220,7 @@ class TrainConfig(RunConfig):
             if changed:
                 raise ValueError(f"--arch: yoco builds its own decoder; {', '.join(changed)} apply to --arch "
                                  "transformer")
+        check_distill_options(self)
         check_schedule_and_run(self)
         self.model_config()  # d_model/n_heads/dropout rules live in TransformerConfig; check them now
 
@@ -674,6 +699,9 @@ def train(cfg: TrainConfig) -> dict:
     """Run training as configured; returns the metrics dict (also written to <run_dir>/metrics.json)."""
     device, rank, world = start_device(cfg)
     try:
+        if cfg.distill_from:
+            from nanomodels.distill import DistillTask  # it builds on LMTask
+            return run(cfg, DistillTask(cfg, device, rank, world))
         return run(cfg, LMTask(cfg, device, rank, world))
     finally:
         if world > 1:

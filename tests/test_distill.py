@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nanomodels.distill import (DistillConfig, DistillTask, default_teacher_layer, distill_loss, distill_terms)
+from nanomodels.distill import (DistillTask, default_teacher_layer, distill_loss, distill_terms)
 from nanomodels.train import TrainConfig, build_model, fit, lr_at, run, train
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 200
@@ -158,7 +158,7 @@ def teacher_run(tmp_path_factory):
 
 def student(teacher_run, **overrides):
     options = {"name": "student", "distill_from": str(teacher_run / "runs" / "teacher"), **overrides}
-    return tiny(teacher_run, DistillConfig, **options)
+    return tiny(teacher_run, TrainConfig, **options)
 
 
 @pytest.mark.parametrize("kind, heads", [("logits", 2), ("minilm", 2), ("minilmv2", 4)])
@@ -210,3 +210,20 @@ def test_options_that_contradict_the_teacher_are_refused(teacher_run, overrides,
     cfg = student(teacher_run, **overrides)
     with pytest.raises(ValueError, match=option.replace("/", ".")):
         DistillTask(cfg, torch.device("cpu"))
+
+
+def test_the_command_line_distills_a_student_from_a_teacher_run(teacher_run, tmp_path, capsys):
+    from test_cli import TINY, cli_args
+
+    from nanomodels.__main__ import main
+    from nanomodels.checkpoint import load_checkpoint
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    options = {**TINY, "name": "student", "out_dir": tmp_path, "data": corpus, "steps": 10, "eval_interval": 5}
+    teacher_dir = teacher_run / "runs" / "teacher"
+    teacher_cfg = load_checkpoint(teacher_dir / "ckpt.pt")["config"]
+    options.update({k: teacher_cfg[k] for k in ("tokenizer", "vocab_size", "block_size", "n_heads")})
+    assert main(["train", *cli_args(**options), "--distill_from", str(teacher_dir), "--distill", "minilm"]) == 0
+    history = load_checkpoint(tmp_path / "student" / "ckpt.pt")["history"]
+    assert all("distill_loss" in h for h in history), history
+    assert "distilling --distill minilm" in capsys.readouterr().out
