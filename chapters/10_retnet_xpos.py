@@ -1,0 +1,324 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# *This notebook is built from its source `chapters/10_retnet_xpos.py` (jupytext percent format): edit the source,
+# then rebuild with `python chapters/build.py 10` (add `--execute` to run it and save the outputs, `--quick` with it
+# for quick mode).*
+
+# %% [markdown]
+# # Chapter 10 — RetNet and XPos: one retention, three forms, O(1) decoding, and length extrapolation
+#
+# Attention's cost at decoding time grows with the context: every new token reads the keys and values of all the tokens
+# before it (the KV cache). RetNet (Sun et al. 2023, [arXiv 2307.08621](https://arxiv.org/abs/2307.08621)) replaces
+# softmax attention by **retention**, which drops the softmax and weights the past by a fixed exponential decay
+# $\gamma \in (0, 1)$, one per head:
+#
+# $$\mathrm{Retention}(X) = (Q K^\top \odot D)\,V,\qquad D_{nm} = \begin{cases}\gamma^{\,n-m} & n \ge m\\ 0 & n < m.\end{cases}$$
+#
+# Without the softmax the sum factorises, and the same output has three forms: **parallel** (the equation above,
+# $T \times T$ scores, for training), **recurrent** ($S_n = \gamma S_{n-1} + k_n^\top v_n$, $o_n = q_n S_n$: a state
+# of $D_k \times D_v$ numbers per head whatever the context, for decoding) and **chunkwise** (the parallel form inside
+# chunks of $C$ tokens, the recurrent one across chunks, for long sequences). The heads use
+# $\gamma_h = 1 - 2^{-5-h}$ (multi-scale: heads that forget fast and heads that remember long).
+#
+# Before the decay, $q$ and $k$ are rotated by their position, the rotation of XPos (Sun et al. 2022, "A
+# Length-Extrapolatable Transformer", [arXiv 2212.10554](https://arxiv.org/abs/2212.10554)). XPos is RoPE times a
+# per-dimension exponential scale: $q_n \leftarrow R(n\theta)\,q_n \odot \zeta^{n/B}$,
+# $k_m \leftarrow R(m\theta)\,k_m \odot \zeta^{-m/B}$, so that $q_n \cdot k_m$ carries $\zeta^{(n-m)/B}$, a decay with
+# the distance, for softmax attention too. The XPos paper uses it to train a Transformer on short sequences and evaluate
+# it on longer ones, together with blockwise causal attention at inference.
+#
+# This chapter: the three forms, equal to a naive loop in float64, and their cost against $T$; decoding latency and
+# cache memory of a RetNet LM against a Transformer with a KV cache, from 1K to 32K tokens of context; XPos against
+# RoPE against learned positions, trained at length 128 and evaluated up to 1024; and a RetNet LM against a Transformer
+# LM with the same number of parameters on the default corpus. All timings are on the machine this notebook ran on: a
+# shared 2-core CPU, one thread, medians.
+
+# %%
+import json
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+from nanomodels.retnet import (MultiScaleRetention, apply_xpos, retention_chunkwise, retention_gammas,
+                               retention_parallel, retention_recurrent)
+from nanomodels.runtime import quick_mode
+
+import retnet_experiments as exp  # chapters/retnet_experiments.py: the benchmarks and the training runs
+from show import show  # chapters/show.py: prints library code; an exercise's function as its stub
+
+QUICK = quick_mode()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+RESULTS = Path("results")
+print(f"{'quick mode' if QUICK else 'full run'} | torch {torch.__version__} | {torch.get_num_threads()} thread(s)")
+
+
+def stored(name):
+    """A results file of chapters/retnet_experiments.py (None in quick mode or when it is missing)."""
+    path = RESULTS / name
+    if QUICK or not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    print(f"{name}: {data['seconds'] / 60:.1f} min on {data['machine']}\n  produced by: {data['command']}")
+    return data
+
+
+# %% [markdown]
+# ## 1. One retention, three forms
+#
+# The parallel form builds the decay matrix $D$ and multiplies it into the scores; nothing is scaled or normalised
+# here (the caller scales $q$). The heads' decays come from `retention_gammas`.
+
+# %%
+show(retention_gammas)
+show(retention_parallel)
+
+# %% [markdown]
+# The recurrent form walks the sequence: the state $S_n = \gamma S_{n-1} + k_n^\top v_n$ (a $D_k \times D_v$ matrix
+# per head) is all the past it keeps, and $o_n = q_n S_n$. Passing the returned state back continues the sequence.
+# The chunkwise form splits the sequence into chunks of $C$ tokens. Inside chunk $i$ it is the parallel form; the
+# past before the chunk arrives through the state $R_{i-1}$, decayed by $\xi_j = \gamma^{j+1}$ at the chunk's row $j$,
+# and the state moves on as $R_i = K_{[i]}^\top (V_{[i]} \odot \zeta) + \gamma^{C} R_{i-1}$ with
+# $\zeta_j = \gamma^{C-j-1}$:
+#
+# $$O_{[i]} = (Q_{[i]} K_{[i]}^\top \odot D)\,V_{[i]} + (Q_{[i]} R_{i-1}) \odot \xi .$$
+#
+# (An exercise goes here: the recurrent step, and the chunkwise cross-chunk term.)
+
+# %%
+show(retention_recurrent)
+show(retention_chunkwise)
+
+# %% [markdown]
+# The three forms against the equation written as a double loop, $o_n = \sum_{m \le n} \gamma^{n-m}(q_n \cdot k_m)\,v_m$,
+# in float64: chunk sizes 1, 3, 16, $T$ and larger than $T$, and the sequence cut in two halves with the state passed on.
+
+# %%
+agree = exp.forms_agree()
+print(f"T = {agree['T']}, (B, H, Dk, Dv) = (2, 4, 8, 16), float64, outputs up to {agree['max_abs_output']:.1f} in size")
+for form, diff in agree["diff"].items():
+    print(f"  {form:<28} max |form - naive loop| = {diff:.1e}")
+
+# %% [markdown]
+# The cost against $T$: parallel builds $T^2$ scores per head, recurrent takes $T$ steps of constant size, chunkwise
+# takes $T/C$ chunks of $C^2$ scores plus a state update each, $O(TC)$. One thread, float32,
+# $(B, H, D_k, D_v) = (1, 4, 32, 64)$, $C = 64$, the median of 3 calls; the parallel form stops at $T = 4096$ (its decay and
+# score matrices alone are 256 MiB each there). A full run reads `results/ch10_forms.json`; quick mode times three lengths.
+
+# %%
+forms_saved = stored("ch10_forms.json")
+forms_rows = forms_saved["rows"] if forms_saved else exp.forms_cost([256, 512, 1024], repeats=1, progress=lambda s: None)
+print(exp.forms_table(forms_rows))
+
+fig, (ax_ms, ax_tok) = plt.subplots(1, 2, figsize=(12, 4.5))
+for form, style in zip(exp.FORMS, ("o-", "s--", "^:")):
+    mine = sorted((r for r in forms_rows if r["form"] == form), key=lambda r: r["T"])
+    ax_ms.loglog([r["T"] for r in mine], [r["ms"] for r in mine], style, base=2, label=form)
+    ax_tok.loglog([r["T"] for r in mine], [r["us_per_token"] for r in mine], style, base=2, label=form)
+ax_ms.set(title="retention, one call (1 thread, float32)", xlabel="sequence length T", ylabel="ms")
+ax_tok.set(title="the same per token", xlabel="sequence length T", ylabel="µs per token")
+for ax in (ax_ms, ax_tok):
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+plt.show()
+
+# %% [markdown]
+# FORMS_TEXT
+
+# %% [markdown]
+# ## 2. Decoding with a constant-size state
+#
+# `MultiScaleRetention` is the part that takes attention's place in the core Transformer
+# (`Transformer(config, attention=MultiScaleRetention)`): $q$ and $k$ rotated by position, values twice as wide as the
+# keys, retention per head with its own $\gamma_h$, a per-head RMSNorm, a swish gate and the output projection. Its
+# `forward` runs the parallel or chunkwise form; with a cache (what `Transformer.generate` passes) it keeps each
+# layer's state and decodes recurrently.
+
+# %%
+show(MultiScaleRetention)
+
+# %% [markdown]
+# The benchmark: a RetNet LM and a Transformer LM of the same width, depth and heads ($d = 128$, 4 layers, 4 heads,
+# vocabulary 512; the RetNet's feed-forward is $2d$ wide so that both have about the same parameters), one token
+# decoded at a context of $T$ tokens. The Transformer's KV cache holds $T$ keys and values per layer (filled with random
+# numbers of the right shape: the cost of a step does not depend on their values); the RetNet's state comes from a real
+# prefill of $T$ tokens. Latency is the median over single-token forward calls; memory counts the bytes of the cache's
+# tensors, and "memory saved" adds the weights to both sides. A full run reads `results/ch10_decode.json`; quick mode
+# measures two contexts.
+
+# %%
+decode_saved = stored("ch10_decode.json")
+decode_rows = decode_saved["rows"] if decode_saved else exp.decode([1024, 4096], steps=4, progress=lambda s: None)
+print(exp.decode_table(decode_rows))
+params = {r["kind"]: r["params"] for r in decode_rows}
+print(f"parameters: Transformer {params['learned']:,} (with its {max(r['T'] for r in decode_rows) + 64}-row position "
+      f"table), RetNet {params['retnet']:,}")
+
+fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+for kind, label, style in (("learned", "Transformer + KV cache", "o-"), ("retnet", "RetNet, recurrent", "s--")):
+    mine = sorted((r for r in decode_rows if r["kind"] == kind), key=lambda r: r["T"])
+    ax_t.loglog([r["T"] for r in mine], [r["ms_per_token"] for r in mine], style, base=2, label=label)
+    ax_m.loglog([r["T"] for r in mine], [r["cache_bytes"] / 2**20 for r in mine], style, base=2, label=label)
+ax_t.set(title="decoding latency per token (1 thread)", xlabel="context T (tokens)", ylabel="ms per token")
+ax_m.set(title="cache / state memory", xlabel="context T (tokens)", ylabel="MiB")
+for ax in (ax_t, ax_m):
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+plt.show()
+
+# %% [markdown]
+# DECODE_TEXT
+
+# %% [markdown]
+# ## 3. XPos vs RoPE vs learned positions: trained at 128, evaluated up to 1024
+#
+# `apply_xpos` rotates the interleaved pairs $(2i, 2i+1)$ of $q$ and $k$ by position $\cdot\,\theta_i$,
+# $\theta_i = 10000^{-2i/D}$, and scales $q$ by $\zeta_i^{n/B}$ and $k$ by $\zeta_i^{-m/B}$ with
+# $\zeta_i = (2i + 0.4D)/(1.4D)$ and $B$ = `scale_base` (512). The exponent is centred on a constant that cancels in
+# $q' \cdot k'$, so long sequences do not overflow; `scale_base=math.inf` leaves only the rotation: RoPE.
+# (An exercise goes here: XPos's scale.)
+
+# %%
+show(apply_xpos)
+
+# %% [markdown]
+# What the scale does, measured on `apply_xpos` itself: with a vector that has only pair $i$ (one coordinate set to 1),
+# the score of the query at position $n$ against the key at $m = 0$ is $\cos(n\theta_i)$ for RoPE and
+# $\cos(n\theta_i)\,\zeta_i^{\,n/B}$ for XPos, so their ratio is the decay $\zeta_i^{n/B}$; for the fastest-turning pair
+# ($i = 0$, $\zeta_0 = 0.286$) it is strong, for the slowest ($\zeta_{15} = 0.955$ at $D = 32$) weak. And for any
+# vector the score depends on $n - m$ only (two pairs of positions at distance 200).
+
+# %%
+D, distances = 32, (1, 16, 128, 512, 1024)
+for i in (0, D // 2 - 1):
+    x = torch.zeros(1, 1, 1, D, dtype=torch.float64)
+    x[..., 2 * i] = 1.0
+
+    def score(n, m, base, x=x):
+        q, k = apply_xpos(x, x.expand(1, 1, m + 1, D), q_offset=n, scale_base=base)
+        return (q[0, 0, 0] @ k[0, 0, m]).item()
+    zeta = (2 * i + 0.4 * D) / (1.4 * D)
+    ratios = " ".join(f"{score(d, 0, 512) / score(d, 0, math.inf):.4f}" for d in distances)
+    decay = " ".join(f"{zeta ** (d / 512):.4f}" for d in distances)
+    print(f"pair {i:>2}: XPos / RoPE score at distance {distances}: {ratios}  (zeta^(d/512): {decay})")
+x = torch.randn(1, 1, 1, D, dtype=torch.float64)  # any vector
+for base, name in ((512, "XPos"), (math.inf, "RoPE")):
+    print(f"{name}: score(n=300, m=100) - score(n=1200, m=1000) = {abs(score(300, 100, base, x) - score(1200, 1000, base, x)):.1e}")
+
+# %% [markdown]
+# The models: four small LMs that differ in one part (`exp.build_lm`), trained on the default corpus (pydoc, BPE 512)
+# at length 128 for 300 steps of 16 windows with `nanomodels.train.fit`, $d = 64$, 2 layers, 4 heads:
+#
+# ```python
+# Transformer(config)                                                               # learned positions
+# Transformer(config, embed=TokensOnly, attention=partial(RotaryAttention, scale_base=math.inf))   # RoPE
+# Transformer(config, embed=TokensOnly, attention=RotaryAttention)                  # XPos, scale_base = 512
+# Transformer(config, embed=TokensOnly, attention=MultiScaleRetention)              # RetNet (FFN 2d wide)
+# ```
+#
+# The learned position table has rows up to 1024, but no training window reaches past row 127: those rows keep their
+# initial values. Each model is evaluated on 8,192 validation tokens at each length $L$ (windows of $L$ tokens, the loss
+# averaged over every position, as the XPos paper reports perplexity), and the RoPE and XPos models also with
+# **blockwise causal attention** (BCA), the XPos paper's inference-time mask: the sequence is cut into blocks of the
+# training length and a query attends causally within its own block and the block before it. At $L \le 256$ that mask
+# hides nothing.
+
+# %%
+show(exp.RotaryAttention)
+show(exp.blockwise_causal_mask)
+
+# %% [markdown]
+# Five seeds per model (seed = initialisation and batch order). A full run reads `results/ch10_lm_learned.json` (the
+# learned-position model) and `results/ch10_lm.json` (the other three); quick mode
+# trains each model for 20 steps with one seed and evaluates at 128 and 256, which shows that the code runs, not the
+# result.
+
+# %%
+lm_saved = [stored(name) for name in ("ch10_lm_learned.json", "ch10_lm.json")]  # two runs of the same command
+if all(lm_saved):
+    assert lm_saved[0]["config"] == lm_saved[1]["config"], "the two results files were trained differently"
+    lm_rows, lm_cfg = lm_saved[0]["rows"] + lm_saved[1]["rows"], lm_saved[1]["config"]
+else:
+    lm_cfg = exp.QUICK_LM
+    lm_rows = exp.lm([0], cfg=lm_cfg, progress=lambda s: None)
+print(f"perplexity (mean (min .. max) over {len({r['seed'] for r in lm_rows})} seed(s)):")
+print(exp.ppl_table(lm_rows))
+
+fig, ax = plt.subplots(figsize=(8, 4.5))
+styles = {"learned positions": "^:", "RoPE": "o-", "RoPE + BCA": "o--", "XPos": "s-", "XPos + BCA": "s--",
+          "RetNet (retention)": "d-."}
+for label, curve in exp.curves(lm_rows).items():
+    lengths = sorted(curve)
+    means = [statistics.mean(curve[L]) for L in lengths]
+    lo = [min(curve[L]) for L in lengths]
+    hi = [max(curve[L]) for L in lengths]
+    ax.plot(lengths, means, styles[label], label=label)
+    ax.fill_between(lengths, lo, hi, alpha=0.15)
+ax.axvline(lm_cfg["train_len"], color="gray", lw=0.8)
+ax.set(xscale="log", yscale="log", xlabel="evaluation length L (tokens; trained at 128)",
+       ylabel="validation perplexity", title="Length extrapolation on pydoc: mean over seeds, band = min .. max")
+ax.set_xticks(lm_cfg["eval_lengths"], [str(L) for L in lm_cfg["eval_lengths"]])
+ax.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# Paired differences: the same seed gives two models the same batches, so their loss difference per seed removes
+# the batch order's share of the noise. Below, per length: the mean difference in log-perplexity (nats/token) over the
+# seeds, its min and max, and whether its sign is the same on every seed.
+
+# %%
+comparisons = (("xpos", "rope", "val", "val", "XPos - RoPE"), ("xpos", "learned", "val", "val", "XPos - learned"),
+               ("rope", "learned", "val", "val", "RoPE - learned"),
+               ("xpos", "xpos", "val_bca", "val", "XPos + BCA - XPos"),
+               ("rope", "rope", "val_bca", "val", "RoPE + BCA - RoPE"),
+               ("xpos", "rope", "val_bca", "val_bca", "XPos + BCA - RoPE + BCA"))
+for a, b, key_a, key_b, name in comparisons:
+    diffs = exp.paired(lm_rows, a, b, key_a, key_b)
+    print(f"{name:<24} " + " | ".join(f"L={L}: {statistics.mean(d):+.3f} ({min(d):+.3f} .. {max(d):+.3f}) "
+                                      f"{exp.sign(d)}" for L, d in diffs.items()))
+
+# %% [markdown]
+# POSITIONS_TEXT
+
+# %% [markdown]
+# ## 4. RetNet vs Transformer at equal parameters
+#
+# The same runs as section 3, read at the training length: the RetNet LM against the Transformer with learned positions
+# (the core model) and against the XPos Transformer. Training throughput is tokens per second over the whole run,
+# forward and backward, one thread on the shared machine.
+
+# %%
+by_kind = {k: sorted((r for r in lm_rows if r["kind"] == k), key=lambda r: r["seed"]) for k in exp.KINDS}
+L0 = str(lm_cfg["train_len"])
+print(f"{'model':>20} | {'parameters':>10} | {'val loss at ' + L0 + ' (nats)':>26} | {'training tokens/s':>24}")
+for kind, rows in by_kind.items():
+    losses = [r["val"][L0] for r in rows]
+    speed = [r["tokens_per_s"] for r in rows]
+    print(f"{exp.LABELS[kind]:>20} | {rows[0]['params']:>10,} | {exp.spread(losses):>26} | "
+          f"{statistics.median(speed):>10,.0f} (median; {min(speed):,.0f} .. {max(speed):,.0f})")
+for other in ("learned", "xpos"):
+    d = exp.paired(lm_rows, "retnet", other)[int(L0)]
+    ratio = [r["tokens_per_s"] / o["tokens_per_s"] for r, o in zip(by_kind["retnet"], by_kind[other])]
+    print(f"RetNet - {exp.LABELS[other]}: val loss {statistics.mean(d):+.3f} ({min(d):+.3f} .. {max(d):+.3f}) "
+          f"nats, {exp.sign(d)}; throughput ratio {statistics.median(ratio):.2f} (median over seeds)")
+
+# %% [markdown]
+# LM_TEXT
+#
+# (An exercise goes here: the decay mask $D$.)
