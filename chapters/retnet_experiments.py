@@ -28,6 +28,9 @@ lengths 128 ... 1024 on the validation split. Four models that differ in one par
         --out ch10_lm_learned.json
     OMP_NUM_THREADS=1 python chapters/retnet_experiments.py lm --seeds 0 1 2 3 4 --kinds rope xpos retnet \
         --out ch10_lm.json
+    OMP_NUM_THREADS=1 python chapters/retnet_experiments.py speed --out ch10_speed.json
+
+speed: training tokens/s of the four LMs of `lm`, 20 steps per model per round, the models taking turns for 5 rounds.
 
 Results go to chapters/results/; the chapter (which runs in chapters/) imports this file as `retnet_experiments`.
 """
@@ -348,6 +351,27 @@ def lm(seeds, kinds=KINDS, cfg: dict = LM, progress=print) -> list:
     return rows
 
 
+def throughput(kinds=KINDS, rounds: int = 5, steps: int = 20, cfg: dict = LM, progress=print) -> list:
+    """Training tokens/s of each kind, measured in interleaved rounds (kind 1, kind 2, ..., then again), so that a
+    change in the shared machine's load falls on every kind alike: one row per (kind, round)."""
+    train_ids, _ = corpus(cfg["vocab_size"])
+    models = {kind: build_lm(kind, vocab_size=cfg["vocab_size"], block_size=cfg["train_len"], d_model=cfg["d_model"],
+                             n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], seed=0) for kind in kinds}
+    rows = []
+    for r in range(rounds):
+        for kind, model in models.items():
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["min_lr"])
+            gen = torch.Generator().manual_seed(r)
+            task = FunctionTask(batch=lambda step: get_batch(train_ids, cfg["batch"], cfg["train_len"], gen))
+            fit(model, task, 2, optimizer=optimizer)  # warm-up
+            start = time.perf_counter()
+            fit(model, task, steps, optimizer=optimizer, grad_clip=cfg["grad_clip"])
+            seconds = time.perf_counter() - start
+            rows.append({"kind": kind, "round": r, "tokens_per_s": steps * cfg["batch"] * cfg["train_len"] / seconds})
+            progress(f"round {r} {kind:>8}: {rows[-1]['tokens_per_s']:,.0f} tokens/s")
+    return rows
+
+
 def spread(values) -> str:
     """mean (min .. max)"""
     return f"{statistics.mean(values):.3f} ({min(values):.3f} .. {max(values):.3f})"
@@ -425,6 +449,10 @@ def main(argv=None) -> None:
     lm_.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     lm_.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     lm_.add_argument("--out", default="ch10_lm.json")
+    sp = sub.add_parser("speed", help="training tokens/s of the four LMs, interleaved rounds")
+    sp.add_argument("--rounds", type=int, default=5)
+    sp.add_argument("--steps", type=int, default=20)
+    sp.add_argument("--out", default="ch10_speed.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -437,6 +465,8 @@ def main(argv=None) -> None:
     if args.what == "lm":
         payload = {"config": LM, "rows": lm(args.seeds, args.kinds)}
         print(ppl_table(payload["rows"]))
+    if args.what == "speed":
+        payload = {"config": LM, "rows": throughput(rounds=args.rounds, steps=args.steps)}
     payload.update(command=command(), machine=machine(), threads=torch.get_num_threads(),
                    seconds=time.perf_counter() - start)
     print("saved", save(args.out, payload))
