@@ -56,7 +56,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from nanomodels.retnet import (MultiScaleRetention, apply_xpos, retention_chunkwise, retention_gammas,
-                               retention_parallel, retention_recurrent)
+                               retention_parallel, retention_recurrent, retnet_lm)
 from nanomodels.runtime import quick_mode
 
 import retnet_experiments as exp  # chapters/retnet_experiments.py: the benchmarks and the training runs
@@ -148,10 +148,11 @@ plt.show()
 # (`Transformer(config, attention=MultiScaleRetention)`): $q$ and $k$ rotated by position, values twice as wide as the
 # keys, retention per head with its own $\gamma_h$, a per-head RMSNorm, a swish gate and the output projection. Its
 # `forward` runs the parallel or chunkwise form; with a cache (what `Transformer.generate` passes) it keeps each
-# layer's state and decodes recurrently.
+# layer's state and decodes recurrently. `retnet_lm` builds the LM with it.
 
 # %%
 show(MultiScaleRetention)
+show(retnet_lm)
 
 # %% [markdown]
 # The benchmark: a RetNet LM and a Transformer LM of the same width, depth and heads ($d = 128$, 4 layers, 4 heads,
@@ -229,7 +230,7 @@ for base, name in ((512, "XPos"), (math.inf, "RoPE")):
 # Transformer(config)                                                               # learned positions
 # Transformer(config, embed=TokensOnly, attention=partial(RotaryAttention, scale_base=math.inf))   # RoPE
 # Transformer(config, embed=TokensOnly, attention=RotaryAttention)                  # XPos, scale_base = 512
-# Transformer(config, embed=TokensOnly, attention=MultiScaleRetention)              # RetNet (FFN 2d wide)
+# retnet_lm(config, embed=TokensOnly)  # = Transformer(config, attention=MultiScaleRetention, ...), FFN 2d wide: RetNet
 # ```
 #
 # The learned position table has rows up to 1024, but no training window reaches past row 127: those rows keep their

@@ -52,8 +52,8 @@ import torch.nn as nn
 
 from nanomodels.attention import MultiHeadAttention, as_4d_mask, causal_mask
 from nanomodels.data import get_batch, load_text, train_val_split
-from nanomodels.retnet import (MultiScaleRetention, apply_xpos, retention_chunkwise, retention_gammas,
-                               retention_parallel, retention_recurrent)
+from nanomodels.retnet import (apply_xpos, retention_chunkwise, retention_gammas, retention_parallel,
+                               retention_recurrent, retnet_lm)
 from nanomodels.tokenizer import get_tokenizer
 from nanomodels.train import FunctionTask, fit, lm_loss, lr_at, make_optimizer
 from nanomodels.transformer import Transformer, TransformerConfig
@@ -205,7 +205,7 @@ def build_lm(kind: str, *, vocab_size: int, block_size: int, d_model: int, n_lay
     if kind == "xpos":
         return Transformer(config, embed=TokensOnly, attention=RotaryAttention)
     if kind == "retnet":
-        return Transformer(config, embed=TokensOnly, attention=MultiScaleRetention)
+        return retnet_lm(config, embed=TokensOnly)  # MultiScaleRetention as the attention part, torchscale's init
     raise ValueError(f"kind: must be one of {KINDS}, got {kind!r}")
 
 
