@@ -306,19 +306,21 @@ def corpus(vocab_size: int = 512) -> tuple:
 
 
 @torch.no_grad()
-def eval_loss(model, val_ids, length: int, n_tokens: int, allowed=None) -> float:
-    """Mean next-token loss (nats) over every position of n_tokens // length fixed validation windows of `length`."""
+def eval_loss(model, val_ids, length: int, n_tokens: int, longest: int, allowed=None) -> float:
+    """Mean next-token loss (nats) over the same n_tokens validation tokens at every `length`: n_tokens // longest
+    fixed windows of `longest` tokens, each cut into windows of `length`, the loss averaged over every position."""
     model.eval()
-    x, y = get_batch(val_ids, max(1, n_tokens // length), length, torch.Generator().manual_seed(length))
-    losses = [model(x[i:i + 1], y[i:i + 1], allowed=allowed)[1].item() for i in range(x.size(0))]
-    return statistics.mean(losses)
+    x, y = get_batch(val_ids, max(1, n_tokens // longest), longest, torch.Generator().manual_seed(0))
+    x, y = x.reshape(-1, length), y.reshape(-1, length)
+    return statistics.mean(model(x[i:i + 1], y[i:i + 1], allowed=allowed)[1].item() for i in range(x.size(0)))
 
 
 def lm_run(kind: str, seed: int, cfg: dict = LM) -> dict:
     """Train one LM at length cfg["train_len"] (AdamW, warmup + cosine, the default run's optimizer groups) and
     evaluate it at each of cfg["eval_lengths"]; rope and xpos also with blockwise causal attention."""
     train_ids, val_ids = corpus(cfg["vocab_size"])
-    model = build_lm(kind, vocab_size=cfg["vocab_size"], block_size=max(cfg["eval_lengths"]), d_model=cfg["d_model"],
+    longest = max(cfg["eval_lengths"])
+    model = build_lm(kind, vocab_size=cfg["vocab_size"], block_size=longest, d_model=cfg["d_model"],
                      n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], seed=seed)
     schedule = SimpleNamespace(lr=cfg["lr"], min_lr=cfg["min_lr"], warmup=cfg["warmup"], steps=cfg["steps"],
                                weight_decay=cfg["weight_decay"])
@@ -332,9 +334,9 @@ def lm_run(kind: str, seed: int, cfg: dict = LM) -> dict:
     row = {"kind": kind, "seed": seed, "params": model.num_params(), "train_s": train_s,
            "tokens_per_s": cfg["steps"] * cfg["batch"] * cfg["train_len"] / train_s,
            "final_train_loss": statistics.mean(losses[-20:]),
-           "val": {str(L): eval_loss(model, val_ids, L, cfg["eval_tokens"]) for L in cfg["eval_lengths"]}}
+           "val": {str(L): eval_loss(model, val_ids, L, cfg["eval_tokens"], longest) for L in cfg["eval_lengths"]}}
     if kind in ("rope", "xpos"):
-        row["val_bca"] = {str(L): eval_loss(model, val_ids, L, cfg["eval_tokens"],
+        row["val_bca"] = {str(L): eval_loss(model, val_ids, L, cfg["eval_tokens"], longest,
                                             allowed=blockwise_causal_mask(L, cfg["bca_block"]))
                           for L in cfg["eval_lengths"]}
     return row
