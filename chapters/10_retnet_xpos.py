@@ -142,8 +142,8 @@ plt.show()
 # What the full run shows (`results/ch10_forms.json`): the three forms agree with the naive loop to $5 \cdot 10^{-14}$ or
 # better in float64 (outputs up to 63 in size), also with the sequence cut in two and the state passed on. The parallel
 # form's cost per token grows with $T$, from 11.4 µs at $T = 256$ to 247.6 µs at $T = 4096$ (its time rises 4.7× from
-# 2048 to 4096 tokens: quadratic). The recurrent form stays at 20–24 µs per token from 256 to 16,384 tokens (constant
-# per step; at this size each step is a few small operations, so Python's overhead per step sets the cost), and the
+# 2048 to 4096 tokens: quadratic). The recurrent form stays at 20–24 µs per token from 256 to 16,384 tokens (a constant
+# cost per step), and the
 # chunkwise form at 3.7–5.3 µs per token, the fastest of the three at every length measured: at $T = 4096$ it is 59× faster
 # than the parallel form and 5.1× faster than the recurrent one. This is why RetNet trains in the parallel (or chunkwise)
 # form and decodes in the recurrent one, which needs only the state.
@@ -337,9 +337,9 @@ for a, b, key_a, key_b, name in comparisons:
 #
 # The same runs as section 3, read at the training length: the RetNet LM against the Transformer with learned positions
 # (the core model) and against the XPos Transformer. The throughput, training tokens per second (forward, backward and
-# optimizer step, one thread), is measured apart: the tokens/s of the training runs above moved by a factor of two with
-# the load of the shared machine, so here the four models take turns, 20 steps each, for 5 rounds
-# (`results/ch10_speed.json`), and the ratio is taken within each round.
+# optimizer step, one thread), is measured apart, so that the models are timed under the same load of the shared
+# machine: the four models take turns, 20 steps each, for 5 rounds (`results/ch10_speed.json`), and the ratio is taken
+# within each round.
 
 # %%
 speed_saved = stored("ch10_speed.json")
