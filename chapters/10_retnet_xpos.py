@@ -99,7 +99,9 @@ show(retention_parallel)
 #
 # $$O_{[i]} = (Q_{[i]} K_{[i]}^\top \odot D)\,V_{[i]} + (Q_{[i]} R_{i-1}) \odot \xi .$$
 #
-# (An exercise goes here: the recurrent step, and the chunkwise cross-chunk term.)
+# The recurrent step is exercise 10.1 (`python -m exercises grade 10 --exercise 10.1`), the chunkwise cross-chunk term,
+# $(Q_{[i]} R_{i-1}) \odot \xi$ and the state update, exercise 10.2 (`python -m exercises grade 10 --exercise 10.2`):
+# the cells below print the two functions as the stubs you fill in `exercises/ex10_retnet_xpos.py`.
 
 # %%
 show(retention_recurrent)
@@ -210,7 +212,8 @@ plt.show()
 # $\theta_i = 10000^{-2i/D}$, and scales $q$ by $\zeta_i^{n/B}$ and $k$ by $\zeta_i^{-m/B}$ with
 # $\zeta_i = (2i + 0.4D)/(1.4D)$ and $B$ = `scale_base` (512). The exponent is centred on a constant that cancels in
 # $q' \cdot k'$, so long sequences do not overflow; `scale_base=math.inf` leaves only the rotation: RoPE.
-# (An exercise goes here: XPos's scale.)
+# The scale is exercise 10.3 (`python -m exercises grade 10 --exercise 10.3`): the grader checks $q'$ and $k'$ against
+# the formula in float64, and float16 positions up to $14B$, where an uncentred $\zeta^{-m/B}$ overflows.
 
 # %%
 show(apply_xpos)
@@ -368,5 +371,15 @@ for other in ("learned", "xpos"):
 # products with a stored $T \times T$ decay mask). The paper's language-modelling comparison is at billions of
 # parameters; these 2-layer models say nothing about that scale. What this chapter measured for RetNet is the other
 # half of its claim: a model that trains in parallel and decodes from a constant-size state (section 2).
-#
-# (An exercise goes here: the decay mask $D$.)
+
+# %% [markdown]
+# The decay mask $D$ that the parallel form builds for the whole sequence and the chunkwise form inside each
+# chunk is exercise 10.4: $D_{nm} = \gamma^{n-m}$ on and below the diagonal, exactly 0 above it, one mask per head, in
+# $\gamma$'s dtype. Choose the 0 rather than multiply by a 0/1 mask: for a small $\gamma$, $\gamma^{n-m}$ of $n < m$
+# overflows and $\infty \cdot 0$ is NaN (the grader draws such $\gamma$). Check yours with
+# `python -m exercises grade 10 --exercise 10.4`; `python -m exercises grade 10` grades all four.
+
+# %%
+from nanomodels.retnet import decay_mask
+
+show(decay_mask)

@@ -72,10 +72,12 @@ def _check(q, k, v, gamma, state=None):
 
 
 def decay_mask(gamma: torch.Tensor, n: int) -> torch.Tensor:
-    """D (H, n, n): gamma^(row - column) on and below the diagonal, 0 above. gamma is (H, 1, 1)."""
+    """D (H, n, n): gamma^(row - column) on and below the diagonal, 0 above; gamma is (H, 1, 1), D its dtype."""
+    # BEGIN EXERCISE 10.4: the decay mask
     idx = torch.arange(n, device=gamma.device, dtype=gamma.dtype)
     diff = idx[:, None] - idx[None, :]  # (n, n)
     return torch.where(diff >= 0, gamma ** diff.clamp(min=0), 0.0)
+    # END EXERCISE
 
 
 def retention_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma) -> torch.Tensor:
@@ -91,17 +93,24 @@ def retention_recurrent(q, k, v, gamma, state: Optional[torch.Tensor] = None):
     `state` is S_0 (zeros when None): passing the returned state back continues the sequence."""
     g = _check(q, k, v, gamma, state).to(q.dtype)
     B, H, T, Dk = q.shape
+    # BEGIN EXERCISE 10.1: the recurrent step
     S = q.new_zeros(B, H, Dk, v.size(-1)) if state is None else state
     out = []
     for n in range(T):
         S = g * S + k[:, :, n, :, None] * v[:, :, n, None, :]  # (B, H, Dk, Dv)
         out.append(q[:, :, n, None, :] @ S)  # (B, H, 1, Dv)
     return torch.cat(out, dim=2) if out else v.new_zeros(v.shape), S
+    # END EXERCISE
 
 
 def retention_chunkwise(q, k, v, gamma, chunk_size: int, state: Optional[torch.Tensor] = None):
     """The chunkwise form: chunks of chunk_size tokens (the last may be shorter), parallel inside a chunk,
-    the state across chunks -> (out (B, H, T, Dv), state (B, H, Dk, Dv)), equal to the other two forms."""
+    the state across chunks -> (out (B, H, T, Dv), state (B, H, Dk, Dv)), equal to the other two forms.
+
+    Chunk i of C tokens (rows j = 0 .. C - 1), after the chunks before it left the state S:
+        o_[i] = (Q_[i] K_[i]^T (.) D) V_[i] + (Q_[i] S) (.) xi,    xi_j = gamma^(j + 1)
+        S    <- gamma^C S + K_[i]^T (V_[i] (.) zeta),              zeta_j = gamma^(C - j - 1)
+    `state` is the S before the first chunk (zeros when None)."""
     g = _check(q, k, v, gamma, state)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
@@ -110,12 +119,14 @@ def retention_chunkwise(q, k, v, gamma, chunk_size: int, state: Optional[torch.T
     out = []
     for start in range(0, T, chunk_size):
         qc, kc, vc = (t[:, :, start:start + chunk_size] for t in (q, k, v))
-        C = qc.size(2)
-        j = torch.arange(C, device=q.device, dtype=g.dtype)[:, None]  # (C, 1): index in the chunk
+        C = qc.size(2)  # chunk_size, or fewer in the last chunk
         inner = ((qc @ kc.transpose(-2, -1)) * decay_mask(g, C).to(q.dtype)) @ vc
+        # BEGIN EXERCISE 10.2: the chunkwise cross-chunk term
+        j = torch.arange(C, device=q.device, dtype=g.dtype)[:, None]  # (C, 1): index in the chunk
         xi, zeta = (g ** (j + 1)).to(q.dtype), (g ** (C - 1 - j)).to(q.dtype)  # (H, C, 1)
         out.append(inner + (qc @ S) * xi)
         S = (g ** C).to(q.dtype) * S + kc.transpose(-2, -1) @ (vc * zeta)
+        # END EXERCISE
     return torch.cat(out, dim=2) if out else v.new_zeros(v.shape), S
 
 
@@ -133,8 +144,9 @@ def rotate_pairs(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 def apply_xpos(q: torch.Tensor, k: torch.Tensor, *, q_offset: int = 0, scale_base: float = 512):
     """XPos: q (..., Tq, D) at positions q_offset + t, k (..., Tk, D) at positions 0 .. Tk - 1 -> (q', k').
 
-    Rotation by position * theta_i, q scaled by zeta_i^((n + c)/B), k by zeta_i^(-(m + c)/B), c = (-L) // 2 with
-    L = max(q_offset + Tq, Tk); scale_base=math.inf gives RoPE."""
+    Rotation by position * theta_i, q scaled by zeta_i^((n + c)/B), k by zeta_i^(-(m + c)/B) on both entries of
+    pair i, zeta_i = (2i + 0.4 D) / (1.4 D), B = scale_base, c = (-L) // 2 with L = max(q_offset + Tq, Tk); q', k'
+    in the input dtype; scale_base=math.inf gives RoPE."""
     if q.dim() < 2 or k.dim() < 2 or q.size(-1) != k.size(-1):
         raise ValueError(f"q, k: expected (..., T, D) with one D, got {tuple(q.shape)} and {tuple(k.shape)}")
     D = q.size(-1)
@@ -148,11 +160,13 @@ def apply_xpos(q: torch.Tensor, k: torch.Tensor, *, q_offset: int = 0, scale_bas
     work = torch.promote_types(q.dtype, torch.float32)
     qpos = torch.arange(q_offset, q_offset + Tq, device=q.device, dtype=work)
     kpos = torch.arange(Tk, device=k.device, dtype=work)
+    # BEGIN EXERCISE 10.3: XPos's scale
     zeta = (torch.arange(0, D, 2, device=q.device, dtype=work) + 0.4 * D) / (1.4 * D)  # (D/2,)
     c = (-max(q_offset + Tq, Tk)) // 2  # centres the exponent: zeta^(+-L/(2B)) at most, cancels in q'.k'
     q_scale = zeta ** ((qpos[:, None] + c) / scale_base)  # (Tq, D/2)
     k_scale = zeta ** (-(kpos[:, None] + c) / scale_base)  # (Tk, D/2)
     q_scale, k_scale = (s.repeat_interleave(2, dim=-1).to(q.dtype) for s in (q_scale, k_scale))  # (T, D)
+    # END EXERCISE
     return rotate_pairs(q, qpos) * q_scale, rotate_pairs(k, kpos) * k_scale
 
 

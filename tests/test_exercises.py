@@ -69,6 +69,29 @@ def test_readme_lists_every_exercise_with_its_title_and_points(chapter):
         assert f"{m.id} {m.title} ({spec[m.id].points})" in row, f"the README's row lacks `{m.id} {m.title}`"
 
 
+def test_two_digit_chapters_resolve_in_the_registry_stubs_hints_and_show():
+    chapter = get_chapter("10")
+    assert get_chapter("ch10") is chapter and get_chapter("ex10") is chapter and chapter_of("10.1") == "10"
+    assert get_chapter("1").number == "01" and chapter_of("1.3") == "01"  # "1" is not "10", "10" is not "01"
+    assert [m.key for m in scan(chapter)] == [(10, 1), (10, 2), (10, 3), (10, 4)]
+    assert chapter.student_file.name == "ex10_retnet_xpos.py" and chapter.checks_module.endswith("ch10_retnet_xpos")
+    from exercises.grading.hints import levels
+
+    assert len(levels("10.2")) == 3
+    sys.path.insert(0, str(ROOT / "chapters"))
+    try:
+        from build import source_path
+        from show import render
+    finally:
+        sys.path.remove(str(ROOT / "chapters"))
+    from nanomodels.retnet import retention_chunkwise
+
+    assert source_path("10").name == "10_retnet_xpos.py"
+    text = render(retention_chunkwise)
+    assert "Exercise 10.2 (the chunkwise cross-chunk term): write the body in exercises/ex10_retnet_xpos.py" in text
+    assert "python -m exercises grade 10" in text and "xi, zeta" not in text
+
+
 def test_chapter_00_has_the_four_required_exercises():
     titles = " | ".join(m.title for m in scan(CH00))
     assert len(scan(CH00)) >= 4
@@ -224,12 +247,90 @@ def train_bpe(text, vocab_size, pattern=GPT2_PATTERN):
 """
 
 
+# A correct chapter 10 written differently: einsum, the chunk's rows one at a time, exp(log zeta * exponent) and
+# c = -((L + 1) // 2) for XPos, exp((r - c) log gamma) with masked_fill for the decay mask.
+ALTERNATIVE_10 = """import math
+
+import torch
+
+from nanomodels.retnet import _check, rotate_pairs
+
+
+def decay_mask(gamma, n):
+    rows = torch.arange(n, device=gamma.device)
+    diff = (rows[:, None] - rows[None, :]).to(gamma.dtype)  # (n, n)
+    D = torch.exp(diff.clamp(min=0) * torch.log(gamma))
+    return D.masked_fill(diff < 0, 0.0)
+
+
+def retention_recurrent(q, k, v, gamma, state=None):
+    g = _check(q, k, v, gamma, state).to(q.dtype)
+    B, H, T, Dk = q.shape
+    S = torch.zeros(B, H, Dk, v.size(-1), dtype=q.dtype) if state is None else state.clone()
+    outs = []
+    for n in range(T):
+        S = g * S + torch.einsum("bhd,bhe->bhde", k[:, :, n], v[:, :, n])
+        outs.append(torch.einsum("bhd,bhde->bhe", q[:, :, n], S))
+    return torch.stack(outs, dim=2), S
+
+
+def retention_chunkwise(q, k, v, gamma, chunk_size, state=None):
+    g = _check(q, k, v, gamma, state)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
+    B, H, T, Dk = q.shape
+    S = q.new_zeros(B, H, Dk, v.size(-1)) if state is None else state
+    out = []
+    for start in range(0, T, chunk_size):
+        qc, kc, vc = (t[:, :, start:start + chunk_size] for t in (q, k, v))
+        C = qc.size(2)
+        inner = ((qc @ kc.transpose(-2, -1)) * decay_mask(g, C).to(q.dtype)) @ vc
+        gh = g.flatten()
+        rows = []
+        for j in range(C):
+            rows.append(torch.einsum("bhd,bhde->bhe", qc[:, :, j], S) * (gh ** (j + 1)).to(q.dtype)[None, :, None])
+        out.append(inner + torch.stack(rows, dim=2))
+        new = S * (gh ** C).to(q.dtype)[None, :, None, None]
+        for j in range(C):
+            w = (gh ** (C - 1 - j)).to(q.dtype)[None, :, None, None]
+            new = new + w * kc[:, :, j, :, None] * vc[:, :, j, None, :]
+        S = new
+    return torch.cat(out, dim=2), S
+
+
+def apply_xpos(q, k, *, q_offset=0, scale_base=512):
+    if q.dim() < 2 or k.dim() < 2 or q.size(-1) != k.size(-1):
+        raise ValueError("q, k: shapes")
+    D = q.size(-1)
+    if D % 2:
+        raise ValueError("q, k: the last dimension D must be even")
+    if not isinstance(q_offset, int) or isinstance(q_offset, bool) or q_offset < 0:
+        raise ValueError("q_offset: must be an integer >= 0")
+    if not scale_base > 0:
+        raise ValueError("scale_base: must be > 0")
+    Tq, Tk = q.size(-2), k.size(-2)
+    work = torch.promote_types(q.dtype, torch.float32)
+    qpos = torch.arange(q_offset, q_offset + Tq, device=q.device, dtype=work)
+    kpos = torch.arange(Tk, device=k.device, dtype=work)
+    L = max(q_offset + Tq, Tk)
+    c = -((L + 1) // 2)
+    log_zeta = torch.log((2 * torch.arange(D // 2, dtype=work) + 0.4 * D) / (1.4 * D))  # (D/2,)
+    inv = 0.0 if math.isinf(scale_base) else 1.0 / scale_base
+    q_scale = torch.exp((qpos[:, None] + c) * inv * log_zeta)
+    k_scale = torch.exp(-(kpos[:, None] + c) * inv * log_zeta)
+    q_scale = torch.stack((q_scale, q_scale), dim=-1).flatten(-2).to(q.dtype)
+    k_scale = torch.stack((k_scale, k_scale), dim=-1).flatten(-2).to(q.dtype)
+    return rotate_pairs(q, qpos) * q_scale, rotate_pairs(k, kpos) * k_scale
+"""
+ALTERNATIVES = {"00": ALTERNATIVE_00, "10": ALTERNATIVE_10}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("chapter", CHAPTERS.values(), ids=lambda c: c.number)
 def test_reference_scores_full_marks_and_untouched_stub_scores_zero(chapter, tmp_path):
     sources = [Source("reference"), Source("file", str(chapter.student_file))]
-    if chapter.number == "00":
-        (tmp_path / "alternative.py").write_text(ALTERNATIVE_00)
+    if chapter.number in ALTERNATIVES:
+        (tmp_path / "alternative.py").write_text(ALTERNATIVES[chapter.number])
         sources.append(Source("file", str(tmp_path / "alternative.py")))
     reference, stub, *alternative = grade_many(chapter, sources)
     assert reference["full_marks"], format_report(reference)
@@ -314,14 +415,17 @@ CLASSES = {
                                     ("04", "deepnorm_scales_x_in_place", "changed its argument `x` in place")],
     "wide values: scores far beyond +-30": [("00", "attention_fill_minus_1e4", "fill value"),
                                             ("00", "attention_unshifted_softmax", "NaN"),
-                                            ("00", "sample_next_token_unshifted_softmax", None)],
+                                            ("00", "sample_next_token_unshifted_softmax", None),
+                                            ("10", "decay_mask_multiplies_by_the_mask", "NaN"),
+                                            ("10", "apply_xpos_not_centred", "inf")],
     "ids of several digits and past a byte": [("00", "merge_pair_string_replace", "expected"),
                                               ("00", "most_frequent_pair_ties_by_string", "the tie goes to")],
     "rows of a batch that differ": [("00", "sample_next_token_threshold_from_the_first_row", None),
                                     ("02", "cloze_decode_first_row_decides", "greedy choices")],
     "spans unsorted and not contiguous": [("03", "pmlm_layout_assumes_contiguous_spans", "expected"),
                                           ("03", "pmlm_layout_sorts_each_span", "expected")],
-    "sizes above 16": [("00", "causal_mask_fixed_buffer", None)],
+    "sizes above 16": [("00", "causal_mask_fixed_buffer", None),
+                       ("10", "decay_mask_at_most_16", "expected (2, 20, 20)")],
     "arguments and paths never exercised": [("00", "causal_mask_ignores_the_device", "device"),
                                             ("00", "sample_next_token_top_k_above_the_vocabulary_fails", None),
                                             ("00", "sample_next_token_generator_dropped_with_top_k", "generator"),
@@ -331,7 +435,9 @@ CLASSES = {
     "float32 and float16": [("00", "attention_fill_minus_1e9", "Half"),
                             ("00", "attention_computes_in_float64", "dtype"),
                             ("04", "deepnorm_in_float64", "dtype"),
-                            ("05", "subln_ffn_returns_float64", "dtype")],
+                            ("05", "subln_ffn_returns_float64", "dtype"),
+                            ("10", "retention_chunkwise_xi_in_float32", "dtype"),
+                            ("10", "apply_xpos_scale_in_float32", "dtype")],
     "fresh returned tensors and lists": [("00", "causal_mask_memoized", "a tensor it keeps"),
                                          ("02", "seq2seq_mask_memoized", "a tensor it keeps"),
                                          ("00", "merge_pair_returns_its_input_when_absent", "input list itself")],
@@ -339,12 +445,17 @@ CLASSES = {
         ("04", "init_branches_xavier_uniform", "uniform"),
         ("04", "deepnorm_constants_copies_the_table", "do not copy the table"),
         ("05", "subln_gamma_copies_the_table", "log(2N)")],
-    "hard cases as @example": [("00", "most_frequent_pair_ties_by_first_element", "the tie goes to")],
+    "hard cases as @example": [("00", "most_frequent_pair_ties_by_first_element", "the tie goes to"),
+                               ("10", "apply_xpos_centre_not_floored", "odd L"),
+                               ("10", "retention_chunkwise_full_length_last_chunk", "the last chunk has")],
     "faithful diagnoses": [("04", "init_branches_leaves_queries_and_keys", "was not re-initialized"),
                            ("00", "attention_softmax_over_heads", "its own q, k and v"),
                            ("04", "deepnorm_layernorm_written_out_without_eps", "eps"),
                            ("05", "magneto_encoder_decoder_swaps_the_gammas", "each stack takes its own row"),
-                           ("03", "pmlm_mask_unbatched", "a batch")],
+                           ("03", "pmlm_mask_unbatched", "a batch"),
+                           ("10", "retention_recurrent_ignores_the_state", "ignores the given state"),
+                           ("10", "apply_xpos_centre_ignores_q_offset", "q_offset"),
+                           ("10", "decay_mask_one_gamma_for_all_heads", "its own gamma")],
     "type-exact comparisons": [("00", "merge_pair_list_equal_to_everything", "plain list"),
                                ("04", "deepnorm_constants_returns_tensors", "Python floats")],
 }

@@ -12,6 +12,7 @@ from nanomodels.retnet import (MultiScaleRetention, apply_xpos, retention_chunkw
 from nanomodels.transformer import TransformerConfig
 
 TOL = dict(rtol=0, atol=1e-12)
+CHAPTER = "10"  # tests/conftest.py runs its graded checks as `graded_check`
 
 
 def qkv(B=2, H=3, T=7, Dk=4, Dv=5, seed=0, dtype=torch.float64):
@@ -216,3 +217,7 @@ def test_xpos_centres_its_exponent_so_long_float32_sequences_stay_finite():
     q64, k64 = apply_xpos(q.double(), k.double())
     last = (q64[-1] @ k64[-8:].T)
     torch.testing.assert_close((q32[-1] @ k32[-8:].T).double(), last, rtol=1e-5, atol=0)
+
+
+def test_graded_invariant_holds_for_the_library(graded_check):
+    graded_check()

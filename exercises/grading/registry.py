@@ -64,6 +64,8 @@ CHAPTERS = {c.number: c for c in [
             ("nanomodels/bitlinear.py", "kernels/bitnet.py")),
     Chapter("09", "next_token_diffusion", "LatentLM: next-token diffusion",
             ("nanomodels/diffusion.py", "nanomodels/sigma_vae.py", "kernels/adaln.py")),
+    Chapter("10", "retnet_xpos", "RetNet retention and XPos: recurrent, chunkwise, the decay and the scale",
+            ("nanomodels/retnet.py",)),
 ]}
 
 
