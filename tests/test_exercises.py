@@ -69,6 +69,12 @@ def test_readme_lists_every_exercise_with_its_title_and_points(chapter):
         assert f"{m.id} {m.title} ({spec[m.id].points})" in row, f"the README's row lacks `{m.id} {m.title}`"
 
 
+def test_two_digit_chapters_own_their_exercises():
+    assert chapter_of("12.1") == "12" and chapter_of("1.2") == "01" and chapter_of("0.1") == "00"
+    assert get_chapter("12") is get_chapter("ch12") is CHAPTERS["12"]
+    assert {chapter_of(m.id) for m in scan(CHAPTERS["12"])} == {"12"}
+
+
 def test_chapter_00_has_the_four_required_exercises():
     titles = " | ".join(m.title for m in scan(CH00))
     assert len(scan(CH00)) >= 4

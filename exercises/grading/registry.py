@@ -64,6 +64,7 @@ CHAPTERS = {c.number: c for c in [
             ("nanomodels/bitlinear.py", "kernels/bitnet.py")),
     Chapter("09", "next_token_diffusion", "LatentLM: next-token diffusion",
             ("nanomodels/diffusion.py", "nanomodels/sigma_vae.py", "kernels/adaln.py")),
+    Chapter("12", "minilm", "MiniLM: distilling a Transformer through its self-attention", ("nanomodels/minilm.py",)),
 ]}
 
 
