@@ -25,9 +25,9 @@ def _gen(seed):
 # ---- the oracles: loops over Python floats ------------------------------------------------------------------
 
 def naive_kl(teacher, student, mask=None, reduce=True):
-    """Σ over (b, h, valid row i) of Σ_k t (log t − log s), 0 log 0 = 0, t > 0 = s gives +inf; divided by
-    H · (number of valid rows). reduce=False: (the sum, Σ t (|log t| + |log s|) (the size of the terms' rounding), H, the number of valid
-    rows)."""
+    """Σ over (b, h, valid row i) of Σ_k t (log t − log s), 0 log 0 = 0, t > 0 with s = 0 gives +inf; divided
+    by H · (number of valid rows). reduce=False: (the sum, Σ t (|log t| + |log s|) (the size of the terms'
+    rounding), H, the number of valid rows)."""
     t_, s_ = teacher.double().tolist(), student.double().tolist()
     B, H, T = len(t_), len(t_[0]), len(t_[0][0])
     m_ = [[True] * T for _ in range(B)] if mask is None else mask.tolist()
@@ -227,7 +227,8 @@ def kl_zero_log_zero_and_infinity(attention_kl, seed):
     out = _value(attention_kl(t, s_zero), "attention_kl", F64)
     if not out == math.inf:
         raise Violation(f"teacher {fmt(t[0, 0])}, student {fmt(s_zero[0, 0])}: got {out}, expected +inf (the "
-                        "student gives 0 to a key the teacher weights: t · (log t − log 0) = +inf); no eps in the log")
+                        "student gives 0 to a key the teacher weights: t · (log t − log 0) = +inf); no eps in "
+                        "the log")
 
 
 @check("gradients: none reaches the teacher (a target, detached); the student's is −t / s / (H · valid rows) "
@@ -273,8 +274,9 @@ def kl_gradient_reaches_only_the_student(attention_kl, pattern, mask_kind, seed)
 
 @check("float32 and float16 teacher and student (probabilities down to 1e-30, and below the float16 range): "
        "the result keeps their dtype and matches the float64 loop on the same values within 64 ulps of "
-       "Σ t (|log t| + |log s|) / (H · valid rows), the size of the logarithms' rounding", dtype=st.sampled_from([torch.float32, torch.float16]),
-       pattern=st.sampled_from(PATTERNS), mask_kind=st.sampled_from(["none", "random", "per batch"]), seed=seeds)
+       "Σ t (|log t| + |log s|) / (H · valid rows), the size of the logarithms' rounding",
+       dtype=st.sampled_from([torch.float32, torch.float16]), pattern=st.sampled_from(PATTERNS),
+       mask_kind=st.sampled_from(["none", "random", "per batch"]), seed=seeds)
 def kl_in_low_precision(attention_kl, dtype, pattern, mask_kind, seed):
     teacher, student, mask = kl_inputs(2, 2, 6, pattern, mask_kind, seed, spread=12.0, dtype=dtype)
     total, spread, H, rows = naive_kl(teacher, student, mask, reduce=False)
@@ -357,9 +359,12 @@ def _expect_distributions(out, want, tol, what, bound):
        "head, 12 columns into 6, 4 or 3 heads, T = 1), float64 to 1e-12",
        B=st.integers(1, 2), T=st.integers(1, 5), n_heads=st.integers(1, 4), dh=st.integers(1, 4),
        scale=st.sampled_from([0.3, 1.0, 2.0]), seed=seeds,
-       examples=[dict(B=2, T=3, n_heads=6, dh=2, scale=1.0, seed=0), dict(B=1, T=4, n_heads=4, dh=3, scale=1.0, seed=1),
-                 dict(B=1, T=4, n_heads=3, dh=4, scale=1.0, seed=2), dict(B=2, T=1, n_heads=2, dh=3, scale=1.0, seed=3),
-                 dict(B=1, T=5, n_heads=1, dh=4, scale=2.0, seed=4), dict(B=2, T=3, n_heads=3, dh=1, scale=2.0, seed=5)])
+       examples=[dict(B=2, T=3, n_heads=6, dh=2, scale=1.0, seed=0),  # 12 columns into 6, 4 and 3 heads
+                 dict(B=1, T=4, n_heads=4, dh=3, scale=1.0, seed=1),
+                 dict(B=1, T=4, n_heads=3, dh=4, scale=1.0, seed=2),
+                 dict(B=2, T=1, n_heads=2, dh=3, scale=1.0, seed=3),  # T = 1
+                 dict(B=1, T=5, n_heads=1, dh=4, scale=2.0, seed=4),  # one head
+                 dict(B=2, T=3, n_heads=3, dh=1, scale=2.0, seed=5)])  # one column per head
 def relation_matches_the_loop(relation, B, T, n_heads, dh, scale, seed):
     x = _rel_inputs((B, T, n_heads * dh), scale, seed)
     want = naive_relation(x, n_heads)

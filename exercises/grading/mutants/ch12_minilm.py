@@ -2,7 +2,7 @@
 lose its exercise's points, and every patch must still apply to the library's region (tests/test_exercises.py).
 The format is described in exercises/grading/mutants/__init__.py. Each parameter of a graded function has a
 mutant that ignores it (attention_kl's mask, relation's n_heads in the split and in the scale, minilm_v2_loss's
-mask, n_heads and each of the three relations).
+mask, n_heads, its V-V term and the teacher's k and v).
 """
 
 from exercises.grading.mutants import Mutant
