@@ -20,7 +20,7 @@ from nanomodels.minilm import _check, _check_heads
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Exercise 12.1: the attention KL, teacher ‖ student, over the valid query rows (3 points)
+# Exercise 12.1: the attention KL(teacher || student) over the valid query rows (3 points)
 # Hint: MiniLM's attention loss compares, for every head and every query row, the teacher's distribution over
 #       the keys with the student's, and averages; the teacher is the target.
 def attention_kl(teacher: torch.Tensor, student: torch.Tensor,
@@ -30,7 +30,10 @@ def attention_kl(teacher: torch.Tensor, student: torch.Tensor,
     teacher, student: (B, H, T, T) distributions over the last axis. mask: (B, T) bool, True = a valid query
     row (None: every row); the mean is over every (b, h, valid row), so a masked row's content never matters.
     The teacher is a target: it is detached. s = 0 where t > 0 gives +inf (the student rules out what the
-    teacher allows). A mask with no valid row is a ValueError (the mean over no row is undefined).
+    teacher allows). The student's gradient is −t / s / (H · valid rows) where t > 0 in a valid row and
+    exactly 0 elsewhere, never NaN where t = s = 0 (a causal student's future keys). The result has the
+    inputs' dtype.
+    A mask with no valid row is a ValueError (the mean over no row is undefined).
     """
     _check(teacher, "teacher", 4, "(B, H, T, T)")
     _check(student, "student", 4, "(B, H, T, T)")
@@ -45,7 +48,7 @@ def attention_kl(teacher: torch.Tensor, student: torch.Tensor,
                          f"{mask.dtype} {tuple(mask.shape)}")
     if not mask.any():
         raise ValueError("mask: selects no query row; the mean KL over zero rows is undefined")
-    raise NotImplementedError("Exercise 12.1: the attention KL, teacher \u2016 student, over the valid query rows")
+    raise NotImplementedError("Exercise 12.1: the attention KL(teacher || student) over the valid query rows")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -56,7 +59,8 @@ def relation(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """MiniLMv2's relation heads: x (B, T, d) split into n_heads heads of d / n_heads -> (B, n_heads, T, T).
 
     x is the concatenation of a layer's attention heads (q, k or v before the head split), so re-splitting
-    it into n_heads relation heads needs no relation between the model's head count and n_heads."""
+    it into n_heads relation heads needs no relation between the model's head count and n_heads. The result
+    has x's dtype."""
     _check(x, "x", 3, "(B, T, d)")
     B, T, d = x.shape
     _check_heads(n_heads, d, "d")
@@ -94,6 +98,8 @@ def minilm_v2_loss(teacher_qkv: Sequence[torch.Tensor], student_qkv: Sequence[to
 # Exercise 12.4: the value relation (2 points)
 # Hint: MiniLM's value relation is a self-attention of the values with themselves, per head.
 def value_relation(v: torch.Tensor) -> torch.Tensor:
-    """softmax(v vᵀ / √Dh) over the last axis: v (B, H, T, Dh) -> (B, H, T, T). MiniLM's VR."""
+    """softmax(v vᵀ / √Dh) over the last axis: v (B, H, T, Dh) -> (B, H, T, T). MiniLM's VR.
+
+    The result has v's dtype; the softmax subtracts each row's max: logits far beyond exp's range are fine."""
     _check(v, "v", 4, "(B, H, T, Dh)")
     raise NotImplementedError("Exercise 12.4: the value relation")
