@@ -57,10 +57,33 @@ print("quick mode" if QUICK else "full run")
 
 # %% [markdown]
 # ## 1. The losses, from nanomodels/minilm.py, and the task that uses them
+#
+# $\mathcal L_{AT}$ is `attention_kl`: the mean over batch, heads and valid query rows of KL(teacher ‖ student), with
+# $0 \log 0 = 0$. It is exercise 12.1, so only its specification is printed here; write it in
+# `exercises/ex12_minilm.py` and grade it with `python -m exercises grade 12 --exercise 12.1`.
 
 # %%
 show(attention_kl)
+
+# %% [markdown]
+# The value relation $\mathrm{VR} = \mathrm{softmax}(V V^\top/\sqrt{d_k})$ (exercise 12.4), and MiniLMv2's relation
+# heads (exercise 12.2): the same self-relation after the concatenated heads are re-split into `n_heads` relation
+# heads, scaled by the width of one relation head. Grade them with `python -m exercises grade 12 --exercise 12.4`
+# and `--exercise 12.2`.
+
+# %%
+from nanomodels.minilm import value_relation
+
+show(value_relation)
 show(relation)
+
+# %% [markdown]
+# The MiniLMv2 loss (exercise 12.3, `python -m exercises grade 12 --exercise 12.3`) sums the attention KLs of the
+# Q-Q, K-K and V-V relations; `distill_terms` (nanomodels/distill.py) is where the trainer's distillation task calls
+# these losses (and the logit KL).
+
+# %%
+show(minilm_v2_loss)
 show(distill_terms)
 
 # %% [markdown]
@@ -149,5 +172,10 @@ if teacher_info:
 #
 # ## Exercises
 #
-# The exercises of this chapter (attention KL with masking, the relation heads, the v2 loss, with mutants per
-# parameter) will be graded from `exercises/ex12_minilm.py`.
+# `exercises/ex12_minilm.py` holds four exercises (10 points): 12.1 the attention KL over the valid query rows (3),
+# 12.2 the relation heads (3), 12.3 the MiniLMv2 loss (2), 12.4 the value relation (2). Grade them all with
+#
+#     python -m exercises grade 12
+#
+# and ask for a hint with `python -m exercises hint 12.1`. The grader compares each function with float64 loops,
+# also on float32 and float16 inputs with relation logits far beyond the range of `exp`.

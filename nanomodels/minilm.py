@@ -53,7 +53,10 @@ def attention_kl(teacher: torch.Tensor, student: torch.Tensor,
     teacher, student: (B, H, T, T) distributions over the last axis. mask: (B, T) bool, True = a valid query
     row (None: every row); the mean is over every (b, h, valid row), so a masked row's content never matters.
     The teacher is a target: it is detached. s = 0 where t > 0 gives +inf (the student rules out what the
-    teacher allows). A mask with no valid row is a ValueError (the mean over no row is undefined).
+    teacher allows). The student's gradient is −t / s / (H · valid rows) where t > 0 in a valid row and
+    exactly 0 elsewhere, never NaN where t = s = 0 (a causal student's future keys). The result has the
+    inputs' dtype.
+    A mask with no valid row is a ValueError (the mean over no row is undefined).
     """
     _check(teacher, "teacher", 4, "(B, H, T, T)")
     _check(student, "student", 4, "(B, H, T, T)")
@@ -66,33 +69,42 @@ def attention_kl(teacher: torch.Tensor, student: torch.Tensor,
     elif mask.dtype != torch.bool or tuple(mask.shape) != (B, T):
         raise ValueError(f"mask: expected a bool (B, T) = ({B}, {T}) tensor of valid query rows, got "
                          f"{mask.dtype} {tuple(mask.shape)}")
-    n_rows = int(mask.sum())
-    if n_rows == 0:
+    if not mask.any():
         raise ValueError("mask: selects no query row; the mean KL over zero rows is undefined")
+    # BEGIN EXERCISE 12.1: the attention KL(teacher || student) over the valid query rows
     t = teacher.detach().masked_fill(~mask[:, None, :, None], 0.0)  # masked rows: t = 0, so they add 0
     seen = t > 0
     # log 1 where t = 0: the term is 0 · (0 − 0) = 0 with gradient 0 (log 0 there would give 0 · inf = NaN)
     log_t = torch.log(torch.where(seen, t, 1.0))
     log_s = torch.log(torch.where(seen, student, 1.0))
-    return (t * (log_t - log_s)).sum() / (H * n_rows)
+    return (t * (log_t - log_s)).sum() / (H * int(mask.sum()))
+    # END EXERCISE
 
 
 def value_relation(v: torch.Tensor) -> torch.Tensor:
-    """softmax(v vᵀ / √Dh) over the last axis: v (B, H, T, Dh) -> (B, H, T, T). MiniLM's VR."""
+    """softmax(v vᵀ / √Dh) over the last axis: v (B, H, T, Dh) -> (B, H, T, T). MiniLM's VR.
+
+    The result has v's dtype; the softmax subtracts each row's max: logits far beyond exp's range are fine."""
     _check(v, "v", 4, "(B, H, T, Dh)")
+    # BEGIN EXERCISE 12.4: the value relation
     return torch.softmax(v @ v.transpose(-2, -1) / math.sqrt(v.size(-1)), dim=-1)
+    # END EXERCISE
 
 
 def relation(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     """MiniLMv2's relation heads: x (B, T, d) split into n_heads heads of d / n_heads -> (B, n_heads, T, T).
 
     x is the concatenation of a layer's attention heads (q, k or v before the head split), so re-splitting
-    it into n_heads relation heads needs no relation between the model's head count and n_heads."""
+    it into n_heads relation heads needs no relation between the model's head count and n_heads. The result
+    has x's dtype."""
     _check(x, "x", 3, "(B, T, d)")
     B, T, d = x.shape
     _check_heads(n_heads, d, "d")
+    # BEGIN EXERCISE 12.2: the relation heads
     xr = x.view(B, T, n_heads, d // n_heads).transpose(1, 2)  # (B, n_heads, T, d / n_heads)
-    return value_relation(xr)
+    scores = xr @ xr.transpose(-2, -1) / math.sqrt(d // n_heads)  # (B, n_heads, T, T)
+    return torch.softmax(scores, dim=-1)
+    # END EXERCISE
 
 
 def minilm_v2_loss(teacher_qkv: Sequence[torch.Tensor], student_qkv: Sequence[torch.Tensor], n_heads: int,
@@ -115,8 +127,10 @@ def minilm_v2_loss(teacher_qkv: Sequence[torch.Tensor], student_qkv: Sequence[to
                          f"({Bs}, {Ts})")
     _check_heads(n_heads, dt, "d_teacher")
     _check_heads(n_heads, ds, "d_student")
+    # BEGIN EXERCISE 12.3: the MiniLMv2 loss, Q-Q + K-K + V-V
     return sum(attention_kl(relation(t, n_heads), relation(s, n_heads), mask)
                for t, s in zip(teacher_qkv, student_qkv))
+    # END EXERCISE
 
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, allowed: Optional[torch.Tensor] = None,

@@ -92,6 +92,12 @@ def test_two_digit_chapters_resolve_in_the_registry_stubs_hints_and_show():
     assert "python -m exercises grade 10" in text and "xi, zeta" not in text
 
 
+def test_two_digit_chapters_own_their_exercises():
+    assert chapter_of("12.1") == "12" and chapter_of("1.2") == "01" and chapter_of("0.1") == "00"
+    assert get_chapter("12") is get_chapter("ch12") is CHAPTERS["12"]
+    assert {chapter_of(m.id) for m in scan(CHAPTERS["12"])} == {"12"}
+
+
 def test_chapter_00_has_the_four_required_exercises():
     titles = " | ".join(m.title for m in scan(CH00))
     assert len(scan(CH00)) >= 4
@@ -417,11 +423,13 @@ CLASSES = {
                                             ("00", "attention_unshifted_softmax", "NaN"),
                                             ("00", "sample_next_token_unshifted_softmax", None),
                                             ("10", "decay_mask_multiplies_by_the_mask", "NaN"),
-                                            ("10", "apply_xpos_not_centred", "inf")],
+                                            ("10", "apply_xpos_not_centred", "inf"),
+                                            ("12", "relation_unshifted_softmax", "exp overflowed")],
     "ids of several digits and past a byte": [("00", "merge_pair_string_replace", "expected"),
                                               ("00", "most_frequent_pair_ties_by_string", "the tie goes to")],
     "rows of a batch that differ": [("00", "sample_next_token_threshold_from_the_first_row", None),
-                                    ("02", "cloze_decode_first_row_decides", "greedy choices")],
+                                    ("02", "cloze_decode_first_row_decides", "greedy choices"),
+                                    ("12", "attention_kl_first_batch_mask_for_all", "each batch has its own mask")],
     "spans unsorted and not contiguous": [("03", "pmlm_layout_assumes_contiguous_spans", "expected"),
                                           ("03", "pmlm_layout_sorts_each_span", "expected")],
     "sizes above 16": [("00", "causal_mask_fixed_buffer", None),
@@ -431,13 +439,16 @@ CLASSES = {
                                             ("00", "sample_next_token_generator_dropped_with_top_k", "generator"),
                                             ("02", "cloze_decode_zero_steps_fail", None),
                                             ("04", "init_branches_returns_nothing", "return model"),
-                                            ("04", "init_branches_ignores_qk_gain", "qk_gain")],
+                                            ("04", "init_branches_ignores_qk_gain", "qk_gain"),
+                                            ("12", "minilm_v2_loss_ignores_the_mask", "the mask ignored"),
+                                            ("12", "relation_scale_by_sqrt_d", "instead of 1/√(d / n_heads)")],
     "float32 and float16": [("00", "attention_fill_minus_1e9", "Half"),
                             ("00", "attention_computes_in_float64", "dtype"),
                             ("04", "deepnorm_in_float64", "dtype"),
                             ("05", "subln_ffn_returns_float64", "dtype"),
                             ("10", "retention_chunkwise_xi_in_float32", "dtype"),
-                            ("10", "apply_xpos_scale_in_float32", "dtype")],
+                            ("10", "apply_xpos_scale_in_float32", "dtype"),
+                            ("12", "attention_kl_in_float64", "dtype")],
     "fresh returned tensors and lists": [("00", "causal_mask_memoized", "a tensor it keeps"),
                                          ("02", "seq2seq_mask_memoized", "a tensor it keeps"),
                                          ("00", "merge_pair_returns_its_input_when_absent", "input list itself")],
@@ -455,7 +466,9 @@ CLASSES = {
                            ("03", "pmlm_mask_unbatched", "a batch"),
                            ("10", "retention_recurrent_ignores_the_state", "ignores the given state"),
                            ("10", "apply_xpos_centre_ignores_q_offset", "q_offset"),
-                           ("10", "decay_mask_one_gamma_for_all_heads", "its own gamma")],
+                           ("10", "decay_mask_one_gamma_for_all_heads", "its own gamma"),
+                           ("12", "attention_kl_student_to_teacher", "KL(student ‖ teacher)"),
+                           ("12", "attention_kl_xlogy_nan_gradient", "NaN at entries where teacher and student are both 0")],
     "type-exact comparisons": [("00", "merge_pair_list_equal_to_everything", "plain list"),
                                ("04", "deepnorm_constants_returns_tensors", "Python floats")],
 }
