@@ -5,9 +5,15 @@ Started by exercises/grading/grader.py as `python -m exercises.grading._worker P
 exercise runs past its time limit, and starts a fresh one at the next exercise.
 
 Events: ready (with the exercises' points and checks), importing, imported, start, check, result, done.
+Each line is `MAC JSON`: an HMAC-SHA256 of `SEQ:JSON` (SEQ counts the lines) under a key the grader writes to a pipe
+of its own, read and closed before any learner code runs; the grader drops a run whose line does not verify (a
+verdict forged by the learner's code). The checks are frozen (exercises/grading/frozen.py) before a learner's file
+is imported: a file that patches them scores zero.
 """
 
 import contextlib
+import hashlib
+import hmac
 import importlib.util
 import io
 import json
@@ -135,19 +141,36 @@ def _library_object(fn, m, guards) -> str | None:
     return None
 
 
-def main() -> None:
-    payload = json.loads(open(sys.argv[1]).read())
-    channel = os.fdopen(payload["fd"], "w", buffering=1)
+def _sender(fd: int, key_fd: int):
+    """send(**event): one signed line. The key is read from its pipe and closed here; only the HMAC object keeps it."""
+    signer = hmac.new(os.read(key_fd, 64), digestmod=hashlib.sha256)
+    os.close(key_fd)
+    channel, seq = os.fdopen(fd, "w", buffering=1), [0]
 
     def send(**event):
-        channel.write(json.dumps(event) + "\n")
+        line, mac = json.dumps(event), signer.copy()
+        mac.update(f"{seq[0]}:{line}".encode())
+        seq[0] += 1
+        channel.write(f"{mac.hexdigest()} {line}\n")
         channel.flush()
+    return send
+
+
+def _tampered(what: str) -> str:
+    return (f"your code changed the grader ({what}) while it was graded: a file that patches the checks earns no "
+            "points")
+
+
+def main() -> None:
+    payload = json.loads(open(sys.argv[1]).read())
+    send = _sender(payload["fd"], payload["key_fd"])
 
     warnings.simplefilter("ignore")
     import torch
 
     torch.set_num_threads(1)
     from exercises.grading.checking import run_check
+    from exercises.grading.frozen import Snapshot
     from exercises.grading.registry import Chapter
     from exercises.grading.stubs import scan
 
@@ -159,6 +182,9 @@ def main() -> None:
     send(event="ready", exercises={
         i: {"title": m.title, "function": m.function, "points": spec[i].points, "hint": spec[i].hint,
             "checks": [[c.name, c.invariant] for c in spec[i].checks]} for i, m in marked.items()})
+    import exercises.grading.mutants  # noqa: F401 - imported now, so it is frozen with the rest
+
+    frozen = Snapshot(modules=("__main__",))  # this worker, the checks and what they call, before any learner code
     start_job, start_exercise = payload["start"]
     for j, job in enumerate(payload["jobs"]):
         if j < start_job:
@@ -168,6 +194,10 @@ def main() -> None:
         guards = _guard_library(marked.values(), f"_graded_{j}") if job["source"]["kind"] == "file" else {}
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             functions, error = load(job["source"], marked.values(), j, chapter)
+        tampered = frozen.changed()  # a file that patched the grader at import scores 0 on every exercise
+        if tampered:
+            frozen.restore()
+            tampered = _tampered(tampered)
         send(event="imported", job=j, error=error, printed=sink.lines, output=sink.head)
         path = job["source"].get("path")
         for n, ex in enumerate(job["exercises"]):
@@ -176,10 +206,10 @@ def main() -> None:
             send(event="start", job=j, exercise=ex)
             m, sink = marked[ex], Sink()
             fn = functions.get(m.function)
-            if error is not None or not callable(fn):
-                message = (f"your file could not be imported: {error}" if error is not None else
+            if error is not None or not callable(fn) or tampered:
+                message = (f"your file could not be imported: {error}" if error is not None else tampered or
                            f"your file defines no function `{m.function}`")
-                kind = "import error" if error is not None else "missing"
+                kind = "import error" if error is not None else "tampered" if tampered else "missing"
                 checks = [{"name": c.name, "invariant": c.invariant, "passed": False, "kind": kind,
                            "message": message, "counterexample": ""} for c in spec[ex].checks]
             else:
@@ -194,8 +224,13 @@ def main() -> None:
                                        "kind": "library", "message": library, "counterexample": ""})
                         continue
                     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                        checks.append(run_check(c, fn, max_examples=payload["max_examples"],
-                                                student_file=path, exercise=spec[ex]))
+                        result = run_check(c, fn, max_examples=payload["max_examples"], student_file=path,
+                                           exercise=spec[ex])
+                    changed = frozen.changed()  # the learner's function patched the grader while it ran
+                    if changed:
+                        frozen.restore()
+                        result.update(passed=False, kind="tampered", message=_tampered(changed), counterexample="")
+                    checks.append(result)
                     send(event="check", job=j, exercise=ex, result=checks[-1], printed=sink.lines)
                 for name, value in others.items():
                     setattr(sys.modules[f"_graded_{j}"], name, value)

@@ -6,11 +6,17 @@ that exercise is "timed out", and a fresh worker carries on with the next exerci
 code does (raise, print, exit, loop forever, crash the interpreter), this process only reads events, so it
 reports and returns.
 Output printed by the learner's code is counted, not shown (the table stays readable).
+The worker's events are signed (an HMAC under a per-run key the learner's code never sees on a channel it can
+read): a forged line on the pipe makes that exercise, or the whole file when forged at import, "tampered" with 0
+points. The worker freezes the checks before the learner's file is imported (exercises/grading/frozen.py): a file
+that patches them is "tampered" too (tests/test_grader_cheats.py).
 
 Scoring: all or nothing per exercise. An exercise earns its points when every one of its checks passes;
 the table still shows how many checks passed.
 """
 
+import hashlib
+import hmac
 import json
 import os
 import select
@@ -28,6 +34,8 @@ from exercises.grading.registry import ROOT, Chapter
 DEFAULT_TIMEOUT_S = 20.0  # per check (each check runs its examples, then shrinks a failure)
 STARTUP_LIMIT_S = 120.0  # importing torch and the checks, before any learner code runs
 WIDTH = 110
+FORGED_TEXT = ("your code wrote to the grader's result channel (a line without the run's key: a forged verdict); "
+               "a file that forges results earns no points")
 
 
 class GraderError(RuntimeError):
@@ -54,12 +62,13 @@ class Source:
 
 
 class _Events:
-    """JSON lines from the worker's pipe, each awaited until a deadline."""
+    """JSON lines from the worker's pipe, each awaited until a deadline and authenticated: `MAC JSON`, the MAC an
+    HMAC-SHA256 of `seq:JSON` under this run's key. A line that is not (forged by the learner's code) is FORGED."""
 
-    TIMEOUT, EOF = "timeout", "eof"
+    TIMEOUT, EOF, FORGED = "timeout", "eof", "forged"
 
-    def __init__(self, fd: int):
-        self.fd, self.buf = fd, b""
+    def __init__(self, fd: int, key: bytes):
+        self.fd, self.buf, self.key, self.seq = fd, b"", key, 0
 
     def next(self, deadline: float):
         while b"\n" not in self.buf:
@@ -71,7 +80,12 @@ class _Events:
                 return self.EOF
             self.buf += chunk
         line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
+        mac, _, body = line.partition(b" ")
+        want = hmac.new(self.key, f"{self.seq}:".encode() + body, hashlib.sha256).hexdigest().encode()
+        if not hmac.compare_digest(mac, want):
+            return self.FORGED
+        self.seq += 1
+        return json.loads(body)
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -131,10 +145,14 @@ def _run_worker(chapter, jobs, todo, i, results, imports, meta, extra_output, tm
                 max_examples) -> int:
     """Start a worker at todo[i]; collect its events until it ends or fails. Returns the next todo index."""
     read_fd, write_fd = os.pipe()
+    key_read, key_write = os.pipe()  # the key travels on a pipe the worker reads and closes before any learner code
+    key = os.urandom(32)
+    os.write(key_write, key)
+    os.close(key_write)
     payload = tmp / f"payload-{i}.json"
     start_job, start_ex = todo[i]
     chapter_fields = {**asdict(chapter), "directory": str(chapter.directory)}
-    payload.write_text(json.dumps({"chapter": chapter_fields, "jobs": jobs, "fd": write_fd,
+    payload.write_text(json.dumps({"chapter": chapter_fields, "jobs": jobs, "fd": write_fd, "key_fd": key_read,
                                    "start": [start_job, jobs[start_job]["exercises"].index(start_ex)],
                                    "max_examples": max_examples}))
     log = tmp / f"output-{i}.txt"
@@ -145,9 +163,10 @@ def _run_worker(chapter, jobs, todo, i, results, imports, meta, extra_output, tm
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "exercises.grading._worker", str(payload)], cwd=tmp, env=env,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                pass_fds=(write_fd,), start_new_session=True)
+                                pass_fds=(write_fd, key_read), start_new_session=True)
     os.close(write_fd)
-    events = _Events(read_fd)
+    os.close(key_read)
+    events = _Events(read_fd, key)
     state, job = "startup", start_job
     partial, printed = {}, {}  # the checks an exercise has finished so far, and the lines printed meanwhile
     deadline = time.monotonic() + STARTUP_LIMIT_S
@@ -162,22 +181,24 @@ def _run_worker(chapter, jobs, todo, i, results, imports, meta, extra_output, tm
                         pass
                 _kill(proc)
                 last = log.read_text(errors="replace").strip().splitlines()[-1:]
-                why = (f"timed out after {timeout:g} s" if event == events.TIMEOUT
-                       else f"the grading process died ({_exit_text(proc.returncode)}"
+                why = (f"timed out after {timeout:g} s" if event == events.TIMEOUT else FORGED_TEXT
+                       if event == events.FORGED else f"the grading process died ({_exit_text(proc.returncode)}"
                        + (f"; its last output: {last[0][:200]!r})" if last else ")"))
                 if state == "startup":
                     tail = log.read_text(errors="replace")[-3000:]
                     raise GraderError(f"the grading worker did not start ({why}):\n{tail}")
                 if state == "import":
-                    imports[job] = {"error": f"importing your file {why}", "printed": 0, "output": ""}
+                    forged = event == events.FORGED
+                    imports[job] = {"error": None if forged else f"importing your file {why}", "printed": 0,
+                                    "output": ""}
+                    kind = "tampered" if forged else "import error"
                     while i < len(todo) and todo[i][0] == job:
-                        checks = _failed(meta[todo[i][1]], "import error", imports[job]["error"])
-                        results[todo[i]] = {"checks": checks, "status": "import error", "printed": 0,
-                                            "output": ""}
+                        checks = _failed(meta[todo[i][1]], kind, why if forged else imports[job]["error"])
+                        results[todo[i]] = {"checks": checks, "status": kind, "printed": 0, "output": ""}
                         i += 1
                     return i
-                status = "timed out" if event == events.TIMEOUT else "crashed"
-                done = partial.get(todo[i], [])
+                status = {events.TIMEOUT: "timed out", events.FORGED: "tampered"}.get(event, "crashed")
+                done = partial.get(todo[i], []) if event != events.FORGED else []
                 message = f"your code {why}" if event == events.TIMEOUT else why
                 rest = _failed(meta[todo[i][1]], status, message)
                 results[todo[i]] = {"checks": done + rest[len(done):], "status": status,
@@ -216,7 +237,7 @@ def _status(checks: list[dict]) -> str:
     kinds = {c["kind"] for c in checks if not c["passed"]}
     if not kinds:
         return "passed"
-    for kind in ("timed out", "crashed"):
+    for kind in ("tampered", "timed out", "crashed"):
         if kind in kinds:
             return kind
     for kind in ("import error", "missing", "library"):
@@ -294,7 +315,7 @@ def _details(e: dict) -> list[str]:
         return [_wrap(f"{head}: not implemented yet (`{e['function']}` raises NotImplementedError).", "",
                       "    "),
                 _wrap(e["hint"], "  hint: ", "        ")]
-    if e["status"] in ("timed out", "crashed", "missing", "import error", "library"):
+    if e["status"] in ("tampered", "timed out", "crashed", "missing", "import error", "library"):
         return [_wrap(f"{head}: {failing[0]['message']}.", "", "    ")]
     out = [f"{head}: {len(failing)} of {e['checks_total']} checks fail."]
     for c in failing:

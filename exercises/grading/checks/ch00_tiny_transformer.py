@@ -19,7 +19,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from exercises.grading.checking import Exercise, Violation, check
-from exercises.grading.checks.common import F64, Inputs, expect_tensor, fmt, halves, seeds, tensors
+from exercises.grading.checks.common import F64, Inputs, expect_tensor, fmt, halves, nan_note, seeds, tensors
 from nanomodels.data import load_text
 from nanomodels.tokenizer import GPT2_PATTERN, BPETokenizer
 from nanomodels.tokenizer import train_bpe as library_train_bpe
@@ -216,6 +216,23 @@ def fully_masked_row_gives_zeros(attention, case):
 wide = st.integers(-400, 400).map(float)  # scores far beyond +-30 and below any "large negative" fill value
 
 
+def _wide_why(attention, case, b: int, h: int, i: int, out) -> str:
+    """Why a row is wrong for wide scores only: a masked key that got weight (probed with v = identity), or a
+    softmax that is not shifted by the row maximum (NaN or inf, or weights off while no masked key has any)."""
+    if not out[b, h, i].isfinite().all():
+        return (" (NaN or inf" + nan_note(out[b, h, i], what="the row") + ": exp() of an unshifted score "
+                "overflows; subtract each row's maximum score before exp())")
+    w = _weights(attention, case["q"], case["k"], case["allowed"])[b, h, i]
+    allowed = case["allowed"] if case["allowed"] is not None else torch.ones((), dtype=torch.bool)
+    hidden = ~allowed.expand(*case["q"].shape[:3], case["k"].size(2))[b, h, i]
+    if w.isfinite().all() and (w[hidden].abs() > 1e-12).any():
+        return (": a masked key got weight, so the fill value is not low enough for these scores (use "
+                "torch.finfo(dtype).min or -inf)")
+    return (f": no masked key got weight, but query {i}'s weights are {fmt(w)}, summing to {w.sum().item():.4g}: "
+            "exp() of scores this large overflows (or underflows to 0) unless each row is shifted by its maximum "
+            "before exp(); a NaN that was replaced afterwards is still wrong")
+
+
 @check("with wide values (scores up to about 1e5 in size) the output still equals the oracle: the softmax is "
        "shifted by the row maximum, and a masked key stays hidden whatever the visible scores are",
        case=attention_cases(mask="any", elements=wide), max_examples=60)
@@ -227,9 +244,7 @@ def wide_scores_stay_exact(attention, case):
         tame = Inputs(case, q=case["q"] / 100, k=case["k"] / 100)  # the same case with scores 1e4 times smaller
         tame_ok = (_attend(attention, tame) - naive_attention(tame["q"], tame["k"], tame["v"], tame["allowed"])
                    ).abs().max() <= 1e-9
-        why = "" if not tame_ok else " (NaN or inf: exp() of an unshifted score overflows)" if not out[
-            b, h, i].isfinite().all() else (": a masked key got weight, so the fill value is not low enough for "
-                                            "these scores (use torch.finfo(dtype).min or -inf)")
+        why = "" if not tame_ok else _wide_why(attention, case, b, h, i, out)
         raise Violation(f"output[{b}, {h}, {i}] = {fmt(out[b, h, i])}, the oracle gives {fmt(ref[b, h, i])}{why}")
 
 

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 import kernels.layernorm as kln
 from exercises.grading.checking import Exercise, Violation, check
-from exercises.grading.checks.common import (F64, expect_tensor, float32_default, fraction_tolerance, installed,
-                                             naive_layer_norm, std_tolerance, xavier_std)
+from exercises.grading.checks.common import (F64, differs, expect_tensor, float32_default, fraction_tolerance, installed,
+                                             max_diff, naive_layer_norm, std_tolerance, xavier_std)
 from nanomodels.attention import attention
 from nanomodels.transformer import Transformer, TransformerConfig
 
@@ -115,6 +115,21 @@ def _ln(h, norm):
     return naive_layer_norm(h, norm.weight, norm.bias)
 
 
+def _eps_why(out, h, norm) -> str:
+    """When out is a LayerNorm of h with the norm's weights but another eps (the same for every row): says so.
+    Each row's scale r is fitted by least squares to (out - bias) / weight = r (h - mean); eps = 1 / r^2 - var."""
+    z = (out.detach() - norm.bias) / norm.weight
+    c = h - h.mean(-1, keepdim=True)
+    r = (z * c).sum(-1) / (c * c).sum(-1)
+    fit = (z - r[..., None] * c).abs().max() <= 1e-8 * (1 + z.abs().max())
+    eps = 1 / r ** 2 - (c * c).mean(-1)
+    if not (fit and eps.isfinite().all()) or (eps.max() - eps.min()) > 1e-6 * (1e-12 + eps.abs().max()):
+        return ""
+    e = eps.mean().item()
+    return "" if abs(e - norm.eps) <= 1e-12 else (f": yours is that LayerNorm with eps = {e:.3g}, but the norm's eps is "
+                                                  f"{norm.eps:g}: call `norm` itself, it holds its own eps")
+
+
 @check("with the branch g = 0, deepnorm(x, 0, alpha, norm) = LN(alpha x) = LN(x) (eps = 0)",
        seed=st.integers(0, 2 ** 16), alpha=st.floats(1.0, 8.0))
 def zero_branch_gives_layernorm_of_x(deepnorm, seed, alpha):
@@ -125,10 +140,9 @@ def zero_branch_gives_layernorm_of_x(deepnorm, seed, alpha):
         out = deepnorm(x.clone(), torch.zeros_like(x), alpha, norm)
         ref = _ln(x, norm)
     expect_tensor(out, tuple(x.shape), F64, "deepnorm")
-    diff = (out - ref).abs().max().item()
-    if not diff < 1e-10:
-        raise Violation(f"alpha = {alpha:.3g}: with g = 0 the output differs from LN(x) by {diff:.3g}: the result "
-                        "must be the LayerNorm of the (scaled) stream")
+    if not max_diff(out, ref) < 1e-10:
+        why = _eps_why(out, alpha * x, norm) or ": the result must be the LayerNorm of the (scaled) stream"
+        raise Violation(f"alpha = {alpha:.3g}: with g = 0 the output differs from LN(x) by {differs(out, ref)}{why}")
 
 
 @check("with a known branch output g, deepnorm(x, g, alpha, norm) = LN(alpha x + g): alpha weighs the residual "
@@ -140,14 +154,13 @@ def known_branch_gives_layernorm_of_alpha_x_plus_g(deepnorm, seed, alpha):
     with torch.no_grad():
         out = deepnorm(x.clone(), g.clone(), alpha, norm)
         ref = _ln(alpha * x + g, norm)
-        diff = (out - ref).abs().max().item()
-        if not diff < 1e-10:
-            why = ""
-            if (out - _ln(x + alpha * g, norm)).abs().max() < 1e-10:
+        if not max_diff(out, ref) < 1e-10:
+            why = _eps_why(out, alpha * x + g, norm)
+            if not why and (out - _ln(x + alpha * g, norm)).abs().max() < 1e-10:
                 why = ": yours is LN(x + alpha g), alpha on the branch"
-            elif (out - (alpha * x + g)).abs().max() < 1e-10:
+            elif not why and (out - (alpha * x + g)).abs().max() < 1e-10:
                 why = ": yours is alpha x + g without the LayerNorm"
-            raise Violation(f"alpha = {alpha:.3g}: the output differs from LN(alpha x + g) by {diff:.3g}{why}")
+            raise Violation(f"alpha = {alpha:.3g}: the output differs from LN(alpha x + g) by {differs(out, ref)}{why}")
 
 
 class _RMS:

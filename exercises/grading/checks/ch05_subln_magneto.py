@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from exercises.grading.checking import Exercise, Violation, check
-from exercises.grading.checks.common import (F64, expect_tensor, float32_default, naive_layer_norm, std_tolerance,
-                                             xavier_std)
+from exercises.grading.checks.common import (F64, differs, expect_tensor, float32_default, max_diff, naive_layer_norm,
+                                             std_tolerance, xavier_std)
 from nanomodels.attention import MultiHeadAttention
 from nanomodels.subln import SubLNAttention, SubLNMLP, subln_gamma
 from nanomodels.encoder_decoder import EncoderDecoder
@@ -106,15 +106,17 @@ def matches_w2_ln_gelu_w1(subln_ffn, seed, d_ff):
     with torch.no_grad():
         out = subln_ffn(x.clone(), fc1, recording, fc2)
         ref = fc2(_ln(F.gelu(fc1(x)), norm))
+    if not seen:
+        raise Violation(f"the inner norm (the `inner_norm` argument) was never called: Sub-LN applies it once, to "
+                        f"GELU(W1 x) over the feed-forward width d_ff = {d_ff}, before fc2")
     if seen != [d_ff]:
-        raise Violation(f"the inner norm was called on tensors whose last dimension is {seen}; it must be called "
-                        f"once, over the feed-forward width d_ff = {d_ff} (not d = 8)")
-    diff = (out - ref).abs().max().item()
-    if not diff < 1e-10:
+        raise Violation(f"the inner norm was called {len(seen)} times, on tensors whose last dimension is {seen}; it "
+                        f"must be called once, over the feed-forward width d_ff = {d_ff} (not d = 8)")
+    if not max_diff(out, ref) < 1e-10:
         why = ""
         if (out - fc2(F.gelu(_ln(fc1(x), norm)))).abs().max() < 1e-10:
             why = ": yours normalizes before the activation"
-        raise Violation(f"the output differs from W2 LN(GELU(W1 x)) by {diff:.3g}{why}")
+        raise Violation(f"the output differs from W2 LN(GELU(W1 x)) by {differs(out, ref)}{why}")
 
 
 @check("float32 parts and input give a float32 output equal to W2 LN(GELU(W1 x)) (the dtype is kept)",

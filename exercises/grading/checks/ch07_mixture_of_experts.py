@@ -15,7 +15,7 @@ import torch
 from hypothesis import strategies as st
 
 from exercises.grading.checking import Exercise, Violation, check
-from exercises.grading.checks.common import expect_tensor, float32_default, fmt, installed
+from exercises.grading.checks.common import differs, expect_tensor, float32_default, fmt, installed, max_diff
 from nanomodels.moe import MoE
 from nanomodels.transformer import Transformer, TransformerConfig
 
@@ -596,13 +596,11 @@ def grouped_gemm_forward_and_input_gradient(_grouped_gemm_kernel):
     want = torch.einsum("pd,pfd->pf", h64[rows], w.double()[block_expert.long().repeat_interleave(gg.BLOCK_M)])
     want = want * (tokens >= 0)[:, None]
     (want * weight).sum().backward()
-    err = (out.detach().double() - want.detach()).abs().max().item()
-    if not err <= 1e-4:
-        raise Violation(f"grouped_gemm's forward differs from the oracle by {err:.3g}")
-    err = (h.grad.double() - h64.grad).abs().max().item()
-    if not err <= 1e-4:
+    if not max_diff(out, want) <= 1e-4:
+        raise Violation(f"grouped_gemm's forward differs from the oracle by {differs(out, want, 'its output')}")
+    if not max_diff(h.grad, h64.grad) <= 1e-4:
         raise Violation(f"grouped_gemm's dA (TRANS_W = False, then index_add over the pairs) differs from the "
-                        f"oracle by {err:.3g}")
+                        f"oracle by {differs(h.grad, h64.grad, 'dA')}")
 
 
 EXERCISES = {

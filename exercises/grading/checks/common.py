@@ -80,6 +80,36 @@ def expect_fresh(out: torch.Tensor, inputs, what: str) -> None:
                             "the caller's tensor; return a new tensor")
 
 
+def nan_note(got, want=None, what: str = "your output") -> str:
+    """'' when `got` has no NaN where `want` has none; else where the first NaN is (index, count), as a clause that
+    follows a difference: a NaN in the learner's output is named as such, never only as 'differs by nan'."""
+    if not isinstance(got, torch.Tensor) or not got.is_floating_point() and not got.is_complex():
+        return ""
+    bad = got.detach().isnan()
+    if want is not None and isinstance(want, torch.Tensor) and want.shape == got.shape:
+        bad &= ~want.detach().isnan()
+    if not bad.any():
+        return ""
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    where = first[0] if len(first) == 1 else first
+    return (f" ({what} holds NaN: {int(bad.sum())} of {got.numel()} entries, the first at index {where}; look "
+            "for 0/0, inf - inf or exp() overflowing before it)")
+
+
+def max_diff(got, want) -> float:
+    """max |got - want| in float64, NaN counted as infinitely wrong (inf where the shapes differ)."""
+    if got.shape != want.shape:
+        return math.inf
+    return (got.detach().double() - want.detach().double()).abs().nan_to_num(nan=math.inf).max().item() \
+        if got.numel() else 0.0
+
+
+def differs(got, want, what: str = "your output") -> str:
+    """'{max |got - want|:.3g}' and, when `got` holds NaN, where: for 'the output differs from X by {differs(..)}'."""
+    d = max_diff(got, want)
+    return ("NaN" if d == math.inf and got.detach().isnan().any() else f"{d:.3g}") + nan_note(got, want, what)
+
+
 # ---- statistics of random draws -------------------------------------------------------------------------------
 # A check on random draws accepts an estimate within Z standard errors of its expectation, the standard error
 # computed for a CORRECT answer from the number of draws (never from the learner's own draws, which a wrong answer

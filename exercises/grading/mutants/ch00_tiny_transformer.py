@@ -233,6 +233,11 @@ MUTANTS = [
            "writes the softmax as exp / sum without subtracting the row maximum: large scores overflow to NaN",
            old=("weights = torch.softmax(scores, dim=-1)\n"),
            new=("weights = scores.exp() / scores.exp().sum(dim=-1, keepdim=True)\n")),
+    Mutant("0.1", "attention_unshifted_softmax_nan_replaced",
+           "writes the softmax as exp / sum without the max shift and replaces the NaN of an overflow by 0: finite, "
+           "but a row whose scores overflow gets no weight at all",
+           old=("weights = torch.softmax(scores, dim=-1)\n"),
+           new=("weights = torch.nan_to_num(scores.exp() / scores.exp().sum(dim=-1, keepdim=True))\n")),
     Mutant("0.1", "attention_scales_q_in_place",
            "divides q by sqrt(d) in place: the caller's queries (or a KV cache) are changed",
            old="scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)",

@@ -55,6 +55,10 @@ MUTANTS = [
            new=("h = alpha * x + g\n"
                 "mean = h.mean(-1, keepdim=True)\n"
                 "return (h - mean) / (h - mean).pow(2).mean(-1, keepdim=True).sqrt() * norm.weight + norm.bias")),
+    Mutant("4.2", "deepnorm_layer_norm_with_its_own_eps",
+           "calls layer_norm with the usual eps = 1e-5 and the norm's weights instead of `norm` (whose eps is 0 here)",
+           old="return norm(alpha * x + g)",
+           new="return torch.nn.functional.layer_norm(alpha * x + g, norm.normalized_shape, norm.weight, norm.bias, 1e-5)"),
     Mutant("4.2", "deepnorm_in_float64",
            "returns float64 whatever the input dtype: a float32 model gets float64 activations",
            old="return norm(alpha * x + g)",
