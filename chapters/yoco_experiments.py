@@ -212,14 +212,14 @@ LM = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=4, window=32, train_le
 QUICK_LM = dict(LM, steps=10, eval_tokens=512)
 
 
-def train(model, batch, loss, cfg: dict) -> tuple[list, float]:
+def train(model, batch, loss, cfg: dict, on_step=None) -> tuple[list, float]:
     """cfg["steps"] steps of nanomodels.train.fit: AdamW (the default run's groups), warmup + cosine, clipping."""
     schedule = SimpleNamespace(lr=cfg["lr"], min_lr=cfg["min_lr"], warmup=cfg["warmup"], steps=cfg["steps"],
                                weight_decay=cfg["weight_decay"])
     optimizer = make_optimizer(model, schedule, torch.device("cpu"))
     start = time.perf_counter()
     losses = fit(model, FunctionTask(batch=batch, loss=loss), cfg["steps"], optimizer=optimizer,
-                 lr=lambda s: lr_at(s, schedule), grad_clip=cfg["grad_clip"])
+                 lr=lambda s: lr_at(s, schedule), grad_clip=cfg["grad_clip"], on_step=on_step)
     return losses, time.perf_counter() - start
 
 
@@ -256,42 +256,58 @@ def lm(seeds, archs=ARCHS, cfg: dict = LM, progress=print) -> list:
 
 # ----------------------------------------------------------------------------- 4. associative recall
 
-RECALL = dict(T=512, n_pairs=16, n_keys=32, n_values=32, n_fillers=16, d_model=64, n_layers=4, n_heads=4,
-              window=32, batch=16, steps=300, lr=3e-3, min_lr=3e-4, warmup=30, weight_decay=0.1, grad_clip=1.0,
-              eval_sequences=512, distance_bins=(0, 124, 256, 512))
-QUICK_RECALL = dict(RECALL, T=128, steps=5, batch=4, eval_sequences=16, distance_bins=(0, 124, 128))
+RECALL = dict(n_pairs=4, n_keys=4, n_values=4, n_fillers=1, d_model=64, n_layers=2, n_heads=4, window=32,
+              phases=((64, 32, 600), (512, 8, 200)), lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1,
+              grad_clip=1.0, eval_lengths=(512, 2048), eval_sequences=256, distance_bins=(0, 62, 128, 512, 2048))
+QUICK_RECALL = dict(RECALL, phases=((64, 8, 4), (128, 4, 2)), eval_lengths=(128,), eval_sequences=16,
+                    distance_bins=(0, 62, 128))
 RECALL_ARCHS = ("swa_only", "yoco_swa", "yoco_gret")
 
 
+def recall_vocab(cfg: dict) -> dict:
+    """Token ranges: K * V pair tokens (key k with value v is token k * V + v), K query keys, V values, fillers."""
+    K, V = cfg["n_keys"], cfg["n_values"]
+    return {"pairs": 0, "queries": K * V, "values": K * V + K, "fillers": K * V + K + V,
+            "size": K * V + K + V + cfg["n_fillers"]}
+
+
 def recall_batch(cfg: dict, batch: int, gen: torch.Generator):
-    """(inputs (B, T), targets (B, T), distance (B, T)): tokens 0 .. n_keys - 1 are keys, the next n_values values,
-    the rest fillers; targets are IGNORE_INDEX except after each query key (its value); distance is the number of
-    positions from the value's first place to the query key (-1 elsewhere)."""
-    T, P, K, V, F = (cfg[k] for k in ("T", "n_pairs", "n_keys", "n_values", "n_fillers"))
+    """(inputs (B, T), targets (B, T), distance (B, T)). Each sequence: fillers with n_pairs pair tokens (distinct
+    keys, random values) at random places, then n_pairs queries at the end: a query key, then its value. Targets are
+    IGNORE_INDEX except after each query key (the value its pair token held); distance is the number of positions
+    from the pair token to that query key (-1 elsewhere)."""
+    T, P, K, V = (cfg[k] for k in ("T", "n_pairs", "n_keys", "n_values"))
+    vocab = recall_vocab(cfg)
     body = T + 1 - 2 * P  # the token after the last input is a target too
-    seq = K + V + torch.randint(0, F, (batch, T + 1), generator=gen)
+    seq = vocab["fillers"] + torch.randint(0, cfg["n_fillers"], (batch, T + 1), generator=gen)
     distance = torch.full((batch, T), -1)
     for b in range(batch):
         keys = torch.randperm(K, generator=gen)[:P]
-        values = K + torch.randint(0, V, (P,), generator=gen)
-        slots = torch.randperm(body // 2, generator=gen)[:P] * 2  # P disjoint (key, value) places in the body
-        seq[b, slots], seq[b, slots + 1] = keys, values
+        values = torch.randint(0, V, (P,), generator=gen)
+        slots = torch.randperm(body, generator=gen)[:P]  # P distinct places in the body
+        seq[b, slots] = vocab["pairs"] + keys * V + values
         order = torch.randperm(P, generator=gen)
         query = body + 2 * torch.arange(P)
-        seq[b, query], seq[b, query + 1] = keys[order], values[order]
-        distance[b, query] = query - (slots[order] + 1)
+        seq[b, query], seq[b, query + 1] = vocab["queries"] + keys[order], vocab["values"] + values[order]
+        distance[b, query] = query - slots[order]
     inputs, targets = seq[:, :T], seq[:, 1:].clone()
     targets[distance < 0] = IGNORE_INDEX
     return inputs, targets, distance
 
 
 def recall_model(arch: str, seed: int, cfg: dict):
-    size = dict(vocab_size=cfg["n_keys"] + cfg["n_values"] + cfg["n_fillers"], d_model=cfg["d_model"],
-                n_heads=cfg["n_heads"])
+    """The model, with its position table zeroed and frozen: the task needs no positions (the causal mask, the
+    window and the retention's decay order the tokens), and without it one model runs at every length."""
+    size = dict(vocab_size=recall_vocab(cfg)["size"], d_model=cfg["d_model"], n_heads=cfg["n_heads"])
+    longest = max(cfg["eval_lengths"] + tuple(T for T, _, _ in cfg["phases"]))
     if arch == "swa_only":
-        return transformer(cfg["n_layers"], cfg["T"], seed, **size)
-    kind = {"yoco_swa": "sliding_window", "yoco_gret": "gated_retention"}[arch]
-    return yoco(cfg["n_layers"], cfg["T"], kind, cfg["window"], seed, **size)
+        model = transformer(cfg["n_layers"], longest, seed, **size)
+    else:
+        kind = {"yoco_swa": "sliding_window", "yoco_gret": "gated_retention"}[arch]
+        model = yoco(cfg["n_layers"], longest, kind, cfg["window"], seed, **size)
+    model.embed.wpe.weight.data.zero_()
+    model.embed.wpe.weight.requires_grad_(False)
+    return model
 
 
 def recall_logits(arch: str, model, inputs, cfg: dict):
@@ -301,48 +317,66 @@ def recall_logits(arch: str, model, inputs, cfg: dict):
 
 
 @torch.no_grad()
-def recall_eval(arch: str, model, cfg: dict, seed: int) -> dict:
+def recall_eval(arch: str, model, cfg: dict, T: int, seed: int) -> dict:
+    """Accuracy over cfg["eval_sequences"] fresh sequences of T tokens, overall and per distance bin."""
     model.eval()
+    cfg = dict(cfg, T=T)
     gen = torch.Generator().manual_seed(10_000 + seed)
+    per_batch = max(1, min(cfg["eval_sequences"], 8192 // T))
+    first = recall_vocab(cfg)["values"]
     correct, dist = [], []
-    for _ in range(cfg["eval_sequences"] // 16 or 1):
-        inputs, targets, distance = recall_batch(cfg, min(16, cfg["eval_sequences"]), gen)
+    for _ in range(max(1, cfg["eval_sequences"] // per_batch)):
+        inputs, targets, distance = recall_batch(cfg, per_batch, gen)
         logits = recall_logits(arch, model, inputs, cfg)
-        values = logits[..., cfg["n_keys"]:cfg["n_keys"] + cfg["n_values"]].argmax(-1) + cfg["n_keys"]
+        values = logits[..., first:first + cfg["n_values"]].argmax(-1) + first
         asked = distance >= 0
         correct.append((values == targets)[asked])
         dist.append(distance[asked])
     correct, dist = torch.cat(correct).float(), torch.cat(dist)
-    bins = cfg["distance_bins"]
-    by_distance = {f"{lo}-{hi}": {"accuracy": correct[(dist > lo) & (dist <= hi)].mean().item(),
-                                  "n": int(((dist > lo) & (dist <= hi)).sum())}
-                   for lo, hi in zip(bins[:-1], bins[1:])}
+    bins = [b for b in cfg["distance_bins"] if b < T] + [T]
+    by_distance = {}
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        inside = (dist > lo) & (dist <= hi)
+        if inside.any():
+            by_distance[f"{lo + 1}-{hi}"] = {"accuracy": correct[inside].mean().item(), "n": int(inside.sum())}
     return {"accuracy": correct.mean().item(), "n": correct.numel(), "by_distance": by_distance}
 
 
-def recall_run(arch: str, seed: int, cfg: dict = RECALL) -> dict:
+def recall_run(arch: str, seed: int, cfg: dict = RECALL, progress=None) -> dict:
+    """Train through cfg["phases"] ((T, batch, steps), one after the other, one cosine schedule over all of them),
+    then evaluate at each of cfg["eval_lengths"]."""
     model = recall_model(arch, seed, cfg)
     gen = torch.Generator().manual_seed(1000 + seed)
+    ends = [sum(p[2] for p in cfg["phases"][:i + 1]) for i in range(len(cfg["phases"]))]
+
+    def batch(step):
+        T, size, _ = next(p for p, end in zip(cfg["phases"], ends) if step < end)
+        return recall_batch(dict(cfg, T=T), size, gen)
 
     def loss(model, batch):
         inputs, targets, _ = batch
         logits = recall_logits(arch, model, inputs, cfg)
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
-    losses, seconds = train(model, lambda s: recall_batch(cfg, cfg["batch"], gen), loss, cfg)
+    def on_step(done, loss):
+        if progress is not None and done % 100 == 0:
+            progress(f"  {arch} seed {seed} step {done}: loss {loss.item():.3f}")
+
+    losses, seconds = train(model, batch, loss, dict(cfg, steps=ends[-1]), on_step)
     return {"arch": arch, "seed": seed, "params": model.num_params(), "train_s": seconds,
-            "final_train_loss": statistics.mean(losses[-20:]), **recall_eval(arch, model, cfg, seed)}
+            "final_train_loss": statistics.mean(losses[-20:]),
+            "eval": {str(T): recall_eval(arch, model, cfg, T, seed) for T in cfg["eval_lengths"]}}
 
 
 def recall(seeds, archs=RECALL_ARCHS, cfg: dict = RECALL, progress=print) -> list:
     rows = []
     for seed in seeds:
         for arch in archs:
-            r = recall_run(arch, seed, cfg)
+            r = recall_run(arch, seed, cfg, progress)
             rows.append(r)
-            progress(f"{arch:>10} seed {seed}: accuracy {r['accuracy']:.3f} | "
-                     + " ".join(f"{k}: {v['accuracy']:.3f}" for k, v in r["by_distance"].items())
-                     + f" ({r['train_s']:.0f} s)")
+            progress(f"{arch:>10} seed {seed} ({r['train_s']:.0f} s): " + " | ".join(
+                f"T={T}: {e['accuracy']:.3f} (" + " ".join(f"{k}: {v['accuracy']:.2f}" for k, v in e["by_distance"].items())
+                + ")" for T, e in r["eval"].items()))
     return rows
 
 
@@ -389,7 +423,6 @@ def main(argv=None) -> None:
     re_ = sub.add_parser("recall", help="multi-query associative recall: sliding window only vs YOCO")
     re_.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     re_.add_argument("--archs", nargs="+", default=list(RECALL_ARCHS), choices=RECALL_ARCHS)
-    re_.add_argument("--steps", type=int, default=RECALL["steps"])
     re_.add_argument("--out", default="ch11_recall.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -402,8 +435,7 @@ def main(argv=None) -> None:
     if args.what == "lm":
         payload = {"config": LM, "rows": lm(args.seeds)}
     if args.what == "recall":
-        cfg = dict(RECALL, steps=args.steps)
-        payload = {"config": cfg, "rows": recall(args.seeds, args.archs, cfg)}
+        payload = {"config": RECALL, "rows": recall(args.seeds, args.archs)}
     payload.update(command=command(), machine=machine(), threads=torch.get_num_threads(),
                    seconds=time.perf_counter() - start)
     print("saved", save(args.out, payload))
