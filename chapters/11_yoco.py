@@ -138,12 +138,13 @@ show(GatedRetention)
 # %% [markdown]
 # ## 2. The decoder-decoder: one global KV, shared by the cross-decoder
 #
-# The self-decoder's output $x$ goes through an RMSNorm and two projections, once: that $K, V$ is the only cache that
+# `forward` runs every position through both halves. The self-decoder's output $x$ goes through an RMSNorm and two
+# projections, once: that $K, V$ is the only cache that
 # grows with the context. Every cross-decoder layer attends to it causally with its own queries; it has no keys or
 # values of its own. This is exercise 11.2 (`python -m exercises grade 11 --exercise 11.2`).
 
 # %%
-show(YOCO._global_kv)
+show(YOCO.forward)
 show(CrossAttention.forward)
 show(YOCO._cross_decode)
 
