@@ -16,7 +16,7 @@ prefill: time to first token against the prompt length (1 thread, median of `rep
   yoco, sliding       YOCO.prefill with a 32-token sliding window (dense masked attention here: up to 4096 only)
 then the decode latency: `steps` single-token steps after the prompt, each timed, the median.
 
-    OMP_NUM_THREADS=1 python chapters/yoco_experiments.py prefill --out ch11_prefill.json
+    OMP_NUM_THREADS=1 python chapters/yoco_experiments.py prefill --repeats 5
 
 lm: small LMs on the default corpus (pydoc, BPE 512), as chapter 10's lm experiment: length 128, 300 steps of 16
 windows with nanomodels.train.fit, d_model 64, 4 layers, 4 heads, validation loss at length 128 on 8,192 tokens:
