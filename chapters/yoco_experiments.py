@@ -26,15 +26,18 @@ windows with nanomodels.train.fit, d_model 64, 4 layers, 4 heads, validation los
 
     OMP_NUM_THREADS=1 python chapters/yoco_experiments.py lm --seeds 0 1 2 3 4 --out ch11_lm.json
 
-recall: multi-query associative recall. A sequence of T tokens: n_pairs (key, value) pairs, adjacent tokens, at
-random places among filler tokens, then n_pairs queries at the end: every key again, in a new order, each followed
-by its value; the loss and the accuracy count only the value after each query key (the answer is the value that
-followed that key earlier). Three models of d_model 64 and 4 layers, trained on fresh random sequences:
+recall: multi-query associative recall. A sequence of T tokens: filler tokens with n_pairs pair tokens at random places
+(one token per pair: key k with value v is token k * n_values + v; the keys of a sequence are distinct), then n_pairs
+queries at the end: a query token for each key, in a new order, each followed by its value; the loss and the
+accuracy count only the value after each query. Three 2-layer models of d_model 64, their position tables zeroed
+and frozen (the task needs no positions; one model then runs at every length):
   swa_only       the core Transformer with every layer's attention limited to a 32-token window (it sees at most
-                 4 x 31 = 124 positions back)
-  yoco_swa       YOCO, 2 sliding-window (32) self-decoder layers + 2 cross-decoder layers onto the global KV
-  yoco_gret      YOCO, 2 gated-retention self-decoder layers + 2 cross-decoder layers
-Accuracy on 512 fresh sequences per model, also split by the distance from the pair to its query.
+                 2 x 31 = 62 positions back)
+  yoco_swa       YOCO, 1 sliding-window (32) self-decoder layer + 1 cross-decoder layer onto the global KV
+  yoco_gret      YOCO, 1 gated-retention self-decoder layer + 1 cross-decoder layer
+Trained through RECALL["phases"] (600 steps of 32 sequences of 64 tokens, then 200 steps of 8 of 512) on fresh
+random sequences; accuracy on 256 fresh sequences of 512 and of 2048 tokens, also split by the distance from the
+pair to its query.
 
     OMP_NUM_THREADS=1 python chapters/yoco_experiments.py recall --seeds 0 1 2 3 4 --out ch11_recall.json
 
