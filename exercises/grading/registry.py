@@ -64,6 +64,8 @@ CHAPTERS = {c.number: c for c in [
             ("nanomodels/bitlinear.py", "kernels/bitnet.py")),
     Chapter("09", "next_token_diffusion", "LatentLM: next-token diffusion",
             ("nanomodels/diffusion.py", "nanomodels/sigma_vae.py", "kernels/adaln.py")),
+    Chapter("11", "yoco", "YOCO: gated retention and one global KV cache",
+            ("nanomodels/gated_retention.py", "nanomodels/yoco.py")),
 ]}
 
 
