@@ -6,6 +6,7 @@ and a whole YOCO forward (both self-decoder kinds) built from those. Known-wrong
 exercises/grading/mutants/ch11_yoco.py.
 """
 
+import contextlib
 import copy
 import math
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 from hypothesis import strategies as st
 
+import nanomodels.gated_retention as retention_module
 import nanomodels.yoco as yoco_module
 from exercises.grading.checking import Exercise, Violation, check
 from exercises.grading.checks.common import F64, expect_tensor, naive_layer_norm, seeds
@@ -22,18 +24,18 @@ F32 = torch.float32
 
 
 def _first_bad(got: torch.Tensor, want: torch.Tensor, limit: torch.Tensor, what: str, dims: str,
-               why: str = "") -> None:
+               why: str = "", nan_why: str = "") -> None:
     """got == want within `limit` (elementwise); a NaN or an infinity in got is named, with where it first
-    appears (the earliest index along `dims`' order), before any value is compared. `why` ends the message."""
+    appears (the earliest index along `dims`' order), before any value is compared. `why` ends the message of a
+    wrong value, `nan_why` that of a NaN or infinity."""
     names = dims.split(",")
     finite = torch.isfinite(got)
     if not bool(finite.all()):
         where = (~finite).nonzero()[0].tolist()
         kind = "NaN" if bool(got.isnan().any()) else "an infinity"
         at = ", ".join(f"{n}={i}" for n, i in zip(names, where))
-        raise Violation(f"{what} holds {kind} (first at {at}) where the oracle is {want[tuple(where)].item():.4g}: "
-                        "an exp of a positive, growing exponent overflowed (work with decays <= 1, never with "
-                        "their inverses)")
+        raise Violation(f"{what} holds {kind} (first at {at}) where the oracle is {want[tuple(where)].item():.4g}"
+                        f"{nan_why}")
     err = (got.double() - want).abs()
     if not bool((err <= limit).all()):
         where = (err > limit).nonzero()[0].tolist()
@@ -48,6 +50,10 @@ def _close(got, want, tol: float) -> bool:
 
 
 # ---- 11.1 the gated-retention recurrence ------------------------------------------------------------------
+
+OVERFLOW = ("; the oracle is finite there, so an intermediate left the float range (an overflow, or 0/0 after an "
+            "underflow), as exp of minus a cumulative log decay (an inverse decay) does for long or strong decays; "
+            "multiply the state by gamma_t <= 1 step by step instead")
 
 def _decay_matrix(log_decay_row):
     """D[n, m] = exp(sum_{j=m+1..n} a_j) for m <= n (else 0), each exponent summed term by term (<= 0)."""
@@ -136,8 +142,34 @@ def _diagnose_retention(got_out, q, k, v, log_decay, S0) -> str:
     return ""
 
 
+@contextlib.contextmanager
+def _other_forms_blocked(fn):
+    """While the learner's recurrence runs, the library's parallel and chunkwise forms raise (the chunkwise form
+    with chunk_size 1 IS the recurrence): in their modules and wherever the learner's module bound them."""
+    forms = {id(retention_module.gated_retention): "gated_retention",
+             id(retention_module.gated_retention_chunkwise): "gated_retention_chunkwise"}
+
+    def blocked(name):
+        def call(*_, **__):
+            raise Violation(f"your code calls the library's `{name}`, another form of the same function: it earns "
+                            "no points; write the recurrence yourself")
+        return call
+
+    spaces = [vars(retention_module), vars(yoco_module), getattr(getattr(fn, "__wrapped__", fn), "__globals__", {})]
+    saved = [(ns, key, value) for ns in spaces for key, value in list(ns.items())
+             if id(value) in forms]
+    for ns, key, value in saved:
+        ns[key] = blocked(forms[id(value)])
+    try:
+        yield
+    finally:
+        for ns, key, value in reversed(saved):
+            ns[key] = value
+
+
 def _run_recurrence(fn, q, k, v, log_decay, S0, dtype, what="gated_retention_recurrent"):
-    result = fn(q, k, v, log_decay) if S0 is None else fn(q, k, v, log_decay, S0)
+    with _other_forms_blocked(fn):
+        result = fn(q, k, v, log_decay) if S0 is None else fn(q, k, v, log_decay, S0)
     if not isinstance(result, tuple) or len(result) != 2:
         raise Violation(f"{what} returned {type(result).__name__}; expected the pair (out, state)")
     B, H, T, Dk = q.shape
@@ -161,8 +193,8 @@ def matches_the_retention_sum(gated_retention_recurrent, case):
         if why:
             raise Violation(f"the output differs from the retention sum{why}")
     limit_out, limit_state = _limit(q, k, v, log_decay, zero, 1e-10)
-    _first_bad(out, want_out, limit_out, "the output", "b,h,t,j")
-    _first_bad(state, want_state, limit_state, "the returned state S_T", "b,h,i,j")
+    _first_bad(out, want_out, limit_out, "the output", "b,h,t,j", nan_why=OVERFLOW)
+    _first_bad(state, want_state, limit_state, "the returned state S_T", "b,h,i,j", nan_why=OVERFLOW)
 
 
 @check("passing the returned state back continues the sequence: running positions 1..s, then s+1..T from the "
@@ -187,11 +219,11 @@ def the_state_continues_the_sequence(gated_retention_recurrent, case, split):
     limit_out, limit_state = _limit(q, k, v, log_decay, zero, 1e-10)
     want_mid, limit_mid = naive_gated_retention(*first, zero)[1], _limit(*first, zero, 1e-10)[1]
     where = f"(split after position {s} of {T})"
-    _first_bad(out1, want_out[..., :s, :], limit_out[..., :s, :], f"the first call's output {where}", "b,h,t,j")
-    _first_bad(state1, want_mid, limit_mid, f"the state after the first call {where}", "b,h,i,j")
+    _first_bad(out1, want_out[..., :s, :], limit_out[..., :s, :], f"the first call's output {where}", "b,h,t,j", nan_why=OVERFLOW)
+    _first_bad(state1, want_mid, limit_mid, f"the state after the first call {where}", "b,h,i,j", nan_why=OVERFLOW)
     _first_bad(out2, want_out[..., s:, :], limit_out[..., s:, :],
-               f"the second call's output, started from the first call's state {where}", "b,h,t,j")
-    _first_bad(state2, want_state, limit_state, f"the final state {where}", "b,h,i,j")
+               f"the second call's output, started from the first call's state {where}", "b,h,t,j", nan_why=OVERFLOW)
+    _first_bad(state2, want_state, limit_state, f"the final state {where}", "b,h,i,j", nan_why=OVERFLOW)
 
 
 @check("float32 inputs give float32 out and state, equal to the float64 oracle of the same values to 1e-5 of the "
@@ -205,8 +237,8 @@ def float32_stays_finite_and_exact(gated_retention_recurrent, case):
     zero = torch.zeros(B, H, Dk, Dv, dtype=F32) if S0 is None else S0
     want_out, want_state = naive_gated_retention(q, k, v, log_decay, zero)
     limit_out, limit_state = _limit(q.double(), k.double(), v.double(), log_decay.double(), zero.double(), 1e-5)
-    _first_bad(out, want_out, limit_out, "the float32 output", "b,h,t,j")
-    _first_bad(state, want_state, limit_state, "the float32 state", "b,h,i,j")
+    _first_bad(out, want_out, limit_out, "the float32 output", "b,h,t,j", nan_why=OVERFLOW)
+    _first_bad(state, want_state, limit_state, "the float32 state", "b,h,i,j", nan_why=OVERFLOW)
 
 
 # ---- the naive YOCO pieces (float64 oracles) ----------------------------------------------------------------
