@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from nanomodels.gated_retention import _check, _zero_state
+from nanomodels.yoco import YOCO
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -66,7 +67,7 @@ def shared_kv_cross_decoder(x: torch.Tensor, kv_norm: nn.Module, k_proj: nn.Modu
 # Exercise 11.3: the early-exit prefill (3 points)
 # Hint: The cross-decoder reads only the global K, V, so a prompt token's cross-decoder output is never needed
 #       except the last one's. What does decoding need from the prompt?
-def yoco_prefill(model: "YOCO", idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def yoco_prefill(model: YOCO, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """YOCO.prefill: the prompt idx (B, T) -> (logits of its last position (B, V), the cache to decode from).
 
     The self-decoder runs over the whole prompt, filling one cache dict per self layer

@@ -215,23 +215,6 @@ def shared_kv_cross_decoder(x: torch.Tensor, kv_norm: nn.Module, k_proj: nn.Modu
     # END EXERCISE
 
 
-def yoco_prefill(model: "YOCO", idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """YOCO.prefill: the prompt idx (B, T) -> (logits of its last position (B, V), the cache to decode from).
-
-    The self-decoder runs over the whole prompt, filling one cache dict per self layer
-    (model._self_decode(idx, past=0, caches)); the global K, V cover every prompt position; the cross-decoder
-    and the head run for the LAST position only, the early exit (model._cross_decode(x, n_queries, past_kv) ->
-    (logits (B, n_queries, V), (K, V))). The cache: {"pos": T, "self": the per-layer dicts, "k": K, "v": V}."""
-    if idx.dim() != 2 or idx.size(1) < 1:
-        raise ValueError(f"idx: expected a prompt of shape (B, T) with T >= 1, got {tuple(idx.shape)}")
-    # BEGIN EXERCISE 11.3: the early-exit prefill
-    caches = [{} for _ in model.self_layers]
-    x = model._self_decode(idx, 0, caches)
-    logits, (k, v) = model._cross_decode(x, 1)  # the early exit: one query position
-    return logits[:, -1], {"pos": idx.size(1), "self": caches, "k": k, "v": v}
-    # END EXERCISE
-
-
 class YOCO(_Model):
     """The decoder-decoder. forward(idx) -> logits (B, T, V); prefill/step decode with one global KV cache.
 
@@ -317,3 +300,20 @@ class YOCO(_Model):
         """Bytes held by the cache's tensors: the global K, V and every self-decoder layer's state."""
         tensors = [cache["k"], cache["v"]] + [t for c in cache["self"] for t in c.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def yoco_prefill(model: YOCO, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """YOCO.prefill: the prompt idx (B, T) -> (logits of its last position (B, V), the cache to decode from).
+
+    The self-decoder runs over the whole prompt, filling one cache dict per self layer
+    (model._self_decode(idx, past=0, caches)); the global K, V cover every prompt position; the cross-decoder
+    and the head run for the LAST position only, the early exit (model._cross_decode(x, n_queries, past_kv) ->
+    (logits (B, n_queries, V), (K, V))). The cache: {"pos": T, "self": the per-layer dicts, "k": K, "v": V}."""
+    if idx.dim() != 2 or idx.size(1) < 1:
+        raise ValueError(f"idx: expected a prompt of shape (B, T) with T >= 1, got {tuple(idx.shape)}")
+    # BEGIN EXERCISE 11.3: the early-exit prefill
+    caches = [{} for _ in model.self_layers]
+    x = model._self_decode(idx, 0, caches)
+    logits, (k, v) = model._cross_decode(x, 1)  # the early exit: one query position
+    return logits[:, -1], {"pos": idx.size(1), "self": caches, "k": k, "v": v}
+    # END EXERCISE
