@@ -18,7 +18,7 @@ return torch.cat(outs, dim=2), S"""
 _UPDATE = "S = gamma * S + k[..., t, :, None] @ v[..., t, None, :]  # (B, H, Dk, Dv)"
 _KV = "k, v = (p(h).view(B, T, n_heads, C // n_heads).transpose(1, 2) for p in (k_proj, v_proj))"
 _PAST = ("if past_kv is not None:\n"
-         "    k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)\n")
+         "    k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)")
 _EXIT = "logits, (k, v) = model._cross_decode(x, 1)  # the early exit: one query position"
 
 MUTANTS = [
@@ -104,10 +104,10 @@ MUTANTS = [
     # -- the plausible mistakes
     Mutant("11.2", "shared_kv_cross_decoder_kv_per_layer",
            "recomputes K, V from each layer's output for the next layer (a standard decoder's per-layer cache)",
-           old="    h = layer(h, k=k, v=v)\n",
+           old="    h = layer(h, k=k, v=v)",
            new=("    h = layer(h, k=k, v=v)\n"
                 "    k, v = (p(kv_norm(h)).view(B, h.size(1), n_heads, C // n_heads).transpose(1, 2)\n"
-                "            for p in (k_proj, v_proj))\n")),
+                "            for p in (k_proj, v_proj))")),
     Mutant("11.2", "shared_kv_cross_decoder_past_after_the_new_positions",
            "puts the cached keys and values after the new ones: the causal offset then points at the wrong keys",
            old="k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)",
