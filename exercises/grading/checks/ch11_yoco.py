@@ -226,8 +226,9 @@ def the_state_continues_the_sequence(gated_retention_recurrent, case, split):
     _first_bad(state2, want_state, limit_state, f"the final state {where}", "b,h,i,j", nan_why=OVERFLOW)
 
 
-@check("float32 inputs give float32 out and state, equal to the float64 oracle of the same values to 1e-5 of the "
-       "terms' magnitude, with values of size 100 and decays from exp(-80) to 1 (no overflow, no NaN)",
+@check("float32 inputs give float32 out and state, equal to the float64 oracle of the same values to 1e-3 of the "
+       "terms' magnitude (a correct float32 form that sums the log decays loses about 6e-8 times their sum in each "
+       "exponent), with values of size 100 and decays from exp(-80) to 1 (no overflow, no NaN)",
        case=RETENTION_CASES, examples=[dict(case=(2, 2, 9, 3, 2, 4, "wide", True, 30.0)),
                                        dict(case=(1, 1, 9, 1, 1, 1, "wide", False, 1.0))])
 def float32_stays_finite_and_exact(gated_retention_recurrent, case):
@@ -236,7 +237,7 @@ def float32_stays_finite_and_exact(gated_retention_recurrent, case):
     out, state = _run_recurrence(gated_retention_recurrent, q, k, v, log_decay, S0, F32)
     zero = torch.zeros(B, H, Dk, Dv, dtype=F32) if S0 is None else S0
     want_out, want_state = naive_gated_retention(q, k, v, log_decay, zero)
-    limit_out, limit_state = _limit(q.double(), k.double(), v.double(), log_decay.double(), zero.double(), 1e-5)
+    limit_out, limit_state = _limit(q.double(), k.double(), v.double(), log_decay.double(), zero.double(), 1e-3)
     _first_bad(out, want_out, limit_out, "the float32 output", "b,h,t,j", nan_why=OVERFLOW)
     _first_bad(state, want_state, limit_state, "the float32 state", "b,h,i,j", nan_why=OVERFLOW)
 
