@@ -450,10 +450,16 @@ def one_global_kv_for_every_layer(shared_kv_cross_decoder, case):
     def with_past(name, new):
         return new if past_kv is None else torch.cat([past_kv["KV".index(name)].double(), new], dim=2)
 
+    last = layers[-1].calls
+    from_output = (naive_global_kv(_as64(norm), _as64(k_proj), _as64(v_proj), layers[-1].naive(*last[0]), H)
+                   if last else None)  # K, V recomputed from the last layer's output: a per-layer cache
     for name, got, want in (("K", K, K_want), ("V", V, V_want)):
         if not _close(got, want, tol):
             why = ""
-            if past_kv is not None and _close(got, torch.cat([want[:, :, past:], want[:, :, :past]], 2), tol):
+            if from_output is not None and _close(got, with_past(name, from_output["KV".index(name)]), tol):
+                why = (": it is computed from the last layer's output; YOCO computes K, V ONCE, from x, before "
+                       "the cross layers, and never recomputes them")
+            elif past_kv is not None and _close(got, torch.cat([want[:, :, past:], want[:, :, :past]], 2), tol):
                 why = ": the past positions must come first (past_kv, then x's positions)"
             elif _close(got, with_past(name, _heads(_lin(projections[name], xd), H)), tol):
                 why = ": the RMSNorm (kv_norm) is missing before the projection"
