@@ -144,9 +144,12 @@ show(GatedRetention)
 # values of its own. This is exercise 11.2 (`python -m exercises grade 11 --exercise 11.2`).
 
 # %%
+from nanomodels.yoco import shared_kv_cross_decoder, yoco_prefill
+
 show(YOCO.forward)
 show(CrossAttention.forward)
 show(YOCO._cross_decode)
+show(shared_kv_cross_decoder)
 
 # %% [markdown]
 # Prefill with the early exit: the self-decoder over the prompt (filling its states), the global $K, V$ of every prompt
@@ -157,6 +160,7 @@ show(YOCO._cross_decode)
 
 # %%
 show(YOCO.prefill)
+show(yoco_prefill)
 show(YOCO.step)
 
 # %% [markdown]

@@ -65,8 +65,11 @@ def gated_retention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               state: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """S_t = gamma_t S_{t-1} + k_t^T v_t, o_t = q_t S_t for t = 1..T -> (out (B, H, T, Dv), S_T (B, H, Dk, Dv)).
 
-    `state` is S_0 (zeros when None); passing the returned state back continues the sequence."""
+    gamma_t = exp(log_decay_t), one per batch row, head and token; S_t is a (Dk, Dv) matrix per head and k_t^T v_t
+    the outer product of row vectors. `state` is S_0 (zeros when None); passing the returned state back continues
+    the sequence. Computed in the inputs' dtype (out and state too)."""
     _check(q, k, v, log_decay, state)
+    # BEGIN EXERCISE 11.1: the gated-retention recurrence
     S = _zero_state(q, v, state)
     outs = [q.new_zeros(*q.shape[:2], 0, v.size(-1))]
     for t in range(q.size(-2)):
@@ -74,6 +77,7 @@ def gated_retention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         S = gamma * S + k[..., t, :, None] @ v[..., t, None, :]  # (B, H, Dk, Dv)
         outs.append(q[..., t, None, :] @ S)  # (B, H, 1, Dv)
     return torch.cat(outs, dim=2), S
+    # END EXERCISE
 
 
 def gated_retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,

@@ -47,7 +47,8 @@ from nanomodels.transformer import (MLP, LMHead, PreNorm, TokenEmbedding, Transf
                                     gpt2_init_, layer_norm, sample_next_token)
 
 __all__ = ["gated_retention", "gated_retention_recurrent", "gated_retention_chunkwise", "sliding_window_mask",
-           "GatedRetention", "SlidingWindowAttention", "CrossAttention", "YOCOConfig", "YOCO"]
+           "GatedRetention", "SlidingWindowAttention", "CrossAttention", "shared_kv_cross_decoder", "yoco_prefill",
+           "YOCOConfig", "YOCO"]
 
 GATE_LOGIT_NORMALIZER = 16  # log gamma_t = logsigmoid(x W_gamma) / 16: gamma_t = sigmoid(x W_gamma)^(1/16)
 SELF_ATTENTIONS = ("gated_retention", "sliding_window")
@@ -181,6 +182,39 @@ class Layer(nn.Module):
         return self.ffn_residual(x, self.ffn)
 
 
+def shared_kv_cross_decoder(x: torch.Tensor, kv_norm: nn.Module, k_proj: nn.Module, v_proj: nn.Module,
+                            layers, n_heads: int, n_queries: Optional[int] = None,
+                            past_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                            ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The cross-decoder over the self-decoder's output x (B, T, d), with ONE global K, V for all its layers.
+
+    K = k_proj(kv_norm(x)) and V = v_proj(kv_norm(x)), split into n_heads heads (B, n_heads, T, d / n_heads);
+    past_kv, the (K, V) of earlier positions (B, n_heads, T_past, d / n_heads), goes before them. The last
+    n_queries positions of x (all when None) run through `layers` in order, each called as layer(h, k=K, v=V)
+    with that one K, V (a cross layer has its own queries, no keys or values of its own).
+    Returns (h (B, n_queries, d), (K, V)), K and V covering the past and all T positions."""
+    T = x.size(1)
+    n_queries = T if n_queries is None else n_queries
+    if not isinstance(n_queries, int) or isinstance(n_queries, bool) or not 1 <= n_queries <= T:
+        raise ValueError(f"n_queries: must be an integer in [1, T = {T}] or None, got {n_queries!r}")
+    want = (x.size(0), n_heads, x.size(-1) // n_heads)  # (B, H, D) of every K, V
+    if past_kv is not None and (len(past_kv) != 2 or any(t.dim() != 4 or (*t.shape[:2], t.size(3)) != want
+                                                         for t in past_kv)):
+        raise ValueError(f"past_kv: must be (K, V), each of shape (B, n_heads, T_past, d / n_heads) with "
+                         f"(B, n_heads, d / n_heads) = {want}")
+    # BEGIN EXERCISE 11.2: the shared-KV cross-decoder
+    B, T, C = x.shape
+    h = kv_norm(x)
+    k, v = (p(h).view(B, T, n_heads, C // n_heads).transpose(1, 2) for p in (k_proj, v_proj))
+    if past_kv is not None:
+        k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+    h = x[:, T - n_queries:]
+    for layer in layers:
+        h = layer(h, k=k, v=v)
+    return h, (k, v)
+    # END EXERCISE
+
+
 class YOCO(_Model):
     """The decoder-decoder. forward(idx) -> logits (B, T, V); prefill/step decode with one global KV cache.
 
@@ -218,33 +252,20 @@ class YOCO(_Model):
             x = layer(x, cache=None if caches is None else caches[i])
         return x
 
-    def _global_kv(self, x):
-        B, T, C = x.shape
-        h = self.kv_norm(x)
-        return [p(h).view(B, T, self.config.n_heads, -1).transpose(1, 2) for p in (self.k_proj, self.v_proj)]
-
-    def _cross_decode(self, x, k, v):
-        for layer in self.cross_layers:
-            x = layer(x, k=k, v=v)
-        return self.head(self.final_norm(x))
+    def _cross_decode(self, x, n_queries=None, past_kv=None):
+        h, kv = shared_kv_cross_decoder(x, self.kv_norm, self.k_proj, self.v_proj, self.cross_layers,
+                                        self.config.n_heads, n_queries, past_kv)
+        return self.head(self.final_norm(h)), kv
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
         """Token ids (B, T) -> logits (B, T, V); with targets (B, T), (logits, loss) as the core Transformer gives
         (the head's cross-entropy), which is what the trainer calls."""
-        x = self._self_decode(idx, 0, None)
-        k, v = self._global_kv(x)
-        logits = self._cross_decode(x, k, v)
+        logits, _ = self._cross_decode(self._self_decode(idx, 0, None))
         return logits if targets is None else (logits, self.head.loss(None, targets, logits))
 
     def prefill(self, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The prompt (B, T) -> (logits of its last position (B, V), cache); the cross-decoder sees one position."""
-        if idx.dim() != 2 or idx.size(1) < 1:
-            raise ValueError(f"idx: expected a prompt of shape (B, T) with T >= 1, got {tuple(idx.shape)}")
-        caches = [{} for _ in self.self_layers]
-        x = self._self_decode(idx, 0, caches)
-        k, v = self._global_kv(x)
-        logits = self._cross_decode(x[:, -1:], k, v)[:, -1]  # the early exit
-        return logits, {"pos": idx.size(1), "self": caches, "k": k, "v": v}
+        return yoco_prefill(self, idx)
 
     def step(self, idx_t: torch.Tensor, cache: dict) -> tuple[torch.Tensor, dict]:
         """One new token (B, 1) after the cached ones -> (its logits (B, V), the new cache)."""
@@ -253,10 +274,8 @@ class YOCO(_Model):
             raise ValueError(f"idx_t: expected one token per sequence, shape ({B}, 1), got {tuple(idx_t.shape)}")
         caches = [dict(c) for c in cache["self"]]  # the mixers replace entries; the given cache stays valid
         x = self._self_decode(idx_t, cache["pos"], caches)
-        k_t, v_t = self._global_kv(x)
-        k, v = torch.cat([cache["k"], k_t], dim=2), torch.cat([cache["v"], v_t], dim=2)
-        logits = self._cross_decode(x, k, v)[:, -1]
-        return logits, {"pos": cache["pos"] + 1, "self": caches, "k": k, "v": v}
+        logits, (k, v) = self._cross_decode(x, past_kv=(cache["k"], cache["v"]))
+        return logits[:, -1], {"pos": cache["pos"] + 1, "self": caches, "k": k, "v": v}
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -281,3 +300,20 @@ class YOCO(_Model):
         """Bytes held by the cache's tensors: the global K, V and every self-decoder layer's state."""
         tensors = [cache["k"], cache["v"]] + [t for c in cache["self"] for t in c.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def yoco_prefill(model: YOCO, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """YOCO.prefill: the prompt idx (B, T) -> (logits of its last position (B, V), the cache to decode from).
+
+    The self-decoder runs over the whole prompt, filling one cache dict per self layer
+    (model._self_decode(idx, past=0, caches)); the global K, V cover every prompt position; the cross-decoder
+    and the head run for the LAST position only, the early exit (model._cross_decode(x, n_queries, past_kv) ->
+    (logits (B, n_queries, V), (K, V))). The cache: {"pos": T, "self": the per-layer dicts, "k": K, "v": V}."""
+    if idx.dim() != 2 or idx.size(1) < 1:
+        raise ValueError(f"idx: expected a prompt of shape (B, T) with T >= 1, got {tuple(idx.shape)}")
+    # BEGIN EXERCISE 11.3: the early-exit prefill
+    caches = [{} for _ in model.self_layers]
+    x = model._self_decode(idx, 0, caches)
+    logits, (k, v) = model._cross_decode(x, 1)  # the early exit: one query position
+    return logits[:, -1], {"pos": idx.size(1), "self": caches, "k": k, "v": v}
+    # END EXERCISE

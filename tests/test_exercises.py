@@ -473,6 +473,30 @@ CLASSES = {
                                ("04", "deepnorm_constants_returns_tensors", "Python floats")],
 }
 
+# chapter 11 (YOCO): its mutants in the classes above, each caught with the message that names it
+for _cls, _cases in {
+    "an argument edited in place": [("11", "gated_retention_recurrent_updates_the_state_in_place",
+                                     "changed its argument `state` in place")],
+    "wide values: scores far beyond +-30": [("11", "gated_retention_recurrent_inverse_decays", "NaN")],
+    "rows of a batch that differ": [("11", "gated_retention_recurrent_one_decay_per_head", "batch row 0")],
+    "arguments and paths never exercised": [("11", "gated_retention_recurrent_ignores_state", "S_0 = 0"),
+                                            ("11", "shared_kv_cross_decoder_ignores_past_kv", "past and new"),
+                                            ("11", "shared_kv_cross_decoder_ignores_n_queries", "n_queries"),
+                                            ("11", "shared_kv_cross_decoder_ignores_later_layers", "called 0 times")],
+    "faithful diagnoses": [("11", "gated_retention_recurrent_reads_before_the_update", "before k_t^T v_t is added"),
+                           ("11", "gated_retention_recurrent_decays_the_new_token", "decays only the past"),
+                           ("11", "shared_kv_cross_decoder_ignores_kv_norm", "RMSNorm (kv_norm) is missing"),
+                           ("11", "shared_kv_cross_decoder_ignores_k_proj", "K comes from k_proj"),
+                           ("11", "shared_kv_cross_decoder_kv_per_layer", "computes K, V ONCE"),
+                           ("11", "shared_kv_cross_decoder_past_after_the_new_positions", "past positions must come"),
+                           ("11", "shared_kv_cross_decoder_normed_queries", "the norm feeds K and V only"),
+                           ("11", "yoco_prefill_no_early_exit", "no early exit"),
+                           ("11", "yoco_prefill_one_dict_for_all_layers", "the same dict"),
+                           ("11", "yoco_prefill_no_self_decoder_cache", "is empty"),
+                           ("11", "yoco_prefill_pos_off_by_one", "counts the prompt's tokens")],
+}.items():
+    CLASSES[_cls] = CLASSES[_cls] + _cases
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cls, number, name, needle", [pytest.param(k, *v, id=f"{k}: {v[1]}")

@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 
 from nanomodels.attention import MultiHeadAttention
 from nanomodels.yoco import (YOCO, GatedRetention, SlidingWindowAttention, YOCOConfig, gated_retention,
-                             gated_retention_chunkwise, gated_retention_recurrent, sliding_window_mask)
+                             gated_retention_chunkwise, gated_retention_recurrent, shared_kv_cross_decoder,
+                             sliding_window_mask)
 
 TOL = 1e-10
+CHAPTER = "11"  # tests/conftest.py runs its graded checks as `graded_check`
 
 
 def report(name, got, want):
@@ -418,3 +420,21 @@ def test_generate_with_the_cache_equals_recomputing_and_slides_past_block_size(k
                           torch.nn.functional.cross_entropy(model(prompt[:, :-1]).reshape(-1, 30),
                                                             prompt[:, 1:].reshape(-1)), rtol=0, atol=1e-12)
     assert logits.shape == (2, 5, 30)
+
+
+# ---- the recurrence, the shared-KV cross-decoder, the early-exit prefill: the graded checks ------------------
+
+def test_graded_invariant_holds_for_the_library(graded_check):
+    graded_check()
+
+
+def test_shared_kv_cross_decoder_rejects_bad_n_queries_and_past_kv():
+    model = build()
+    x = torch.zeros(2, 5, 16, dtype=torch.float64)
+    parts = (model.kv_norm, model.k_proj, model.v_proj, model.cross_layers, 2)
+    for n_queries in (0, 6, 2.0, True):
+        with pytest.raises(ValueError, match="n_queries"):
+            shared_kv_cross_decoder(x, *parts, n_queries)
+    for past_kv in ((torch.zeros(2, 2, 3, 8),), (torch.zeros(2, 1, 3, 8),) * 2, (torch.zeros(2, 2, 3, 4),) * 2):
+        with pytest.raises(ValueError, match="past_kv"):
+            shared_kv_cross_decoder(x, *parts, None, past_kv)

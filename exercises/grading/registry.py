@@ -66,6 +66,8 @@ CHAPTERS = {c.number: c for c in [
             ("nanomodels/diffusion.py", "nanomodels/sigma_vae.py", "kernels/adaln.py")),
     Chapter("10", "retnet_xpos", "RetNet retention and XPos: recurrent, chunkwise, the decay and the scale",
             ("nanomodels/retnet.py",)),
+    Chapter("11", "yoco", "YOCO: gated retention and one global KV cache",
+            ("nanomodels/gated_retention.py", "nanomodels/yoco.py")),
     Chapter("12", "minilm", "MiniLM: distilling a Transformer through its self-attention", ("nanomodels/minilm.py",)),
 ]}
 
