@@ -83,6 +83,39 @@ def test_merged_patterns_equal_dilated_attention(causal, dtype):
 
 
 @needs_interpreter
+def test_bfloat16_is_computed_in_float32_under_the_interpreter():
+    """The interpreter multiplies bf16 bit patterns as integers (kernels.md, interpreter traps): up-cast there."""
+    ws, rs = (16, 32), (1, 2)
+    q, k, v, do = (randn(1, 2, 40, 16, seed=110 + s, dtype=torch.bfloat16) for s in range(4))
+    out, lse = dilated_branch_kernel(q, k, v, 32, 2)
+    want_out, want_lse = dilated_branch(q.double(), k.double(), v.double(), 32, 2)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert_close(out, want_out, "bf16 O of one pattern", 1e-2)
+    kept = torch.isfinite(want_lse)
+    assert_close(lse[kept], want_lse[kept], "bf16 LSE", 1e-5)
+    buf = torch.full((2 * 40 * 16 + 8,), SENTINEL, dtype=torch.bfloat16)
+    dilated_branch_kernel(q, k, v, 32, 2, out=buf[:-8].view(1, 2, 40, 16), lse=torch.empty(1, 2, 40))
+    assert_close(buf[:-8].view(1, 2, 40, 16), want_out, "bf16 O into out=", 1e-2)
+    assert (buf[-8:] == SENTINEL).all(), "out: guard cells written"
+    (out, grads), (ref_out, ref_grads) = kernel_and_reference_grads(q, k, v, do, ws, rs, causal=True)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref_out, "bf16 merged O", 1e-2)
+    for name, g, ref in zip(("dQ", "dK", "dV"), grads, ref_grads):
+        assert g.dtype == torch.bfloat16
+        assert_close(g, ref, f"bf16 {name}", 2e-2)
+
+
+def test_bad_outputs_raise_before_anything_is_written():
+    q = randn(1, 2, 8, 16)
+    for out, lse, match in ((torch.full((1, 2, 8, 8), SENTINEL), None, "out"),
+                            (torch.full((1, 2, 8, 16), SENTINEL).half(), None, "out"),
+                            (None, torch.full((1, 2, 8), SENTINEL).double(), "lse")):
+        with pytest.raises(ValueError, match=match):
+            dilated_branch_kernel(q, q, q, 4, 1, out=out, lse=lse)
+        assert all(t is None or (t == SENTINEL).all() for t in (out, lse)), "an output was written before the check"
+
+
+@needs_interpreter
 def test_strided_inputs_are_read_through_their_strides():
     base = randn(1, 40, 2, 3 * 16, seed=20)  # (B, T, H, 3D): q, k, v as views of one packed projection
     q, k, v = (base[..., i * 16:(i + 1) * 16].transpose(1, 2) for i in range(3))  # (B, H, T, D), strided
