@@ -62,6 +62,8 @@ except ImportError:  # no triton wheel for this platform: kernels stay importabl
 
     triton = tl = _Stub()
 
+GRID_MAX = (2**31 - 1, 65535, 65535)  # CUDA's limit on each grid axis (x, y, z): a launch past one fails
+
 _warned = set()
 
 
@@ -155,5 +157,5 @@ def kernel_module(name: str):
     return importlib.import_module(f"kernels.{name}")
 
 
-__all__ = ["HAS_CUDA", "HAS_TRITON", "INTERPRET", "KERNEL_MODULES", "AotSpec", "Benchmark", "CudaSpec", "backend",
+__all__ = ["GRID_MAX", "HAS_CUDA", "HAS_TRITON", "INTERPRET", "KERNEL_MODULES", "AotSpec", "Benchmark", "CudaSpec", "backend",
            "kernel_module"]

@@ -38,14 +38,14 @@ def modulate_reference(x, shift, scale, eps: float = 1e-6) -> torch.Tensor:
 
 
 @triton.jit
-def _adaln_fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, n_cols, rows_per_cond, stride_x, stride_s, stride_y, eps,
-                      BLOCK: tl.constexpr):
+def _adaln_fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, n_cols, rows_per_cond, stride_x, stride_sh, stride_sc,
+                      stride_y, eps, BLOCK: tl.constexpr):
     """One program per row of x (rows, n_cols): y = (x - mean) * rstd * (1 + scale) + shift, in float32.
 
     mean = sum(x) / n_cols and rstd = 1 / sqrt(sum((x - mean)^2) / n_cols + eps) over the row's n_cols
     columns (BLOCK >= n_cols lanes, the ones past n_cols masked), stored per row for the backward. shift and
     scale hold one condition row per rows_per_cond consecutive rows of x (1: per token; L: per sequence of L
-    tokens), rows stride_s apart; row r of x is modulated by condition row r // rows_per_cond.
+    tokens), rows stride_sh (shift) and stride_sc (scale) apart; row r of x is modulated by condition row r // rows_per_cond.
     """
     row = tl.program_id(0).to(tl.int64)  # int64 so row * stride cannot overflow
     cols = tl.arange(0, BLOCK)
@@ -56,8 +56,8 @@ def _adaln_fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, n_cols, rows_per_cond, str
     centered = tl.where(inside, x - mean, 0.0)  # the padding must not enter the variance
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
     cond = row // rows_per_cond  # the condition row this token shares with its sequence
-    scale = tl.load(SCALE + cond * stride_s + cols, mask=inside, other=0.0).to(tl.float32)
-    shift = tl.load(SHIFT + cond * stride_s + cols, mask=inside, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + cond * stride_sc + cols, mask=inside, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + cond * stride_sh + cols, mask=inside, other=0.0).to(tl.float32)
     y = centered * rstd * (1.0 + scale) + shift
     # END EXERCISE
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=inside)
@@ -67,7 +67,8 @@ def _adaln_fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, n_cols, rows_per_cond, str
 
 @triton.jit
 def _adaln_bwd_kernel(X, SCALE, DY, MEAN, RSTD, DX, DSHIFT, DSCALE, n_cols, rows_per_cond, stride_x, stride_s,
-                      stride_dy, stride_dx, BLOCK: tl.constexpr):
+                      stride_dy, stride_dx, stride_g, BLOCK: tl.constexpr):
+    """One program per row: dx (rows stride_dx apart) and the per-row dscale, dshift (rows stride_g apart)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     inside = cols < n_cols
@@ -79,8 +80,8 @@ def _adaln_bwd_kernel(X, SCALE, DY, MEAN, RSTD, DX, DSHIFT, DSCALE, n_cols, rows
     wdy = w * dy
     dx = rstd * (wdy - tl.sum(wdy, axis=0) / n_cols - xhat * (tl.sum(wdy * xhat, axis=0) / n_cols))
     tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=inside)
-    tl.store(DSCALE + row * stride_dx + cols, (dy * xhat).to(DSCALE.dtype.element_ty), mask=inside)  # per row
-    tl.store(DSHIFT + row * stride_dx + cols, dy.to(DSHIFT.dtype.element_ty), mask=inside)
+    tl.store(DSCALE + row * stride_g + cols, (dy * xhat).to(DSCALE.dtype.element_ty), mask=inside)  # per row
+    tl.store(DSHIFT + row * stride_g + cols, dy.to(DSHIFT.dtype.element_ty), mask=inside)
 
 
 def _num_warps(block: int) -> int:
@@ -122,28 +123,44 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if backend(x) == "interpreter" and x.dtype == torch.bfloat16 else x.dtype
 
 
+def _rows(name, t, shape, dtype):
+    """t as (rows, N) with unit column stride: an input is copied if its columns are strided, an output
+    (`out`, `dx`: written in place) must already have x's shape, dtype and unit column stride."""
+    if name in ("out", "dx"):
+        if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dtype or t.dim() != 2 or (
+                t.numel() and t.stride(-1) != 1):
+            raise ValueError(f"{name}: must be a {tuple(shape)} {dtype} tensor with unit column stride (rows may be "
+                             f"strided), got {tuple(getattr(t, 'shape', ()))} {getattr(t, 'dtype', type(t))}"
+                             f"{'' if not isinstance(t, torch.Tensor) else ' strides ' + str(t.stride())}")
+        return t
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def adaln_forward(x, shift, scale, *, eps=1e-6, out=None, rows_per_cond=1):
-    """The forward kernel: (y, mean, rstd); x (rows, N), shift and scale (rows / rows_per_cond, N), contiguous;
-    `out` receives y if given."""
+    """The forward kernel: (y, mean, rstd); x (rows, N), shift and scale (rows / rows_per_cond, N), each read with
+    its own row stride (a strided column is copied); `out` (rows, N) with unit column stride receives y if given."""
     n = x.size(-1)
-    y = out if out is not None else torch.empty_like(x)
+    x, shift, scale = (_rows(name, t, None, None) for name, t in (("x", x), ("shift", shift), ("scale", scale)))
+    y = _rows("out", out, x.shape, x.dtype) if out is not None else torch.empty_like(x)
     mean = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     block = triton.next_power_of_2(n)
-    _adaln_fwd_kernel[(x.size(0),)](x, shift, scale, y, mean, rstd, n, rows_per_cond, x.stride(0), scale.stride(0),
-                                    y.stride(0), float(eps), BLOCK=block, num_warps=_num_warps(block))
+    _adaln_fwd_kernel[(x.size(0),)](x, shift, scale, y, mean, rstd, n, rows_per_cond, x.stride(0), shift.stride(0),
+                                    scale.stride(0), y.stride(0), float(eps), BLOCK=block, num_warps=_num_warps(block))
     return y, mean, rstd
 
 
 def adaln_backward(x, scale, mean, rstd, dy, *, dx=None, rows_per_cond=1):
     """The backward kernel: (dx, dshift, dscale), dx (rows, N), dshift and dscale shaped like scale (summed over
-    the rows_per_cond rows that share a condition); `dx` receives dx if given (guard bands)."""
+    the rows_per_cond rows that share a condition); `dx` (rows, N) with unit column stride receives dx if given
+    (its rows may be strided: dshift and dscale are separate contiguous buffers)."""
     n = x.size(-1)
-    dx = dx if dx is not None else torch.empty_like(x)
-    dshift, dscale = torch.empty_like(dx), torch.empty_like(dx)  # per row of x
+    x, scale, dy = (_rows(name, t, None, None) for name, t in (("x", x), ("scale", scale), ("dy", dy)))
+    dx = _rows("dx", dx, x.shape, x.dtype) if dx is not None else torch.empty_like(x)
+    dshift, dscale = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(2))  # per row of x
     block = triton.next_power_of_2(n)
     _adaln_bwd_kernel[(x.size(0),)](x, scale, dy, mean, rstd, dx, dshift, dscale, n, rows_per_cond, x.stride(0),
-                                    scale.stride(0), dy.stride(0), dx.stride(0), BLOCK=block,
+                                    scale.stride(0), dy.stride(0), dx.stride(0), n, BLOCK=block,
                                     num_warps=_num_warps(block))
     if rows_per_cond > 1:
         dshift, dscale = (g.view(-1, rows_per_cond, n).sum(1) for g in (dshift, dscale))

@@ -15,7 +15,8 @@ block's diagonal are skipped. The patterns are then mixed by alpha_i = softmax_i
 Backward: alpha is differentiable, so each pattern receives dO and dLSE. It reuses the FlashAttention-2 backward
 kernels of kernels/flash_attention.py (with the LSE's gradient, delta = rowsum(dO * O) - dLSE): each head's kept
 rows of each segment are gathered into a dense (B * H * segments, w/r, D) batch, the short last segment's missing
-rows as key padding (key_lengths), and dQ, dK, dV are scattered back to the kept rows. The copies hold about
+rows as key padding (key_lengths), and dQ, dK, dV are scattered back to the kept rows. The segments ride on grid
+axis y (at most 65,535), so the backward launches them in chunks of MAX_SEGMENTS_PER_LAUNCH (`launch_grids`). The copies hold about
 T/r rows per head and pattern.
 """
 
@@ -25,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from kernels import INTERPRET, AotSpec, Benchmark, backend, tl, triton
+from kernels import GRID_MAX, INTERPRET, AotSpec, Benchmark, backend, tl, triton
 from kernels.flash_attention import AOT_SPECS as FLASH_AOT_SPECS
 from kernels.flash_attention import MASK_CAUSAL, MASK_NONE, flash_attention_backward
 from nanomodels.dilated import check_patterns, dilated_branch, head_offsets, merge_by_lse
@@ -104,27 +105,59 @@ def _check(q, k, v):
         raise ValueError(f"q: head size D must be one of {HEAD_DIMS}, got {q.size(-1)}")
 
 
+MAX_SEGMENTS_PER_LAUNCH = GRID_MAX[1]  # the backward's (batch, head, segment) triples ride on grid axis y
+
+
+def _segment_chunks(n: int) -> list:
+    """[lo, hi) ranges of at most MAX_SEGMENTS_PER_LAUNCH of the backward's n gathered segments: one launch each."""
+    return [(lo, min(n, lo + MAX_SEGMENTS_PER_LAUNCH)) for lo in range(0, n, MAX_SEGMENTS_PER_LAUNCH)]
+
+
+def launch_grids(B: int, H: int, T: int, D: int, w: int, r: int) -> list:
+    """[(name, grid)] of every launch one pattern (w, r) makes on q (B, H, T, D), computed, not launched: the
+    forward's (query blocks, segments, B * H) and, per chunk of segments, the backward's delta, dK/dV and dQ
+    (row blocks, segments in the chunk). Row blocks are counted at 16 rows, the smallest block any config uses."""
+    m, n = w // r, -(-T // w)
+    grids = [("forward", (-(-m // 16), n, B * H))]
+    for lo, hi in _segment_chunks(B * H * n):
+        grids += [(f"backward {part} [{lo}, {hi})", (-(-m // 16), hi - lo)) for part in ("delta", "dkdv", "dq")]
+    return grids
+
+
 def dilated_branch_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int, r: int, *,
                           causal: bool = False, out=None, lse=None) -> tuple:
     """One pattern (w, r) by the Triton kernel: (O|(w, r), LSE), as nanomodels.dilated.dilated_branch, and
     differentiable in q, k, v through both outputs.
 
-    `out` (B, H, T, D) and `lse` (B, H, T, float32, contiguous rows), when given, are filled in place (no autograd)."""
+    `out` (B, H, T, D, q's dtype) and `lse` (B, H, T, float32), each with a unit last stride, when given, are
+    filled in place (no autograd); a bad one raises ValueError before anything is written. Under the interpreter
+    bf16 is computed in float32 (the interpreter cannot multiply bf16) and rounded to bf16 at the end."""
     check_patterns([w], [r])
     _check(q, k, v)
+    if q.size(0) * q.size(1) > GRID_MAX[2] or -(-q.size(2) // w) > GRID_MAX[1]:
+        raise ValueError(f"q: B * H = {q.size(0) * q.size(1)} must be <= {GRID_MAX[2]} and the segments ceil(T / w) "
+                         f"= {-(-q.size(2) // w)} <= {GRID_MAX[1]} (CUDA's grid limits on axes z and y)")
     if backend(q) == "reference":
         out, lse = dilated_branch(q, k, v, w, r, causal=causal)
         return out, lse.float()
     if out is None and lse is None and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        if backend(q) == "interpreter" and q.dtype == torch.bfloat16:  # as below; autograd casts the gradients
+            o32, lse32 = _DilatedBranch.apply(q.float(), k.float(), v.float(), w, r, causal)
+            return o32.to(q.dtype), lse32
         return _DilatedBranch.apply(q, k, v, w, r, causal)  # its forward calls this function without autograd
+    B, H, T, D = q.shape
+    for name, t, shape, dtype in (("out", out, q.shape, q.dtype), ("lse", lse, (B, H, T), torch.float32)):
+        if t is not None and (t.shape != shape or t.dtype != dtype or t.device != q.device or t.stride(-1) != 1):
+            raise ValueError(f"{name}: needs shape {tuple(shape)}, dtype {dtype}, q's device and a unit last stride, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device} with strides {t.stride()}")
+    if backend(q) == "interpreter" and q.dtype == torch.bfloat16:  # the interpreter cannot multiply bf16: fp32
+        o32, lse32 = dilated_branch_kernel(q.float(), k.float(), v.float(), w, r, causal=causal, lse=lse)
+        return (o32.to(q.dtype) if out is None else out.copy_(o32)), lse32
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    B, H, T, D = q.shape
     out = torch.zeros_like(q) if out is None else out.zero_()  # rows this pattern does not keep stay 0 ...
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32) if lse is None else lse
     lse.fill_(-math.inf)  # ... with LSE = -inf
-    if out.shape != q.shape or out.stride(-1) != 1 or lse.shape != (B, H, T) or lse.stride(-1) != 1:
-        raise ValueError(f"out, lse: need shapes {tuple(q.shape)} and {(B, H, T)} with contiguous rows")
     # BEGIN EXERCISE 6.4: dilation as a strided load
     grid = lambda meta: (triton.cdiv(w // r, meta["BLOCK_M"]), triton.cdiv(T, w), B * H)  # noqa: E731
     kept_row = [r * x.stride(2) for x in (q, k, v, out)]  # one kept row to the next: r rows apart
@@ -174,7 +207,11 @@ class _DilatedBranch(torch.autograd.Function):
         lse = torch.where(torch.isfinite(lse), lse, 0.0)  # padding rows: q = dO = 0 there, any finite LSE
         seg = [_gather(x, pos, ctx.w) for x in (q, k, v, out.to(q.dtype), lse, dout.to(q.dtype))]
         dlse = None if dlse is None else _gather(dlse.float(), pos, ctx.w)
-        grads = flash_attention_backward(*seg, causal=ctx.causal, key_lengths=key_lengths, dlse=dlse)
+        grads = [torch.empty_like(x) for x in seg[:3]]  # dq, dk, dv: filled one launch-sized chunk at a time
+        for lo, hi in _segment_chunks(seg[0].size(0)):
+            flash_attention_backward(*(x[lo:hi] for x in seg), causal=ctx.causal, key_lengths=key_lengths[lo:hi],
+                                     dlse=None if dlse is None else dlse[lo:hi], dq=grads[0][lo:hi],
+                                     dk=grads[1][lo:hi], dv=grads[2][lo:hi])
         heads = torch.arange(H, device=q.device)[:, None, None]
 
         def scatter(g):  # (B * H * n, 1, m, D) -> (B, H, T, D): the kept rows, 0 on every other row

@@ -147,9 +147,36 @@ class _GroupedGEMM(torch.autograd.Function):
         return da, dw, None, None, None, None, None
 
 
+def _check_routing(m, n_experts, a_rows, c_rows, block_expert, expert_blocks, out_rows) -> None:
+    """The kernels index memory with the metadata, so every index is checked before a launch: a_rows in
+    [-1, M) (-1: padding), c_rows in [0, out_rows) where a_rows >= 0, block_expert in [0, E), expert_blocks
+    E + 1 non-decreasing block offsets from 0 to len(block_expert). Cost: a few elementwise comparisons over the
+    P_pad + E + 1 indices on their device and one host synchronisation for the combined verdict."""
+    if not isinstance(out_rows, int) or out_rows < 0:
+        raise ValueError(f"out_rows: must be an int >= 0, got {out_rows!r}")
+    if len(expert_blocks) != n_experts + 1:
+        raise ValueError(f"expert_blocks: needs E + 1 = {n_experts + 1} entries, got {len(expert_blocks)}")
+    live = a_rows >= 0
+    steps = expert_blocks.diff()
+    verdict = torch.stack([
+        ((a_rows >= -1) & (a_rows < m)).all(),
+        (~live | ((c_rows >= 0) & (c_rows < out_rows))).all(),
+        ((block_expert >= 0) & (block_expert < n_experts)).all(),
+        (expert_blocks[0] == 0) & (expert_blocks[-1] == len(block_expert)) & (steps >= 0).all(),
+    ]).tolist()  # the one synchronisation
+    rules = (("a_rows", f"every entry in [-1, M = {m})"), ("c_rows", f"every live entry in [0, out_rows = {out_rows})"),
+             ("block_expert", f"every expert id in [0, E = {n_experts})"),
+             ("expert_blocks", f"non-decreasing from 0 to len(block_expert) = {len(block_expert)}"))
+    for ok, (name, rule) in zip(verdict, rules):
+        if not ok:
+            raise ValueError(f"{name}: {rule} (an index past it would read or write outside the buffers)")
+
+
 def grouped_gemm(a, w, a_rows, c_rows, block_expert, expert_blocks, out_rows: int):
     """out (out_rows, N) with out[c_rows[p]] = a[a_rows[p]] @ w[e]^T for every p with a_rows[p] >= 0 (e the
-    expert of p's block); other rows are 0. a (M, K), w (E, N, K). Differentiable in a and w."""
+    expert of p's block); other rows are 0. a (M, K), w (E, N, K). Differentiable in a and w. Routing metadata
+    out of range (an expert id >= E, a row >= M, a destination row >= out_rows) raises ValueError naming the
+    argument before any launch (`_check_routing`: one host synchronisation)."""
     if a.dim() != 2 or w.dim() != 3 or a.size(1) != w.size(2):
         raise ValueError(f"a, w: need a (M, K) and w (E, N, K) with equal K, got {tuple(a.shape)}, "
                          f"{tuple(w.shape)}")
@@ -159,6 +186,7 @@ def grouped_gemm(a, w, a_rows, c_rows, block_expert, expert_blocks, out_rows: in
     if len(a_rows) != len(c_rows) or len(a_rows) != len(block_expert) * BLOCK_M:
         raise ValueError(f"a_rows, c_rows: need length len(block_expert) * BLOCK_M = "
                          f"{len(block_expert) * BLOCK_M}")
+    _check_routing(a.size(0), w.size(0), a_rows, c_rows, block_expert, expert_blocks, out_rows)
     rows = [t.to(torch.int64).contiguous() for t in (a_rows, c_rows)]
     if a.dtype == torch.bfloat16 and backend(a) == "interpreter":  # the interpreter cannot multiply bf16
         out = grouped_gemm(a.float(), w.float(), *rows, block_expert, expert_blocks, out_rows)

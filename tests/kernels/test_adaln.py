@@ -164,6 +164,41 @@ def test_forward_and_backward_write_nothing_outside_their_outputs(dtype):
 
 
 @needs_interpreter
+def test_backward_into_a_row_strided_dx_gives_every_gradient_and_writes_only_dx():
+    """dx a view whose rows are 2N apart: dshift and dscale are their own buffers, not laid out like dx."""
+    rows, cols = 5, 37
+    x, shift, scale = (randn(rows, cols, seed=40 + k) for k in range(3))
+    dy = randn(rows, cols, seed=43)
+    y, mean, rstd = adaln_forward(x, shift, scale)
+    buf = torch.full((rows, 2 * cols), SENTINEL)
+    dx, dshift, dscale = adaln_backward(x, scale, mean, rstd, dy, dx=buf[:, :cols])
+    ref = [t.double().requires_grad_() for t in (x, shift, scale)]
+    modulate_reference(*ref).backward(dy.double())
+    for name, got, r in zip(("dx", "dshift", "dscale"), (dx, dshift, dscale), ref):
+        assert_close(got, r.grad, name, ATOL[torch.float32])
+    assert (buf[:, cols:] == SENTINEL).all(), "dx: the slack between its rows was written"
+
+
+@needs_interpreter
+def test_forward_reads_shift_and_scale_with_their_own_row_strides():
+    rows, cols = 4, 19
+    x = randn(rows, cols, seed=50)
+    shift = randn(rows, 3 * cols, seed=51)[:, :cols]  # rows 3N apart
+    scale = randn(rows, cols, seed=52)  # rows N apart
+    y, _, _ = adaln_forward(x, shift, scale)
+    assert_close(y, modulate_reference(x.double(), shift.double(), scale.double()), "y", ATOL[torch.float32])
+
+
+def test_forward_and_backward_reject_an_output_whose_columns_are_strided():
+    x, shift, scale = (randn(3, 8, seed=k) for k in range(3))
+    with pytest.raises(ValueError, match="out"):
+        adaln_forward(x, shift, scale, out=torch.empty(3, 16)[:, ::2])
+    mean, rstd = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="dx"):
+        adaln_backward(x, scale, mean, rstd, torch.ones(3, 8), dx=torch.empty(8, 3).t())
+
+
+@needs_interpreter
 def test_drop_in_for_the_diffusion_heads_adaln_block():
     from nanomodels.diffusion import AdaLNBlock
 

@@ -83,6 +83,39 @@ def test_merged_patterns_equal_dilated_attention(causal, dtype):
 
 
 @needs_interpreter
+def test_bfloat16_is_computed_in_float32_under_the_interpreter():
+    """The interpreter multiplies bf16 bit patterns as integers (kernels.md, interpreter traps): up-cast there."""
+    ws, rs = (16, 32), (1, 2)
+    q, k, v, do = (randn(1, 2, 40, 16, seed=110 + s, dtype=torch.bfloat16) for s in range(4))
+    out, lse = dilated_branch_kernel(q, k, v, 32, 2)
+    want_out, want_lse = dilated_branch(q.double(), k.double(), v.double(), 32, 2)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert_close(out, want_out, "bf16 O of one pattern", 1e-2)
+    kept = torch.isfinite(want_lse)
+    assert_close(lse[kept], want_lse[kept], "bf16 LSE", 1e-5)
+    buf = torch.full((2 * 40 * 16 + 8,), SENTINEL, dtype=torch.bfloat16)
+    dilated_branch_kernel(q, k, v, 32, 2, out=buf[:-8].view(1, 2, 40, 16), lse=torch.empty(1, 2, 40))
+    assert_close(buf[:-8].view(1, 2, 40, 16), want_out, "bf16 O into out=", 1e-2)
+    assert (buf[-8:] == SENTINEL).all(), "out: guard cells written"
+    (out, grads), (ref_out, ref_grads) = kernel_and_reference_grads(q, k, v, do, ws, rs, causal=True)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref_out, "bf16 merged O", 1e-2)
+    for name, g, ref in zip(("dQ", "dK", "dV"), grads, ref_grads):
+        assert g.dtype == torch.bfloat16
+        assert_close(g, ref, f"bf16 {name}", 2e-2)
+
+
+def test_bad_outputs_raise_before_anything_is_written():
+    q = randn(1, 2, 8, 16)
+    for out, lse, match in ((torch.full((1, 2, 8, 8), SENTINEL), None, "out"),
+                            (torch.full((1, 2, 8, 16), SENTINEL).half(), None, "out"),
+                            (None, torch.full((1, 2, 8), SENTINEL).double(), "lse")):
+        with pytest.raises(ValueError, match=match):
+            dilated_branch_kernel(q, q, q, 4, 1, out=out, lse=lse)
+        assert all(t is None or (t == SENTINEL).all() for t in (out, lse)), "an output was written before the check"
+
+
+@needs_interpreter
 def test_strided_inputs_are_read_through_their_strides():
     base = randn(1, 40, 2, 3 * 16, seed=20)  # (B, T, H, 3D): q, k, v as views of one packed projection
     q, k, v = (base[..., i * 16:(i + 1) * 16].transpose(1, 2) for i in range(3))  # (B, H, T, D), strided
@@ -209,6 +242,45 @@ def test_gradient_matches_a_central_finite_difference():
         numeric, analytic = (f[0] - f[1]) / (2 * eps), (leaves[i].grad.double() * u).sum()
         assert abs(numeric - analytic) <= 1e-3 * max(1.0, abs(analytic)), \
             f"d/d{name} along a random direction: finite difference {numeric:.6g}, kernel gradient {analytic:.6g}"
+
+
+def test_every_grid_axis_stays_within_cudas_limits_at_the_largest_advertised_shapes():
+    """Arithmetic, no launch: B=8, H=16, T=128K, w=256 is 65,536 (batch, head, segment) triples, one more than
+    grid axis y allows; the backward splits them into launches of at most 65,535."""
+    from kernels import GRID_MAX
+    from kernels.dilated_attention import launch_grids
+
+    for B, H, T, D, w, r in ((8, 16, 128 * 1024, 64, 256, 1), (8, 16, 128 * 1024, 128, 256, 4),
+                             (1, 1, 65535 * 16, 16, 16, 1), (4095, 16, 256, 64, 256, 2)):
+        grids = launch_grids(B, H, T, D, w, r)
+        assert {"forward", "backward"} <= {name.split()[0] for name, _ in grids}
+        for name, grid in grids:
+            assert len(grid) <= 3 and all(0 < g <= lim for g, lim in zip(grid, GRID_MAX)), \
+                f"(B, H, T, w, r) = {(B, H, T, w, r)}: {name} grid {grid} is past {GRID_MAX}"
+        total = sum(grid[1] for name, grid in grids if name.startswith("backward dq"))
+        assert total == B * H * -(-T // w), "the backward launches must cover every (batch, head, segment)"
+    assert sum(name.startswith("backward dq") for name, _ in launch_grids(8, 16, 128 * 1024, 64, 256, 1)) == 2
+
+
+def test_shapes_past_the_grid_limits_raise_before_any_launch():
+    q = torch.empty(1, 65536, 1, 16)  # B * H = 65,536 > 65,535 (grid axis z of the forward)
+    with pytest.raises(ValueError, match="B \\* H"):
+        dilated_branch_kernel(q, q, q, 1, 1)
+    q = torch.empty(1, 1, 65536, 16)  # 65,536 segments of w = 1 (grid axis y of the forward)
+    with pytest.raises(ValueError, match="segments"):
+        dilated_branch_kernel(q, q, q, 1, 1)
+
+
+@needs_interpreter
+def test_a_backward_split_into_several_launches_gives_the_same_gradients(monkeypatch):
+    import kernels.dilated_attention as dil
+
+    monkeypatch.setattr(dil, "MAX_SEGMENTS_PER_LAUNCH", 3)  # 1 * 2 * ceil(50 / 16) = 8 segments: 3 launches
+    B, H, T, D, ws, rs = GRAD_CASES["T not a multiple of w, H < r"]
+    q, k, v, do = (randn(B, H, T, D, seed=120 + s) for s in range(4))
+    (_, grads), (_, ref_grads) = kernel_and_reference_grads(q, k, v, do, ws, rs, causal=True)
+    for name, g, ref in zip(("dQ", "dK", "dV"), grads, ref_grads):
+        assert_close(g, ref, f"chunked backward: {name}", ATOL[torch.float32])
 
 
 # ---- tier 4 -------------------------------------------------------------------------------------------------

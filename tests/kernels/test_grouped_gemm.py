@@ -79,6 +79,43 @@ def test_bad_arguments_raise(call, match):
         call()
 
 
+def routed_call(M=5, E=2, out_rows=7, **bad):
+    """A valid call (2 blocks of BLOCK_M rows: expert 0 then 1, 3 live rows each) with some metadata replaced."""
+    from kernels.grouped_gemm import BLOCK_M
+
+    a_rows = torch.full((2 * BLOCK_M,), -1, dtype=torch.long)
+    a_rows[:3], a_rows[BLOCK_M:BLOCK_M + 3] = torch.tensor([0, 2, 4]), torch.tensor([1, 3, 4])
+    c_rows = torch.where(a_rows >= 0, torch.arange(2 * BLOCK_M) % out_rows, 0)
+    meta = dict(a_rows=a_rows, c_rows=c_rows, block_expert=torch.tensor([0, 1], dtype=torch.int32),
+                expert_blocks=torch.tensor([0, 1, 2], dtype=torch.int32))
+    for name, edit in bad.items():
+        meta[name] = edit(meta[name].clone())
+    return lambda: grouped_gemm(torch.randn(M, 8), torch.randn(E, 3, 8), meta["a_rows"], meta["c_rows"],
+                                meta["block_expert"], meta["expert_blocks"], out_rows)
+
+
+def _set(i, value):
+    def edit(t):
+        t[i] = value
+        return t
+    return edit
+
+
+@pytest.mark.parametrize("call, match", [
+    (routed_call(block_expert=_set(1, 2)), "block_expert"),  # expert id = E
+    (routed_call(block_expert=_set(0, -1)), "block_expert"),
+    (routed_call(a_rows=_set(1, 5)), "a_rows"),  # row index = M
+    (routed_call(c_rows=_set(2, 7)), "c_rows"),  # destination row = out_rows
+    (routed_call(c_rows=_set(0, -3)), "c_rows"),
+    (routed_call(expert_blocks=_set(2, 3)), "expert_blocks"),  # the last block past len(block_expert)
+    (routed_call(expert_blocks=lambda t: t[:2]), "expert_blocks"),  # not E + 1 entries
+], ids=["expert id = E", "expert id < 0", "row = M", "destination = out_rows", "destination < 0",
+        "blocks past the end", "expert_blocks length"])
+def test_routing_metadata_out_of_range_raises_before_any_launch(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
 # ---- tier 2 -------------------------------------------------------------------------------------------------
 
 ATOL = {torch.float32: 2e-5, torch.float16: 3e-3}
