@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from kernels import backend, triton
+from kernels import GRID_MAX, backend, triton
 from kernels.dilated_attention import _DilatedBranch, _check, _fwd
 from nanomodels.dilated import check_patterns
 
@@ -81,22 +81,35 @@ def dilated_branch_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
     """One pattern (w, r) by the Triton kernel: (O|(w, r), LSE), as nanomodels.dilated.dilated_branch, and
     differentiable in q, k, v through both outputs.
 
-    `out` (B, H, T, D) and `lse` (B, H, T, float32, contiguous rows), when given, are filled in place (no autograd)."""
+    `out` (B, H, T, D, q's dtype) and `lse` (B, H, T, float32), each with a unit last stride, when given, are
+    filled in place (no autograd); a bad one raises ValueError before anything is written. Under the interpreter
+    bf16 is computed in float32 (the interpreter cannot multiply bf16) and rounded to bf16 at the end."""
     check_patterns([w], [r])
     _check(q, k, v)
+    if q.size(0) * q.size(1) > GRID_MAX[2] or -(-q.size(2) // w) > GRID_MAX[1]:
+        raise ValueError(f"q: B * H = {q.size(0) * q.size(1)} must be <= {GRID_MAX[2]} and the segments ceil(T / w) "
+                         f"= {-(-q.size(2) // w)} <= {GRID_MAX[1]} (CUDA's grid limits on axes z and y)")
     if backend(q) == "reference":
         out, lse = dilated_branch(q, k, v, w, r, causal=causal)
         return out, lse.float()
     if out is None and lse is None and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        if backend(q) == "interpreter" and q.dtype == torch.bfloat16:  # as below; autograd casts the gradients
+            o32, lse32 = _DilatedBranch.apply(q.float(), k.float(), v.float(), w, r, causal)
+            return o32.to(q.dtype), lse32
         return _DilatedBranch.apply(q, k, v, w, r, causal)  # its forward calls this function without autograd
+    B, H, T, D = q.shape
+    for name, t, shape, dtype in (("out", out, q.shape, q.dtype), ("lse", lse, (B, H, T), torch.float32)):
+        if t is not None and (t.shape != shape or t.dtype != dtype or t.device != q.device or t.stride(-1) != 1):
+            raise ValueError(f"{name}: needs shape {tuple(shape)}, dtype {dtype}, q's device and a unit last stride, "
+                             f"got {tuple(t.shape)} {t.dtype} on {t.device} with strides {t.stride()}")
+    if backend(q) == "interpreter" and q.dtype == torch.bfloat16:  # the interpreter cannot multiply bf16: fp32
+        o32, lse32 = dilated_branch_kernel(q.float(), k.float(), v.float(), w, r, causal=causal, lse=lse)
+        return (o32.to(q.dtype) if out is None else out.copy_(o32)), lse32
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    B, H, T, D = q.shape
     out = torch.zeros_like(q) if out is None else out.zero_()  # rows this pattern does not keep stay 0 ...
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32) if lse is None else lse
     lse.fill_(-math.inf)  # ... with LSE = -inf
-    if out.shape != q.shape or out.stride(-1) != 1 or lse.shape != (B, H, T) or lse.stride(-1) != 1:
-        raise ValueError(f"out, lse: need shapes {tuple(q.shape)} and {(B, H, T)} with contiguous rows")
     raise NotImplementedError("Exercise 6.4: dilation as a strided load")
     _fwd[grid](q, k, v, out, lse, 1.0 / math.sqrt(D), H, T, w, r, *q.stride()[:3], kept_row[0], *k.stride()[:3],
                kept_row[1], *v.stride()[:3], kept_row[2], *out.stride()[:3], kept_row[3], lse.stride(0),

@@ -93,14 +93,14 @@ def sigma_vae_sample(mu: Tensor, noise_std: float = 0.75, generator: torch.Gener
 # Hint: One program holds one whole row in registers: a LayerNorm without affine over it, then the affine that
 #       the condition supplies; consecutive rows (the tokens of a sequence) can share one condition row.
 @triton.jit
-def _adaln_fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, n_cols, rows_per_cond, stride_x, stride_s, stride_y, eps,
-                      BLOCK: tl.constexpr):
+def _adaln_fwd_kernel(X, SHIFT, SCALE, Y, MEAN, RSTD, n_cols, rows_per_cond, stride_x, stride_sh, stride_sc,
+                      stride_y, eps, BLOCK: tl.constexpr):
     """One program per row of x (rows, n_cols): y = (x - mean) * rstd * (1 + scale) + shift, in float32.
 
     mean = sum(x) / n_cols and rstd = 1 / sqrt(sum((x - mean)^2) / n_cols + eps) over the row's n_cols
     columns (BLOCK >= n_cols lanes, the ones past n_cols masked), stored per row for the backward. shift and
     scale hold one condition row per rows_per_cond consecutive rows of x (1: per token; L: per sequence of L
-    tokens), rows stride_s apart; row r of x is modulated by condition row r // rows_per_cond.
+    tokens), rows stride_sh (shift) and stride_sc (scale) apart; row r of x is modulated by condition row r // rows_per_cond.
     """
     row = tl.program_id(0).to(tl.int64)  # int64 so row * stride cannot overflow
     cols = tl.arange(0, BLOCK)

@@ -276,8 +276,8 @@ def _run_kernel(graded, x, shift, scale, rows_per_cond, eps):
     y = torch.full_like(x, math.nan)
     mean, rstd = torch.full((rows,), math.nan), torch.full((rows,), math.nan)
     try:
-        kernel[(rows,)](x, shift, scale, y, mean, rstd, n, rows_per_cond, x.stride(0), shift.stride(0), y.stride(0),
-                        eps, BLOCK=triton.next_power_of_2(n))
+        kernel[(rows,)](x, shift, scale, y, mean, rstd, n, rows_per_cond, x.stride(0), shift.stride(0),
+                        scale.stride(0), y.stride(0), eps, BLOCK=triton.next_power_of_2(n))
     except Exception as exc:  # the interpreter wraps what the kernel raised: show that instead
         if type(exc).__name__ == "InterpreterError" and exc.__cause__ is not None:
             raise exc.__cause__ from None
@@ -614,7 +614,7 @@ EXERCISES = {
                                       per_sequence_condition_broadcasts_over_tokens],
                     hint='One program holds one whole row in registers: a LayerNorm without affine over it, then the affine that the condition supplies; consecutive rows (the tokens of a sequence) can share one condition row.',
                     hints=('Two passes over the loaded row: first its mean, then the variance of the centered values, with the lanes past n_cols set to zero before they are squared. The variance is the biased one (divide by n_cols), and eps goes inside the square root. Load scale and shift from the condition row of this token, not from the row of x.',
-                           "The mean is the row's sum over n_cols; center the row and zero its masked lanes with tl.where; rstd is one over the square root of (the mean of the squared centered values plus eps); the condition row is the integer quotient of the row index by rows_per_cond, stride_s apart; y is the centered row times rstd times (one plus scale), plus shift. Keep mean and rstd as float32 scalars: the lines after the region store them.")),
+                           "The mean is the row's sum over n_cols; center the row and zero its masked lanes with tl.where; rstd is one over the square root of (the mean of the squared centered values plus eps); the condition row is the integer quotient of the row index by rows_per_cond (shift rows are stride_sh apart, scale rows stride_sc); y is the centered row times rstd times (one plus scale), plus shift. Keep mean and rstd as float32 scalars: the lines after the region store them.")),
     "9.8": Exercise(points=4, checks=[loss_matches_the_written_out_oracle, conditions_once_and_one_network_pass,
                                       gradient_reaches_the_backbone_states, trains_a_head_that_samples_both_modes],
                     hint='The backbone runs once; every target then gets batch_mul noisy copies, each with its own timestep, and the head learns to predict the noise (or v) of each copy from the copy and its condition.',
