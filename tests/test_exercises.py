@@ -468,7 +468,12 @@ CLASSES = {
                            ("10", "apply_xpos_centre_ignores_q_offset", "q_offset"),
                            ("10", "decay_mask_one_gamma_for_all_heads", "its own gamma"),
                            ("12", "attention_kl_student_to_teacher", "KL(student ‖ teacher)"),
-                           ("12", "attention_kl_xlogy_nan_gradient", "NaN at entries where teacher and student are both 0")],
+                           ("12", "attention_kl_xlogy_nan_gradient", "NaN at entries where teacher and student are both 0"),
+                           ("00", "attention_unshifted_softmax_nan_replaced", "shifted by its maximum"),
+                           ("05", "subln_ffn_never_calls_the_inner_norm", "was never called"),
+                           ("04", "deepnorm_layer_norm_with_its_own_eps", "with eps = 1e-05, but the norm's eps"),
+                           ("06", "dilated_branch_kernel_drops_the_short_segment", "the last (short) segment"),
+                           ("06", "dilated_branch_kernel_one_head_per_batch", "heads [1] were never computed")],
     "type-exact comparisons": [("00", "merge_pair_list_equal_to_everything", "plain list"),
                                ("04", "deepnorm_constants_returns_tensors", "Python floats")],
 }
@@ -539,6 +544,21 @@ def test_the_library_own_functions_imported_or_wrapped_earn_no_points(tmp_path):
     assert any("calls the library's own `most_frequent_pair`" in c["message"] for c in status["0.4"]["checks"])
     assert status["0.2"]["status"] == "passed", summary(report)  # written by the learner: full marks
     assert "library" in format_report(report)
+
+
+def test_a_nan_in_the_output_is_named_with_where_it_first_appears():
+    import torch
+
+    from exercises.grading.checks.common import differs, max_diff, nan_note
+
+    want = torch.zeros(2, 3, dtype=torch.float64)
+    got = want.clone()
+    got[1, 2] = float("nan")
+    assert max_diff(got, want) == float("inf")
+    text = differs(got, want)
+    assert text.startswith("NaN") and "holds NaN: 1 of 6 entries, the first at index (1, 2)" in text, text
+    assert nan_note(got, got) == ""  # a NaN the oracle has too is not the learner's
+    assert differs(want + 0.5, want) == "0.5"
 
 
 def test_guard_same_sees_a_tensor_edited_in_place_inside_a_list_argument():

@@ -151,6 +151,23 @@ def merge_gradients_flow_through_alpha(merge_by_lse, seed):
 
 # ---- 6.4 the kernel's launch --------------------------------------------------------------------------------
 
+def _rows_why(wrote, kept, T: int, w: int) -> str:
+    """Which rows the kernel left out or wrote extra, (B, H, T) masks: a missing short last segment, missing
+    heads, or else how many rows differ."""
+    missing, extra = kept & ~wrote, wrote & ~kept
+    rows = missing.nonzero()[:, 2]
+    start = T // w * w  # the short last segment's first row (T when there is none)
+    if not extra.any() and len(rows) and start < T and bool((rows >= start).all()) and bool(
+            torch.equal(missing[..., start:], kept[..., start:])):
+        return (f"the last (short) segment, rows {start}..{T - 1} of T = {T} with w = {w}, is missing: the kernel "
+                f"never computed it; count the segments as ceil(T / w), not T // w")
+    heads = missing.any(-1).any(0).nonzero()[:, 0].tolist()
+    if not extra.any() and heads and all(torch.equal(missing[:, h], kept[:, h]) for h in heads):
+        return f"heads {heads} were never computed (no row of them written): launch one program per (batch, head)"
+    return (f"the kernel wrote other rows than the pattern keeps ({int(missing.sum())} kept rows missing, "
+            f"{int(extra.sum())} rows written that the pattern does not keep)")
+
+
 @check("the Triton kernel (run by the interpreter) gives dilated_branch's O and LSE, float32, for short last "
        "segments, several heads and dilations, causal or not")
 def kernel_matches_the_reference(dilated_branch_kernel):
@@ -162,8 +179,7 @@ def kernel_matches_the_reference(dilated_branch_kernel):
         want_out, want_lse = dilated_branch(q.double(), k.double(), v.double(), w, r, causal=causal)
         kept = torch.isfinite(want_lse)
         if not torch.equal(torch.isfinite(lse), kept):
-            raise Violation(f"T = {T}, w = {w}, r = {r}, H = {H}: the kernel wrote other rows than the pattern keeps "
-                            f"({int((torch.isfinite(lse) != kept).sum())} rows differ)")
+            raise Violation(f"T = {T}, w = {w}, r = {r}, H = {H}: {_rows_why(torch.isfinite(lse), kept, T, w)}")
         if _diff(out, want_out) > 2e-5 or _diff(lse[kept], want_lse[kept]) > 2e-5:
             raise Violation(f"T = {T}, w = {w}, r = {r}, H = {H}, causal = {causal}: O differs by "
                             f"{_diff(out, want_out):.3g}, LSE by {_diff(lse[kept], want_lse[kept]):.3g}")
