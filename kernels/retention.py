@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from kernels import INTERPRET, AotSpec, Benchmark, backend, tl, triton
+from kernels import backend, tl, triton
 from nanomodels.gated_retention import gated_retention as reference_gated_retention
 
 CHUNK_SIZES = (16, 32, 64, 128)

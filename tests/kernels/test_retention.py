@@ -65,3 +65,14 @@ def test_empty_and_bad_inputs():
         gated_retention(q, k, v[:, :, :2], g)
     with pytest.raises(ValueError, match="chunk_size"):
         gated_retention(q, k, v, g, chunk_size=20)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_give_the_float64_result_within_their_rounding(dtype):
+    q, k, v, g = (t.to(dtype) for t in _inputs(1, 2, 23, 16, 16, seed=3))
+    out = gated_retention(q, k, v, g.float(), chunk_size=16)
+    assert out.dtype == dtype
+    ref = reference(q.double(), k.double(), v.double(), g.double())
+    eps = torch.finfo(dtype).eps  # the kernel accumulates in fp32; the error is the output's own rounding
+    assert_close(out.double(), ref, f"out ({dtype})", atol=4 * eps * ref.abs().max().item(), rtol=0)
