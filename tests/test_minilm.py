@@ -15,12 +15,7 @@ from nanomodels.minilm import (AttentionRecord, attention_kl, attention_probs, c
 from nanomodels.transformer import Transformer, TransformerConfig
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # tests/conftest.py
 
 
 def assert_close(actual, expected, what, atol=1e-10):
