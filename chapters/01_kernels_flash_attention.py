@@ -473,7 +473,7 @@ else:
 # | 1.2 | `_online_softmax_kernel` | the tiled walk equals softmax for 1 to 6 tiles and a short last tile; scores of $\pm 10^4$; whole tiles of $-\infty$ give no NaN; float16 |
 # | 1.3 | `_fwd_tiles` (`kernels/flash_attention.py`) | $O$ and LSE against a float64 oracle over several key and query tiles, bidirectional, causal (the diagonal included), prefix and key padding; rows that see no key give $O = 0$, LSE $= -\infty$; large scores; float16 |
 #
-# Known-wrong solutions the grader must reject are in `exercises/grading/mutants/ch01_kernels_flash_attention.py` (no max
+# Known-wrong solutions the grader must reject are in `exercises/grading/mutants/ch01_kernels_flash_attention.md` (no max
 # shift, padding filled with 0, the running sum or output not rescaled, the rescale's sign flipped, the tile max for
 # the running max, division by $\ell$ inside the loop, $e^x$ for $2^x$, ...).
 

@@ -410,7 +410,7 @@ show(_add_norm_fwd_kernel)
 # | 4.4 | `deepnet` | the logits equal the DeepNet forward written out; the init per matrix; a 24-layer model that trains |
 # | 4.5 | `_add_norm_fwd_kernel` (in `kernels/layernorm.py`) | the kernel's $y$, mean and $1/\sigma$ against a float64 oracle: $\alpha$ on $x$, widths not a multiple of the block, large row means, RMSNorm, strided weight |
 #
-# Known-wrong solutions the grader must reject are in `exercises/grading/mutants/ch04_deepnet.py` (α on the branch, β on the queries and keys,
+# Known-wrong solutions the grader must reject are in `exercises/grading/mutants/ch04_deepnet.md` (α on the branch, β on the queries and keys,
 # $N$ counting sublayers, torchscale's 1.15, Pre-LN placement, a leftover final LayerNorm, ...).
 
 # %% [markdown]

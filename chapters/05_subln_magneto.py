@@ -350,7 +350,7 @@ print(f"backend: {kernels.backend(h)}; inner LN over d_ff by the kernel vs nn.La
 # | 5.2 | `subln_ffn` | $W_2\,\mathrm{LN}(\mathrm{GELU}(W_1x))$ with the inner norm over $d_\mathrm{ff}$ |
 # | 5.3 | `magneto_encoder_decoder` | the parts (Sub-LN self-attention and feed-forward, plain cross-attention, Pre-LN); per stack, gain $\gamma$ of its own row on $W^V, W^O, W_1, W_2$ (multiplied), gain 1 on $W^Q, W^K$; a short training run |
 #
-# Known-wrong solutions are in `exercises/grading/mutants/ch05_subln_magneto.py` ($\gamma$ divided instead of multiplied, the inner norm over $d$ instead
+# Known-wrong solutions are in `exercises/grading/mutants/ch05_subln_magneto.md` ($\gamma$ divided instead of multiplied, the inner norm over $d$ instead
 # of $d_\mathrm{ff}$, $N$ counting sublayers, ...).
 
 # %% [markdown]

@@ -388,5 +388,5 @@ plt.show()
 # | 6.4 | `dilated_branch_kernel` (`kernels/dilated_attention.py`) | the launch: grid and dilated row strides; the kernel equals `dilated_branch` |
 # | 6.5 | `dilated_attention` | the log-count identity for outputs and gradients; `detach_weights`; uncovered queries give 0; the cost experiment: flops $= 4BHD \times$ score entries, linear in $T$ |
 #
-# Known-wrong solutions the grader must reject are in `exercises/grading/mutants/ch06_dilated_attention.py` (offsets ignored,
+# Known-wrong solutions the grader must reject are in `exercises/grading/mutants/ch06_dilated_attention.md` (offsets ignored,
 # padded keys attended, $\alpha$ detached, mixing by output norm, patterns averaged, the dense log-count matrix, ...).

@@ -411,7 +411,7 @@ print("FP:          ", repr(tok.decode(fp_ids[0].tolist())))
 # | 8.6 | `_ternary_matmul_kernel` (in `kernels/bitnet.py`) | the same decode on a tile inside the Triton kernel: $X = I$ gives $W^\top$; int32 results exact, with tails in $K$ and $N$ |
 # | 8.7 | `ternary_linear` | the integer path equals the fake-quant forward (1e-10, float64); one `gemm` call on the int8 codes; the experiment's greedy tokens |
 #
-# Known-wrong solutions are in `exercises/grading/mutants/ch08_bitlinear.py` (per-tensor and per-token scales swapped, floor
+# Known-wrong solutions are in `exercises/grading/mutants/ch08_bitlinear.md` (per-tensor and per-token scales swapped, floor
 # instead of round, the mean of $W$ instead of the mean of $|W|$, no straight-through gradient, no RMSNorm, the 2-bit
 # fields in the wrong order, the wrong padding, a one-bit mask, a shift by $k \bmod 4$ instead of $2(k \bmod 4)$,
 # multiplying by the scales instead of dividing, a float matmul instead of the integer one).

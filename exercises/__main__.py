@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     which.add_argument("--file", help="the file to grade (default: the chapter's exercises/exNN_<topic>.py)")
     which.add_argument("--reference", action="store_true", help="grade the reference solutions (the library)")
     which.add_argument("--mutant", metavar="NAME",
-                       help="grade the reference with this mutant's patch (exercises/grading/mutants/chNN_<topic>.py)")
+                       help="grade the reference with this mutant's patch (exercises/grading/mutants/chNN_<topic>.md)")
     g.add_argument("--exercise", action="append", metavar="ID", help="grade only this exercise (repeatable)")
     g.add_argument("--timeout", type=float, default=None, metavar="S", help="time limit per check (20 s)")
     g.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -112,6 +112,10 @@ class RunConfig:
                                  "--stop_at, or to lengthen it with a larger --steps)")
     overwrite: bool = option(False, "start over even if OUT_DIR/NAME/ holds a checkpoint")
     progress: bool = option(True, "show a progress bar")
+    # the decoder's size: both runs train a decoder (train-latentlm sets smaller defaults)
+    n_layers: int = option(4, "transformer blocks")
+    d_model: int = option(128, "model width")
+    n_heads: int = option(4, "attention heads (must divide --d_model)")
 
     @property
     def run_dir(self) -> Path:
@@ -145,9 +149,6 @@ class TrainConfig(RunConfig):
     tokenizer: str = option("bpe", "'bpe': byte-level BPE trained on the text (and cached); 'char': one token "
                                    "per character", choices=TOKENIZERS)
     vocab_size: int = option(512, "BPE vocabulary size, the 256 bytes included (ignored for --tokenizer char)")
-    n_layers: int = option(4, "transformer blocks")
-    d_model: int = option(128, "model width")
-    n_heads: int = option(4, "attention heads (must divide --d_model)")
     block_size: int = option(128, "context length in tokens")
     dropout: float = option(0.0, "dropout probability")
     arch: str = option("transformer", "'transformer' (the core decoder, built from the parts below) or 'yoco' "

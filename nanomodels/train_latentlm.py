@@ -67,9 +67,8 @@ class LatentTrainConfig(RunConfig):
                                f"validation digits are {VAL_IMAGES} more with seed 1)")
     latent_dim: int = option(4, "channels of each of the 16 latent patches (the sigma-VAE's C)")
     vae_steps: int = option(1000, "sigma-VAE training steps (constant --lr), before the LatentLM's")
-    n_layers: int = option(2, "LatentLM transformer blocks")
-    d_model: int = option(64, "LatentLM width")
-    n_heads: int = option(4, "attention heads (must divide --d_model)")
+    n_layers: int = run_option("n_layers", 2, "LatentLM transformer blocks")
+    d_model: int = run_option("d_model", 64, "LatentLM width")
     head_width: int = option(64, "width of the diffusion head's adaLN MLP (even)")
     head_depth: int = option(3, "adaLN blocks of the diffusion head")
     class_dropout: float = option(0.1, "probability of replacing the class by the null class in training (what "

@@ -46,3 +46,13 @@ def pytest_generate_tests(metafunc):
 
         checks = library_checks(metafunc.module.CHAPTER)
         metafunc.parametrize("graded_check", checks, ids=[c.id for c in checks])
+
+
+@pytest.fixture
+def float64_default():
+    """float64 as torch's default dtype for one test (the exact checks); a module opts in with
+    `pytestmark = pytest.mark.usefixtures("float64_default")`."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

@@ -15,12 +15,7 @@ from nanomodels.transformer import MLP, TransformerConfig
 CHAPTER = "04"  # tests/conftest.py runs its graded checks as `graded_check`
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(F64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # tests/conftest.py
 
 
 def small_config(**kw):

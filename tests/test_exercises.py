@@ -782,3 +782,15 @@ def test_statistical_checks_pass_correct_answers_in_any_draw_order_and_seed(exer
     for c in spec.checks:  # each seeded check on 40 seeds (the grader draws 4 to 6)
         result = run_check(c, fn, max_examples=40 if c.strategies else None, exercise=spec)
         assert result["passed"], f"{exercise} {c.name} rejects a correct answer: {result['message']}"
+
+
+def test_a_mutant_file_section_without_its_two_blocks_fails_naming_the_mutant():
+    from exercises.grading.mutants import parse
+    good = "# title\n\n## 0.2 causal_mask_x\n\nsays what\nit gets wrong\n\n```python\na = 1\n```\nbecomes\n```python\n```\n"
+    (m,) = parse(good)
+    assert (m.exercise, m.name, m.description, m.old, m.new) == ("0.2", "causal_mask_x", "says what it gets wrong",
+                                                                  "a = 1", "")
+    with pytest.raises(PatchError, match="causal_mask_x.*two ```python blocks"):
+        parse(good.replace("becomes\n", ""))
+    with pytest.raises(PatchError, match="causal_mask_x"):
+        parse("## 0.2 causal_mask_x\n\nonly prose\n")

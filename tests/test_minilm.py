@@ -32,12 +32,7 @@ def test_low_precision_tolerances_hold_for_the_library_over_many_draws(name):
     check(max_examples=100)
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # tests/conftest.py
 
 
 def assert_close(actual, expected, what, atol=1e-10):

@@ -21,12 +21,7 @@ F64 = torch.float64
 CHAPTER = "07"  # tests/conftest.py runs its graded checks as `graded_check`
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(F64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # tests/conftest.py
 
 
 def randn(*shape, seed=0):

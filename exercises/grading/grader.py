@@ -45,7 +45,7 @@ class GraderError(RuntimeError):
 @dataclass(frozen=True)
 class Source:
     """What to grade: a learner's file, the reference (the library itself), or a mutant (the reference with
-    one exercise's region patched, by name from exercises/grading/mutants/chNN_<topic>.py)."""
+    one exercise's region patched, by name from exercises/grading/mutants/chNN_<topic>.md)."""
 
     kind: str  # "file" | "reference" | "mutant"
     path: str | None = None  # the file, for kind "file"

@@ -1,7 +1,7 @@
 """Which library files feed which student file: one row per chapter.
 
 One name per chapter: chapter 04 with topic "deepnet" is exercises/ex04_deepnet.py (the learner's file),
-exercises/grading/checks/ch04_deepnet.py (points, hints, graded checks) and exercises/grading/mutants/ch04_deepnet.py (known-wrong
+exercises/grading/checks/ch04_deepnet.py (points, hints, graded checks) and exercises/grading/mutants/ch04_deepnet.md (known-wrong
 solutions as patches of the reference).
 
 Adding a chapter's exercises:
@@ -9,7 +9,7 @@ Adding a chapter's exercises:
   2. add its row below;
   3. write exercises/grading/checks/chNN_<topic>.py (points, hints and graded checks per exercise; copy
      ch04_deepnet.py's shape, and take strategies and oracles from exercises/grading/checks/common.py);
-  4. write exercises/grading/mutants/chNN_<topic>.py: at least 3 `Mutant(...)` patches per exercise;
+  4. write exercises/grading/mutants/chNN_<topic>.md: at least 3 patches per exercise (the format: mutants/__init__.py);
   5. run `python -m exercises stubs` and commit the generated exercises/exNN_<topic>.py.
 tests/test_exercises.py picks the new chapter and its mutants up by itself.
 """
@@ -42,8 +42,8 @@ class Chapter:
         return f"exercises.grading.checks.ch{self.name}"
 
     @property
-    def mutants_module(self) -> str:
-        return f"exercises.grading.mutants.ch{self.name}"
+    def mutants_file(self) -> Path:
+        return ROOT / "exercises" / "grading" / "mutants" / f"ch{self.name}.md"
 
 
 CHAPTERS = {c.number: c for c in [

@@ -1,7 +1,7 @@
 """Chapter 00's graded checks: attention, the causal mask, one BPE merge, the most frequent pair, sampling.
 
 Each check tests the mechanism (what the equation promises), in float64, against the learner's function,
-its first argument. Known-wrong solutions: exercises/grading/mutants/ch00_*.py.
+its first argument. Known-wrong solutions: exercises/grading/mutants/ch00_*.md.
 
 Not every plausible-looking change is a mistake: applying the temperature after the top-k filter keeps the
 same tokens with the same probabilities (for T > 0, dividing by T preserves the order of the logits), and

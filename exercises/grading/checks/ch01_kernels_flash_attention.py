@@ -7,7 +7,7 @@ compares the result with a float64 oracle written out here. The cases reach what
 sequences whose length is not a multiple of the block (masked lanes), scores of +-1e4 in float32 (an unshifted
 exp overflows), rows of -inf and rows that see no key at all, several tiles per row (a missing or wrong rescale
 shows), causal and non-causal masks, float16 inputs. Shapes are small: the interpreter runs one program at a
-time. Known-wrong solutions: exercises/grading/mutants/ch01_kernels_flash_attention.py.
+time. Known-wrong solutions: exercises/grading/mutants/ch01_kernels_flash_attention.md.
 """
 
 import math

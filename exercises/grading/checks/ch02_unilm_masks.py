@@ -2,7 +2,7 @@
 mixed-objective UniLM batch end to end (with a short training run on the learner's batches).
 
 Each check tests the mechanism (who may attend to whom; cached decoding = full recompute) against the learner's
-function, its first argument. Known-wrong solutions: exercises/grading/mutants/ch02_*.py.
+function, its first argument. Known-wrong solutions: exercises/grading/mutants/ch02_*.md.
 """
 
 import torch

@@ -2,7 +2,7 @@
 PMLM loss end to end (with a short training run on the learner's loss).
 
 Each check tests the mechanism against the learner's function, its first argument, with a naive per-token
-transcription of the rules as the oracle. Known-wrong solutions: exercises/grading/mutants/ch03_*.py.
+transcription of the rules as the oracle. Known-wrong solutions: exercises/grading/mutants/ch03_*.md.
 """
 
 import functools

@@ -5,7 +5,7 @@ the fused LN(alpha x + g) row in Triton.
 Each check tests what the paper promises, in float64, against the learner's function (its first argument). The
 kernel exercise (4.5) installs the learner's kernel in kernels/layernorm.py for one call of the library's
 launcher, run under Triton's interpreter on the CPU in float32, and compares with a float64 oracle.
-Known-wrong solutions: exercises/grading/mutants/ch04_*.py.
+Known-wrong solutions: exercises/grading/mutants/ch04_*.md.
 """
 
 

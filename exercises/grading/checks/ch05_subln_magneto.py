@@ -2,7 +2,7 @@
 a gamma per stack, and a short training run on a reverse task).
 
 Each check tests what the paper promises, in float64, against the learner's function (its first argument).
-Known-wrong solutions: exercises/grading/mutants/ch05_*.py.
+Known-wrong solutions: exercises/grading/mutants/ch05_*.md.
 """
 
 import math

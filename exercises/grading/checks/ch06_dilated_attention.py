@@ -3,7 +3,7 @@ dilated attention end to end with its cost experiment (`cost_experiment`).
 
 Each check tests what the LongNet paper promises, in float64 (the kernel in float32), against the learner's
 function (its first argument), with oracles written out here. Known-wrong solutions:
-exercises/grading/mutants/ch06_dilated_attention.py.
+exercises/grading/mutants/ch06_dilated_attention.md.
 """
 
 import math

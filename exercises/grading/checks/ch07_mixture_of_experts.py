@@ -5,7 +5,7 @@ that trains with a balanced load), and one tile of the grouped GEMM inside its T
 Each check tests the mechanism in float64 against the learner's function (its first argument), with naive loop
 oracles. The kernel exercise (7.6) launches the learner's @triton.jit kernel under Triton's interpreter on
 buffers whose surroundings are observable: NaN around every expert's weights and past column K - 1, sentinel
-rows and columns around the output. Known-wrong solutions: exercises/grading/mutants/ch07_mixture_of_experts.py.
+rows and columns around the output. Known-wrong solutions: exercises/grading/mutants/ch07_mixture_of_experts.md.
 """
 
 import math

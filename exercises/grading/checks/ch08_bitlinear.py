@@ -3,7 +3,7 @@ straight-through estimators, the 2-bit packing the kernels read, the decode insi
 Triton's interpreter without a GPU) and the integer inference path with its experiment.
 
 Each check tests what the BitNet b1.58 training code (the FAQ of microsoft/unilm bitnet/) promises, in float64,
-against the learner's function (its first argument). Known-wrong solutions: exercises/grading/mutants/ch08_bitlinear.py.
+against the learner's function (its first argument). Known-wrong solutions: exercises/grading/mutants/ch08_bitlinear.md.
 """
 
 import math

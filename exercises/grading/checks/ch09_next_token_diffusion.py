@@ -4,7 +4,7 @@ head's training loss.
 
 Each check tests what the paper (or the official code it follows) promises, in float64 (the Triton kernel in
 float32 under the interpreter), against the learner's function (its first argument). Known-wrong solutions:
-exercises/grading/mutants/ch09_next_token_diffusion.py.
+exercises/grading/mutants/ch09_next_token_diffusion.md.
 """
 
 import math

@@ -4,7 +4,7 @@ decay mask D.
 Each check compares the learner's function (its first argument) with an oracle written here from the equations, in
 float64 with Python's own powers (never the library's code), and in float32/float16 where the dtype and the range
 matter. No check draws random numbers it then tests statistically: every tolerance is a rounding bound, so a correct
-answer is never rejected on luck. Known-wrong solutions: exercises/grading/mutants/ch10_retnet_xpos.py.
+answer is never rejected on luck. Known-wrong solutions: exercises/grading/mutants/ch10_retnet_xpos.md.
 """
 
 import math

@@ -3,7 +3,7 @@
 Each check compares the learner's function (its first argument) with a float64 oracle written out here: the
 retention sum with its decays summed term by term, RMSNorm, LayerNorm, attention and the MLP from their formulas,
 and a whole YOCO forward (both self-decoder kinds) built from those. Known-wrong solutions:
-exercises/grading/mutants/ch11_yoco.py.
+exercises/grading/mutants/ch11_yoco.md.
 """
 
 import contextlib

@@ -4,7 +4,7 @@
 Each check tests what the MiniLM papers define (arXiv 2002.10957, 2012.15828), against the learner's function
 (its first argument), with float64 oracles written out here as plain loops over Python floats; float32 and
 float16 inputs are compared with the same oracle run on their (rounded) values. Known-wrong solutions:
-exercises/grading/mutants/ch12_minilm.py.
+exercises/grading/mutants/ch12_minilm.md.
 """
 
 import math

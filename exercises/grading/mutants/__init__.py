@@ -1,19 +1,31 @@
 """Mutants: known-wrong solutions, each a patch of one exercise's reference region (the library's own code).
 
-One file per chapter, `exercises/grading/mutants/chNN_<topic>.py`, defines `MUTANTS`, a list of
+One file per chapter, `exercises/grading/mutants/chNN_<topic>.md`, readable as it is: a title, prose, then one
+section per mutant, the exercise and the mutant's name in its heading, one sentence saying what it gets wrong,
+the reference text and what replaces it:
 
-    Mutant("0.1", "attention_no_scale", "forgets the 1/sqrt(d) scaling: ...",
-           old="scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)",
-           new="scores = q @ k.transpose(-2, -1)")
+    ## 0.1 attention_no_scale
 
-`old` must occur exactly once in the exercise's marked region, written without the region's indentation
-(lines nested deeper keep their extra indentation); `new` replaces it. The mutant function is the library
-function with that one change, run in a copy of the library module's namespace, so a patch needs no imports.
-A patch that no longer applies (the region changed) raises PatchError, and tests/test_exercises.py fails.
+    forgets the 1/sqrt(d) scaling: ...
+
+    ```python
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B, H, Tq, Tk)
+    ```
+    becomes
+    ```python
+    scores = q @ k.transpose(-2, -1)
+    ```
+
+The first block (`old`) must occur exactly once in the exercise's marked region, written without the region's
+indentation (lines nested deeper keep their extra indentation); the second (`new`) replaces it. Prose after the
+second block, up to the next heading, is a comment. The mutant function is the library function with that one
+change, run in a copy of the library module's namespace, so a patch needs no imports. A patch that no longer
+applies (the region changed) raises PatchError, and tests/test_exercises.py fails.
 
 A mutant must be *observably* wrong: the grader's self-test requires each one to lose its exercise's points.
 """
 
+import re
 import textwrap
 from dataclasses import dataclass
 from importlib import import_module
@@ -36,16 +48,35 @@ class Mutant:
     new: str  # what replaces it
 
 
+HEADING = re.compile(r"^## (\S+) (\S+)$", re.M)
+BLOCK = re.compile(r"```python\n(.*?)\n?```", re.S)
+
+
+def parse(text: str, where: str = "<mutants>") -> list[Mutant]:
+    """The mutants of one chapter file's text (see the module docstring for the format)."""
+    heads = list(HEADING.finditer(text))
+    mutants = []
+    for head, nxt in zip(heads, heads[1:] + [None]):
+        body = text[head.end(): nxt.start() if nxt else len(text)]
+        blocks = list(BLOCK.finditer(body))
+        if len(blocks) < 2 or body[blocks[0].end(): blocks[1].start()].strip() != "becomes":
+            raise PatchError(f"{where}: mutant {head[2]} needs two ```python blocks with `becomes` between them")
+        description = " ".join(body[: blocks[0].start()].split())
+        mutants.append(Mutant(head[1], head[2], description, blocks[0][1], blocks[1][1]))
+    return mutants
+
+
 def load(chapter: Chapter) -> list[Mutant]:
     """The chapter's mutants, checked: unique names, known exercises."""
-    mutants = import_module(chapter.mutants_module).MUTANTS
+    path = chapter.mutants_file
+    mutants = parse(path.read_text(), str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path))
     ids = {m.id for m in scan(chapter)}
     seen = set()
     for mutant in mutants:
         if mutant.exercise not in ids:
             raise PatchError(f"mutant {mutant.name}: chapter {chapter.number} has no exercise {mutant.exercise}")
         if mutant.name in seen:
-            raise PatchError(f"mutant {mutant.name}: the name is used twice in {chapter.mutants_module}")
+            raise PatchError(f"mutant {mutant.name}: the name is used twice in {path.name}")
         seen.add(mutant.name)
     return mutants
 
