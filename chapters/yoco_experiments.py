@@ -45,9 +45,6 @@ Results go to chapters/results/; the chapter (which runs in chapters/) imports t
 """
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -391,21 +388,9 @@ def spread(values, digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f} .. {max(values):.{digits}f})"
 
 
-def save(name: str, payload) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / name
-    path.write_text(json.dumps(payload, indent=1))
-    return path
-
-
 def command() -> str:
     """This run's command line, from the repository root (what tests/test_notebooks.py expects of a result)."""
     return "OMP_NUM_THREADS=1 python chapters/yoco_experiments.py " + " ".join(sys.argv[1:])
-
-
-def machine() -> str:
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other work, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread")
 
 
 def main(argv=None) -> None:
@@ -439,9 +424,9 @@ def main(argv=None) -> None:
         payload = {"config": LM, "rows": lm(args.seeds)}
     if args.what == "recall":
         payload = {"config": RECALL, "rows": recall(args.seeds, args.archs)}
-    payload.update(command=command(), machine=machine(), threads=torch.get_num_threads(),
+    payload.update(command=command(), machine=ch10.machine(), threads=torch.get_num_threads(),
                    seconds=time.perf_counter() - start)
-    print("saved", save(args.out, payload))
+    print("saved", ch10.save(args.out, payload))
 
 
 if __name__ == "__main__":

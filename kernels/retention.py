@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from kernels import backend, tl, triton
+from nanomodels.gated_retention import _check as check_shapes
 from nanomodels.gated_retention import gated_retention as reference_gated_retention
 
 CHUNK_SIZES = (16, 32, 64, 128)
@@ -186,13 +187,7 @@ def _check(q, k, v, log_decay, chunk_size):
     for name, x in (("q", q), ("k", k), ("v", v), ("log_decay", log_decay)):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name}: expected a tensor, got {type(x).__name__}")
-    if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"q, k: must both have shape (B, H, T, Dk), got {tuple(q.shape)} and {tuple(k.shape)}")
-    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v: must have shape (B, H, T, Dv) with (B, H, T) = {tuple(q.shape[:3])}, "
-                         f"got {tuple(v.shape)}")
-    if log_decay.shape != q.shape[:3]:
-        raise ValueError(f"log_decay: must have shape (B, H, T) = {tuple(q.shape[:3])}, got {tuple(log_decay.shape)}")
+    check_shapes(q, k, v, log_decay)  # nanomodels' rules: shapes, and log_decay finite and <= 0
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dtype not in DTYPES:
             raise ValueError(f"{name}: dtype must be one of {DTYPES}, got {x.dtype}")
@@ -213,8 +208,6 @@ def _check(q, k, v, log_decay, chunk_size):
                          f"got {chunk_size!r}")
     if B * H > MAX_BH:
         raise ValueError(f"q: B * H must be <= {MAX_BH} (grid axis 0), got {B * H}")
-    if log_decay.numel() and not bool(((log_decay <= 0) & torch.isfinite(log_decay)).all()):
-        raise ValueError("log_decay: must be finite and <= 0 (it is log gamma_t, gamma_t in (0, 1])")
 
 
 def gated_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, *,
