@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from kernels import backend, tl, triton
+from kernels import AotSpec, Benchmark, backend, tl, triton
 from nanomodels.gated_retention import _check as check_shapes
 from nanomodels.gated_retention import gated_retention as reference_gated_retention
 
@@ -124,6 +124,19 @@ def _rev_kernel(A, Bk, C, G, OUT, T, H, DA, DC, stride_ab, stride_ah, stride_at,
 
 # ----------------------------------------------------------------------------- launchers
 
+def default_chunk(d_k: int) -> int:
+    """The chunk a call without chunk_size gets: 64 tokens up to Dk = 64, 32 above (at Dk = 128 a chunk of 64
+    spills registers on sm_90, `python -m kernels.aot --only retention`)."""
+    return 64 if d_k <= 64 else 32
+
+
+def _chunk(q, chunk_size):
+    """chunk_size, or default_chunk(Dk) when it is None (checked with the other arguments by _check)."""
+    if chunk_size is None and isinstance(q, torch.Tensor) and q.dim() == 4:
+        return default_chunk(q.size(-1))
+    return chunk_size
+
+
 def _blocks(d_in: int, d_out: int):
     """(BLOCK_D of the contracted dim, BLOCK_D of the carried value block, num_warps): the state is
     BLOCK_DK x BLOCK_DV float32 registers, so the value block shrinks as Dk grows."""
@@ -211,16 +224,17 @@ def _check(q, k, v, log_decay, chunk_size):
 
 
 def gated_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, *,
-                    chunk_size: int = 64) -> torch.Tensor:
+                    chunk_size: Optional[int] = None) -> torch.Tensor:
     """o_n = sum_{m <= n} exp(sum_{j=m+1..n} log_decay_j) (q_n . k_m) v_m  ->  (B, H, T, Dv), in v's dtype.
 
     q, k: (B, H, T, Dk), v: (B, H, T, Dv), one dtype of float32 / float16 / bfloat16; log_decay: (B, H, T),
     any float dtype, finite and <= 0 (read as float32). No scaling of q. Any T (masked loads past T); T = 0 or
-    B H = 0 returns a fresh empty/zero tensor. chunk_size: one of CHUNK_SIZES. Differentiable in q, k, v and
+    B H = 0 returns a fresh empty/zero tensor. chunk_size: one of CHUNK_SIZES (None: default_chunk(Dk)). Differentiable in q, k, v and
     log_decay. Largest shapes: Dk <= 256 (any Dv, cdiv(Dv, BLOCK_DV) <= 65535), B * H < 2^31; offsets are int64
     (head and row), so T * stride need not fit int32. bf16 runs in fp32 under TRITON_INTERPRET (the
     interpreter cannot multiply bf16); float32 inputs use TF32 tl.dot on a GPU (see the module docstring).
     """
+    chunk_size = _chunk(q, chunk_size)
     _check(q, k, v, log_decay, chunk_size)
     B, H, T, _ = q.shape
     if T == 0 or B * H == 0:
@@ -234,7 +248,7 @@ def gated_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay
     return _GatedRetention.apply(q, k, v, log_decay, chunk_size).to(dtype)
 
 
-def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma, *, chunk_size: int = 64) -> torch.Tensor:
+def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma, *, chunk_size: Optional[int] = None) -> torch.Tensor:
     """RetNet's retention with one decay per head: gamma (H,) in (0, 1]; == nanomodels.retnet.retention_parallel.
     It is `gated_retention` with log_decay = log gamma broadcast to (B, H, T)."""
     gamma = torch.as_tensor(gamma, device=q.device if isinstance(q, torch.Tensor) else None)
@@ -247,9 +261,11 @@ def retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma, *, chunk
     return gated_retention(q, k, v, log_decay, chunk_size=chunk_size)
 
 
-def gated_retention_forward(q, k, v, log_decay, *, chunk_size: int = 64, out: Optional[torch.Tensor] = None):
+def gated_retention_forward(q, k, v, log_decay, *, chunk_size: Optional[int] = None,
+                            out: Optional[torch.Tensor] = None):
     """The forward kernel once, no autograd; `out` (B, H, T, Dv) of v's dtype may be a preallocated view
     (guard-band tests). Not for bf16 under the interpreter."""
+    chunk_size = _chunk(q, chunk_size)
     _check(q, k, v, log_decay, chunk_size)
     if out is not None and (out.shape != v.shape or out.dtype != v.dtype):
         raise ValueError(f"out: must have shape {tuple(v.shape)} and dtype {v.dtype}, got {tuple(out.shape)} "
@@ -259,3 +275,52 @@ def gated_retention_forward(q, k, v, log_decay, *, chunk_size: int = 64, out: Op
 
 # what a contracts harness registers: the wrapper, its float64 reference, its tensor arguments
 CONTRACT = dict(wrapper=gated_retention, reference=reference_gated_retention, tensors=("q", "k", "v", "log_decay"))
+
+
+def _aot_specs():
+    """The compile tier's configs: the default chunk (64) in fp16 at Dk = 64 and 128, forward and the reverse pass,
+    with the blocks and warps `_blocks` picks for Dk = Dv."""
+    specs = []
+    for d in (64, 128):
+        block_in, block_out, warps = _blocks(d, d)
+        for kind, kernel, names in (("fwd", _fwd_kernel, ("Q", "K", "V", "OUT")),
+                                    ("rev", _rev_kernel, ("A", "Bk", "C", "OUT"))):
+            ptrs = {**dict.fromkeys(names, "*fp16"), "G": "*fp32"}
+            blocks = ({"BLOCK_DK": block_in, "BLOCK_DV": block_out} if kind == "fwd"
+                      else {"BLOCK_DA": block_in, "BLOCK_DC": block_out})
+            chunk = default_chunk(d)
+            specs.append(AotSpec(f"gated_retention {kind} fp16 (Dk {d}, chunk {chunk})", kernel, ptrs,
+                                 {**blocks, "CHUNK": chunk}, num_warps=warps))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
+
+
+def _bench_gpu(quick: bool, time_ms) -> list:
+    """Forward and forward+backward of gated retention, bf16, Dk = Dv = 128, against nanomodels' chunkwise
+    PyTorch form (the same chunk); FLOPs counted as the chunkwise form's matrix products (4 T C D + 4 T D^2 per
+    head, forward)."""
+    from nanomodels.gated_retention import gated_retention_chunkwise
+
+    rows = []
+    for B, H, T in ((4, 8, 2048),) if quick else ((4, 8, 2048), (2, 8, 8192)):
+        D = 128
+        q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        g = (-torch.rand(B, H, T, device="cuda") * 0.1).requires_grad_()
+        chunk = default_chunk(D)
+        flops = B * H * (4 * T * chunk * D + 4 * T * D * D)
+        impls = (("triton", lambda: gated_retention(q, k, v, g)),
+                 ("eager chunkwise", lambda: gated_retention_chunkwise(q, k, v, g.to(q.dtype), chunk)[0]))
+        for impl, fn in impls:
+            shape = f"B{B} H{H} T{T} D{D} bfloat16"
+            rows.append({"impl": impl, "mode": "fwd", "shape": shape, "case": f"chunk {chunk}",
+                         "ms": (ms := time_ms(fn)), "tflops": flops / ms / 1e9})
+            rows.append({"impl": impl, "mode": "fwd+bwd", "shape": shape, "case": f"chunk {chunk}",
+                         "ms": (ms := time_ms(lambda: fn().sum().backward(), grads=[q, k, v, g])),
+                         "tflops": 3 * flops / ms / 1e9})
+    return rows
+
+
+BENCHMARKS = [Benchmark("retention", gpu=_bench_gpu)]
+

@@ -76,3 +76,11 @@ def test_half_precision_inputs_give_the_float64_result_within_their_rounding(dty
     ref = reference(q.double(), k.double(), v.double(), g.double())
     eps = torch.finfo(dtype).eps  # the kernel accumulates in fp32; the error is the output's own rounding
     assert_close(out.double(), ref, f"out ({dtype})", atol=4 * eps * ref.abs().max().item(), rtol=0)
+
+
+def test_the_default_chunk_is_one_the_compile_tier_builds_without_spills():
+    from kernels.retention import AOT_SPECS, default_chunk
+
+    built = {(spec.name.split("Dk ")[1].split(",")[0], spec.constexprs["CHUNK"]) for spec in AOT_SPECS}
+    assert {(str(d), default_chunk(d)) for d in (64, 128)} <= built  # `python -m kernels.aot --only retention`
+    assert default_chunk(16) == 64 and default_chunk(128) == 32
