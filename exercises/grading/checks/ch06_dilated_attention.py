@@ -66,6 +66,8 @@ PATTERN = dict(T=st.integers(1, 24), base=st.sampled_from([1, 2, 3, 4, 8]), r=st
 
 @check("O|(w, r) and LSE equal the loop oracle: head j's rows i w + (j mod r) + r t of each segment attend among "
        "themselves only (causal: to earlier ones); other rows get O = 0 and LSE = -inf; keys past T get no weight",
+       # a short last segment whose padded key only an offset head reaches (head 1 keeps rows 5 and 7 of T = 7)
+       examples=[dict(T=7, base=2, r=2, H=2, causal=False, seed=0), dict(T=7, base=2, r=2, H=2, causal=True, seed=1)],
        **PATTERN)
 def branch_matches_the_loop_oracle(dilated_branch, T, base, r, H, causal, seed):
     w = base * r
