@@ -151,6 +151,62 @@ def merge_gradients_flow_through_alpha(merge_by_lse, seed):
                             f"{'everything (no gradient)' if a is None else f'{_diff(a, b):.3g}'}: is alpha detached?")
 
 
+def _merge_oracle(outs, lses):
+    """sum_i softmax_i(LSE_i) O_i in float64 with each row's own maximum (rows covered by nothing: 0)."""
+    lse = torch.stack([x.double() for x in lses])
+    top = lse.amax(0)
+    z = torch.exp(lse - torch.where(torch.isfinite(top), top, 0.0))
+    alpha = z / torch.where(z.sum(0) > 0, z.sum(0), 1.0)
+    return sum(a.unsqueeze(-1) * o.double() for a, o in zip(alpha, outs))
+
+
+@check("wide and low-precision LSEs: float32 LSEs spread +-1000 and float16 ones spread +-30 (exp leaves float16's "
+       "range past +-11), rows far apart, given as a list or stacked, merge to the float64 result in the inputs' "
+       "dtype (each row shifted by its own maximum)", dtype=st.sampled_from([torch.float32, torch.float16]),
+       stacked=st.booleans(), seed=st.integers(0, 2 ** 16),
+       examples=[dict(dtype=torch.float16, stacked=False, seed=0), dict(dtype=torch.float32, stacked=True, seed=1)])
+def merge_is_stable_for_wide_lses(merge_by_lse, dtype, stacked, seed):
+    g = torch.Generator().manual_seed(seed)
+    spread = 1000.0 if dtype == torch.float32 else 30.0
+    outs = [torch.randn(1, 2, 6, 3, generator=g).to(dtype) for _ in range(3)]
+    row_offset = (torch.rand(1, 2, 6, generator=g) * 2 - 1) * spread  # rows hundreds apart: a global max underflows
+    lses = [(row_offset + torch.randn(1, 2, 6, generator=g) * 3).to(dtype) for _ in range(3)]
+    got = merge_by_lse(torch.stack(outs) if stacked else outs, torch.stack(lses) if stacked else lses)
+    want = _merge_oracle(outs, lses)
+    if not isinstance(got, torch.Tensor) or got.dtype != dtype:
+        raise Violation(f"the merge of {dtype} inputs returned {getattr(got, 'dtype', type(got).__name__)}; "
+                        f"expected {dtype}")
+    if torch.isnan(got).any() or torch.isinf(got).any():
+        raise Violation(f"{dtype} LSEs of size up to {spread:.0f}: the result holds NaN or inf (exp overflowed: is "
+                        "each row shifted by its maximum before exp?)")
+    err = (got.double() - want).abs().max().item()
+    # loose enough for any correct order of operations (a float16 logsumexp of LSEs near 30 rounds by ~0.015), far
+    # below what a global maximum (rows underflow to 0) or no shift (inf, NaN) gives
+    tol = (1e-3 if dtype == torch.float32 else 0.1) * max(1.0, want.abs().max().item())
+    if err > tol:
+        raise Violation(f"{dtype} LSEs whose rows lie up to {spread:.0f} apart: the merge differs from float64 by "
+                        f"{err:.3g} (allowed {tol:.3g}); one maximum for all rows lets exp underflow in the others")
+
+
+@check("detach_weights=True: the same forward, d outs = alpha and no gradient through the LSEs (alpha a constant)",
+       seed=st.integers(0, 2 ** 16))
+def detached_weights_stop_the_lse_gradient(merge_by_lse, seed):
+    g = torch.Generator().manual_seed(seed)
+    outs = torch.randn(2, 1, 2, 5, 3, generator=g, dtype=F64, requires_grad=True)
+    lses = torch.randn(2, 1, 2, 5, generator=g, dtype=F64, requires_grad=True)
+    weight = torch.randn(1, 2, 5, 3, generator=g, dtype=F64)
+    got = merge_by_lse(outs, lses, detach_weights=True)
+    if _diff(got, _merge_oracle(outs, lses)) > 1e-10:
+        raise Violation(f"detach_weights=True changed the forward by {_diff(got, _merge_oracle(outs, lses)):.3g}")
+    d_outs, d_lses = torch.autograd.grad((got * weight).sum(), (outs, lses), allow_unused=True)
+    want = torch.softmax(lses.detach(), 0)[..., None] * weight
+    if d_outs is None or _diff(d_outs, want) > 1e-10:
+        raise Violation("detach_weights=True: d outs must be alpha times the upstream gradient")
+    if d_lses is not None and d_lses.abs().max() != 0:
+        raise Violation(f"detach_weights=True: the LSEs got a gradient (max {d_lses.abs().max():.3g}); alpha must "
+                        "be a constant in the backward pass")
+
+
 # ---- 6.4 the kernel's launch --------------------------------------------------------------------------------
 
 def _rows_why(wrote, kept, T: int, w: int) -> str:
@@ -326,7 +382,8 @@ EXERCISES = {
                     hints=('Gather the kept rows per segment; a short last segment has fewer real rows than w / r: those keys must get no weight; with causal, compare original positions.',
                            'Scores of the kept queries against the kept keys of the same segment, scaled by 1/sqrt(D); padded (beyond T) keys and, when causal, later keys masked; return the attention output and the per-row log-sum-exp.')),
     "6.3": Exercise(points=3, checks=[merge_of_key_splits_is_attention_over_all_keys, uncovered_rows_are_zero,
-                                      merge_gradients_flow_through_alpha],
+                                      merge_gradients_flow_through_alpha, merge_is_stable_for_wide_lses,
+                                      detached_weights_stop_the_lse_gradient],
                     hint='Two partial softmaxes over disjoint key sets combine exactly when each is weighted by its share of the total normalizer.',
                     hints=('The share of pattern i is exp(LSE_i) over the sum of the exp(LSE)s: a softmax over patterns, computed stably; a row no pattern covers must stay 0, not NaN.',
                            "alpha_i = softmax over patterns of the LSEs (subtract the max, guard the all -inf case), output = sum_i alpha_i O_i; detach alpha only when asked (torchscale's choice).")),
