@@ -361,7 +361,7 @@ for kind in ("sigma", "plain"):
 # `GraphedSampler` (`nanomodels/latentlm.py`) runs one token's solver loop (DDIM or DPM-Solver++(2M), with or without
 # classifier-free guidance) from static buffers with precomputed timesteps and coefficients: on CUDA it is captured once
 # with `torch.cuda.graph` and replayed; on the CPU the same loop runs eagerly and equals `DiffusionHead.sample` exactly in
-# float64 (`tests/test_latentlm_graphs.py`). `python -m nanomodels.train_latentlm --device cuda` times eager against graphed
+# float64 (`tests/test_latentlm_graphs.py`). `python -m nanomodels.bench_latentlm --device cuda` times eager against graphed
 # sampling. The capture has not run on a GPU yet, so this chapter reports no speed-up for it.
 
 # %%

@@ -193,7 +193,8 @@ def sample_images(args, run_dir) -> None:
     import os
     from pathlib import Path
 
-    from nanomodels.train_latentlm import grid_name, load_latentlm, write_samples
+    from nanomodels.digits import grid_name, write_samples
+    from nanomodels.train_latentlm import load_latentlm
 
     lm, vae, norm, _ = load_latentlm(run_dir, args.device)
     T = lm.model.head.alphas_cumprod.numel()

@@ -2,7 +2,6 @@
 
     python -m nanomodels train-latentlm                    # sigma-VAE (1000 steps), then LatentLM (1500 steps)
     python -m nanomodels sample --name digits --cfg 3      # an image grid of generated digits, one row per class
-    python -m nanomodels.train_latentlm --device cuda      # eager vs CUDA-graph sampling of a batch of digits
 
 The recipe is chapter 09's (arXiv 2412.08635 at toy scale): a SigmaVAE maps 16x16 digits to 4x4 latent patches of
 `latent_dim` channels; the patches, in raster order and normalized as the official code does (z = (mu + bias) *
@@ -16,7 +15,6 @@ step and writes it, and `--resume` continues exactly (in the sigma-VAE phase or 
 normalization, so `--vae_from RUN` starts a new LatentLM on the trained sigma-VAE of another run.
 """
 
-import json
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,15 +25,14 @@ import torch.nn.functional as F
 
 from nanomodels.checkpoint import CHECKPOINT, load_checkpoint, run_kind
 from nanomodels.data import procedural_digits
-from nanomodels.latentlm import GraphedSampler, LatentLM
+from nanomodels.digits import LATENT_TOKENS, NUM_CLASSES, encode_digits, grid_name, write_samples
+from nanomodels.latentlm import LatentLM
 from nanomodels.runtime import pick_device
-from nanomodels.sigma_vae import SigmaVAE, latents_to_sequence, sequence_to_latents
+from nanomodels.sigma_vae import SigmaVAE, latents_to_sequence
 from nanomodels.train import (RUN_RESUMABLE, FunctionTask, Interrupted, RunConfig, check_counts, check_run_name,
                               check_schedule_and_run, fit, option, run, run_option, start_device)
 from nanomodels.transformer import TransformerConfig
 
-NUM_CLASSES = 10  # the digits 0-9
-LATENT_TOKENS = 16  # a 16x16 image -> a 4x4 map of latent patches
 TRAIN_SEED, VAL_SEED = 0, 1  # procedural_digits seeds of the training images and the validation images
 VAL_IMAGES = 500
 NORM_IMAGES = 256  # the normalization is measured on the first batch of this many training images
@@ -118,55 +115,6 @@ def vae_to_dict(vae: SigmaVAE, norm: Optional[dict]) -> dict:
     """The checkpoint's "tokenizer": the sigma-VAE and the latent normalization (None until the VAE is trained)."""
     return {"vae": vae.state_dict(), "latent_dim": vae.latent_dim, "noise_std": vae.noise_std,
             "kl_weight": vae.kl_weight, "norm": norm}
-
-
-@torch.no_grad()
-def encode_digits(vae: SigmaVAE, images: torch.Tensor, norm: dict) -> torch.Tensor:
-    """Images (n, 1, 16, 16) -> normalized latent sequences (n, 16, C): (mu + bias) * scale."""
-    return (latents_to_sequence(vae.encode(images)) + norm["bias"]) * norm["scale"]
-
-
-@torch.no_grad()
-def generate_digits(lm: LatentLM, vae: SigmaVAE, norm: dict, labels: torch.Tensor, *, cfg_scale: float,
-                    num_steps: int, sampler: str, generator: torch.Generator) -> torch.Tensor:
-    """Images (n, 1, 16, 16) in [0, 1] for class labels (n,): latents token by token, un-normalized, decoded."""
-    seq = lm.sample(labels, LATENT_TOKENS, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
-                    generator=generator)
-    return vae.decode(sequence_to_latents(seq / norm["scale"] - norm["bias"]))
-
-
-def image_grid(images: torch.Tensor, rows: int, pad: int = 1, zoom: int = 4) -> torch.Tensor:
-    """(rows * cols, 1, h, w) images, row-major -> one gray (H, W) picture with `pad`-pixel gray borders,
-    H = (rows (h + pad) + pad) zoom, W = (cols (w + pad) + pad) zoom (each pixel drawn zoom x zoom)."""
-    n, _, h, w = images.shape
-    cols = n // rows
-    grid = torch.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 0.5)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        grid[pad + r * (h + pad):(r + 1) * (h + pad), pad + c * (w + pad):(c + 1) * (w + pad)] = images[i, 0]
-    return grid.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
-
-
-def save_grid(grid: torch.Tensor, path: Path) -> None:
-    from matplotlib.image import imsave
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imsave(path, grid.clamp(0, 1).numpy(), cmap="gray", vmin=0.0, vmax=1.0)
-
-
-def grid_name(cfg_scale: float, sampler: str, num_steps: int, seed: int) -> str:
-    return f"samples_cfg{cfg_scale:g}_{sampler}{num_steps}_seed{seed}.png"
-
-
-def write_samples(lm: LatentLM, vae: SigmaVAE, norm: dict, path: Path, *, cfg_scale: float, num_steps: int,
-                  sampler: str, per_class: int, seed: int) -> Path:
-    """Generate per_class digits of each class (row k = digit k) and write them to path as a PNG grid."""
-    device = next(lm.parameters()).device
-    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_class)
-    images = generate_digits(lm, vae, norm, labels, cfg_scale=cfg_scale, num_steps=num_steps, sampler=sampler,
-                             generator=torch.Generator(device=device).manual_seed(seed))
-    save_grid(image_grid(images.cpu(), NUM_CLASSES), path)
-    return path
 
 
 def load_latentlm(run_dir, device: Optional[str] = None):
@@ -339,83 +287,3 @@ def evaluate(lm: LatentLM, seq: torch.Tensor, labels: torch.Tensor, seed: int) -
     loss = lm(seq, labels, generator=torch.Generator(device=seq.device).manual_seed(seed + 1)).item()
     lm.train()
     return loss
-
-
-def benchmark_cuda_graph_sampling(device: str = "cuda", *, run_dir: str = "",
-                                  per_class: int = SAMPLE_DEFAULTS["per_class"],
-                                  num_steps: int = SAMPLE_DEFAULTS["steps"], sampler: str = SAMPLE_DEFAULTS["sampler"],
-                                  cfg_scale: float = SAMPLE_DEFAULTS["cfg"], repeats: int = 5, seed: int = 0) -> dict:
-    """Milliseconds of eager LatentLM.sample against sample_graphed (each token's solver loop a replayed CUDA
-    graph, captured once per call and included in the time) for per_class digits of each class, LATENT_TOKENS
-    tokens, and of one token's solver loop alone (DiffusionHead.sample against a GraphedSampler replay). The
-    model is the trained run in run_dir when given, else the default configuration with random weights (the
-    head moved off its zero init). Also the largest difference between the two samplers' latents."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        raise ValueError(f"--device: CUDA graphs need a CUDA device, got {str(device)!r}")
-    if not torch.cuda.is_available():
-        raise ValueError("--device: torch sees no CUDA device on this machine (torch.cuda.is_available() is False)")
-    if run_dir:
-        lm = load_latentlm(run_dir, str(device))[0]
-    else:
-        torch.manual_seed(seed)
-        cfg = LatentTrainConfig()
-        lm = build_latentlm(cfg, cfg.latent_dim)
-        for p in lm.model.head.parameters():
-            torch.nn.init.normal_(p, std=0.05)
-        lm = lm.to(device).eval()
-    head = lm.model.head
-    labels = torch.arange(NUM_CLASSES, device=device).repeat_interleave(per_class)
-    B, guided = labels.numel(), cfg_scale != 1.0
-    kw = dict(num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale)
-
-    def timed(fn):
-        out = fn()  # warm-up
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        torch.cuda.synchronize(device)
-        return out, (time.perf_counter() - start) / repeats * 1e3
-
-    def gen():
-        return torch.Generator(device=device).manual_seed(seed)
-
-    with torch.cuda.device(device):
-        eager, eager_ms = timed(lambda: lm.sample(labels, LATENT_TOKENS, generator=gen(), **kw))
-        graphed, graphed_ms = timed(lambda: lm.sample_graphed(labels, LATENT_TOKENS, generator=gen(), **kw))
-        c = torch.randn(2 * B if guided else B, head.width, generator=gen(), device=device)
-        noise = torch.randn(B, head.latent_dim, generator=gen(), device=device)
-        loop = GraphedSampler(head, (B, head.latent_dim), num_steps, solver=sampler, cfg=cfg_scale)
-        _, loop_eager_ms = timed(lambda: head.sample(c[:B], num_steps, sampler, c_uncond=c[B:] if guided else None,
-                                                     cfg_scale=cfg_scale, generator=gen()))
-        _, loop_graphed_ms = timed(lambda: loop(c, noise))
-    return {"batch": B, "tokens": LATENT_TOKENS, "num_steps": num_steps, "sampler": sampler, "cfg": cfg_scale,
-            "eager_ms": eager_ms, "graphed_ms": graphed_ms, "speedup": eager_ms / graphed_ms,
-            "loop_eager_ms": loop_eager_ms, "loop_graphed_ms": loop_graphed_ms,
-            "loop_speedup": loop_eager_ms / loop_graphed_ms,
-            "max_abs_diff": (eager - graphed).abs().max().item(), "max_abs": eager.abs().max().item()}
-
-
-if __name__ == "__main__":
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m nanomodels.train_latentlm",
-                                     description="Eager vs CUDA-graph sampling of a batch of digits (a CUDA device).")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--run_dir", default="", help="a train-latentlm run folder; '' = random weights")
-    parser.add_argument("--steps", type=int, default=SAMPLE_DEFAULTS["steps"])
-    parser.add_argument("--sampler", choices=("dpm", "ddim"), default=SAMPLE_DEFAULTS["sampler"])
-    parser.add_argument("--cfg", type=float, default=SAMPLE_DEFAULTS["cfg"])
-    parser.add_argument("--per_class", type=int, default=SAMPLE_DEFAULTS["per_class"])
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    try:
-        result = benchmark_cuda_graph_sampling(args.device, run_dir=args.run_dir, per_class=args.per_class,
-                                               num_steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg,
-                                               repeats=args.repeats)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(result, indent=1))

@@ -13,7 +13,8 @@ from test_cli import TINY, assert_one_error_line, assert_same_weights, finish, n
 import nanomodels.train as trainer  # the one loop, which train-latentlm runs too
 from nanomodels.__main__ import main
 from nanomodels.train import Interrupted, TrainConfig, load_checkpoint, train
-from nanomodels.train_latentlm import LatentTrainConfig, image_grid, train_latentlm
+from nanomodels.digits import image_grid
+from nanomodels.train_latentlm import LatentTrainConfig, train_latentlm
 
 LM_TINY = {"images": 200, "latent_dim": 2, "vae_steps": 6, "n_layers": 1, "d_model": 16, "n_heads": 2,
            "head_width": 16, "head_depth": 1, "batch_size": 8, "steps": 8, "eval_interval": 4, "progress": False,

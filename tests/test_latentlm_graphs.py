@@ -183,7 +183,7 @@ def test_captured_graph_replays_the_eager_loop(solver, cfg):
 
 @pytest.mark.gpu
 def test_time_eager_vs_graphed_sampling_of_digits():
-    from nanomodels.train_latentlm import benchmark_cuda_graph_sampling
+    from nanomodels.bench_latentlm import benchmark_cuda_graph_sampling
 
     result = benchmark_cuda_graph_sampling("cuda", repeats=3)
     print(result)
