@@ -144,6 +144,9 @@ def _check(x, g, weight, bias) -> None:
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and tuple(p.shape) != (x.size(-1),):
             raise ValueError(f"{name}: must have shape ({x.size(-1)},), got {tuple(p.shape)}")
+        if p is not None and p.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{name}: dtype must be float16, bfloat16 or float32 (the kernel computes in float32 "
+                             f"and returns x's dtype), got {p.dtype}")
     if weight is None:
         raise ValueError("weight: required (pass torch.ones(d) for a norm without a gain)")
 
@@ -230,12 +233,13 @@ def add_norm(x: torch.Tensor, g: Optional[torch.Tensor], weight: torch.Tensor,
 
 
 def layer_norm(x, weight, bias=None, eps=1e-5):
-    """F.layer_norm over the last dimension, by the fused kernel."""
+    """F.layer_norm over the last dimension, by the fused kernel. x: float16, bfloat16 or float32; weight and
+    bias: any of those three (computed in float32; the result has x's dtype); float64 raises ValueError."""
     return add_norm(x, None, weight, bias, eps=eps)
 
 
 def rms_norm(x, weight, eps=1e-5):
-    """RMSNorm over the last dimension, by the fused kernel."""
+    """RMSNorm over the last dimension, by the fused kernel (dtypes as for `layer_norm`)."""
     return add_norm(x, None, weight, eps=eps, rms=True)
 
 

@@ -63,7 +63,7 @@ class Contract:
 
 def _values(arg: Arg, shape: tuple, dtype, gen) -> torch.Tensor:
     if arg.make is not None:
-        return arg.make(shape, dtype, gen)
+        return arg.make(shape, dtype, gen).to(dtype)  # a rejected dtype reaches the wrapper as that dtype
     return torch.randn(shape, generator=gen).to(dtype)
 
 
@@ -137,7 +137,7 @@ def run_case(case: Case) -> str:
         if case.kind == "reject-dtype" and a.name == case.arg:
             dtype = case.dtype
         elif case.kind == "reject-dtype":
-            dtype = c.args[0].dtypes[0]
+            dtype = a.dtypes[0]
         t = _values(a, a.shape(sizes), dtype, gen)
         tensors[a.name] = layout(t, case.kind) if a.name == case.arg and case.kind in LAYOUTS else t
     if case.kind == "reject-dtype":

@@ -9,9 +9,7 @@ import pytest
 from contracts import CONTRACTS, cases, run_case
 
 # Contract breaks the harness found and that are not fixed yet (strict: a fix turns them into failures to remove)
-KNOWN = {"layer_norm[m=1,n=1|float64|weight:reject-dtype]": "a float64 weight is accepted with float32 x",
-         "rms_norm[m=1,n=1|float64|weight:reject-dtype]": "a float64 weight is accepted with float32 x",
-         "ternary_gemm_cpu[m=1,k=1,n=1|float32|x_codes:reject-dtype]": "the error does not name x_codes"}
+KNOWN = {}
 CASES = [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[c.id])] if c.id in KNOWN
                       else []) for contract in CONTRACTS for c in cases(contract)]
 
