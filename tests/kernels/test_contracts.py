@@ -9,7 +9,7 @@ import pytest
 from contracts import CONTRACTS, cases, run_case
 
 # Contract breaks the harness found and that are not fixed yet (strict: a fix turns them into failures to remove)
-KNOWN = {}
+KNOWN = {"rmsnorm_quant[m=1,n=1|float64|weight:reject-dtype]": "a float64 gain is accepted with float32 x"}
 CASES = [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[c.id])] if c.id in KNOWN
                       else []) for contract in CONTRACTS for c in cases(contract)]
 
@@ -26,7 +26,7 @@ def test_every_kernel_module_is_registered():
     from kernels import KERNEL_MODULES
     registered = {c.module for c in CONTRACTS}
     names = {m.rsplit(".", 1)[-1] for m in KERNEL_MODULES}
-    assert names - registered - {"cuda_build", "bitnet", "grouped_gemm"} == set()
+    assert names - registered - {"cuda_build"} == set()  # cuda_build: the nvcc loader of the two CUDA wrappers
 
 
 if __name__ == "__main__":
