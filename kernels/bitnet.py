@@ -84,9 +84,10 @@ def _check_quant(x, weight):
             or x.dim() < 1 or not 0 < x.size(-1) <= MAX_COLS:
         raise ValueError(f"x: a float16/bfloat16/float32 tensor whose last dimension is in [1, {MAX_COLS}], got "
                          f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
-    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (x.size(-1),):
-        raise ValueError(f"weight: the RMSNorm gain must have shape ({x.size(-1)},), got "
-                         f"{tuple(getattr(weight, 'shape', ()))}")
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (x.size(-1),) \
+            or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"weight: the RMSNorm gain must be float16/bfloat16/float32 of shape ({x.size(-1)},), got "
+                         f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
 
 
 def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, out=None):

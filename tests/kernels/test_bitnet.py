@@ -239,6 +239,8 @@ class TestInterpreter:
             rmsnorm_quant(torch.randn(2, 8), torch.ones(7))
         with pytest.raises(ValueError, match="x:"):
             rmsnorm_quant(torch.randn(2, 8).double(), torch.ones(8))
+        with pytest.raises(ValueError, match="weight: .*float32"):
+            rmsnorm_quant(torch.randn(2, 8), torch.ones(8, dtype=torch.float64))
         x, codes = int_operands(2, 3, 8, 0)
         with pytest.raises(ValueError, match="x_scale, w_scale"):
             ternary_matmul(x, pack_ternary(codes), 8, x_scale=torch.ones(2, 1))

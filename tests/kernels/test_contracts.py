@@ -9,7 +9,7 @@ import pytest
 from contracts import CONTRACTS, cases, run_case
 
 # Contract breaks the harness found and that are not fixed yet (strict: a fix turns them into failures to remove)
-KNOWN = {"rmsnorm_quant[m=1,n=1|float64|weight:reject-dtype]": "a float64 gain is accepted with float32 x"}
+KNOWN = {}
 CASES = [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=KNOWN[c.id])] if c.id in KNOWN
                       else []) for contract in CONTRACTS for c in cases(contract)]
 
