@@ -26,7 +26,7 @@ kernel. Computed in float32 whatever the input dtype.
 
 import torch
 
-from kernels import AotSpec, Benchmark, backend, tl, triton
+from kernels import AotSpec, Benchmark, backend, check_grid, tl, triton
 
 MAX_COLS = 16384  # the whole row lives in registers
 
@@ -145,7 +145,8 @@ def adaln_forward(x, shift, scale, *, eps=1e-6, out=None, rows_per_cond=1):
     mean = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     block = triton.next_power_of_2(n)
-    _adaln_fwd_kernel[(x.size(0),)](x, shift, scale, y, mean, rstd, n, rows_per_cond, x.stride(0), shift.stride(0),
+    grid = check_grid((x.size(0),), "x", "rows")
+    _adaln_fwd_kernel[grid](x, shift, scale, y, mean, rstd, n, rows_per_cond, x.stride(0), shift.stride(0),
                                     scale.stride(0), y.stride(0), float(eps), BLOCK=block, num_warps=_num_warps(block))
     return y, mean, rstd
 
@@ -159,7 +160,8 @@ def adaln_backward(x, scale, mean, rstd, dy, *, dx=None, rows_per_cond=1):
     dx = _rows("dx", dx, x.shape, x.dtype) if dx is not None else torch.empty_like(x)
     dshift, dscale = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(2))  # per row of x
     block = triton.next_power_of_2(n)
-    _adaln_bwd_kernel[(x.size(0),)](x, scale, dy, mean, rstd, dx, dshift, dscale, n, rows_per_cond, x.stride(0),
+    grid = check_grid((x.size(0),), "x", "rows")
+    _adaln_bwd_kernel[grid](x, scale, dy, mean, rstd, dx, dshift, dscale, n, rows_per_cond, x.stride(0),
                                     scale.stride(0), dy.stride(0), dx.stride(0), n, BLOCK=block,
                                     num_warps=_num_warps(block))
     if rows_per_cond > 1:

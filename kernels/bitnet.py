@@ -18,7 +18,7 @@ matmul on 2-bit packed weights (nanomodels/bitlinear.py has the equations and th
 
 import torch
 
-from kernels import INTERPRET, AotSpec, Benchmark, backend, tl, triton
+from kernels import INTERPRET, AotSpec, Benchmark, backend, check_grid, tl, triton
 from nanomodels.bitlinear import quantize_activation, rms_norm, ternary_matmul_reference
 
 MAX_COLS = 16384  # rmsnorm_quant holds the whole row in registers
@@ -110,7 +110,8 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, o
     codes = out if out is not None else torch.empty(rows.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(rows.size(0), dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(n)
-    _rmsnorm_quant_kernel[(rows.size(0),)](rows, weight, codes, scale, n, rows.stride(0), codes.stride(0),
+    grid = check_grid((rows.size(0),), "x", "rows")
+    _rmsnorm_quant_kernel[grid](rows, weight, codes, scale, n, rows.stride(0), codes.stride(0),
                                            float(eps), BLOCK=block, num_warps=16 if block >= 8192 else 4)
     return (codes if out is not None else codes.view(x.shape)), scale.view(*x.shape[:-1], 1)
 
@@ -160,7 +161,7 @@ def ternary_matmul(x_codes: torch.Tensor, packed: torch.Tensor, K: int, x_scale=
     xs = x_scale.reshape(M).float().contiguous() if rescale else y
     ws = w_scale.reshape(1).float() if rescale else y
     bm, bn, bk, warps = _blocks(M)
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    grid = check_grid((triton.cdiv(M, bm), triton.cdiv(N, bn)), "packed", f"(M / {bm}, N / {bn}) tiles")
     _ternary_matmul_kernel[grid](x, w, xs, ws, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
                                  RESCALE=rescale, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y if out is None or direct else out.copy_(y)

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from kernels import INTERPRET, AotSpec, Benchmark, backend, tl, triton
+from kernels import INTERPRET, AotSpec, Benchmark, backend, check_grid, tl, triton
 
 MAX_COLS = 16384  # the whole row lives in registers
 
@@ -165,7 +165,8 @@ def add_norm_forward(x, g, weight, bias=None, *, alpha=1.0, eps=1e-5, rms=False,
     mean = torch.empty(x2.size(0), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     block = triton.next_power_of_2(n)
-    _add_norm_fwd_kernel[(x2.size(0),)](
+    grid = check_grid((x2.size(0),), "x", "rows")
+    _add_norm_fwd_kernel[grid](
         x2, x2 if g2 is None else g2, weight, weight if bias is None else bias, y, mean, rstd, n,
         x2.stride(0), 0 if g2 is None else g2.stride(0), y.stride(0), weight.stride(0),
         0 if bias is None else bias.stride(0), float(alpha), float(eps),

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from kernels import AotSpec, Benchmark, backend, tl, triton
+from kernels import AotSpec, Benchmark, backend, check_grid, tl, triton
 from nanomodels.gated_retention import _check as check_shapes
 from nanomodels.gated_retention import gated_retention as reference_gated_retention
 
@@ -163,7 +163,7 @@ def _launch(kernel, a, b, c, g, chunk_size: int, out=None):
     out = torch.empty(B, H, T, d_c, device=a.device, dtype=c.dtype) if out is None else out
     target = _rows(out)
     block_a, block_c, warps = _blocks(d_a, d_c)
-    grid = (B * H, triton.cdiv(d_c, block_c))
+    grid = check_grid((B * H, triton.cdiv(d_c, block_c)), "q", "(B * H, Dv blocks)")
     kernel[grid](a, b, c, g, target, T, H, d_a, d_c, *_strides(a), *_strides(b), *_strides(c), *_strides(target),
                  block_a, block_c, chunk_size, num_warps=warps)
     if target is not out:
