@@ -90,6 +90,10 @@ def _check_quant(x, weight):
                          f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
 
 
+def _quant_warps(block: int) -> int:
+    return 16 if block >= 8192 else 4
+
+
 def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, out=None):
     """(codes int8 shaped like x, scale float32 (..., 1)): activation_quant(RMSNorm(x) * weight) as integers,
     x_q = codes / scale. `out`, for 2-D x, receives the codes (the guard-band tests pass a view)."""
@@ -112,7 +116,7 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, o
     block = triton.next_power_of_2(n)
     grid = check_grid((rows.size(0),), "x", "rows")
     _rmsnorm_quant_kernel[grid](rows, weight, codes, scale, n, rows.stride(0), codes.stride(0),
-                                           float(eps), BLOCK=block, num_warps=16 if block >= 8192 else 4)
+                                           float(eps), BLOCK=block, num_warps=_quant_warps(block))
     return (codes if out is not None else codes.view(x.shape)), scale.view(*x.shape[:-1], 1)
 
 
@@ -174,9 +178,10 @@ def ternary_gemm_triton(x_codes: torch.Tensor, packed: torch.Tensor, K: int) -> 
 
 # ----------------------------------------------------------------------------- registry (compile tier, bench)
 
-AOT_SPECS = [
-    AotSpec("rmsnorm_quant fp16 (BLOCK 4096)", _rmsnorm_quant_kernel, {"X": "*fp16", "W": "*fp16", "Q": "*i8",
-            "S": "*fp32"}, {"BLOCK": 4096}, scalars={"eps": "fp32"}, num_warps=4, divisible=("stride_x",)),
+AOT_SPECS = [  # rmsnorm_quant at the largest BLOCK of each warp count (4096: 4, 16384: 16 warps)
+    AotSpec(f"rmsnorm_quant fp16 (BLOCK {block})", _rmsnorm_quant_kernel, {"X": "*fp16", "W": "*fp16", "Q": "*i8",
+            "S": "*fp32"}, {"BLOCK": block}, scalars={"eps": "fp32"}, num_warps=_quant_warps(block),
+            divisible=("stride_x",)) for block in (4096, MAX_COLS)
 ] + [AotSpec(f"ternary_matmul int8 x 2-bit, {case} ({bm}x{bn}x{bk}, {warps} warps)", _ternary_matmul_kernel,
              {"X": "*i8", "WP": "*u8", "XS": "*fp32", "WS": "*fp32", "Y": "*fp32"},
              {"RESCALE": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=3,

@@ -185,7 +185,9 @@ def grouped_gemm(a, w, a_rows, c_rows, block_expert, expert_blocks, out_rows: in
     """out (out_rows, N) with out[c_rows[p]] = a[a_rows[p]] @ w[e]^T for every p with a_rows[p] >= 0 (e the
     expert of p's block); other rows are 0. a (M, K), w (E, N, K). Differentiable in a and w. Routing metadata
     out of range (an expert id >= E, a row >= M, a destination row >= out_rows) raises ValueError naming the
-    argument before any launch (`_check_routing`: one host synchronisation)."""
+    argument before any launch (`_check_routing`: one host synchronisation). float32 inputs: on a GPU tl.dot runs
+    in TF32 (10-bit mantissa), about 1e-3 relative, not fp32's 1e-7 (kernels/README.md); the interpreter
+    multiplies in fp32."""
     if a.dim() != 2 or w.dim() != 3 or a.size(1) != w.size(2):
         raise ValueError(f"a, w: need a (M, K) and w (E, N, K) with equal K, got {tuple(a.shape)}, "
                          f"{tuple(w.shape)}")
@@ -214,7 +216,8 @@ def moe_ffn_reference(h, logits, k, capacity, w1, b1, w2, b2):
 
 
 def moe_ffn(h, routing: Routing, w1, b1, w2, b2):
-    """The same MoE feed-forward through two grouped GEMMs. h (S, d), w1 (E, F, d), w2 (E, d, F)."""
+    """The same MoE feed-forward through two grouped GEMMs. h (S, d), w1 (E, F, d), w2 (E, d, F). float32: TF32
+    tl.dot on a GPU (see `grouped_gemm`)."""
     if backend(h) == "reference":
         raise RuntimeError("moe_ffn needs triton (a CUDA device or TRITON_INTERPRET=1); use sorted_dispatch")
     S, k = routing.experts.shape

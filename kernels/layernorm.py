@@ -28,7 +28,9 @@ import torch
 
 from kernels import INTERPRET, AotSpec, Benchmark, backend, check_grid, tl, triton
 
-MAX_COLS = 16384  # the whole row lives in registers
+# The whole row lives in registers. BLOCK 16384's backward spills on sm_80 and sm_90 (854 to 1296 B at 16 warps;
+# `python -m kernels.aot`, Triton 3.9), so rows stop at 8192, where every BLOCK builds spill-free.
+MAX_COLS = 8192
 
 
 def add_norm_reference(x, g=None, weight=None, bias=None, *, alpha: float = 1.0, eps: float = 1e-5,
@@ -120,7 +122,10 @@ def _add_norm_bwd_kernel(X, G, W, DY, MEAN, RSTD, DX, DG, DW_PART, DB_PART, n_ro
 
 def _num_warps(block: int, backward: bool) -> int:
     """Warps per row program. At BLOCK 8192 the forward stays at 8 (with 16, Triton 3.6 spills on sm_80) and the
-    backward, which holds about twice as many row arrays, takes 16 (`python -m kernels.aot` checks both)."""
+    backward, which holds about twice as many row arrays, takes 16; the LayerNorm forward at BLOCK 4096 takes 4
+    (with 8 it spills 16 B on sm_80 under Triton 3.9). `python -m kernels.aot` checks each."""
+    if not backward and block == 4096:
+        return 4
     return 16 if backward and block >= 8192 else 8 if block >= 2048 else 4
 
 
@@ -256,7 +261,7 @@ def _aot_specs():
     ptrs.update(MEAN="*fp32", RSTD="*fp32", DW_PART="*fp32", DB_PART="*fp32")
     unit = {"stride_w": 1, "stride_b": 1}  # a contiguous weight and bias: Triton specialises a stride of 1
     specs = []
-    for block in (1024, 8192):
+    for block in (1024, 4096, MAX_COLS):  # the largest BLOCK at each warp count, forward and backward
         for rms in (False, True):
             kind = "rms_norm" if rms else "layer_norm"
             specs.append(AotSpec(f"{kind} add fwd fp16 (BLOCK {block})", _add_norm_fwd_kernel, ptrs,

@@ -68,6 +68,7 @@ def test_reference_is_the_diffusion_heads_modulate():
     (lambda: adaln_modulate(torch.randn(3, 4).double(), torch.randn(3, 4).double(), torch.randn(3, 4).double()),
      "dtype"),
     (lambda: adaln_modulate(torch.randn(3, 4), torch.randn(3, 4).half(), torch.randn(3, 4)), "shift"),
+    (lambda: adaln_modulate(*[torch.empty(1, 8193, device="meta")] * 3), r"x: .*\[1, 8192\]"),  # BLOCK 16384 spills
 ])
 def test_bad_arguments_raise(call, match):
     with pytest.raises(ValueError, match=match):

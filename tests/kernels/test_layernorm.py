@@ -50,6 +50,7 @@ class TestReference:
         (lambda: add_norm(torch.randn(3, 4).double(), None, torch.ones(4)), "dtype"),
         (lambda: add_norm(torch.randn(3, 0), None, torch.ones(0)), "last dimension"),
         (lambda: add_norm(torch.randn(3, 4), None, torch.ones(4, dtype=torch.float64)), "weight: dtype"),
+        (lambda: add_norm(torch.empty(1, 8193, device="meta"), None, torch.ones(8193)), r"x: .*\[1, 8192\]"),
         (lambda: add_norm(torch.randn(3, 4), None, torch.ones(4), torch.ones(4).double()), "bias: dtype")])
     def test_bad_arguments_raise(self, call, match):
         with pytest.raises(ValueError, match=match):
