@@ -132,6 +132,14 @@ def _blocks(M: int):
     return GPU_BLOCKS["decode" if M <= 16 else "batch"]
 
 
+def check_packed(packed, K: int) -> None:
+    """ValueError naming `packed` unless it is 2-bit packed ternary weights for rows of K: uint8 (N, ceil(K/4))."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2 \
+            or packed.size(1) != (K + 3) // 4:
+        raise ValueError(f"packed: must be uint8 of shape (N, ceil(K/4) = {(K + 3) // 4}), got "
+                         f"{getattr(packed, 'dtype', None)} {tuple(getattr(packed, 'shape', ()))}")
+
+
 def ternary_matmul(x_codes: torch.Tensor, packed: torch.Tensor, K: int, x_scale=None, w_scale=None,
                    *, out=None) -> torch.Tensor:
     """X_int8 W_tern^T: int8 (M, K) x packed uint8 (N, ceil(K/4)) -> int32 (M, N), exact; with x_scale (M, 1)
@@ -140,10 +148,7 @@ def ternary_matmul(x_codes: torch.Tensor, packed: torch.Tensor, K: int, x_scale=
             or x_codes.size(1) != K:
         raise ValueError(f"x_codes: must be int8 of shape (M, K={K}), got {getattr(x_codes, 'dtype', None)} "
                          f"{tuple(getattr(x_codes, 'shape', ()))}")
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2 \
-            or packed.size(1) != (K + 3) // 4:
-        raise ValueError(f"packed: must be uint8 of shape (N, ceil(K/4) = {(K + 3) // 4}), got "
-                         f"{getattr(packed, 'dtype', None)} {tuple(getattr(packed, 'shape', ()))}")
+    check_packed(packed, K)
     if (x_scale is None) != (w_scale is None):
         raise ValueError("x_scale, w_scale: pass both (a rescaled float32 result) or neither (int32 accumulators)")
     rescale = x_scale is not None

@@ -148,8 +148,7 @@ def _attn_fwd_kernel(Q, K, V, OUT, LSE, KEY_LEN, PREFIX_LEN, TILES, sm_scale, n_
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     OUT += b * stride_ob + h * stride_oh + m0.to(tl.int64) * stride_ot
-    key_len = tl.load(KEY_LEN + b)
-    prefix_len = tl.load(PREFIX_LEN + b)
+    key_len, prefix_len = tl.load(KEY_LEN + b), tl.load(PREFIX_LEN + b)
     offset = t_k - t_q  # query row i sits at position i + offset (the queries are the last Tq positions)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -227,6 +226,13 @@ def _bwd_dkdv_tiles(dk, dv, k, v, n_idx, Q, DO, LSE, DELTA, stride_qt, stride_do
 
 
 @triton.jit
+def _head_tile(X, head, offs, stride_t, offs_d, mask):
+    """The (len(offs), HEAD_DIM) tile at rows `offs` of the head that starts `head` elements into X (int64);
+    masked rows read 0."""
+    return tl.load(X + head + offs[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_LEN, PREFIX_LEN, sm_scale, n_heads, t_q, t_k,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
@@ -242,18 +248,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_LEN, PREFIX_LEN, 
     DO += b * stride_dob + h * stride_doh
     LSE += bh * t_q
     DELTA += bh * t_q
-    key_len = tl.load(KEY_LEN + b)
-    prefix_len = tl.load(PREFIX_LEN + b)
+    key_len, prefix_len = tl.load(KEY_LEN + b), tl.load(PREFIX_LEN + b)
     offset = t_k - t_q
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     keys = offs_n[:, None] < key_len
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=keys, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=keys, other=0.0)
+    k = _head_tile(K, b * stride_kb + h * stride_kh, offs_n, stride_kt, offs_d, keys)
+    v = _head_tile(V, b * stride_vb + h * stride_vh, offs_n, stride_vt, offs_d, keys)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -305,18 +308,15 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_LEN, PREFIX_LEN, sm_sca
         stride_dqt.to(tl.int64))
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    key_len = tl.load(KEY_LEN + b)
-    prefix_len = tl.load(PREFIX_LEN + b)
+    key_len, prefix_len = tl.load(KEY_LEN + b), tl.load(PREFIX_LEN + b)
     offset = t_k - t_q
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < t_q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=rows[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
-                 + offs_d[None, :], mask=rows[:, None], other=0.0)
+    q = _head_tile(Q, b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, rows[:, None])
+    do = _head_tile(DO, b * stride_dob + h * stride_doh, offs_m, stride_dot, offs_d, rows[:, None])
     lse2 = tl.load(LSE + bh * t_q + offs_m, mask=rows, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh * t_q + offs_m, mask=rows, other=0.0)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)

@@ -17,9 +17,9 @@ import math
 import pytest
 import torch
 
-import kernels
 from kernels.dilated_attention import dilated_attention_kernel, dilated_branch_kernel
 from nanomodels.dilated import dilated_attention, dilated_branch
+from tiers import needs_interpreter
 
 SENTINEL = 12345.0
 ATOL = {torch.float32: 2e-5, torch.float16: 4e-3}
@@ -63,11 +63,6 @@ def test_bad_arguments_raise_before_any_launch(call, match):
 
 
 # ---- tier 2 -------------------------------------------------------------------------------------------------
-
-needs_interpreter = pytest.mark.skipif(not (kernels.HAS_TRITON and kernels.INTERPRET),
-                                       reason="needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets it "
-                                              "when there is no CUDA device)")
-
 
 @needs_interpreter
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
