@@ -152,7 +152,7 @@ def dilated_branch_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
     `out` (B, H, T, D, q's dtype) and `lse` (B, H, T, float32), each with a unit last stride, when given, are
     filled in place (no autograd); a bad one raises ValueError before anything is written. Under the interpreter
     bf16 is computed in float32 (the interpreter cannot multiply bf16) and rounded to bf16 at the end. float32
-    inputs: on a GPU tl.dot runs in TF32 (10-bit mantissa), about 1e-3 relative, not fp32's 1e-7
+    inputs: on a GPU tl.dot runs in TF32 (10-bit mantissa), errors of order 1e-4 relative, not fp32's 1e-7
     (kernels/README.md); the interpreter multiplies in fp32."""
     check_patterns([w], [r])
     _check(q, k, v)
@@ -249,7 +249,7 @@ def dilated_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              detach_weights: bool = False) -> torch.Tensor:
     """Dilated attention, q, k, v (B, H, T, D) -> (B, H, T, D): one kernel launch per pattern, then the merge.
     Differentiable; detach_weights as in nanomodels.dilated.dilated_attention (torchscale's no_grad mixing).
-    float32 inputs: TF32 tl.dot on a GPU, about 1e-3 relative (see `dilated_branch_kernel`)."""
+    float32 inputs: TF32 tl.dot on a GPU, errors of order 1e-4 relative (see `dilated_branch_kernel`)."""
     segment_lengths, dilation_rates = check_patterns(segment_lengths, dilation_rates)
     _check(q, k, v)
     branches = [dilated_branch_kernel(q, k, v, w, r, causal=causal) for w, r in zip(segment_lengths, dilation_rates)]

@@ -638,7 +638,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     return_lse: also return LSE (B, H, Tq) float32, natural log, differentiable (LSE merges of several calls).
     D must be one of HEAD_DIMS. Differentiable in q, k, v (FA2 backward kernels). B * H past 65,535 runs as
     several launches over batch ranges (`batch_chunks`). float32 inputs: on a GPU tl.dot runs in TF32 (10-bit
-    mantissa), about 1e-3 relative, not fp32's 1e-7 (kernels/README.md); the interpreter multiplies in fp32.
+    mantissa), errors of order 1e-4 relative, not fp32's 1e-7 (kernels/README.md); the interpreter multiplies
+    in fp32.
     """
     kind, key_len, prefix = _check(q, k, v, causal, prefix_len, key_lengths)
     where = backend(q)

@@ -186,7 +186,7 @@ def grouped_gemm(a, w, a_rows, c_rows, block_expert, expert_blocks, out_rows: in
     expert of p's block); other rows are 0. a (M, K), w (E, N, K). Differentiable in a and w. Routing metadata
     out of range (an expert id >= E, a row >= M, a destination row >= out_rows) raises ValueError naming the
     argument before any launch (`_check_routing`: one host synchronisation). float32 inputs: on a GPU tl.dot runs
-    in TF32 (10-bit mantissa), about 1e-3 relative, not fp32's 1e-7 (kernels/README.md); the interpreter
+    in TF32 (10-bit mantissa), errors of order 1e-4 relative, not fp32's 1e-7 (kernels/README.md); the interpreter
     multiplies in fp32."""
     if a.dim() != 2 or w.dim() != 3 or a.size(1) != w.size(2):
         raise ValueError(f"a, w: need a (M, K) and w (E, N, K) with equal K, got {tuple(a.shape)}, "

@@ -34,7 +34,8 @@ def test_registered_specs_build_for_every_arch_and_pass_their_checks(module, com
 
 @pytest.mark.parametrize("module, warps", [
     ("adaln", lambda m, b: m._num_warps(b)),
-    ("layernorm", lambda m, b: m._num_warps(b, backward=False)), ("layernorm", lambda m, b: m._num_warps(b, backward=True)),
+    ("layernorm", lambda m, b: m._num_warps(b, backward=False)),
+    ("layernorm", lambda m, b: m._num_warps(b, backward=True)),
     ("bitnet", lambda m, b: m._quant_warps(b))])
 def test_row_kernels_compile_the_largest_block_of_every_warp_count_they_launch(module, warps):
     """The row kernels pick BLOCK = next_power_of_2(N) for N <= MAX_COLS and a warp count per BLOCK; registers per
