@@ -64,6 +64,16 @@ except ImportError:  # no triton wheel for this platform: kernels stay importabl
 
 GRID_MAX = (2**31 - 1, 65535, 65535)  # CUDA's limit on each grid axis (x, y, z): a launch past one fails
 
+
+def check_grid(grid: tuple, arg: str, what: str) -> tuple:
+    """`grid` itself when every axis is within GRID_MAX; otherwise a ValueError naming `arg`, the argument whose
+    size sets the axis, and `what` the axis counts (called before a launch, so nothing has run)."""
+    for axis, (n, limit) in enumerate(zip(grid, GRID_MAX)):
+        if n > limit:
+            raise ValueError(f"{arg}: {what} = {n} programs on grid axis {'xyz'[axis]}, past CUDA's limit of "
+                             f"{limit} (grid {tuple(grid)})")
+    return grid
+
 _warned = set()
 
 
@@ -157,5 +167,5 @@ def kernel_module(name: str):
     return importlib.import_module(f"kernels.{name}")
 
 
-__all__ = ["GRID_MAX", "HAS_CUDA", "HAS_TRITON", "INTERPRET", "KERNEL_MODULES", "AotSpec", "Benchmark", "CudaSpec", "backend",
-           "kernel_module"]
+__all__ = ["GRID_MAX", "check_grid", "HAS_CUDA", "HAS_TRITON", "INTERPRET", "KERNEL_MODULES", "AotSpec",
+           "Benchmark", "CudaSpec", "backend", "kernel_module"]

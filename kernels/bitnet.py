@@ -18,7 +18,7 @@ matmul on 2-bit packed weights (nanomodels/bitlinear.py has the equations and th
 
 import torch
 
-from kernels import INTERPRET, AotSpec, Benchmark, backend, tl, triton
+from kernels import INTERPRET, AotSpec, Benchmark, backend, check_grid, tl, triton
 from nanomodels.bitlinear import quantize_activation, rms_norm, ternary_matmul_reference
 
 MAX_COLS = 16384  # rmsnorm_quant holds the whole row in registers
@@ -84,9 +84,14 @@ def _check_quant(x, weight):
             or x.dim() < 1 or not 0 < x.size(-1) <= MAX_COLS:
         raise ValueError(f"x: a float16/bfloat16/float32 tensor whose last dimension is in [1, {MAX_COLS}], got "
                          f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
-    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (x.size(-1),):
-        raise ValueError(f"weight: the RMSNorm gain must have shape ({x.size(-1)},), got "
-                         f"{tuple(getattr(weight, 'shape', ()))}")
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (x.size(-1),) \
+            or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"weight: the RMSNorm gain must be float16/bfloat16/float32 of shape ({x.size(-1)},), got "
+                         f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
+
+
+def _quant_warps(block: int) -> int:
+    return 16 if block >= 8192 else 4
 
 
 def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, out=None):
@@ -109,8 +114,9 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5, *, o
     codes = out if out is not None else torch.empty(rows.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(rows.size(0), dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(n)
-    _rmsnorm_quant_kernel[(rows.size(0),)](rows, weight, codes, scale, n, rows.stride(0), codes.stride(0),
-                                           float(eps), BLOCK=block, num_warps=16 if block >= 8192 else 4)
+    grid = check_grid((rows.size(0),), "x", "rows")
+    _rmsnorm_quant_kernel[grid](rows, weight, codes, scale, n, rows.stride(0), codes.stride(0),
+                                           float(eps), BLOCK=block, num_warps=_quant_warps(block))
     return (codes if out is not None else codes.view(x.shape)), scale.view(*x.shape[:-1], 1)
 
 
@@ -126,6 +132,14 @@ def _blocks(M: int):
     return GPU_BLOCKS["decode" if M <= 16 else "batch"]
 
 
+def check_packed(packed, K: int) -> None:
+    """ValueError naming `packed` unless it is 2-bit packed ternary weights for rows of K: uint8 (N, ceil(K/4))."""
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2 \
+            or packed.size(1) != (K + 3) // 4:
+        raise ValueError(f"packed: must be uint8 of shape (N, ceil(K/4) = {(K + 3) // 4}), got "
+                         f"{getattr(packed, 'dtype', None)} {tuple(getattr(packed, 'shape', ()))}")
+
+
 def ternary_matmul(x_codes: torch.Tensor, packed: torch.Tensor, K: int, x_scale=None, w_scale=None,
                    *, out=None) -> torch.Tensor:
     """X_int8 W_tern^T: int8 (M, K) x packed uint8 (N, ceil(K/4)) -> int32 (M, N), exact; with x_scale (M, 1)
@@ -134,10 +148,7 @@ def ternary_matmul(x_codes: torch.Tensor, packed: torch.Tensor, K: int, x_scale=
             or x_codes.size(1) != K:
         raise ValueError(f"x_codes: must be int8 of shape (M, K={K}), got {getattr(x_codes, 'dtype', None)} "
                          f"{tuple(getattr(x_codes, 'shape', ()))}")
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2 \
-            or packed.size(1) != (K + 3) // 4:
-        raise ValueError(f"packed: must be uint8 of shape (N, ceil(K/4) = {(K + 3) // 4}), got "
-                         f"{getattr(packed, 'dtype', None)} {tuple(getattr(packed, 'shape', ()))}")
+    check_packed(packed, K)
     if (x_scale is None) != (w_scale is None):
         raise ValueError("x_scale, w_scale: pass both (a rescaled float32 result) or neither (int32 accumulators)")
     rescale = x_scale is not None
@@ -159,7 +170,7 @@ def ternary_matmul(x_codes: torch.Tensor, packed: torch.Tensor, K: int, x_scale=
     xs = x_scale.reshape(M).float().contiguous() if rescale else y
     ws = w_scale.reshape(1).float() if rescale else y
     bm, bn, bk, warps = _blocks(M)
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    grid = check_grid((triton.cdiv(M, bm), triton.cdiv(N, bn)), "packed", f"(M / {bm}, N / {bn}) tiles")
     _ternary_matmul_kernel[grid](x, w, xs, ws, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
                                  RESCALE=rescale, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return y if out is None or direct else out.copy_(y)
@@ -172,9 +183,10 @@ def ternary_gemm_triton(x_codes: torch.Tensor, packed: torch.Tensor, K: int) -> 
 
 # ----------------------------------------------------------------------------- registry (compile tier, bench)
 
-AOT_SPECS = [
-    AotSpec("rmsnorm_quant fp16 (BLOCK 4096)", _rmsnorm_quant_kernel, {"X": "*fp16", "W": "*fp16", "Q": "*i8",
-            "S": "*fp32"}, {"BLOCK": 4096}, scalars={"eps": "fp32"}, num_warps=4, divisible=("stride_x",)),
+AOT_SPECS = [  # rmsnorm_quant at the largest BLOCK of each warp count (4096: 4, 16384: 16 warps)
+    AotSpec(f"rmsnorm_quant fp16 (BLOCK {block})", _rmsnorm_quant_kernel, {"X": "*fp16", "W": "*fp16", "Q": "*i8",
+            "S": "*fp32"}, {"BLOCK": block}, scalars={"eps": "fp32"}, num_warps=_quant_warps(block),
+            divisible=("stride_x",)) for block in (4096, MAX_COLS)
 ] + [AotSpec(f"ternary_matmul int8 x 2-bit, {case} ({bm}x{bn}x{bk}, {warps} warps)", _ternary_matmul_kernel,
              {"X": "*i8", "WP": "*u8", "XS": "*fp32", "WS": "*fp32", "Y": "*fp32"},
              {"RESCALE": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=3,

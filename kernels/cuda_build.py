@@ -5,10 +5,10 @@ The .cu files are torch-free `extern "C"` code: each compiles in about a second 
 extension (torch/extension.h, load_inline) costs minutes and does not build at all against a CPU torch. Without a
 GPU a library still builds and loads; a launch then returns a CUDA error code, raised by `launch`.
 
-    lib = load(SOURCE, {"softmax_rows_launch": [c_void_p, ...]}, error_string="softmax_error_string")
+    LIBRARY = CudaLibrary(SOURCE, "softmax_rows_launch", [c_void_p, ...], "softmax_error_string")
     check_cuda_tensors(x=x, packed=packed)         # ValueError naming the argument: not CUDA, or another GPU
     with on_device(x) as stream:                   # x's GPU is current; stream is its current stream
-        launch(lib, "softmax_rows_launch", ..., stream)
+        LIBRARY.launch(..., stream)
 """
 
 import contextlib
@@ -86,6 +86,25 @@ def launch(lib: ctypes.CDLL, name: str, *args) -> None:
     code = getattr(lib, name)(*args)
     if code != 0:
         raise RuntimeError(f"{name}: CUDA error {code}: {lib.error_string(code).decode()}")
+
+
+class CudaLibrary:
+    """One kernels/cuda/*.cu file with one host launcher: `build` (nvcc, cached), `load` (ctypes, once) and
+    `launch(*args)` (device pointers, sizes, stream; RuntimeError with CUDA's message on an error code)."""
+
+    def __init__(self, source: Path, launcher: str, argtypes: list, error_string: str):
+        self.source, self.launcher, self.argtypes, self.error_string = Path(source), launcher, argtypes, error_string
+
+    def build(self, arch: Optional[str] = None) -> Path:
+        """The shared library for `arch` (e.g. "sm_90"; default: the current GPU, else sm_80), cached by source
+        hash and arch; nvcc's error text on a failed build."""
+        return build(self.source, arch)
+
+    def load(self, arch: Optional[str] = None) -> ctypes.CDLL:
+        return load(self.source, {self.launcher: self.argtypes}, error_string=self.error_string, arch=arch)
+
+    def launch(self, *args) -> None:
+        launch(self.load(), self.launcher, *args)
 
 
 def check_cuda_tensors(**tensors: torch.Tensor) -> None:

@@ -8,7 +8,6 @@ Without a GPU the library still builds and loads; launching then returns a CUDA 
 
 import ctypes
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -19,20 +18,10 @@ SOURCE = Path(__file__).parent / "cuda" / "softmax.cu"
 _INT, _PTR = ctypes.c_int, ctypes.c_void_p
 
 
-def build(arch: Optional[str] = None) -> Path:
-    """Compile softmax.cu into a shared library for `arch` (e.g. "sm_90"; default: the current GPU, else sm_80),
-    by kernels.cuda_build (cached by source hash and arch; nvcc's error text on a failed build)."""
-    return cuda_build.build(SOURCE, arch)
-
-
-def load(arch: Optional[str] = None) -> ctypes.CDLL:
-    return cuda_build.load(SOURCE, {"softmax_rows_launch": [_PTR, _PTR, _INT, _INT, _INT, _PTR]},
-                           error_string="softmax_error_string", arch=arch)
-
-
-def launch(lib: ctypes.CDLL, x_ptr: int, y_ptr: int, n_rows: int, n_cols: int, version: int, stream: int) -> None:
-    """Call the host launcher; raise RuntimeError with CUDA's message on a nonzero cudaError_t."""
-    cuda_build.launch(lib, "softmax_rows_launch", x_ptr, y_ptr, n_rows, n_cols, version, stream)
+# softmax_rows_launch(x, y, n_rows, n_cols, version, stream) -> cudaError_t
+LIBRARY = cuda_build.CudaLibrary(SOURCE, "softmax_rows_launch", [_PTR, _PTR, _INT, _INT, _INT, _PTR],
+                                 "softmax_error_string")
+build, load = LIBRARY.build, LIBRARY.load
 
 
 def cuda_softmax(x: torch.Tensor, *, version: int = 2) -> torch.Tensor:
@@ -51,7 +40,7 @@ def cuda_softmax(x: torch.Tensor, *, version: int = 2) -> torch.Tensor:
     rows = x.reshape(-1, x.size(-1)).contiguous()
     y = torch.empty_like(rows)
     with cuda_build.on_device(x) as stream:  # launch on x's GPU, not the current one, and on that GPU's stream
-        launch(load(), rows.data_ptr(), y.data_ptr(), rows.size(0), rows.size(1), version, stream)
+        LIBRARY.launch(rows.data_ptr(), y.data_ptr(), rows.size(0), rows.size(1), version, stream)
     return y.view(x.shape)
 
 

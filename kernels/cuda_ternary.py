@@ -8,31 +8,21 @@ Without a GPU the library still builds and loads; a launch then returns a CUDA e
 
 import ctypes
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from kernels import Benchmark, CudaSpec, cuda_build
+from kernels.bitnet import check_packed
 from kernels.cuda_build import nvcc
 
 SOURCE = Path(__file__).parent / "cuda" / "ternary_gemv.cu"
 _INT, _PTR = ctypes.c_int, ctypes.c_void_p
 
 
-def build(arch: Optional[str] = None) -> Path:
-    """Compile ternary_gemv.cu into a shared library for `arch` (default: the current GPU, else sm_80), by
-    kernels.cuda_build (cached by source hash and arch; nvcc's error text on a failed build)."""
-    return cuda_build.build(SOURCE, arch)
-
-
-def load(arch: Optional[str] = None) -> ctypes.CDLL:
-    return cuda_build.load(SOURCE, {"ternary_gemv_launch": [_PTR, _PTR, _PTR, _INT, _INT, _PTR]},
-                           error_string="ternary_error_string", arch=arch)
-
-
-def launch(lib: ctypes.CDLL, w_ptr: int, x_ptr: int, y_ptr: int, n: int, k: int, stream: int) -> None:
-    """Call the host launcher; raise RuntimeError with CUDA's message on a nonzero cudaError_t."""
-    cuda_build.launch(lib, "ternary_gemv_launch", w_ptr, x_ptr, y_ptr, n, k, stream)
+# ternary_gemv_launch(w, x, y, n, k, stream) -> cudaError_t
+LIBRARY = cuda_build.CudaLibrary(SOURCE, "ternary_gemv_launch", [_PTR, _PTR, _PTR, _INT, _INT, _PTR],
+                                 "ternary_error_string")
+build, load = LIBRARY.build, LIBRARY.load
 
 
 def check_arguments(x_codes, packed, K: int) -> None:
@@ -43,10 +33,7 @@ def check_arguments(x_codes, packed, K: int) -> None:
     if not isinstance(x_codes, torch.Tensor) or x_codes.dtype != torch.int8 or tuple(x_codes.shape) != (K,):
         raise ValueError(f"x_codes: an int8 tensor of shape (K={K},), got {getattr(x_codes, 'dtype', None)} "
                          f"{tuple(getattr(x_codes, 'shape', ()))}")
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2 \
-            or packed.size(1) != (K + 3) // 4:
-        raise ValueError(f"packed: a uint8 tensor of shape (N, ceil(K/4) = {(K + 3) // 4}), got "
-                         f"{getattr(packed, 'dtype', None)} {tuple(getattr(packed, 'shape', ()))}")
+    check_packed(packed, K)
     if packed.size(0) > 2**31 - 1:
         raise ValueError(f"packed: N = {packed.size(0)} rows do not fit the launcher's C int")
     cuda_build.check_cuda_tensors(x_codes=x_codes, packed=packed)
@@ -66,7 +53,7 @@ def cuda_ternary_gemv(x_codes: torch.Tensor, packed: torch.Tensor, K: int) -> to
         x = x.clone()  # a fresh allocation is aligned (torch's allocator hands out 512-byte-aligned blocks)
     y = torch.empty(N, dtype=torch.int32, device=x.device)
     with cuda_build.on_device(x) as stream:  # x's GPU, its current stream
-        launch(load(), w.data_ptr(), x.data_ptr(), y.data_ptr(), N, K, stream)
+        LIBRARY.launch(w.data_ptr(), x.data_ptr(), y.data_ptr(), N, K, stream)
     return y
 
 

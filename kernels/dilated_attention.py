@@ -91,7 +91,27 @@ def _configs(gpu):
 
 
 FWD_CONFIGS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)]
-_fwd = triton.autotune(_configs(FWD_CONFIGS), key=["w", "r", "HEAD_DIM", "CAUSAL"])(_dilated_fwd_kernel)
+# Every config compiled for sm_80 / sm_90 at D = 16, 32, 64, 128 in fp16 and fp32 (causal, Triton 3.9, `python -m
+# kernels.aot`): all fit shared memory (at most 192 KiB, fp32 D = 128 on sm_90) and one spills: 128x64 with 8 warps
+# at D = 32 on sm_8x (40 B, fp16). The autotuner never tries what spills on the launch's device.
+_SPILLS = {(8, 32): {(128, 64, 8, 2)}}  # (arch major, head size) -> spilling configs
+
+
+def usable_configs(arch: int, head_dim: int) -> list:
+    """FWD_CONFIGS without those that spill on compute capability `arch` (80, 90) at `head_dim`, in order."""
+    return [c for c in FWD_CONFIGS if c not in _SPILLS.get((arch // 10, head_dim), set())]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Triton's early_config_prune hook (called only with more than one config: never in the interpreter)."""
+    major, minor = torch.cuda.get_device_capability(named_args["Q"].device)
+    usable = usable_configs(10 * major + minor, kwargs["HEAD_DIM"])
+    return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            in usable] or configs[:1]
+
+
+_fwd = triton.autotune(_configs(FWD_CONFIGS), key=["w", "r", "HEAD_DIM", "CAUSAL"],
+                       prune_configs_by={"early_config_prune": _prune})(_dilated_fwd_kernel)
 
 
 def _check(q, k, v):
@@ -131,7 +151,9 @@ def dilated_branch_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
 
     `out` (B, H, T, D, q's dtype) and `lse` (B, H, T, float32), each with a unit last stride, when given, are
     filled in place (no autograd); a bad one raises ValueError before anything is written. Under the interpreter
-    bf16 is computed in float32 (the interpreter cannot multiply bf16) and rounded to bf16 at the end."""
+    bf16 is computed in float32 (the interpreter cannot multiply bf16) and rounded to bf16 at the end. float32
+    inputs: on a GPU tl.dot runs in TF32 (10-bit mantissa), errors of order 1e-4 relative, not fp32's 1e-7
+    (kernels/README.md); the interpreter multiplies in fp32."""
     check_patterns([w], [r])
     _check(q, k, v)
     if q.size(0) * q.size(1) > GRID_MAX[2] or -(-q.size(2) // w) > GRID_MAX[1]:
@@ -226,7 +248,8 @@ def dilated_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              dilation_rates: Sequence[int], *, causal: bool = False,
                              detach_weights: bool = False) -> torch.Tensor:
     """Dilated attention, q, k, v (B, H, T, D) -> (B, H, T, D): one kernel launch per pattern, then the merge.
-    Differentiable; detach_weights as in nanomodels.dilated.dilated_attention (torchscale's no_grad mixing)."""
+    Differentiable; detach_weights as in nanomodels.dilated.dilated_attention (torchscale's no_grad mixing).
+    float32 inputs: TF32 tl.dot on a GPU, errors of order 1e-4 relative (see `dilated_branch_kernel`)."""
     segment_lengths, dilation_rates = check_patterns(segment_lengths, dilation_rates)
     _check(q, k, v)
     branches = [dilated_branch_kernel(q, k, v, w, r, causal=causal) for w, r in zip(segment_lengths, dilation_rates)]
@@ -238,12 +261,12 @@ def dilated_attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def _aot_specs():
     specs = []
-    for d in (64, 128):
-        bm, bn, nw, ns = FWD_CONFIGS[0]
+    for d, arch in ((d, arch) for d in HEAD_DIMS for arch in (80, 90)):  # the default (first usable) config
+        bm, bn, nw, ns = usable_configs(arch, d)[0]
         specs.append(AotSpec(f"dilated_fwd fp16 D={d} causal ({bm}x{bn}, {nw} warps, {ns} stages)",
                              _dilated_fwd_kernel, dict.fromkeys(["Q", "K", "V", "OUT"], "*fp16") | {"LSE": "*fp32"},
                              {"HEAD_DIM": d, "BLOCK_M": bm, "BLOCK_N": bn, "CAUSAL": True},
-                             scalars={"sm_scale": "fp32"}, num_warps=nw, num_stages=ns, mma=True))
+                             scalars={"sm_scale": "fp32"}, num_warps=nw, num_stages=ns, archs=(arch,), mma=True))
     # the backward: FlashAttention's dK/dV and dQ kernels at their default configs, with the mask kinds this
     # module launches them with (causal or none, plus key_lengths); flash_attention.py compiles the prefix mask
     for spec in FLASH_AOT_SPECS:

@@ -42,7 +42,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from kernels import INTERPRET, AotSpec, Benchmark, backend, tl, triton
+from kernels import GRID_MAX, INTERPRET, AotSpec, Benchmark, backend, check_grid, tl, triton
 from nanomodels.attention import attention
 
 MASK_NONE, MASK_CAUSAL, MASK_PREFIX = 0, 1, 2
@@ -148,8 +148,7 @@ def _attn_fwd_kernel(Q, K, V, OUT, LSE, KEY_LEN, PREFIX_LEN, TILES, sm_scale, n_
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
     OUT += b * stride_ob + h * stride_oh + m0.to(tl.int64) * stride_ot
-    key_len = tl.load(KEY_LEN + b)
-    prefix_len = tl.load(PREFIX_LEN + b)
+    key_len, prefix_len = tl.load(KEY_LEN + b), tl.load(PREFIX_LEN + b)
     offset = t_k - t_q  # query row i sits at position i + offset (the queries are the last Tq positions)
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -227,6 +226,13 @@ def _bwd_dkdv_tiles(dk, dv, k, v, n_idx, Q, DO, LSE, DELTA, stride_qt, stride_do
 
 
 @triton.jit
+def _head_tile(X, head, offs, stride_t, offs_d, mask):
+    """The (len(offs), HEAD_DIM) tile at rows `offs` of the head that starts `head` elements into X (int64);
+    masked rows read 0."""
+    return tl.load(X + head + offs[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_LEN, PREFIX_LEN, sm_scale, n_heads, t_q, t_k,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
@@ -242,18 +248,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KEY_LEN, PREFIX_LEN, 
     DO += b * stride_dob + h * stride_doh
     LSE += bh * t_q
     DELTA += bh * t_q
-    key_len = tl.load(KEY_LEN + b)
-    prefix_len = tl.load(PREFIX_LEN + b)
+    key_len, prefix_len = tl.load(KEY_LEN + b), tl.load(PREFIX_LEN + b)
     offset = t_k - t_q
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     keys = offs_n[:, None] < key_len
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
-                mask=keys, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
-                mask=keys, other=0.0)
+    k = _head_tile(K, b * stride_kb + h * stride_kh, offs_n, stride_kt, offs_d, keys)
+    v = _head_tile(V, b * stride_vb + h * stride_vh, offs_n, stride_vt, offs_d, keys)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -305,18 +308,15 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KEY_LEN, PREFIX_LEN, sm_sca
         stride_dqt.to(tl.int64))
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    key_len = tl.load(KEY_LEN + b)
-    prefix_len = tl.load(PREFIX_LEN + b)
+    key_len, prefix_len = tl.load(KEY_LEN + b), tl.load(PREFIX_LEN + b)
     offset = t_k - t_q
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < t_q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
-                mask=rows[:, None], other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot
-                 + offs_d[None, :], mask=rows[:, None], other=0.0)
+    q = _head_tile(Q, b * stride_qb + h * stride_qh, offs_m, stride_qt, offs_d, rows[:, None])
+    do = _head_tile(DO, b * stride_dob + h * stride_doh, offs_m, stride_dot, offs_d, rows[:, None])
     lse2 = tl.load(LSE + bh * t_q + offs_m, mask=rows, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh * t_q + offs_m, mask=rows, other=0.0)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -501,42 +501,81 @@ def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 and x.stride(2) < MAX_TOKEN_STRIDE else x.contiguous()
 
 
+def batch_chunks(B: int, H: int) -> list:
+    """[(b0, b1)]: the batch ranges launched one at a time, so that (b1 - b0) * H, grid axis y, stays within
+    GRID_MAX[1] = 65,535 (one range for every model-sized batch). H alone past it raises ValueError."""
+    step = GRID_MAX[1] // max(H, 1)
+    if step == 0:
+        raise ValueError(f"q: H = {H} heads is past CUDA's grid limit of {GRID_MAX[1]} on axis y (one program "
+                         f"column per (batch, head))")
+    return [(b, min(B, b + step)) for b in range(0, B, step)] or [(0, 0)]
+
+
+def launch_grids(B: int, H: int, t_q: int, t_k: int) -> list:
+    """[(name, grid)] of every launch one forward and backward make on q (B, H, Tq, D), k (B, H, Tk, D), computed,
+    not launched (tiles counted at 16 rows, fewer than any config's), each checked with `check_grid`."""
+    grids = []
+    for b0, b1 in batch_chunks(B, H):
+        for name, t in (("forward", t_q), ("delta", t_q), ("dkdv", t_k), ("dq", t_q)):
+            grids.append((f"{name} [{b0}, {b1})", check_grid((-(-t // 16), (b1 - b0) * H), "q", "B * H")))
+    return grids
+
+
+def _by_batch(tensors: dict, b0: int, b1: int, H: int) -> dict:
+    """Each tensor's rows of batches b0 .. b1 - 1 (None stays None; tile_counts is (B * H, ...))."""
+    return {k: None if t is None else t[b0 * H:b1 * H] if k == "tile_counts" else t[b0:b1] for k, t in tensors.items()}
+
+
 def _launch_forward(q, k, v, kind, key_len, prefix, out=None, lse=None, tile_counts=None):
     B, H, t_q, D = q.shape
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty((B, H, t_q), device=q.device, dtype=torch.float32) if lse is None else lse
+    for b0, b1 in batch_chunks(B, H):
+        _launch_forward_chunk(kind, **_by_batch(dict(q=q, k=k, v=v, key_len=key_len, prefix=prefix, out=out, lse=lse,
+                                                     tile_counts=tile_counts), b0, b1, H))
+    return out, lse
+
+
+def _launch_forward_chunk(kind, q, k, v, key_len, prefix, out, lse, tile_counts):
+    B, H, t_q, D = q.shape
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), B * H)  # noqa: E731
     _fwd[grid](q, k, v, out, lse, key_len, prefix, lse if tile_counts is None else tile_counts,
                1.0 / math.sqrt(D), H, t_q, k.size(2), *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                lse.stride(0), lse.stride(1), *_buckets(t_q, k.size(2)), HEAD_DIM=D, MASK_KIND=kind,
                COUNT_TILES=tile_counts is not None)
-    return out, lse
 
 
 def _launch_backward(q, k, v, o, lse, do, kind, key_len, prefix, dq=None, dk=None, dv=None, dlse=None,
                      need_dq=True, need_dkdv=True):
     """dQ (when need_dq) and dK, dV (when need_dkdv; None otherwise). dlse: the gradient of the LSE output."""
+    H = q.size(1)
+    lse = lse.contiguous()
+    dlse = None if dlse is None else dlse.to(torch.float32).contiguous()
+    dq = (torch.empty_like(q) if dq is None else dq) if need_dq else None
+    dk = (torch.empty_like(k) if dk is None else dk) if need_dkdv else None
+    dv = (torch.empty_like(v) if dv is None else dv) if need_dkdv else None
+    for b0, b1 in batch_chunks(q.size(0), H):
+        _launch_backward_chunk(kind, **_by_batch(dict(q=q, k=k, v=v, o=o, lse=lse, do=do, key_len=key_len,
+                                                      prefix=prefix, dq=dq, dk=dk, dv=dv, dlse=dlse), b0, b1, H))
+    return dq, dk, dv
+
+
+def _launch_backward_chunk(kind, q, k, v, o, lse, do, key_len, prefix, dq, dk, dv, dlse):
     B, H, t_q, D = q.shape
     t_k = k.size(2)
-    lse = lse.contiguous()
     delta = torch.empty((B, H, t_q), device=q.device, dtype=torch.float32)
-    dlse = None if dlse is None else dlse.to(torch.float32).contiguous()
     _attn_bwd_delta_kernel[(triton.cdiv(t_q, 64), B * H)](o, do, delta if dlse is None else dlse, delta, H, t_q,
                                                           *_strides(o), *_strides(do), HEAD_DIM=D, BLOCK_M=64,
                                                           HAS_DLSE=dlse is not None)
     common = (key_len, prefix, 1.0 / math.sqrt(D), H, t_q, t_k, *_strides(q), *_strides(k), *_strides(v),
               *_strides(do))
-    if need_dkdv:
-        dk = torch.empty_like(k) if dk is None else dk
-        dv = torch.empty_like(v) if dv is None else dv
+    if dk is not None:
         _dkdv[lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), B * H)](
             q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv), *_buckets(t_q, t_k), HEAD_DIM=D,
             MASK_KIND=kind)
-    if need_dq:
-        dq = torch.empty_like(q) if dq is None else dq
+    if dq is not None:
         _dq[lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), B * H)](
             q, k, v, do, lse, delta, dq, *common, *_strides(dq), *_buckets(t_q, t_k), HEAD_DIM=D, MASK_KIND=kind)
-    return (dq if need_dq else None), (dk if need_dkdv else None), (dv if need_dkdv else None)
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -597,7 +636,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     key_lengths: int or (B,) ints; keys j >= key_lengths[b] are padding, never read. A row with no visible key
         returns zeros (and LSE = -inf).
     return_lse: also return LSE (B, H, Tq) float32, natural log, differentiable (LSE merges of several calls).
-    D must be one of HEAD_DIMS. Differentiable in q, k, v (FA2 backward kernels).
+    D must be one of HEAD_DIMS. Differentiable in q, k, v (FA2 backward kernels). B * H past 65,535 runs as
+    several launches over batch ranges (`batch_chunks`). float32 inputs: on a GPU tl.dot runs in TF32 (10-bit
+    mantissa), errors of order 1e-4 relative, not fp32's 1e-7 (kernels/README.md); the interpreter multiplies
+    in fp32.
     """
     kind, key_len, prefix = _check(q, k, v, causal, prefix_len, key_lengths)
     where = backend(q)

@@ -22,7 +22,7 @@ Versions: 1 `moe_ffn_reference` (einsum over the dense (S, E, C) masks, nanomode
 import torch
 import torch.nn.functional as F
 
-from kernels import AotSpec, Benchmark, backend, tl, triton
+from kernels import AotSpec, Benchmark, backend, check_grid, tl, triton
 from nanomodels.moe import Routing, top_k_gating
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32  # the default (and the interpreter's only) config
@@ -115,7 +115,7 @@ def _launch(a, w, a_rows, c_rows, block_expert, out, trans_w=True):
     if len(block_expert) == 0:  # every pair was dropped
         return out
     n, k = (w.size(1), w.size(2)) if trans_w else (w.size(2), w.size(1))
-    grid = (len(block_expert), triton.cdiv(n, BLOCK_N))
+    grid = check_grid((len(block_expert), triton.cdiv(n, BLOCK_N)), "w", f"(row blocks, N / {BLOCK_N})")
     _grouped_gemm_kernel[grid](a, w, out, a_rows, c_rows, block_expert, n, k, a.stride(0), w.stride(0), w.stride(1),
                                out.stride(0), TRANS_W=trans_w, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
                                num_warps=4)
@@ -141,6 +141,7 @@ class _GroupedGEMM(torch.autograd.Function):
         da = torch.zeros_like(a).index_add_(0, a_rows[valid], da_rows[valid])
         dw = torch.empty_like(w)
         grid = (w.size(0), triton.cdiv(w.size(2), DW_BLOCK_K), triton.cdiv(w.size(1), BLOCK_N))
+        check_grid(grid, "w", f"(E, K / {DW_BLOCK_K}, N / {BLOCK_N}) tiles")
         _grouped_gemm_dw_kernel[grid](a, g, dw, a_rows, c_rows, expert_blocks, w.size(1), w.size(2), a.stride(0),
                                       g.stride(0), dw.stride(0), dw.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                                       BLOCK_K=DW_BLOCK_K, num_warps=4)
@@ -172,11 +173,21 @@ def _check_routing(m, n_experts, a_rows, c_rows, block_expert, expert_blocks, ou
             raise ValueError(f"{name}: {rule} (an index past it would read or write outside the buffers)")
 
 
+def launch_grids(blocks: int, E: int, N: int, K: int) -> list:
+    """[(name, grid)] of the forward, the dA pass and the dW kernel for `blocks` row blocks and w (E, N, K),
+    computed, not launched, each checked with `check_grid` (N and K up to 65,535 * 64 = 4,194,240)."""
+    return [(name, check_grid(grid, "w", f"the {name} grid (E, N, K) = {(E, N, K)}")) for name, grid in (
+        ("forward", (blocks, triton.cdiv(N, BLOCK_N))), ("dA", (blocks, triton.cdiv(K, BLOCK_N))),
+        ("dW", (E, triton.cdiv(K, DW_BLOCK_K), triton.cdiv(N, BLOCK_N))))]
+
+
 def grouped_gemm(a, w, a_rows, c_rows, block_expert, expert_blocks, out_rows: int):
     """out (out_rows, N) with out[c_rows[p]] = a[a_rows[p]] @ w[e]^T for every p with a_rows[p] >= 0 (e the
     expert of p's block); other rows are 0. a (M, K), w (E, N, K). Differentiable in a and w. Routing metadata
     out of range (an expert id >= E, a row >= M, a destination row >= out_rows) raises ValueError naming the
-    argument before any launch (`_check_routing`: one host synchronisation)."""
+    argument before any launch (`_check_routing`: one host synchronisation). float32 inputs: on a GPU tl.dot runs
+    in TF32 (10-bit mantissa), errors of order 1e-4 relative, not fp32's 1e-7 (kernels/README.md); the interpreter
+    multiplies in fp32."""
     if a.dim() != 2 or w.dim() != 3 or a.size(1) != w.size(2):
         raise ValueError(f"a, w: need a (M, K) and w (E, N, K) with equal K, got {tuple(a.shape)}, "
                          f"{tuple(w.shape)}")
@@ -186,6 +197,7 @@ def grouped_gemm(a, w, a_rows, c_rows, block_expert, expert_blocks, out_rows: in
     if len(a_rows) != len(c_rows) or len(a_rows) != len(block_expert) * BLOCK_M:
         raise ValueError(f"a_rows, c_rows: need length len(block_expert) * BLOCK_M = "
                          f"{len(block_expert) * BLOCK_M}")
+    launch_grids(len(block_expert), *w.shape)
     _check_routing(a.size(0), w.size(0), a_rows, c_rows, block_expert, expert_blocks, out_rows)
     rows = [t.to(torch.int64).contiguous() for t in (a_rows, c_rows)]
     if a.dtype == torch.bfloat16 and backend(a) == "interpreter":  # the interpreter cannot multiply bf16
@@ -204,7 +216,8 @@ def moe_ffn_reference(h, logits, k, capacity, w1, b1, w2, b2):
 
 
 def moe_ffn(h, routing: Routing, w1, b1, w2, b2):
-    """The same MoE feed-forward through two grouped GEMMs. h (S, d), w1 (E, F, d), w2 (E, d, F)."""
+    """The same MoE feed-forward through two grouped GEMMs. h (S, d), w1 (E, F, d), w2 (E, d, F). float32: TF32
+    tl.dot on a GPU (see `grouped_gemm`)."""
     if backend(h) == "reference":
         raise RuntimeError("moe_ffn needs triton (a CUDA device or TRITON_INTERPRET=1); use sorted_dispatch")
     S, k = routing.experts.shape

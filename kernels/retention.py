@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from kernels import AotSpec, Benchmark, backend, tl, triton
+from kernels import AotSpec, Benchmark, backend, check_grid, tl, triton
 from nanomodels.gated_retention import _check as check_shapes
 from nanomodels.gated_retention import gated_retention as reference_gated_retention
 
@@ -43,34 +43,50 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
+def _program_head(A, B, C, OUT, G, T, H, DA, DC, stride_ab, stride_ah, stride_bb, stride_bh, stride_cb, stride_ch,
+                  stride_ob, stride_oh, BLOCK_DA: tl.constexpr, BLOCK_DC: tl.constexpr):
+    """This program's (batch * head, column block of C and OUT): the head's row-0 pointers into A, B (every DA
+    column), C and OUT (columns from pid * BLOCK_DC) and G (its T log decays), the column offsets and masks."""
+    bh, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    bi, hi = bh // H, bh % H  # int64: every head offset, and each row offset of the callers, is 64-bit
+    offs_a, offs_c = tl.arange(0, BLOCK_DA), tl.arange(0, BLOCK_DC)
+    col0 = pid_c * BLOCK_DC
+    return (A + bi * stride_ab + hi * stride_ah, B + bi * stride_bb + hi * stride_bh,
+            C + bi * stride_cb + hi * stride_ch + col0, OUT + bi * stride_ob + hi * stride_oh + col0, G + bh * T,
+            offs_a, offs_c, offs_a < DA, offs_c < DC - col0)
+
+
+@triton.jit
+def _chunk_decay(G, t, T):
+    """A chunk's rows t: (t < T, t as int64 (T * stride may pass 2^31), the in-chunk cumulative log decay b,
+    its total b_last); rows past T decay by 0."""
+    in_t = t < T
+    g = tl.load(G + t, mask=in_t, other=0.0)
+    return in_t, t.to(tl.int64), tl.cumsum(g, axis=0), tl.sum(g, axis=0)
+
+
+@triton.jit
+def _chunk_rows(X, tt, stride_t, offs, in_t, mask_cols):
+    """The (CHUNK, len(offs)) tile of rows tt (int64) of one head; rows past T and masked columns read 0."""
+    return tl.load(X + tt[:, None] * stride_t + offs[None, :], mask=in_t[:, None] & mask_cols[None, :], other=0.0)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, G, OUT, T, H, DK, DV, stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                 stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr):
     """out_n = sum_{m <= n} exp(c_n - c_m) (q_n . k_m) v_m for one (batch * head, Dv block). q, k (T, DK),
     v, out (T, DV), the rows of one head at stride_*t (last dim contiguous), G (T,) float32 contiguous."""
-    bh, pid_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    bi, hi = bh // H, bh % H  # int64: every head offset, and each row offset below, is 64-bit
-    Q += bi * stride_qb + hi * stride_qh
-    K += bi * stride_kb + hi * stride_kh
-    V += bi * stride_vb + hi * stride_vh + pid_v * BLOCK_DV
-    OUT += bi * stride_ob + hi * stride_oh + pid_v * BLOCK_DV
-    G += bh * T
-    offs_k = tl.arange(0, BLOCK_DK)
-    offs_v = tl.arange(0, BLOCK_DV)
+    Q, K, V, OUT, G, offs_k, offs_v, mask_k, mask_v = _program_head(
+        Q, K, V, OUT, G, T, H, DK, DV, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob,
+        stride_oh, BLOCK_DK, BLOCK_DV)
     rows = tl.arange(0, CHUNK)
-    mask_k = offs_k < DK
-    mask_v = offs_v < DV - pid_v * BLOCK_DV
     causal = rows[:, None] >= rows[None, :]
     state = tl.zeros((BLOCK_DK, BLOCK_DV), dtype=tl.float32)
     for t0 in range(0, T, CHUNK):
-        t = t0 + rows
-        in_t = t < T
-        tt = t.to(tl.int64)  # row offsets in int64: T * stride may pass 2^31
-        q = tl.load(Q + tt[:, None] * stride_qt + offs_k[None, :], mask=in_t[:, None] & mask_k[None, :], other=0.0)
-        k = tl.load(K + tt[:, None] * stride_kt + offs_k[None, :], mask=in_t[:, None] & mask_k[None, :], other=0.0)
-        v = tl.load(V + tt[:, None] * stride_vt + offs_v[None, :], mask=in_t[:, None] & mask_v[None, :], other=0.0)
-        g = tl.load(G + t, mask=in_t, other=0.0)
-        b = tl.cumsum(g, axis=0)  # (CHUNK,) in-chunk cumulative log decay
-        b_last = tl.sum(g, axis=0)
+        in_t, tt, b, b_last = _chunk_decay(G, t0 + rows, T)
+        q = _chunk_rows(Q, tt, stride_qt, offs_k, in_t, mask_k)
+        k = _chunk_rows(K, tt, stride_kt, offs_k, in_t, mask_k)
+        v = _chunk_rows(V, tt, stride_vt, offs_v, in_t, mask_v)
         scores = tl.dot(q, tl.trans(k))  # (CHUNK, CHUNK), float32
         decay = tl.exp(tl.where(causal, b[:, None] - b[None, :], -float("inf")))
         p = (scores * decay).to(v.dtype)
@@ -86,32 +102,18 @@ def _rev_kernel(A, Bk, C, G, OUT, T, H, DA, DC, stride_ab, stride_ah, stride_at,
                 stride_cb, stride_ch, stride_ct, stride_ob, stride_oh, stride_ot, BLOCK_DA: tl.constexpr, BLOCK_DC: tl.constexpr, CHUNK: tl.constexpr):
     """out_m = sum_{n >= m} exp(c_n - c_m) (a_m . b_n) c_n, chunks from last to first, carrying
     R = sum_{n >= chunk end} exp(c_n - c_{chunk end - 1}) b_n^T c_n (DA x BLOCK_DC, float32)."""
-    bh, pid_c = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    bi, hi = bh // H, bh % H
-    A += bi * stride_ab + hi * stride_ah
-    Bk += bi * stride_bb + hi * stride_bh
-    C += bi * stride_cb + hi * stride_ch + pid_c * BLOCK_DC
-    OUT += bi * stride_ob + hi * stride_oh + pid_c * BLOCK_DC
-    G += bh * T
-    offs_a = tl.arange(0, BLOCK_DA)
-    offs_c = tl.arange(0, BLOCK_DC)
+    A, Bk, C, OUT, G, offs_a, offs_c, mask_a, mask_c = _program_head(
+        A, Bk, C, OUT, G, T, H, DA, DC, stride_ab, stride_ah, stride_bb, stride_bh, stride_cb, stride_ch, stride_ob,
+        stride_oh, BLOCK_DA, BLOCK_DC)
     rows = tl.arange(0, CHUNK)
-    mask_a = offs_a < DA
-    mask_c = offs_c < DC - pid_c * BLOCK_DC
     anti = rows[:, None] <= rows[None, :]  # (m, n): n >= m
     state = tl.zeros((BLOCK_DA, BLOCK_DC), dtype=tl.float32)
     n_chunks = tl.cdiv(T, CHUNK)
     for i in range(0, n_chunks):
-        t = (n_chunks - 1 - i) * CHUNK + rows
-        in_t = t < T
-        tt = t.to(tl.int64)  # row offsets in int64: T * stride may pass 2^31
-        a = tl.load(A + tt[:, None] * stride_at + offs_a[None, :], mask=in_t[:, None] & mask_a[None, :], other=0.0)
-        bb = tl.load(Bk + tt[:, None] * stride_bt + offs_a[None, :], mask=in_t[:, None] & mask_a[None, :],
-                     other=0.0)
-        c = tl.load(C + tt[:, None] * stride_ct + offs_c[None, :], mask=in_t[:, None] & mask_c[None, :], other=0.0)
-        g = tl.load(G + t, mask=in_t, other=0.0)
-        b = tl.cumsum(g, axis=0)
-        b_last = tl.sum(g, axis=0)
+        in_t, tt, b, b_last = _chunk_decay(G, (n_chunks - 1 - i) * CHUNK + rows, T)
+        a = _chunk_rows(A, tt, stride_at, offs_a, in_t, mask_a)
+        bb = _chunk_rows(Bk, tt, stride_bt, offs_a, in_t, mask_a)
+        c = _chunk_rows(C, tt, stride_ct, offs_c, in_t, mask_c)
         scores = tl.dot(a, tl.trans(bb))  # (m, n) = a_m . b_n
         decay = tl.exp(tl.where(anti, b[None, :] - b[:, None], -float("inf")))
         p = (scores * decay).to(c.dtype)
@@ -163,7 +165,7 @@ def _launch(kernel, a, b, c, g, chunk_size: int, out=None):
     out = torch.empty(B, H, T, d_c, device=a.device, dtype=c.dtype) if out is None else out
     target = _rows(out)
     block_a, block_c, warps = _blocks(d_a, d_c)
-    grid = (B * H, triton.cdiv(d_c, block_c))
+    grid = check_grid((B * H, triton.cdiv(d_c, block_c)), "q", "(B * H, Dv blocks)")
     kernel[grid](a, b, c, g, target, T, H, d_a, d_c, *_strides(a), *_strides(b), *_strides(c), *_strides(target),
                  block_a, block_c, chunk_size, num_warps=warps)
     if target is not out:

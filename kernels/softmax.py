@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from kernels import AotSpec, Benchmark, backend, tl, triton
+from kernels import AotSpec, Benchmark, backend, check_grid, tl, triton
 
 MAX_FUSED_COLS = 8192  # longer rows would spill registers in the one-pass kernel: they take the online kernel
 
@@ -114,7 +114,8 @@ def _launch(kernel, x: torch.Tensor, out: Optional[torch.Tensor], block: int, **
     if backend(x) == "interpreter" and x.dtype == torch.bfloat16:
         compute = x.float()  # the interpreter has no bfloat16 arithmetic (it works on the bit patterns)
     y = out if out is not None and compute.dtype == x.dtype else torch.empty_like(compute)
-    kernel[(x.size(0),)](compute, y, x.size(1), compute.stride(0), y.stride(0), block, num_warps=_num_warps(block))
+    grid = check_grid((x.size(0),), "x", "rows")
+    kernel[grid](compute, y, x.size(1), compute.stride(0), y.stride(0), block, num_warps=_num_warps(block))
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
         if out is not None:

@@ -17,9 +17,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
 from kernels.adaln import _conditions, adaln_backward, adaln_forward, adaln_modulate, modulate_reference
 from nanomodels.diffusion import modulate
+from tiers import needs_interpreter
 
 SENTINEL = 12345.0
 ATOL = {torch.float32: 2e-5, torch.float16: 4e-3}
@@ -68,6 +68,7 @@ def test_reference_is_the_diffusion_heads_modulate():
     (lambda: adaln_modulate(torch.randn(3, 4).double(), torch.randn(3, 4).double(), torch.randn(3, 4).double()),
      "dtype"),
     (lambda: adaln_modulate(torch.randn(3, 4), torch.randn(3, 4).half(), torch.randn(3, 4)), "shift"),
+    (lambda: adaln_modulate(*[torch.empty(1, 8193, device="meta")] * 3), r"x: .*\[1, 8192\]"),  # BLOCK 16384 spills
 ])
 def test_bad_arguments_raise(call, match):
     with pytest.raises(ValueError, match=match):
@@ -75,11 +76,6 @@ def test_bad_arguments_raise(call, match):
 
 
 # ---- tier 2 -------------------------------------------------------------------------------------------------
-
-needs_interpreter = pytest.mark.skipif(not (kernels.HAS_TRITON and kernels.INTERPRET),
-                                       reason="needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets it "
-                                              "when there is no CUDA device)")
-
 
 def check_fwd_bwd(x, shift, scale, what):
     leaves = [t.clone().requires_grad_() for t in (x, shift, scale)]

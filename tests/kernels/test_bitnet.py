@@ -19,7 +19,7 @@ from kernels.bitnet import (GPU_BLOCKS, _ternary_matmul_kernel, rmsnorm_quant, r
                             ternary_gemm_triton, ternary_matmul)
 from kernels.cpu_ternary import available, ternary_gemm_cpu
 from nanomodels.bitlinear import BitLinear, TernaryLinear, pack_ternary
-from tiers import assert_close, compiled_rows, needs_interpreter, randn
+from tiers import assert_close, check_library_reports_cuda_errors, compiled_rows, needs_interpreter, randn
 
 SENTINEL_INT = -77  # guard value for integer outputs: never an int8 code of these inputs' padding
 
@@ -239,6 +239,8 @@ class TestInterpreter:
             rmsnorm_quant(torch.randn(2, 8), torch.ones(7))
         with pytest.raises(ValueError, match="x:"):
             rmsnorm_quant(torch.randn(2, 8).double(), torch.ones(8))
+        with pytest.raises(ValueError, match="weight: .*float32"):
+            rmsnorm_quant(torch.randn(2, 8), torch.ones(8, dtype=torch.float64))
         x, codes = int_operands(2, 3, 8, 0)
         with pytest.raises(ValueError, match="x_scale, w_scale"):
             ternary_matmul(x, pack_ternary(codes), 8, x_scale=torch.ones(2, 1))
@@ -276,14 +278,7 @@ class TestCompile:
     @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour; the GPU tier runs it")
     def test_cuda_library_loads_and_reports_a_cuda_error_without_a_gpu(self):
         from kernels import cuda_ternary
-
-        if cuda_ternary.nvcc() is None:
-            pytest.skip("nvcc not found")
-        lib = cuda_ternary.load()
-        with pytest.raises(RuntimeError, match="ternary_gemv_launch: CUDA error"):
-            cuda_ternary.launch(lib, 0, 0, 0, 4, 100, 0)
-        with pytest.raises(RuntimeError, match="invalid argument"):
-            cuda_ternary.launch(lib, 0, 0, 0, 0, 100, 0)
+        check_library_reports_cuda_errors(cuda_ternary.LIBRARY, (0, 0, 0, 4, 100, 0), (0, 0, 0, 0, 100, 0))
 
 
 # ------------------------------------------------------------------------------------------------ tier 4: gpu

@@ -30,3 +30,18 @@ def test_registered_specs_build_for_every_arch_and_pass_their_checks(module, com
             f"{s.name}: not built for every arch in {s.archs}"
     found = [p for r in rows for p in r["problems"]]
     assert not found, "compile-tier checks failed:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("module, warps", [
+    ("adaln", lambda m, b: m._num_warps(b)),
+    ("layernorm", lambda m, b: m._num_warps(b, backward=False)),
+    ("layernorm", lambda m, b: m._num_warps(b, backward=True)),
+    ("bitnet", lambda m, b: m._quant_warps(b))])
+def test_row_kernels_compile_the_largest_block_of_every_warp_count_they_launch(module, warps):
+    """The row kernels pick BLOCK = next_power_of_2(N) for N <= MAX_COLS and a warp count per BLOCK; registers per
+    thread grow with BLOCK / warps, so the largest BLOCK of each choice of warps is the one that would spill."""
+    m = kernels.kernel_module(module)
+    blocks = [2 ** i for i in range(m.MAX_COLS.bit_length()) if 2 ** i <= m.MAX_COLS]
+    worst = {max(b for b in blocks if warps(m, b) == w) for w in {warps(m, b) for b in blocks}}
+    built = {s.constexprs["BLOCK"] for s in m.AOT_SPECS if "BLOCK" in s.constexprs}
+    assert worst <= built, f"kernels.{module}: no AOT spec for BLOCK {sorted(worst - built)}"

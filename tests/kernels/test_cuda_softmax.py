@@ -4,7 +4,7 @@ the library's behaviour without a GPU, and (-m gpu) its numerics."""
 import pytest
 import torch
 
-from tiers import assert_close, compiled_rows, randn
+from tiers import assert_close, check_library_reports_cuda_errors, compiled_rows, randn
 
 
 class TestCompile:
@@ -22,14 +22,7 @@ class TestCompile:
     @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour; the GPU tier runs it")
     def test_cuda_library_loads_and_reports_a_cuda_error_without_a_gpu(self):
         from kernels import cuda_softmax
-
-        if cuda_softmax.nvcc() is None:
-            pytest.skip("nvcc not found")
-        lib = cuda_softmax.load()
-        with pytest.raises(RuntimeError, match="softmax_rows_launch: CUDA error"):
-            cuda_softmax.launch(lib, 0, 0, 4, 100, 2, 0)
-        with pytest.raises(RuntimeError, match="invalid argument"):
-            cuda_softmax.launch(lib, 0, 0, 0, 100, 2, 0)
+        check_library_reports_cuda_errors(cuda_softmax.LIBRARY, (0, 0, 4, 100, 2, 0), (0, 0, 0, 100, 2, 0))
 
 
 @pytest.mark.gpu
@@ -149,7 +142,7 @@ class TestArguments:
             pytest.skip("nvcc not found")
         broken = tmp_path / "softmax.cu"
         broken.write_text('extern "C" __global__ void k(float* x) { x[0] = undefined_name; }\n')
-        monkeypatch.setattr(cuda_softmax, "SOURCE", broken)
+        monkeypatch.setattr(cuda_softmax.LIBRARY, "source", broken)
         monkeypatch.setattr(cuda_build, "CACHE", tmp_path / "cache")
         with pytest.raises(RuntimeError, match="(?s)nvcc failed to build softmax.cu.*undefined_name"):
             cuda_softmax.build("sm_80")

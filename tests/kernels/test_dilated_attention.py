@@ -17,9 +17,9 @@ import math
 import pytest
 import torch
 
-import kernels
 from kernels.dilated_attention import dilated_attention_kernel, dilated_branch_kernel
 from nanomodels.dilated import dilated_attention, dilated_branch
+from tiers import needs_interpreter
 
 SENTINEL = 12345.0
 ATOL = {torch.float32: 2e-5, torch.float16: 4e-3}
@@ -37,6 +37,19 @@ def assert_close(actual, expected, what, atol):
 
 # ---- tier 1 -------------------------------------------------------------------------------------------------
 
+def test_autotune_drops_the_config_that_spills_on_the_launch_device(monkeypatch):
+    """128x64 with 8 warps spills 40 B at D = 32 on sm_80 (compile tier, Triton 3.9): pruned there, kept on sm_90."""
+    triton = pytest.importorskip("triton", reason="triton is not installed: no autotune configs to prune")
+    from kernels import dilated_attention as da
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+               for bm, bn, nw, ns in da.FWD_CONFIGS]
+    for arch, d, dropped in ((8, 32, {(128, 64, 8, 2)}), (9, 32, set()), (8, 64, set())):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, a=arch: (a, 0))
+        kept = da._prune(configs, {"Q": torch.zeros(1)}, HEAD_DIM=d)
+        assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == \
+            [c for c in da.FWD_CONFIGS if c not in dropped], f"sm_{arch}0, D={d}"
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: dilated_branch_kernel(*[randn(1, 2, 8, 16)] * 3, 6, 4), "r must divide"),
     (lambda: dilated_branch_kernel(randn(1, 2, 8, 16), randn(1, 2, 7, 16), randn(1, 2, 8, 16), 4, 1), "same shape"),
@@ -50,11 +63,6 @@ def test_bad_arguments_raise_before_any_launch(call, match):
 
 
 # ---- tier 2 -------------------------------------------------------------------------------------------------
-
-needs_interpreter = pytest.mark.skipif(not (kernels.HAS_TRITON and kernels.INTERPRET),
-                                       reason="needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets it "
-                                              "when there is no CUDA device)")
-
 
 @needs_interpreter
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])

@@ -213,6 +213,20 @@ class TestReference:
         with pytest.raises(ValueError, match=match):
             flash_attention(**kw)
 
+    def test_every_grid_axis_stays_within_cudas_limits_at_the_largest_shapes(self):
+        """Arithmetic, no launch: B * H past 65,535 (B=4097, H=16 is 65,552) is split over batch ranges; T = 2^24
+        tokens is 2^20 tiles on axis x; H past 65,535 alone raises ValueError (meta tensors: nothing is run)."""
+        from kernels import GRID_MAX
+        from kernels.flash_attention import batch_chunks, launch_grids
+        for B, H, t in ((8, 16, 128 * 1024), (4097, 16, 256), (1, 65535, 16), (2, 8, 2**24)):
+            grids = launch_grids(B, H, t, t)
+            assert all(0 < g <= lim for _, grid in grids for g, lim in zip(grid, GRID_MAX)), grids
+            assert sum(grid[1] for name, grid in grids if name.startswith("dq")) == B * H
+        assert batch_chunks(4097, 16) == [(0, 4095), (4095, 4097)]
+        q = torch.empty(1, 65536, 1, 16, device="meta")
+        with pytest.raises(ValueError, match="q: H = 65536 heads"):
+            flash_attention(q, q, q)
+
     def test_flash_attention_fn_rejects_an_arbitrary_mask_and_says_what_to_use(self):
         q = randn(1, 1, 4, 16)
         with pytest.raises(ValueError, match="nanomodels.attention.attention.*causal.*prefix_len.*key_lengths"):
@@ -252,6 +266,15 @@ class TestInterpreter:
     def test_flash_attention_forward_and_backward_match_the_reference(self, mask, d, dtype):
         q, k, v, do = attention_case(dtype, D=d, seed=d)
         check_against_reference(q, k, v, do, MASKS[mask], TOL[dtype], f"{mask}, D={d}, {dtype}")
+
+    def test_batches_past_the_grid_limit_are_launched_in_chunks(self, monkeypatch):
+        """With grid axis y cut to 5 programs, B=3, H=2 runs as three launches of one batch (B * H = 6 > 5)."""
+        import kernels.flash_attention as fa
+        monkeypatch.setattr(fa, "GRID_MAX", (2**31 - 1, 5, 5))
+        assert fa.batch_chunks(3, 2) == [(0, 2), (2, 3)] and fa.batch_chunks(3, 5) == [(0, 1), (1, 2), (2, 3)]
+        q, k, v, do = attention_case(torch.float32, B=3, H=2, t_q=40, t_k=40, D=16, seed=7)
+        check_against_reference(q, k, v, do, {"key_lengths": [40, 17, 3]},
+                                TOL[torch.float32], "B * H = 6 over launches of at most 5")
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
     @pytest.mark.parametrize("d", [16, 128])

@@ -48,7 +48,10 @@ class TestReference:
         (lambda: add_norm(torch.randn(3, 4), torch.randn(3, 5), torch.ones(4)), "g:"),
         (lambda: add_norm(torch.randn(3, 4), None, None), "weight"),
         (lambda: add_norm(torch.randn(3, 4).double(), None, torch.ones(4)), "dtype"),
-        (lambda: add_norm(torch.randn(3, 0), None, torch.ones(0)), "last dimension")])
+        (lambda: add_norm(torch.randn(3, 0), None, torch.ones(0)), "last dimension"),
+        (lambda: add_norm(torch.randn(3, 4), None, torch.ones(4, dtype=torch.float64)), "weight: dtype"),
+        (lambda: add_norm(torch.empty(1, 8193, device="meta"), None, torch.ones(8193)), r"x: .*\[1, 8192\]"),
+        (lambda: add_norm(torch.randn(3, 4), None, torch.ones(4), torch.ones(4).double()), "bias: dtype")])
     def test_bad_arguments_raise(self, call, match):
         with pytest.raises(ValueError, match=match):
             call()
@@ -127,6 +130,12 @@ class TestInterpreter:
         assert_close(y, expected, "y with weight w[::2] and bias b[::3]", 2e-5)
         assert_close(w_base.grad, ref_w.grad, "dw lands on every other element of the base", 2e-5)
         assert_close(b_base.grad, ref_b.grad, "db lands on every third element of the base", 2e-5)
+
+    def test_a_half_precision_weight_with_float32_x_returns_float32(self):
+        x, w, b = randn(5, 48, seed=13), randn(48, seed=14).half(), randn(48, seed=15).half()
+        y = layer_norm(x, w, b)
+        assert y.dtype == torch.float32
+        assert_close(y, add_norm_reference(x.double(), None, w.double(), b.double()), "fp32 x, fp16 weight", 2e-5)
 
     def test_bfloat16_is_computed_in_float32_under_the_interpreter(self):
         x, w = randn(3, 64, seed=12).bfloat16(), torch.ones(64, dtype=torch.bfloat16)

@@ -82,6 +82,19 @@ needs_interpreter = pytest.mark.skipif(INTERPRETER_PROBLEM is not None, reason=f
                                        f"{INTERPRETER_PROBLEM}")
 
 
+def check_library_reports_cuda_errors(library, args, empty_grid_args):
+    """Without a GPU: the nvcc-built library (a kernels.cuda_build.CudaLibrary) loads, a launch raises CUDA's
+    error by name, and a launch with an empty grid raises "invalid argument"."""
+    from kernels.cuda_build import nvcc
+    if nvcc() is None:
+        pytest.skip("nvcc not found")
+    library.load()
+    with pytest.raises(RuntimeError, match=f"{library.launcher}: CUDA error"):
+        library.launch(*args)
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        library.launch(*empty_grid_args)
+
+
 def compiled_rows(compiled, module, part="triton"):
     """The compile-tier rows of one kernel module ("triton" or "cuda"), or a skip with the reason."""
     rows = [r for r in compiled[part] if r["module"] == module]
