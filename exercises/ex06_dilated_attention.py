@@ -78,7 +78,9 @@ def dilated_branch_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: 
 
     `out` (B, H, T, D, q's dtype) and `lse` (B, H, T, float32), each with a unit last stride, when given, are
     filled in place (no autograd); a bad one raises ValueError before anything is written. Under the interpreter
-    bf16 is computed in float32 (the interpreter cannot multiply bf16) and rounded to bf16 at the end."""
+    bf16 is computed in float32 (the interpreter cannot multiply bf16) and rounded to bf16 at the end. float32
+    inputs: on a GPU tl.dot runs in TF32 (10-bit mantissa), errors of order 1e-4 relative, not fp32's 1e-7
+    (kernels/README.md); the interpreter multiplies in fp32."""
     check_patterns([w], [r])
     _check(q, k, v)
     if q.size(0) * q.size(1) > GRID_MAX[2] or -(-q.size(2) // w) > GRID_MAX[1]:
