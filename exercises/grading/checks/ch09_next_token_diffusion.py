@@ -109,12 +109,13 @@ def calls_eps_fn_per_step_with_long_timesteps(ddim_sample):
 
 # ---- 9.3 the adaLN modulation -------------------------------------------------------------------------------
 
-@check("modulate(x, shift, scale) = LN(x) (1 + scale) + shift, LN over the last axis without affine (eps 1e-6)",
-       seed=seeds, rows=st.integers(1, 4), d=st.integers(2, 9))
-def modulate_is_layernorm_times_one_plus_scale_plus_shift(modulate, seed, rows, d):
+@check("modulate(x, shift, scale) = LN(x) (1 + scale) + shift, LN over the last axis without affine (eps 1e-6), "
+       "x of rank 1 to 4", seed=seeds, lead=st.lists(st.integers(1, 3), max_size=3), d=st.integers(2, 9))
+def modulate_is_layernorm_times_one_plus_scale_plus_shift(modulate, seed, lead, d):
     g = torch.Generator().manual_seed(seed)
-    x, shift, scale = (torch.randn(rows, d, generator=g, dtype=F64) for _ in range(3))
-    out = expect_tensor(modulate(x, shift, scale), (rows, d), F64, "modulate")
+    shape = (*lead, d)  # ranks 1-4: a LayerNorm over shape[1:] instead of the last axis is seen from rank 3 on
+    x, shift, scale = (torch.randn(shape, generator=g, dtype=F64) for _ in range(3))
+    out = expect_tensor(modulate(x, shift, scale), shape, F64, "modulate")
     want = naive_layer_norm(x, eps=1e-6) * (1 + scale) + shift
     diff = (out - want).abs().max().item()
     if not diff < 1e-10:
