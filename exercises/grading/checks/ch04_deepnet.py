@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import kernels.layernorm as kln
 from exercises.grading.checking import Exercise, Violation, check
 from exercises.grading.checks.common import (F64, differs, expect_tensor, float32_default, fraction_tolerance, installed,
-                                             max_diff, naive_layer_norm, std_tolerance, xavier_std)
+                                             max_diff, naive_layer_norm, std_tolerance, xavier_std, Z)
 from nanomodels.attention import attention
 from nanomodels.transformer import Transformer, TransformerConfig
 
@@ -265,6 +265,14 @@ def init_report(init_fn, scale: float, what: str, scaled=("v_proj", "out_proj", 
         raise Violation(f"the initialized weights have the right std, but not a zero-mean normal distribution: "
                         f"{within_one:.1%} of them lie within one std (normal: 68.3%), {beyond_two:.2%} beyond two "
                         f"(normal: 4.55%), mean {z.mean().item():.3g} std{why}")
+    # kurtosis E[z^4] / E[z^2]^2: normal 3, uniform 1.8. Its standard error for n normal draws is ~sqrt(24 / n),
+    # so Z = 6 of them (common.py) rejects a correct normal init with probability ~2e-9 per call (n = 147,456
+    # on the core model: tolerance 0.077, far below the 1.2 gap to a uniform of the same std).
+    kurt = (z.pow(4).mean() / z.pow(2).mean() ** 2).item()
+    if abs(kurt - 3.0) > Z * math.sqrt(24 / n):
+        why = " (1.8 is a uniform distribution: xavier_uniform_, not xavier_normal_)" if abs(kurt - 1.8) < 0.3 else ""
+        raise Violation(f"the initialized weights have kurtosis {kurt:.3f}, a normal distribution has 3 (tolerance "
+                        f"{Z * math.sqrt(24 / n):.3f}, 6 standard errors){why}")
 
 
 GAINS = st.sampled_from([0.2, 0.35, 0.6, 1.9])  # DeepNet's beta < 1, Sub-LN's gamma > 1

@@ -158,6 +158,21 @@ def outputs_exactly_zero_at_init(adaln_modulation, width, chunks, seed):
                         "scale and gate must start at 0")
 
 
+@check("every parameter tensor of the modulation is exactly 0 at init: the Linear's weight (chunks * width, "
+       "width) and its bias (chunks * width,)", width=st.integers(1, 16), chunks=st.integers(1, 3))
+def every_parameter_is_zero_at_init(adaln_modulation, width, chunks):
+    module = adaln_modulation(width, chunks)
+    lin = _linear_of(module)
+    if lin.bias is None:
+        raise Violation("the linear layer has no bias: the shifts and scales need one (zero at init)")
+    for what, p, shape in (("weight", lin.weight, (chunks * width, width)), ("bias", lin.bias, (chunks * width,))):
+        if tuple(p.shape) != shape:
+            raise Violation(f"the Linear's {what} has shape {tuple(p.shape)}, expected {shape}")
+    for name, p in module.named_parameters():
+        if not torch.equal(p, torch.zeros_like(p)):
+            raise Violation(f"parameter {name} is not zero at init (max |{name}| {p.abs().max().item():.3g})")
+
+
 @check("the modulation is Linear(SiLU(c)): SiLU on the condition first, then one trainable linear layer")
 def is_a_linear_of_silu(adaln_modulation):
     module = adaln_modulation(4, 3).to(F64)
@@ -597,7 +612,8 @@ EXERCISES = {
                     hint='adaLN: a LayerNorm without its own affine parameters, then a scale and a shift that come from the condition.',
                     hints=('The scale enters as (1 + scale), so that a zero modulation leaves the plain LayerNorm.',
                            'Normalize over the last dimension with eps 1e-6 and no affine weights, multiply by one plus the scale, add the shift.')),
-    "9.4": Exercise(points=2, checks=[outputs_exactly_zero_at_init, is_a_linear_of_silu],
+    "9.4": Exercise(points=2, checks=[outputs_exactly_zero_at_init, every_parameter_is_zero_at_init,
+                                      is_a_linear_of_silu],
                     hint='The modulation network maps the condition to all shifts, scales and gates at once, and starts at exactly zero.',
                     hints=('A SiLU followed by one linear layer producing chunks times width outputs; its weight and bias set to zero.',
                            'Zero initialization makes every adaLN block the identity on its branch at the start: each gate is 0.')),
