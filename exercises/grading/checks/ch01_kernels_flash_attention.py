@@ -101,6 +101,27 @@ def fused_softmax_masked_scores_and_float16(_softmax_kernel):
     _expect_softmax(_fused(_softmax_kernel, h), h, 1e-3, "float16 rows of 70 columns")
 
 
+@check("x a strided view (rows further apart than n_cols) and out= a view inside a guard band: row r is read "
+       "from X + r * stride_x, written to out's rows only, and no entry of the band around out changes")
+def fused_softmax_strided_input_and_out(_softmax_kernel):
+    for n_cols in (5, 37):
+        big = _randn(4, n_cols + 11, seed=n_cols + 1, scale=3.0)
+        x = big[:, 3:3 + n_cols]  # stride_x = n_cols + 11, a view with an offset
+        band = torch.full((6, n_cols + 9), 7.25, dtype=F32)
+        out = band[1:5, 4:4 + n_cols]  # stride_y = n_cols + 9
+        with installed(ks, "_softmax_kernel", _softmax_kernel):
+            got = ks.softmax(x, out=out)
+        if got.data_ptr() != out.data_ptr():
+            raise Violation(f"softmax(x, out=out) returned a new tensor, not out (n_cols = {n_cols})")
+        _expect_softmax(out.clone(), x.contiguous(), 1e-6,
+                        f"x = a view of rows {n_cols + 11} apart, out= a view of rows {n_cols + 9} apart")
+        outside = band.clone()
+        outside[1:5, 4:4 + n_cols] = 7.25
+        if not torch.equal(outside, torch.full_like(band, 7.25)):
+            raise Violation(f"n_cols = {n_cols}: the kernel wrote outside out's rows (the guard band around out "
+                            "changed): store row r at Y + r * stride_y, columns < n_cols only")
+
+
 # ---- 1.2 the online softmax update ---------------------------------------------------------------------------
 
 def _online(graded, x: torch.Tensor, block_n: int) -> torch.Tensor:
@@ -237,7 +258,7 @@ def flash_tile_float16(_fwd_tiles):
 
 EXERCISES = {
     "1.1": Exercise(points=2, checks=[fused_softmax_masks_the_padding, fused_softmax_survives_wide_scores,
-                                      fused_softmax_masked_scores_and_float16],
+                                      fused_softmax_masked_scores_and_float16, fused_softmax_strided_input_and_out],
                     hint="One program holds one whole row, padded to a power of two: the padding lanes must not "
                          "change the max or the sum, and exp() must never see a large positive argument.",
                     hints=("Load the row with its lane mask and a fill value that exp() turns into 0; work in "
