@@ -243,6 +243,30 @@ def kernel_matches_the_reference(dilated_branch_kernel):
                             f"{_diff(out, want_out):.3g}, LSE by {_diff(lse[kept], want_lse[kept]):.3g}")
 
 
+@check("layouts: q in (B, T, H, D) memory (transposed), k and v contiguous, out= and lse= given as views into "
+       "wider buffers: each tensor is stepped with its own row stride, and the results land in out and lse")
+def kernel_strides_and_out(dilated_branch_kernel):
+    from nanomodels.dilated import dilated_branch
+
+    B, H, T, D, w, r = 1, 2, 21, 16, 8, 2
+    q, k, v = _qkv(B, H, T, D, seed=5, dtype=torch.float32)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # row stride H * D instead of D
+    out = torch.zeros(B, H, T, D + 8)[..., :D]  # row stride D + 8
+    lse = torch.full((B, H, T + 3), -math.inf)[..., :T]
+    got_out, got_lse = dilated_branch_kernel(q_t, k, v, w, r, out=out, lse=lse)
+    want_out, want_lse = dilated_branch(q.double(), k.double(), v.double(), w, r)
+    kept = torch.isfinite(want_lse)
+    if got_out.data_ptr() != out.data_ptr() or got_lse.data_ptr() != lse.data_ptr():
+        raise Violation("out= and lse= were given: the kernel must fill them and return them, not new tensors")
+    if not torch.equal(torch.isfinite(lse), kept):
+        raise Violation(f"T = {T}, w = {w}, r = {r}, H = {H}, out with row stride {out.stride(2)}: "
+                        f"{_rows_why(torch.isfinite(lse), kept, T, w)}")
+    d_out, d_lse = _diff(out[kept], want_out[kept]), _diff(lse[kept], want_lse[kept])
+    if d_out > 2e-5 or d_lse > 2e-5:
+        raise Violation(f"q of row stride {q_t.stride(2)}, k and v of {k.stride(2)}, out of {out.stride(2)}: O "
+                        f"differs by {d_out:.3g}, LSE by {d_lse:.3g}; step each tensor by r times its own row stride")
+
+
 # ---- 6.5 dilated attention end to end ----------------------------------------------------------------------
 
 def count_matrix(T, H, segment_lengths, dilation_rates, causal):
@@ -387,7 +411,7 @@ EXERCISES = {
                     hint='Two partial softmaxes over disjoint key sets combine exactly when each is weighted by its share of the total normalizer.',
                     hints=('The share of pattern i is exp(LSE_i) over the sum of the exp(LSE)s: a softmax over patterns, computed stably; a row no pattern covers must stay 0, not NaN.',
                            "alpha_i = softmax over patterns of the LSEs (subtract the max, guard the all -inf case), output = sum_i alpha_i O_i; detach alpha only when asked (torchscale's choice).")),
-    "6.4": Exercise(points=3, checks=[kernel_matches_the_reference],
+    "6.4": Exercise(points=3, checks=[kernel_matches_the_reference, kernel_strides_and_out], mutates=("out", "lse"),
                     hint='Dilation in a kernel is a stride: the kept rows of a segment are evenly spaced in memory.',
                     hints=('One program handles one block of kept rows of one segment for one (batch, head); the grid has one axis for each of these.',
                            "Grid: blocks of the w / r kept rows, segments ceil(T / w), B * H; the row stride passed for q, k, v and the output is r times the tensor's own row stride.")),
