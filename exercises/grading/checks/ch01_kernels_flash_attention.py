@@ -217,13 +217,16 @@ def _expect_attention(graded, q, k, v, o_tol: float, lse_tol: float, case: str, 
 
 
 @check("O = softmax(Q K^T / sqrt(D)) V and LSE = logsumexp of the scores, for 1 to 3 key tiles with a short "
-       "last tile and 1 to 3 query tiles, bidirectional and causal (what was accumulated under an old max is "
+       "last tile and 1 to 3 query tiles, bidirectional and causal, V in (B, T, H, D) memory (what was accumulated under an old max is "
        "rescaled by exp(m_old - m_new), once, at the end divided by l)")
 def flash_tile_matches_attention(_fwd_tiles):
     for t_q, t_k, causal in ((70, 150, False), (150, 150, True), (40, 100, True), (20, 33, False)):
         q, k, v = (_randn(1, 2, t, 16, seed=t_q + t_k + i) for i, t in enumerate((t_q, t_k, t_k)))
         q = q * 2  # peaked rows: the running max moves between tiles
         _expect_attention(_fwd_tiles, q, k, v, 1e-5, 1e-6, "causal" if causal else "bidirectional", causal=causal)
+    q, k, v = (_randn(1, 2, t, 16, seed=60 + i) for i, t in enumerate((40, 90, 90)))
+    v_rows = v.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) memory: V's rows H * D = 32 apart
+    _expect_attention(_fwd_tiles, q, k, v_rows, 1e-5, 1e-6, "bidirectional, V's rows 32 apart (stride_vt != D)")
 
 
 @check("scores of +-1e4 in float32: a row whose max lies in its first key tile and whose later tiles are far "

@@ -608,8 +608,8 @@ def rmsnorm_branch_does_not_centre(kernel):
                           f"RMSNorm, {rows} rows of {n} columns (alpha {alpha:g}, {'with' if bias else 'no'} bias)")
 
 
-@check("no residual input (g = None: h = alpha x) and no bias; rows of x that are strided (a slice of a wider "
-       "tensor); weight and bias that are strided views (w[::2], b[::3]); float16 rows computed in float32 and "
+@check("no residual input (g = None: h = alpha x) and no bias; rows of x and g that are strided (slices of "
+       "wider tensors, each its own row stride); weight and bias that are strided views (w[::2], b[::3]); float16 rows computed in float32 and "
        "stored as float16")
 def options_strides_and_float16(kernel):
     gen = torch.Generator().manual_seed(30)
@@ -618,9 +618,9 @@ def options_strides_and_float16(kernel):
     w_base, b_base = torch.randn(2 * 37, generator=gen) * 0.5 + 1.0, torch.randn(3 * 37, generator=gen) * 0.3
     _compare_add_norm(kernel, x, None, w_base[::2], None, 1.5, 1e-5, False,
                       "LayerNorm of 1.5 x without g or bias, x rows strided, weight w[::2]")
-    g = torch.randn(5, 37, generator=gen)
+    g = torch.randn(5, 50, generator=gen)[:, 7:44]  # 37 columns, rows 50 apart (not x's 60)
     _compare_add_norm(kernel, x, g, w_base[::2], b_base[::3], 2.0, 1e-5, False,
-                      "LayerNorm of 2 x + g, weight w[::2] and bias b[::3]")
+                      "LayerNorm of 2 x + g, x rows 60 and g rows 50 apart, weight w[::2] and bias b[::3]")
     _compare_add_norm(kernel, x, None, w_base[::2], b_base[::3], 0.5, 1e-5, True,
                       "RMSNorm of 0.5 x without g, weight w[::2] and bias b[::3]")
     xh, gh = (torch.randn(3, 70, generator=gen) * 2).half(), torch.randn(3, 70, generator=gen).half()

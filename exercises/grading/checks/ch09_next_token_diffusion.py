@@ -191,12 +191,17 @@ def is_a_linear_of_silu(adaln_modulation):
 
 # ---- 9.5 per-token timesteps --------------------------------------------------------------------------------
 
-@check("x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps row by row, for the (x_t, t, eps) it returns", seed=seeds)
-def noisy_latent_is_the_forward_process(q_sample, seed):
+@check("x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps row by row, for the (x_t, t, eps) it returns, and t in "
+       "{0, ..., T-1} for a schedule of T = 1000, 50, 7 or 1 steps", seed=seeds, T=st.sampled_from([1000, 50, 7, 1]))
+def noisy_latent_is_the_forward_process(q_sample, seed, T):
+    abar = ABAR if T == 1000 else alpha_bar(cosine_schedule(T))
     x0 = torch.randn(64, 3, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    x_t, t, eps = q_sample(x0, ABAR, torch.Generator().manual_seed(seed + 1))
+    x_t, t, eps = q_sample(x0, abar, torch.Generator().manual_seed(seed + 1))
     t = expect_tensor(t, (64,), torch.long, "t")
-    a = ABAR[t][:, None]
+    if not (0 <= int(t.min()) and int(t.max()) < T):
+        raise Violation(f"with a schedule of T = {T} steps t ranges over [{int(t.min())}, {int(t.max())}]; it must "
+                        f"lie in {{0, ..., {T - 1}}} (the length of alphas_cumprod)")
+    a = abar[t][:, None]
     diff = (x_t - (a.sqrt() * x0 + (1 - a).sqrt() * eps)).abs().max().item()
     if not diff < 1e-12:
         raise Violation(f"x_t differs from sqrt(abar_t) x0 + sqrt(1 - abar_t) eps by {diff:.3g}")
