@@ -243,7 +243,7 @@ def kernel_matches_the_reference(dilated_branch_kernel):
                             f"{_diff(out, want_out):.3g}, LSE by {_diff(lse[kept], want_lse[kept]):.3g}")
 
 
-@check("layouts: q in (B, T, H, D) memory (transposed), k and v contiguous, out= and lse= given as views into "
+@check("layouts: q and v in (B, T, H, D) memory (transposed), k contiguous, out= and lse= given as views into "
        "wider buffers: each tensor is stepped with its own row stride, and the results land in out and lse")
 def kernel_strides_and_out(dilated_branch_kernel):
     from nanomodels.dilated import dilated_branch
@@ -251,9 +251,10 @@ def kernel_strides_and_out(dilated_branch_kernel):
     B, H, T, D, w, r = 1, 2, 21, 16, 8, 2
     q, k, v = _qkv(B, H, T, D, seed=5, dtype=torch.float32)
     q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # row stride H * D instead of D
+    v_t = v.transpose(1, 2).contiguous().transpose(1, 2)  # v like q, k contiguous: three layouts, two strides
     out = torch.zeros(B, H, T, D + 8)[..., :D]  # row stride D + 8
     lse = torch.full((B, H, T + 3), -math.inf)[..., :T]
-    got_out, got_lse = dilated_branch_kernel(q_t, k, v, w, r, out=out, lse=lse)
+    got_out, got_lse = dilated_branch_kernel(q_t, k, v_t, w, r, out=out, lse=lse)
     want_out, want_lse = dilated_branch(q.double(), k.double(), v.double(), w, r)
     kept = torch.isfinite(want_lse)
     if got_out.data_ptr() != out.data_ptr() or got_lse.data_ptr() != lse.data_ptr():
@@ -263,7 +264,7 @@ def kernel_strides_and_out(dilated_branch_kernel):
                         f"{_rows_why(torch.isfinite(lse), kept, T, w)}")
     d_out, d_lse = _diff(out[kept], want_out[kept]), _diff(lse[kept], want_lse[kept])
     if d_out > 2e-5 or d_lse > 2e-5:
-        raise Violation(f"q of row stride {q_t.stride(2)}, k and v of {k.stride(2)}, out of {out.stride(2)}: O "
+        raise Violation(f"q and v of row stride {q_t.stride(2)}, k of {k.stride(2)}, out of {out.stride(2)}: O "
                         f"differs by {d_out:.3g}, LSE by {d_lse:.3g}; step each tensor by r times its own row stride")
 
 

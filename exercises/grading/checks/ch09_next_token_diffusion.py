@@ -306,15 +306,16 @@ def _run_kernel(graded, x, shift, scale, rows_per_cond, eps):
     return y, mean, rstd
 
 
-def _conditions(rows: int, n: int, seed: int, extra: int = 4):
+def _conditions(rows: int, n: int, seed: int, extra: int = 4, gaps: tuple = (0, 0)):
     """shift, scale (rows, n) float32 at the start of a buffer whose next `extra` rows are NaN: reading a condition
-    row that does not exist gives NaN, not another tensor's memory."""
+    row that does not exist gives NaN, not another tensor's memory. gaps: NaN columns after each row of shift and
+    of scale (rows n + gap apart, as chunks of one (B, chunks * n) modulation output are)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(2):
-        buf = torch.full(((rows + extra) * n,), math.nan)
-        buf[: rows * n] = torch.randn(rows * n, generator=g) * 0.7
-        out.append(buf[: rows * n].view(rows, n))
+    for gap in gaps:
+        buf = torch.full((rows + extra, n + gap), math.nan)
+        buf[:rows, :n] = (torch.randn(rows * n, generator=g) * 0.7).view(rows, n)
+        out.append(buf[:rows, :n])
     return out
 
 
@@ -419,13 +420,14 @@ def large_means_keep_the_precision(kernel):
 
 
 @check("a condition shared by a sequence: row r of x reads shift and scale from condition row r // rows_per_cond "
-       "(3 sequences of 4 tokens, 2 of 5, and one condition for all 6 rows)")
+       "(3 sequences of 4 tokens, 2 of 5, and one condition for all 6 rows), shift and scale rows strided apart")
 def per_sequence_condition_broadcasts_over_tokens(kernel):
     for sequences, tokens, n, seed in ((3, 4, 37, 10), (2, 5, 16, 11), (1, 6, 20, 12)):
         x = torch.randn(sequences * tokens, n, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.3
-        shift, scale = _conditions(sequences, n, seed + 1)
+        shift, scale = _conditions(sequences, n, seed + 1, gaps=(3, 5))  # rows n + 3 and n + 5 apart
         _compare_row(kernel, x, shift, scale, tokens, 1e-6,
-                     f"{sequences} sequence(s) of {tokens} tokens, {n} columns, rows_per_cond = {tokens}")
+                     f"{sequences} sequence(s) of {tokens} tokens, {n} columns, rows_per_cond = {tokens}, shift "
+                     f"rows {n + 3} apart (stride_sh) and scale rows {n + 5} (stride_sc)")
 
 
 # ---- 9.8 the diffusion head's training loss -----------------------------------------------------------------
