@@ -350,9 +350,14 @@ def naive_merge(ids, pair, new_id):
     return [ord(c) - 0x1000 for c in enc(ids).replace(enc(pair), chr(0x1000 + new_id))]
 
 
+def _fresh_ints(values):
+    """Equal ints as other objects (CPython shares only -5..256): an `is` comparison of ids fails on them."""
+    return [int(str(v)) for v in values]
+
+
 def _merged(merge_pair, ids, pair, new_id):
-    arg = list(ids)
-    got = merge_pair(arg, tuple(pair), new_id)
+    arg = _fresh_ints(ids)
+    got = merge_pair(arg, tuple(_fresh_ints(pair)), new_id)
     if type(got) is not list or any(type(x) is not int for x in got):
         raise Violation(f"merge_pair({ids}, {pair}, {new_id}) returned {got!r} of type {type(got).__name__}; "
                         "expected a plain list of ints")
