@@ -105,19 +105,21 @@ def whole_segment_is_dense(dilated_branch, T, extra, causal, seed):
 # ---- 6.3 the LSE merge --------------------------------------------------------------------------------------
 
 @check("split-KV: attention over disjoint key sets, merged with alpha = softmax(LSE), equals attention over their "
-       "union", T=st.integers(2, 16), cuts=st.integers(2, 3), seed=st.integers(0, 2 ** 16))
-def merge_of_key_splits_is_attention_over_all_keys(merge_by_lse, T, cuts, seed):
-    q, k, v = _qkv(1, 2, T, 4, seed)
+       "union, for outs (..., T, D) of any leading dimensions (ranks 2 to 5)", T=st.integers(2, 16),
+       cuts=st.integers(2, 3), seed=st.integers(0, 2 ** 16), lead=st.sampled_from([(), (2,), (1, 2), (2, 1, 2)]),
+       examples=[dict(T=5, cuts=2, seed=0, lead=()), dict(T=6, cuts=3, seed=1, lead=(2,))])
+def merge_of_key_splits_is_attention_over_all_keys(merge_by_lse, T, cuts, seed, lead):
+    q, k, v = (x.reshape(*lead, T, 4) for x in _qkv(1, math.prod(lead), T, 4, seed))
     edges = sorted({0, T, *torch.randint(1, T, (cuts - 1,), generator=torch.Generator().manual_seed(seed)).tolist()})
     outs, lses = [], []
     for lo, hi in zip(edges, edges[1:]):
-        s = q @ k[:, :, lo:hi].transpose(-2, -1) / 2.0
-        outs.append(torch.softmax(s, -1) @ v[:, :, lo:hi])
+        s = q @ k[..., lo:hi, :].transpose(-2, -1) / 2.0
+        outs.append(torch.softmax(s, -1) @ v[..., lo:hi, :])
         lses.append(torch.logsumexp(s, -1))
     want = torch.softmax(q @ k.transpose(-2, -1) / 2.0, -1) @ v
     got = merge_by_lse(torch.stack(outs), torch.stack(lses))
     if _diff(got, want) > 1e-10:
-        raise Violation(f"T = {T}, key splits at {edges}: the merge differs from attention over all keys by "
+        raise Violation(f"outs {tuple(outs[0].shape)}, key splits at {edges}: the merge differs from attention over all keys by "
                         f"{_diff(got, want):.3g}")
 
 

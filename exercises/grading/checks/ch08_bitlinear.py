@@ -365,14 +365,15 @@ def _exported(w, binary=False):
 
 @check("ternary_linear(x, packed codes of W, s_W, g, b) equals bitlinear(x, W, g, b), the fake-quant training "
        "forward, to 1e-10 in float64: one int8 scale per token, the 2-bit codes, both rescales, the bias, any "
-       "leading dimensions", k=st.integers(1, 40), n=st.integers(1, 9),
-       lead=st.sampled_from([(1,), (3,), (2, 3), (2, 1, 2)]), with_bias=st.booleans(), binary=st.booleans(),
+       "leading dimensions (x of rank 1 to 4)", k=st.integers(1, 40), n=st.integers(1, 9),
+       lead=st.sampled_from([(), (1,), (3,), (2, 3), (2, 1, 2)]), with_bias=st.booleans(), binary=st.booleans(),
        eps=st.sampled_from([1e-5, 0.0, 3.0]), seed=seeds)
 def integer_path_equals_fake_quant(ternary_linear, k, n, lead, with_bias, binary, eps, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g, dtype=F64) * 0.1
     gain = 1 + 0.3 * torch.randn(k, generator=g, dtype=F64)
-    x = torch.randn(*lead, k, generator=g, dtype=F64) * torch.logspace(-2, 2, lead[-1], dtype=F64)[:, None]
+    spread = torch.logspace(-2, 2, lead[-1], dtype=F64)[:, None] if lead else 3.0  # rows scaled 0.01 to 100
+    x = torch.randn(*lead, k, generator=g, dtype=F64) * spread
     b = torch.linspace(-1, 1, n, dtype=F64) if with_bias else None
     packed, scale = _exported(w, binary)
     out = expect_tensor(ternary_linear(x, packed, scale, gain, b, eps), (*lead, n), F64, "ternary_linear")
