@@ -832,6 +832,27 @@ def test_statistical_checks_pass_correct_answers_in_any_draw_order_and_seed(exer
         assert result["passed"], f"{exercise} {c.name} rejects a correct answer: {result['message']}"
 
 
+# exercise -> seeds per check: the statistical checks with a seed strategy (frequencies, rates and fractions of many
+# draws, each bound documented in its check with a false-rejection rate below 1e-6) on the reference
+STATISTICAL = {"0.5": 40, "2.4": 12, "8.1": 40, "9.6": 40}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exercise", STATISTICAL)
+def test_statistical_checks_pass_the_reference_under_many_seeds(exercise):
+    from exercises.grading.checking import run_check
+
+    chapter = get_chapter(chapter_of(exercise))
+    spec = import_module(chapter.checks_module).EXERCISES[exercise]
+    marked = next(m for m in scan(chapter) if m.id == exercise)
+    fn = getattr(import_module(marked.module), marked.function)
+    seeded = [c for c in spec.checks if "seed" in c.strategies]
+    assert seeded, f"{exercise}: no check draws a seed"
+    for c in seeded:
+        result = run_check(c, fn, max_examples=STATISTICAL[exercise], exercise=spec)
+        assert result["passed"], f"{exercise} {c.name} rejects the reference: {result['message']}"
+
+
 def test_a_mutant_file_section_without_its_two_blocks_fails_naming_the_mutant():
     from exercises.grading.mutants import parse
     good = "# title\n\n## 0.2 causal_mask_x\n\nsays what\nit gets wrong\n\n```python\na = 1\n```\nbecomes\n```python\n```\n"

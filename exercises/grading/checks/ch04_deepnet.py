@@ -239,6 +239,7 @@ def init_report(init_fn, scale: float, what: str, scaled=("v_proj", "out_proj", 
                                    if leaf in ("q_proj", "k_proj") else ""))
             want = xavier_std(p, gain)
             std = p.detach().std().item()
+            # false rejection < 2e-9 per tensor (std_tolerance: 6 standard errors or 6%, the wider)
             if abs(std / want - 1) > std_tolerance(p.numel()):
                 why = ""
                 if leaf in ("q_proj", "k_proj") and abs(std / (xavier_std(p, scale)) - 1) < 0.06:
@@ -257,6 +258,7 @@ def init_report(init_fn, scale: float, what: str, scaled=("v_proj", "out_proj", 
     within_one, beyond_two = (z.abs() < 1).double().mean().item(), (z.abs() > 2).double().mean().item()
     # a normal distribution has 68.3% within one std and 4.55% beyond two; uniform 57.7% and 0%
     n = z.numel()  # each bound at least 6 standard errors of a correct answer's fraction or mean
+    # False rejection: three bounds of >= 6 standard errors (< 2e-9 each), the kurtosis one below: < 1e-8 per call
     if (abs(within_one - 0.6827) > fraction_tolerance(0.6827, n, 0.015)
             or abs(beyond_two - 0.0455) > fraction_tolerance(0.0455, n, 0.01)
             or abs(z.mean().item()) > max(0.02, 6 / math.sqrt(n))):
@@ -396,6 +398,7 @@ def init_gives_beta_to_the_branches(deepnet, n_layers, seed):
         if leaf in ("v_proj", "out_proj", "fc1", "fc2", "q_proj", "k_proj"):
             gain = 1.0 if leaf in ("q_proj", "k_proj") else beta
             std, want = p.std().item(), xavier_std(p, gain)
+            # false rejection < 2e-9 per tensor (std_tolerance: 6 standard errors or 6%, the wider)
             if abs(std / want - 1) > std_tolerance(p.numel()):
                 why = ""
                 if abs(std / xavier_std(p, beta) - 1) < 0.06:
@@ -410,6 +413,7 @@ def init_gives_beta_to_the_branches(deepnet, n_layers, seed):
                                 f"gives {want:.4g}{why}")
             pooled.append(p.flatten() / want)
         elif name.endswith(("wte.weight", "wpe.weight")):
+            # false rejection < 2e-9 per tensor (std_tolerance: 6 standard errors or 6%, the wider)
             if abs(p.std().item() / 0.02 - 1) > std_tolerance(p.numel()):
                 raise Violation(f"{name} has std {p.std().item():.4g}; DeepNet leaves the embeddings as the core "
                                 "draws them (std 0.02)")

@@ -73,6 +73,8 @@ def weight_codes_are_ternary(weight_quant, seed):
     if not set(values) <= {-1.0, 0.0, 1.0}:
         raise Violation(f"weight_quant(W) / mean|W| takes the values {values[:8]}; it must be in {{-1, 0, 1}}")
     zeros = (ratio.abs() < 0.5).double().mean().item()
+    # False rejection: 65536 codes, the fraction's standard error sqrt(0.31 0.69 / 65536) = 0.0018, so 0.015 is
+    # 8.3 standard errors: P < 1e-16 for a correct quantizer (and the Gaussian W itself is seeded)
     if abs(zeros - 0.3101) > 0.015:
         raise Violation(f"for Gaussian W {zeros:.3f} of the codes are 0; round(W / mean|W|) gives 0.310")
 
