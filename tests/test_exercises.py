@@ -380,7 +380,7 @@ NO_IGNORING_MUTANT = {
     "2.3": {"model": "the primary input", "prefix": "the primary input"},
     "3.1": {"x": "the primary input"},
     "6.2": {"q": "the primary input", "k": "the primary input", "v": "the primary input"},
-    "6.3": {"outs": "the primary input", "lses": "the primary input"},
+    "6.3": {"lses": "the primary input"},
     "6.5": {"q": "the primary input", "k": "the primary input", "v": "the primary input"},
     "7.2": {"probs": "the primary input"},
     "8.5": {"packed": "the primary input"},
