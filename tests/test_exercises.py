@@ -371,6 +371,54 @@ def test_mutant_patch_applies_once_to_its_region_and_changes_the_code(chapter, m
     assert callable(build(marked, mutant))
 
 
+# Parameters a region reads that no mutant ignores, with why: the primary inputs of a computation (a mutant that
+# ignores q returns nothing of the contract), sizes a given line already derives, and masks whose lanes are
+# never stored or multiply zeros. Every other parameter the region reads has a mutant naming it.
+NO_IGNORING_MUTANT = {
+    "1.3": {"q": "the primary input", "q_pos": "the query positions feed only _visible, covered by MASK_KIND"},
+    "2.2": {"n": "sizes the given span ids only"},
+    "2.3": {"model": "the primary input", "prefix": "the primary input"},
+    "3.1": {"x": "the primary input"},
+    "6.2": {"q": "the primary input", "k": "the primary input", "v": "the primary input"},
+    "6.3": {"lses": "the primary input"},
+    "6.5": {"q": "the primary input", "k": "the primary input", "v": "the primary input"},
+    "7.2": {"probs": "the primary input"},
+    "8.5": {"packed": "the primary input"},
+    "8.6": {"N": "masks columns n >= N, which are never stored", "K": "masks rows k >= K, whose x is 0"},
+    "9.4": {"width": "sizes the layer only"},
+    "9.5": {"x0": "the primary input"},
+    "9.6": {"mu": "the primary input"},
+    "10.2": {"q": "the primary input"},
+}
+
+
+def _region_parameters(marked) -> list[str]:
+    """The graded function's parameters (inspect.signature of the reference) that its region reads."""
+    import inspect
+
+    fn = getattr(import_module(marked.module), marked.function)
+    fn = getattr(fn, "fn", fn)  # a @triton.jit kernel: the Python function behind it
+    names = {n.id for n in ast.walk(ast.parse(region(marked))) if isinstance(n, ast.Name)}
+    return [p for p in inspect.signature(fn).parameters if p in names]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS.values(), ids=lambda c: c.number)
+def test_every_parameter_a_region_reads_has_a_mutant_that_ignores_it(chapter):
+    mutants = load_mutants(chapter)
+    missing = []
+    for marked in scan(chapter):
+        text = [f"{m.name} {m.description}" for m in mutants if m.exercise == marked.id]
+        exempt = NO_IGNORING_MUTANT.get(marked.id, {})
+        for param in _region_parameters(marked):
+            named = any(re.search(rf"(?<![A-Za-z0-9]){re.escape(param)}(?![A-Za-z0-9])", s) for s in text)
+            if param in exempt:
+                assert not named, f"{marked.id}: `{param}` has a mutant now; drop it from NO_IGNORING_MUTANT"
+            elif not named:
+                missing.append(f"{marked.id} {marked.function}: `{param}`")
+    assert not missing, ("parameters the region reads with no mutant naming them (write one that ignores it, "
+                         "its name or description naming the parameter): " + "; ".join(missing))
+
+
 def test_a_patch_that_no_longer_applies_fails_naming_the_mutant():
     marked = next(m for m in scan(CH00) if m.id == "0.2")
     stale = Mutant("0.2", "causal_mask_stale", "a patch of code that is gone",
@@ -782,6 +830,27 @@ def test_statistical_checks_pass_correct_answers_in_any_draw_order_and_seed(exer
     for c in spec.checks:  # each seeded check on 40 seeds (the grader draws 4 to 6)
         result = run_check(c, fn, max_examples=40 if c.strategies else None, exercise=spec)
         assert result["passed"], f"{exercise} {c.name} rejects a correct answer: {result['message']}"
+
+
+# exercise -> seeds per check: the statistical checks with a seed strategy (frequencies, rates and fractions of many
+# draws, each bound documented in its check with a false-rejection rate below 1e-6) on the reference
+STATISTICAL = {"0.5": 40, "2.4": 12, "8.1": 40, "9.6": 40}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exercise", STATISTICAL)
+def test_statistical_checks_pass_the_reference_under_many_seeds(exercise):
+    from exercises.grading.checking import run_check
+
+    chapter = get_chapter(chapter_of(exercise))
+    spec = import_module(chapter.checks_module).EXERCISES[exercise]
+    marked = next(m for m in scan(chapter) if m.id == exercise)
+    fn = getattr(import_module(marked.module), marked.function)
+    seeded = [c for c in spec.checks if "seed" in c.strategies]
+    assert seeded, f"{exercise}: no check draws a seed"
+    for c in seeded:
+        result = run_check(c, fn, max_examples=STATISTICAL[exercise], exercise=spec)
+        assert result["passed"], f"{exercise} {c.name} rejects the reference: {result['message']}"
 
 
 def test_a_mutant_file_section_without_its_two_blocks_fails_naming_the_mutant():

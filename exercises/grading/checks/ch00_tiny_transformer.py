@@ -350,9 +350,14 @@ def naive_merge(ids, pair, new_id):
     return [ord(c) - 0x1000 for c in enc(ids).replace(enc(pair), chr(0x1000 + new_id))]
 
 
+def _fresh_ints(values):
+    """Equal ints as other objects (CPython shares only -5..256): an `is` comparison of ids fails on them."""
+    return [int(str(v)) for v in values]
+
+
 def _merged(merge_pair, ids, pair, new_id):
-    arg = list(ids)
-    got = merge_pair(arg, tuple(pair), new_id)
+    arg = _fresh_ints(ids)
+    got = merge_pair(arg, tuple(_fresh_ints(pair)), new_id)
     if type(got) is not list or any(type(x) is not int for x in got):
         raise Violation(f"merge_pair({ids}, {pair}, {new_id}) returned {got!r} of type {type(got).__name__}; "
                         "expected a plain list of ints")
@@ -470,7 +475,9 @@ def the_counts_are_not_modified(most_frequent_pair, counts):
 
 # ---- 0.5 sampling with temperature and top-k --------------------------------------------------------------
 
-N_DRAWS = 20_000  # frequencies must be within 6 standard errors (+ 0.002) of the expected probabilities
+# False rejection: each token's frequency must lie within 6 standard errors (+ 0.002) of its probability; a correct
+# sampler misses one bound with probability < 2e-9 (normal tail), a check of at most 3 rows x 6 tokens < 4e-8.
+N_DRAWS = 20_000
 temperatures = st.sampled_from([1.0, 0.5, 2.0, 0.25, 0.8, 1.5, 4.0])
 
 
@@ -580,6 +587,7 @@ def each_row_uses_its_own_top_k(sample_next_token, perm, top_k, seed):
        v=st.integers(2, 6), extra=st.integers(1, 50), seed=seeds)
 def top_k_larger_than_the_vocabulary_keeps_every_token(sample_next_token, v, extra, seed):
     out = _draw(sample_next_token, torch.zeros(2000, v, dtype=F64), 1.0, v + extra, seed)
+    # False rejection: a correct sampler misses one of v <= 6 equal tokens in 2000 draws with P <= 6 (5/6)^2000 < 1e-150
     counts = torch.bincount(out.flatten(), minlength=v)
     for j in (counts == 0).nonzero().flatten().tolist()[:1]:
         raise Violation(f"from equal logits over {v} tokens with top_k = {v + extra} > |V|, token {j} never came "
@@ -605,6 +613,7 @@ def ties_at_the_kth_logit_are_kept(sample_next_token):
         counts = torch.bincount(_draw(sample_next_token, logits.repeat(4000, 1), 1.0, top_k, 0).flatten(),
                                 minlength=len(values)).tolist()
         kth = sorted(values, reverse=True)[top_k - 1]
+        # False rejection: a kept token has probability >= 0.21 here, so it misses 4000 draws with P < 1e-400
         if any((value >= kth) != (count > 0) for value, count in zip(values, counts)):
             raise Violation(f"logits {values} with top_k = {top_k}, 4000 draws: token counts {counts}; every "
                             f"token whose logit is >= the {top_k}-th largest ({kth}) must be drawn, no other")

@@ -101,6 +101,27 @@ def fused_softmax_masked_scores_and_float16(_softmax_kernel):
     _expect_softmax(_fused(_softmax_kernel, h), h, 1e-3, "float16 rows of 70 columns")
 
 
+@check("x a strided view (rows further apart than n_cols) and out= a view inside a guard band: row r is read "
+       "from X + r * stride_x, written to out's rows only, and no entry of the band around out changes")
+def fused_softmax_strided_input_and_out(_softmax_kernel):
+    for n_cols in (5, 37):
+        big = _randn(4, n_cols + 11, seed=n_cols + 1, scale=3.0)
+        x = big[:, 3:3 + n_cols]  # stride_x = n_cols + 11, a view with an offset
+        band = torch.full((6, n_cols + 9), 7.25, dtype=F32)
+        out = band[1:5, 4:4 + n_cols]  # stride_y = n_cols + 9
+        with installed(ks, "_softmax_kernel", _softmax_kernel):
+            got = ks.softmax(x, out=out)
+        if got.data_ptr() != out.data_ptr():
+            raise Violation(f"softmax(x, out=out) returned a new tensor, not out (n_cols = {n_cols})")
+        _expect_softmax(out.clone(), x.contiguous(), 1e-6,
+                        f"x = a view of rows {n_cols + 11} apart, out= a view of rows {n_cols + 9} apart")
+        outside = band.clone()
+        outside[1:5, 4:4 + n_cols] = 7.25
+        if not torch.equal(outside, torch.full_like(band, 7.25)):
+            raise Violation(f"n_cols = {n_cols}: the kernel wrote outside out's rows (the guard band around out "
+                            "changed): store row r at Y + r * stride_y, columns < n_cols only")
+
+
 # ---- 1.2 the online softmax update ---------------------------------------------------------------------------
 
 def _online(graded, x: torch.Tensor, block_n: int) -> torch.Tensor:
@@ -196,13 +217,16 @@ def _expect_attention(graded, q, k, v, o_tol: float, lse_tol: float, case: str, 
 
 
 @check("O = softmax(Q K^T / sqrt(D)) V and LSE = logsumexp of the scores, for 1 to 3 key tiles with a short "
-       "last tile and 1 to 3 query tiles, bidirectional and causal (what was accumulated under an old max is "
+       "last tile and 1 to 3 query tiles, bidirectional and causal, V in (B, T, H, D) memory (what was accumulated under an old max is "
        "rescaled by exp(m_old - m_new), once, at the end divided by l)")
 def flash_tile_matches_attention(_fwd_tiles):
     for t_q, t_k, causal in ((70, 150, False), (150, 150, True), (40, 100, True), (20, 33, False)):
         q, k, v = (_randn(1, 2, t, 16, seed=t_q + t_k + i) for i, t in enumerate((t_q, t_k, t_k)))
         q = q * 2  # peaked rows: the running max moves between tiles
         _expect_attention(_fwd_tiles, q, k, v, 1e-5, 1e-6, "causal" if causal else "bidirectional", causal=causal)
+    q, k, v = (_randn(1, 2, t, 16, seed=60 + i) for i, t in enumerate((40, 90, 90)))
+    v_rows = v.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) memory: V's rows H * D = 32 apart
+    _expect_attention(_fwd_tiles, q, k, v_rows, 1e-5, 1e-6, "bidirectional, V's rows 32 apart (stride_vt != D)")
 
 
 @check("scores of +-1e4 in float32: a row whose max lies in its first key tile and whose later tiles are far "
@@ -237,7 +261,7 @@ def flash_tile_float16(_fwd_tiles):
 
 EXERCISES = {
     "1.1": Exercise(points=2, checks=[fused_softmax_masks_the_padding, fused_softmax_survives_wide_scores,
-                                      fused_softmax_masked_scores_and_float16],
+                                      fused_softmax_masked_scores_and_float16, fused_softmax_strided_input_and_out],
                     hint="One program holds one whole row, padded to a power of two: the padding lanes must not "
                          "change the max or the sum, and exp() must never see a large positive argument.",
                     hints=("Load the row with its lane mask and a fill value that exp() turns into 0; work in "

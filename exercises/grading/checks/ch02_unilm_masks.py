@@ -303,6 +303,7 @@ def objectives_follow_the_paper_mix(unilm_batch, seed):
     rows = 4000
     out = _many(unilm_batch, rows, 6, 3, 0.15, seed)
     freq = torch.bincount(out["objective"], minlength=len(OBJECTIVES)).double() / rows
+    # False rejection: 4 frequencies of 4000 rows, each within Z = 6 standard errors: < 4 x 2e-9 = 8e-9
     for o, (f, p) in enumerate(zip(freq.tolist(), OBJECTIVE_PROBS)):
         if abs(f - p) > Z * (p * (1 - p) / rows) ** 0.5:
             raise Violation(f"{OBJECTIVES[o]} came up in {f:.1%} of {rows} rows, expected {p:.1%} (OBJECTIVES "
@@ -325,6 +326,8 @@ def each_eligible_token_is_masked_with_mask_prob(unilm_batch, mask_prob, seed):
         m = n - first
         p = mask_prob + (1 - mask_prob) ** m / m
         rate = group.double().mean(dim=0)
+        # False rejection: groups of >= 100 rows (about 660 to 1330 of 4000), 8 positions x 4 objectives, each
+        # rate within 6 standard errors: < 32 x 2e-9 = 7e-8 (normal approximation of the binomial)
         for i in range(n):
             want = p if i >= first else 0.0
             if abs(rate[i].item() - want) > Z * (max(want * (1 - want), 1e-4) / len(group)) ** 0.5:

@@ -182,7 +182,8 @@ def real_rows(pmlm_mask, case):
     _against_rule(_mask(pmlm_mask, kind, step), kind, step, only=lambda kq, kk: kq == REAL and kk != AE)
 
 
-@check("batched input: kind and step of shape (B, L) give allowed of shape (B, L, L), row by row",
+@check("batched input: kind and step of shape (B, L) give allowed of shape (B, L, L), row by row, and (1, B, L) "
+       "gives (1, B, L, L): any leading dimensions",
        a=kinds_and_steps(min_ae=1, min_spans=1), seed=st.integers(0, 1000))
 def works_on_a_batch(pmlm_mask, a, seed):
     kind, step = a
@@ -196,6 +197,11 @@ def works_on_a_batch(pmlm_mask, a, seed):
                         "the last axis (kind[..., :, None], kind[..., None, :]), not the first, so a batch works")
     for b in range(2):
         _against_rule(out[b], kinds[b], steps[b])
+    deep = pmlm_mask(kinds.view(1, 2, L), steps.view(1, 2, L))  # (..., L) of rank 3: two batch axes
+    if type(deep) is not torch.Tensor or tuple(deep.shape) != (1, 2, L, L) or not torch.equal(deep[0], out):
+        raise Violation(f"for kind and step of shape (1, 2, {L}) pmlm_mask returned "
+                        f"{tuple(getattr(deep, 'shape', ()))}, expected (1, 2, {L}, {L}) equal to the (2, {L}) "
+                        "batch's masks: any leading dimensions (index the last axis only)")
 
 
 # ---- 3.3 the s2s-ft signed-span-id mask -------------------------------------------------------------------

@@ -105,19 +105,21 @@ def whole_segment_is_dense(dilated_branch, T, extra, causal, seed):
 # ---- 6.3 the LSE merge --------------------------------------------------------------------------------------
 
 @check("split-KV: attention over disjoint key sets, merged with alpha = softmax(LSE), equals attention over their "
-       "union", T=st.integers(2, 16), cuts=st.integers(2, 3), seed=st.integers(0, 2 ** 16))
-def merge_of_key_splits_is_attention_over_all_keys(merge_by_lse, T, cuts, seed):
-    q, k, v = _qkv(1, 2, T, 4, seed)
+       "union, for outs (..., T, D) of any leading dimensions (ranks 2 to 5)", T=st.integers(2, 16),
+       cuts=st.integers(2, 3), seed=st.integers(0, 2 ** 16), lead=st.sampled_from([(), (2,), (1, 2), (2, 1, 2)]),
+       examples=[dict(T=5, cuts=2, seed=0, lead=()), dict(T=6, cuts=3, seed=1, lead=(2,))])
+def merge_of_key_splits_is_attention_over_all_keys(merge_by_lse, T, cuts, seed, lead):
+    q, k, v = (x.reshape(*lead, T, 4) for x in _qkv(1, math.prod(lead), T, 4, seed))
     edges = sorted({0, T, *torch.randint(1, T, (cuts - 1,), generator=torch.Generator().manual_seed(seed)).tolist()})
     outs, lses = [], []
     for lo, hi in zip(edges, edges[1:]):
-        s = q @ k[:, :, lo:hi].transpose(-2, -1) / 2.0
-        outs.append(torch.softmax(s, -1) @ v[:, :, lo:hi])
+        s = q @ k[..., lo:hi, :].transpose(-2, -1) / 2.0
+        outs.append(torch.softmax(s, -1) @ v[..., lo:hi, :])
         lses.append(torch.logsumexp(s, -1))
     want = torch.softmax(q @ k.transpose(-2, -1) / 2.0, -1) @ v
     got = merge_by_lse(torch.stack(outs), torch.stack(lses))
     if _diff(got, want) > 1e-10:
-        raise Violation(f"T = {T}, key splits at {edges}: the merge differs from attention over all keys by "
+        raise Violation(f"outs {tuple(outs[0].shape)}, key splits at {edges}: the merge differs from attention over all keys by "
                         f"{_diff(got, want):.3g}")
 
 
@@ -241,6 +243,31 @@ def kernel_matches_the_reference(dilated_branch_kernel):
         if _diff(out, want_out) > 2e-5 or _diff(lse[kept], want_lse[kept]) > 2e-5:
             raise Violation(f"T = {T}, w = {w}, r = {r}, H = {H}, causal = {causal}: O differs by "
                             f"{_diff(out, want_out):.3g}, LSE by {_diff(lse[kept], want_lse[kept]):.3g}")
+
+
+@check("layouts: q and v in (B, T, H, D) memory (transposed), k contiguous, out= and lse= given as views into "
+       "wider buffers: each tensor is stepped with its own row stride, and the results land in out and lse")
+def kernel_strides_and_out(dilated_branch_kernel):
+    from nanomodels.dilated import dilated_branch
+
+    B, H, T, D, w, r = 1, 2, 21, 16, 8, 2
+    q, k, v = _qkv(B, H, T, D, seed=5, dtype=torch.float32)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # row stride H * D instead of D
+    v_t = v.transpose(1, 2).contiguous().transpose(1, 2)  # v like q, k contiguous: three layouts, two strides
+    out = torch.zeros(B, H, T, D + 8)[..., :D]  # row stride D + 8
+    lse = torch.full((B, H, T + 3), -math.inf)[..., :T]
+    got_out, got_lse = dilated_branch_kernel(q_t, k, v_t, w, r, out=out, lse=lse)
+    want_out, want_lse = dilated_branch(q.double(), k.double(), v.double(), w, r)
+    kept = torch.isfinite(want_lse)
+    if got_out.data_ptr() != out.data_ptr() or got_lse.data_ptr() != lse.data_ptr():
+        raise Violation("out= and lse= were given: the kernel must fill them and return them, not new tensors")
+    if not torch.equal(torch.isfinite(lse), kept):
+        raise Violation(f"T = {T}, w = {w}, r = {r}, H = {H}, out with row stride {out.stride(2)}: "
+                        f"{_rows_why(torch.isfinite(lse), kept, T, w)}")
+    d_out, d_lse = _diff(out[kept], want_out[kept]), _diff(lse[kept], want_lse[kept])
+    if d_out > 2e-5 or d_lse > 2e-5:
+        raise Violation(f"q and v of row stride {q_t.stride(2)}, k of {k.stride(2)}, out of {out.stride(2)}: O "
+                        f"differs by {d_out:.3g}, LSE by {d_lse:.3g}; step each tensor by r times its own row stride")
 
 
 # ---- 6.5 dilated attention end to end ----------------------------------------------------------------------
@@ -387,7 +414,7 @@ EXERCISES = {
                     hint='Two partial softmaxes over disjoint key sets combine exactly when each is weighted by its share of the total normalizer.',
                     hints=('The share of pattern i is exp(LSE_i) over the sum of the exp(LSE)s: a softmax over patterns, computed stably; a row no pattern covers must stay 0, not NaN.',
                            "alpha_i = softmax over patterns of the LSEs (subtract the max, guard the all -inf case), output = sum_i alpha_i O_i; detach alpha only when asked (torchscale's choice).")),
-    "6.4": Exercise(points=3, checks=[kernel_matches_the_reference],
+    "6.4": Exercise(points=3, checks=[kernel_matches_the_reference, kernel_strides_and_out], mutates=("out", "lse"),
                     hint='Dilation in a kernel is a stride: the kept rows of a segment are evenly spaced in memory.',
                     hints=('One program handles one block of kept rows of one segment for one (batch, head); the grid has one axis for each of these.',
                            "Grid: blocks of the w / r kept rows, segments ceil(T / w), B * H; the row stride passed for q, k, v and the output is r times the tensor's own row stride.")),

@@ -15,6 +15,8 @@ from exercises.grading.checking import Exercise, Violation, check
 from exercises.grading.checks.common import F64, expect_tensor, fmt, seeds
 
 shapes = st.tuples(st.integers(1, 6), st.integers(2, 30))
+# x (..., K): ranks 1 to 4, so a reduction over shape[1:] (or a flatten) instead of the last axis is seen
+any_rank = st.builds(lambda lead, k: (*lead, k), st.lists(st.integers(1, 4), max_size=3), st.integers(2, 30))
 scales = st.sampled_from([1e-3, 0.37, 1.0, 52.0])
 
 
@@ -71,6 +73,8 @@ def weight_codes_are_ternary(weight_quant, seed):
     if not set(values) <= {-1.0, 0.0, 1.0}:
         raise Violation(f"weight_quant(W) / mean|W| takes the values {values[:8]}; it must be in {{-1, 0, 1}}")
     zeros = (ratio.abs() < 0.5).double().mean().item()
+    # False rejection: 65536 codes, the fraction's standard error sqrt(0.31 0.69 / 65536) = 0.0018, so 0.015 is
+    # 8.3 standard errors: P < 1e-16 for a correct quantizer (and the Gaussian W itself is seeded)
     if abs(zeros - 0.3101) > 0.015:
         raise Violation(f"for Gaussian W {zeros:.3f} of the codes are 0; round(W / mean|W|) gives 0.310")
 
@@ -88,7 +92,7 @@ def weight_scale_is_per_tensor(weight_quant):
 # ---- 8.2 activation_quant ---------------------------------------------------------------------------------
 
 @check("activation_quant(x) = clamp(round(x s), -128, 127) / s with s = 127 / max|x| over the last dimension "
-       "(one scale per token), for every shape and scale", shape=shapes, c=scales, seed=seeds)
+       "(one scale per token), for every shape of rank 1 to 4 and scale", shape=any_rank, c=scales, seed=seeds)
 def activation_quant_matches_the_faq(activation_quant, shape, c, seed):
     x = _randn(*shape, seed=seed) * c
     out = expect_tensor(activation_quant(x.clone()), shape, F64, "activation_quant")
@@ -128,20 +132,36 @@ def _layer(k, n, seed):
     return x, w, gain
 
 
-@check("bitlinear(x, W, g) = activation_quant(RMSNorm(x) * g) weight_quant(W)^T (+ bias), the RMSNorm "
-       "x / sqrt(mean(x^2) + eps) inside", k=st.integers(2, 24), n=st.integers(1, 8), with_bias=st.booleans(),
-       seed=seeds)
-def bitlinear_forward(bitlinear, k, n, with_bias, seed):
-    x, w, gain = _layer(k, n, seed)
+@check("bitlinear(x, W, g, b, eps, binary) = activation_quant(RMSNorm(x) * g) W_q^T (+ bias), the RMSNorm "
+       "x / sqrt(mean(x^2) + eps) inside, W_q = weight_quant(W) or, with binary=True, sign(W - mean W) mean|W|, "
+       "for x of rank 1 to 3 and eps from 0 to 4", k=st.integers(2, 24), n=st.integers(1, 8), with_bias=st.booleans(),
+       eps=st.sampled_from([1e-5, 0.0, 0.5, 4.0]), binary=st.booleans(),
+       lead=st.sampled_from([(3,), (), (2, 3)]), seed=seeds)
+def bitlinear_forward(bitlinear, k, n, with_bias, eps, binary, lead, seed):
+    _, w, gain = _layer(k, n, seed)
+    x = _randn(*lead, k, seed=seed + 7) * 2  # mean x^2 about 4: eps = 0.5 or 4 moves every token's norm
     b = torch.linspace(-1, 1, n, dtype=F64) if with_bias else None
-    out = expect_tensor(bitlinear(x, w, gain, b, 1e-5), (3, n), F64, "bitlinear")
-    ref = naive_activation_quant(naive_rms_norm(x, gain, 1e-5)) @ naive_weight_quant(w).T
+    out = expect_tensor(bitlinear(x, w, gain, b, eps, binary), (*lead, n), F64, "bitlinear")
+    w_q = (w - w.mean()).sign() * w.abs().mean() if binary else naive_weight_quant(w)
+    h = naive_rms_norm(x, gain, eps)
+    ref = naive_activation_quant(h) @ w_q.T
     ref = ref if b is None else ref + b
     if not _max_diff(out, ref) <= 1e-10:
+        plus = 0 if b is None else b
         why = ""
-        if _max_diff(out, naive_activation_quant(x) @ naive_weight_quant(w).T + (0 if b is None else b)) < 1e-10:
+        if _max_diff(out, naive_activation_quant(x) @ w_q.T + plus) < 1e-10:
             why = ": the RMSNorm of the input is missing"
-        raise Violation(f"bitlinear differs from aq(RMSNorm(x)) wq(W)^T by {_max_diff(out, ref):.3g}{why}")
+        elif _max_diff(out, naive_activation_quant(naive_rms_norm(x, torch.ones_like(gain), eps)) @ w_q.T + plus) < 1e-10:
+            why = ": the RMSNorm's gain norm_weight was not applied"
+        elif eps != 1e-5 and _max_diff(out, naive_activation_quant(naive_rms_norm(x, gain, 1e-5)) @ w_q.T + plus) < 1e-10:
+            why = f": that is the output with eps = 1e-5, not the eps = {eps:g} passed in"
+        elif binary and _max_diff(out, naive_activation_quant(h) @ naive_weight_quant(w).T + plus) < 1e-10:
+            why = ": binary=True was ignored (the ternary weight_quant was used, not sign(W - mean W) mean|W|)"
+        elif b is not None and _max_diff(out, ref - b) < 1e-10:
+            why = ": the bias was not added"
+        raise Violation(f"bitlinear (eps = {eps:g}, binary = {binary}, bias {'given' if b is not None else 'None'}, "
+                        f"x {tuple(x.shape)}) differs from aq(RMSNorm(x)) W_q^T{' + b' if b is not None else ''} by "
+                        f"{_max_diff(out, ref):.3g}{why}")
 
 
 @check("straight-through estimators: the gradient w.r.t. the latent W is g_y^T x_q (the gradient w.r.t. W_q), "
@@ -232,10 +252,11 @@ def unpacking_round_trip(unpack_ternary, n, k, seed):
 KERNEL_CASES = ((5, 7, 37, 16, 16, 32), (3, 33, 64, 16, 32, 32), (17, 9, 130, 16, 16, 64), (1, 40, 200, 16, 32, 64))
 
 
-def run_ternary_kernel(kernel, x, packed, K, blocks):
-    """Launch the learner's _ternary_matmul_kernel (integer output, no rescale) on int8 x (M, K) and packed W
-    (N, ceil(K / 4)) with the block sizes (BLOCK_M, BLOCK_N, BLOCK_K): the int32 (M, N) it stores. Under the
-    interpreter (no GPU) on CPU tensors; with a GPU, compiled on the device."""
+def run_ternary_kernel(kernel, x, packed, K, blocks, scales=None):
+    """Launch the learner's _ternary_matmul_kernel on int8 x (M, K) and packed W (N, ceil(K / 4)) with the block
+    sizes (BLOCK_M, BLOCK_N, BLOCK_K): the int32 (M, N) it stores (RESCALE=False), or with scales = (s_x (M,)
+    float32, s_W () float32) the float32 acc / s_x / s_W (RESCALE=True). Under the interpreter (no GPU) on CPU
+    tensors; with a GPU, compiled on the device."""
     from kernels import HAS_TRITON, INTERPRET
 
     if not HAS_TRITON:
@@ -248,11 +269,12 @@ def run_ternary_kernel(kernel, x, packed, K, blocks):
     M, N = x.size(0), packed.size(0)
     bm, bn, bk = blocks
     x, packed = x.to(device), packed.to(device)
-    y = torch.full((M, N), -77, dtype=torch.int32, device=device)
+    y = torch.full((M, N), -77, dtype=torch.int32 if scales is None else torch.float32, device=device)
+    xs, ws = (y, y) if scales is None else (s.to(device) for s in scales)
     try:
-        kernel[(math.ceil(M / bm), math.ceil(N / bn))](x, packed, y, y, y, M, N, K, x.stride(0), packed.stride(0),
-                                                        y.stride(0), RESCALE=False, BLOCK_M=bm, BLOCK_N=bn,
-                                                        BLOCK_K=bk)
+        kernel[(math.ceil(M / bm), math.ceil(N / bn))](x, packed, xs, ws, y, M, N, K, x.stride(0), packed.stride(0),
+                                                        y.stride(0), RESCALE=scales is not None, BLOCK_M=bm,
+                                                        BLOCK_N=bn, BLOCK_K=bk)
     except Exception as exc:  # the interpreter wraps what the kernel raised: report that, at its line
         if type(exc).__name__ == "InterpreterError" and exc.__cause__ is not None:
             raise exc.__cause__ from None
@@ -310,6 +332,29 @@ def kernel_matmul_is_exact(_ternary_matmul_kernel):
                             f"results differ from X W^T, max |diff| {int((got.long() - want.long()).abs().max())}")
 
 
+@check("RESCALE=True, the path ternary_matmul runs: the kernel stores acc / s_x[m] / s_W in float32, one "
+       "activation scale per row and the weight scale, both far from 1, for K with a tail and M, N past one tile")
+def kernel_rescale_path(_ternary_matmul_kernel):
+    for m, n, k, *blocks in KERNEL_CASES[:3]:
+        g = torch.Generator().manual_seed(m + n + k)
+        x = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+        codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+        s_x = torch.logspace(-3, 3, m, dtype=torch.float32)  # one scale per row, 1e-3 to 1e3
+        s_w = torch.tensor(37.5, dtype=torch.float32)
+        got = run_ternary_kernel(_ternary_matmul_kernel, x, _pack(codes), k, blocks, (s_x, s_w))
+        acc = (x.long() @ codes.long().T).float()
+        want = acc / s_x[:, None] / s_w
+        if not torch.allclose(got, want, rtol=1e-6, atol=0):
+            bad = ~torch.isclose(got, want, rtol=1e-6, atol=0)
+            i, j = (int(v) for v in bad.nonzero()[0])
+            why = ""
+            if torch.allclose(got * s_x[:, None] * s_w, acc, rtol=1e-4):
+                why = " (the rescale is right, so the decode or the mask of a tile differs from the integer path)"
+            raise Violation(f"RESCALE=True, M = {m}, N = {n}, K = {k}: y[{i}, {j}] = {got[i, j].item():.6g}, expected "
+                            f"acc / s_x / s_W = {want[i, j].item():.6g} with s_x[{i}] = {s_x[i].item():.3g}, s_W = "
+                            f"37.5{why}")
+
+
 # ---- 8.7 the integer inference path -------------------------------------------------------------------------
 
 def _exported(w, binary=False):
@@ -322,21 +367,22 @@ def _exported(w, binary=False):
 
 @check("ternary_linear(x, packed codes of W, s_W, g, b) equals bitlinear(x, W, g, b), the fake-quant training "
        "forward, to 1e-10 in float64: one int8 scale per token, the 2-bit codes, both rescales, the bias, any "
-       "leading dimensions", k=st.integers(1, 40), n=st.integers(1, 9),
-       lead=st.sampled_from([(1,), (3,), (2, 3), (2, 1, 2)]), with_bias=st.booleans(), binary=st.booleans(),
-       seed=seeds)
-def integer_path_equals_fake_quant(ternary_linear, k, n, lead, with_bias, binary, seed):
+       "leading dimensions (x of rank 1 to 4)", k=st.integers(1, 40), n=st.integers(1, 9),
+       lead=st.sampled_from([(), (1,), (3,), (2, 3), (2, 1, 2)]), with_bias=st.booleans(), binary=st.booleans(),
+       eps=st.sampled_from([1e-5, 0.0, 3.0]), seed=seeds)
+def integer_path_equals_fake_quant(ternary_linear, k, n, lead, with_bias, binary, eps, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g, dtype=F64) * 0.1
     gain = 1 + 0.3 * torch.randn(k, generator=g, dtype=F64)
-    x = torch.randn(*lead, k, generator=g, dtype=F64) * torch.logspace(-2, 2, lead[-1], dtype=F64)[:, None]
+    spread = torch.logspace(-2, 2, lead[-1], dtype=F64)[:, None] if lead else 3.0  # rows scaled 0.01 to 100
+    x = torch.randn(*lead, k, generator=g, dtype=F64) * spread
     b = torch.linspace(-1, 1, n, dtype=F64) if with_bias else None
     packed, scale = _exported(w, binary)
-    out = expect_tensor(ternary_linear(x, packed, scale, gain, b, 1e-5), (*lead, n), F64, "ternary_linear")
+    out = expect_tensor(ternary_linear(x, packed, scale, gain, b, eps), (*lead, n), F64, "ternary_linear")
     w_q = (w - w.mean()).sign() * w.abs().mean() if binary else naive_weight_quant(w)
-    ref = naive_activation_quant(naive_rms_norm(x, gain, 1e-5)) @ w_q.T + (0 if b is None else b)
+    ref = naive_activation_quant(naive_rms_norm(x, gain, eps)) @ w_q.T + (0 if b is None else b)
     if not _max_diff(out, ref) <= 1e-10 * max(1.0, ref.abs().max().item()):
-        raise Violation(f"x of shape {tuple(x.shape)} (rows scaled 0.01 to 100), W ({n}, {k}){' binary' if binary else ''}: "
+        raise Violation(f"x of shape {tuple(x.shape)} (rows scaled 0.01 to 100), W ({n}, {k}){' binary' if binary else ''}, eps = {eps:g}: "
                         f"ternary_linear differs from aq(RMSNorm(x)) wq(W)^T{' + b' if b is not None else ''} by "
                         f"{_max_diff(out, ref):.3g} (max |y| {ref.abs().max():.3g})")
 
@@ -463,7 +509,7 @@ EXERCISES = {
                     hint='Unpacking inverts the packing: four 2-bit fields per byte, in the same order.',
                     hints=('Shift each byte right by the four field offsets at once (broadcast), keep 2 bits, and undo the +1.',
                            'Fields (byte >> 0, 2, 4, 6) & 3 along a new last dimension, flattened along K, cut to the first K columns, minus 1, as int8.')),
-    "8.6": Exercise(points=3, checks=[kernel_decodes_every_weight, kernel_matmul_is_exact],
+    "8.6": Exercise(points=3, checks=[kernel_decodes_every_weight, kernel_matmul_is_exact, kernel_rescale_path],
                     hint='Inside the kernel the decode of exercise 8.5 runs on a whole tile at once: for each row k of the (BLOCK_K, BLOCK_N) tile of W^T, one byte per column and one 2-bit field of it.',
                     hints=("Row k of the tile needs byte k // 4 of each packed row n (w_rows already points at the rows); the field's shift depends on k only, so it broadcasts along the columns. Mask the loads past K and past N.",
                            "Load the bytes at w_rows plus k // 4 as a column vector, masked where k >= K or n >= N (other=0); shift them right by 2 (k mod 4) (as uint8, one shift per row), keep the low two bits, convert to int8 and subtract 1 so that tl.dot sees -1, 0 and 1.")),

@@ -109,12 +109,13 @@ def calls_eps_fn_per_step_with_long_timesteps(ddim_sample):
 
 # ---- 9.3 the adaLN modulation -------------------------------------------------------------------------------
 
-@check("modulate(x, shift, scale) = LN(x) (1 + scale) + shift, LN over the last axis without affine (eps 1e-6)",
-       seed=seeds, rows=st.integers(1, 4), d=st.integers(2, 9))
-def modulate_is_layernorm_times_one_plus_scale_plus_shift(modulate, seed, rows, d):
+@check("modulate(x, shift, scale) = LN(x) (1 + scale) + shift, LN over the last axis without affine (eps 1e-6), "
+       "x of rank 1 to 4", seed=seeds, lead=st.lists(st.integers(1, 3), max_size=3), d=st.integers(2, 9))
+def modulate_is_layernorm_times_one_plus_scale_plus_shift(modulate, seed, lead, d):
     g = torch.Generator().manual_seed(seed)
-    x, shift, scale = (torch.randn(rows, d, generator=g, dtype=F64) for _ in range(3))
-    out = expect_tensor(modulate(x, shift, scale), (rows, d), F64, "modulate")
+    shape = (*lead, d)  # ranks 1-4: a LayerNorm over shape[1:] instead of the last axis is seen from rank 3 on
+    x, shift, scale = (torch.randn(shape, generator=g, dtype=F64) for _ in range(3))
+    out = expect_tensor(modulate(x, shift, scale), shape, F64, "modulate")
     want = naive_layer_norm(x, eps=1e-6) * (1 + scale) + shift
     diff = (out - want).abs().max().item()
     if not diff < 1e-10:
@@ -157,6 +158,21 @@ def outputs_exactly_zero_at_init(adaln_modulation, width, chunks, seed):
                         "scale and gate must start at 0")
 
 
+@check("every parameter tensor of the modulation is exactly 0 at init: the Linear's weight (chunks * width, "
+       "width) and its bias (chunks * width,)", width=st.integers(1, 16), chunks=st.integers(1, 3))
+def every_parameter_is_zero_at_init(adaln_modulation, width, chunks):
+    module = adaln_modulation(width, chunks)
+    lin = _linear_of(module)
+    if lin.bias is None:
+        raise Violation("the linear layer has no bias: the shifts and scales need one (zero at init)")
+    for what, p, shape in (("weight", lin.weight, (chunks * width, width)), ("bias", lin.bias, (chunks * width,))):
+        if tuple(p.shape) != shape:
+            raise Violation(f"the Linear's {what} has shape {tuple(p.shape)}, expected {shape}")
+    for name, p in module.named_parameters():
+        if not torch.equal(p, torch.zeros_like(p)):
+            raise Violation(f"parameter {name} is not zero at init (max |{name}| {p.abs().max().item():.3g})")
+
+
 @check("the modulation is Linear(SiLU(c)): SiLU on the condition first, then one trainable linear layer")
 def is_a_linear_of_silu(adaln_modulation):
     module = adaln_modulation(4, 3).to(F64)
@@ -175,12 +191,17 @@ def is_a_linear_of_silu(adaln_modulation):
 
 # ---- 9.5 per-token timesteps --------------------------------------------------------------------------------
 
-@check("x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps row by row, for the (x_t, t, eps) it returns", seed=seeds)
-def noisy_latent_is_the_forward_process(q_sample, seed):
+@check("x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps row by row, for the (x_t, t, eps) it returns, and t in "
+       "{0, ..., T-1} for a schedule of T = 1000, 50, 7 or 1 steps", seed=seeds, T=st.sampled_from([1000, 50, 7, 1]))
+def noisy_latent_is_the_forward_process(q_sample, seed, T):
+    abar = ABAR if T == 1000 else alpha_bar(cosine_schedule(T))
     x0 = torch.randn(64, 3, generator=torch.Generator().manual_seed(seed), dtype=F64)
-    x_t, t, eps = q_sample(x0, ABAR, torch.Generator().manual_seed(seed + 1))
+    x_t, t, eps = q_sample(x0, abar, torch.Generator().manual_seed(seed + 1))
     t = expect_tensor(t, (64,), torch.long, "t")
-    a = ABAR[t][:, None]
+    if not (0 <= int(t.min()) and int(t.max()) < T):
+        raise Violation(f"with a schedule of T = {T} steps t ranges over [{int(t.min())}, {int(t.max())}]; it must "
+                        f"lie in {{0, ..., {T - 1}}} (the length of alphas_cumprod)")
+    a = abar[t][:, None]
     diff = (x_t - (a.sqrt() * x0 + (1 - a).sqrt() * eps)).abs().max().item()
     if not diff < 1e-12:
         raise Violation(f"x_t differs from sqrt(abar_t) x0 + sqrt(1 - abar_t) eps by {diff:.3g}")
@@ -285,15 +306,16 @@ def _run_kernel(graded, x, shift, scale, rows_per_cond, eps):
     return y, mean, rstd
 
 
-def _conditions(rows: int, n: int, seed: int, extra: int = 4):
+def _conditions(rows: int, n: int, seed: int, extra: int = 4, gaps: tuple = (0, 0)):
     """shift, scale (rows, n) float32 at the start of a buffer whose next `extra` rows are NaN: reading a condition
-    row that does not exist gives NaN, not another tensor's memory."""
+    row that does not exist gives NaN, not another tensor's memory. gaps: NaN columns after each row of shift and
+    of scale (rows n + gap apart, as chunks of one (B, chunks * n) modulation output are)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(2):
-        buf = torch.full(((rows + extra) * n,), math.nan)
-        buf[: rows * n] = torch.randn(rows * n, generator=g) * 0.7
-        out.append(buf[: rows * n].view(rows, n))
+    for gap in gaps:
+        buf = torch.full((rows + extra, n + gap), math.nan)
+        buf[:rows, :n] = (torch.randn(rows * n, generator=g) * 0.7).view(rows, n)
+        out.append(buf[:rows, :n])
     return out
 
 
@@ -398,13 +420,14 @@ def large_means_keep_the_precision(kernel):
 
 
 @check("a condition shared by a sequence: row r of x reads shift and scale from condition row r // rows_per_cond "
-       "(3 sequences of 4 tokens, 2 of 5, and one condition for all 6 rows)")
+       "(3 sequences of 4 tokens, 2 of 5, and one condition for all 6 rows), shift and scale rows strided apart")
 def per_sequence_condition_broadcasts_over_tokens(kernel):
     for sequences, tokens, n, seed in ((3, 4, 37, 10), (2, 5, 16, 11), (1, 6, 20, 12)):
         x = torch.randn(sequences * tokens, n, generator=torch.Generator().manual_seed(seed)) * 1.5 + 0.3
-        shift, scale = _conditions(sequences, n, seed + 1)
+        shift, scale = _conditions(sequences, n, seed + 1, gaps=(3, 5))  # rows n + 3 and n + 5 apart
         _compare_row(kernel, x, shift, scale, tokens, 1e-6,
-                     f"{sequences} sequence(s) of {tokens} tokens, {n} columns, rows_per_cond = {tokens}")
+                     f"{sequences} sequence(s) of {tokens} tokens, {n} columns, rows_per_cond = {tokens}, shift "
+                     f"rows {n + 3} apart (stride_sh) and scale rows {n + 5} (stride_sc)")
 
 
 # ---- 9.8 the diffusion head's training loss -----------------------------------------------------------------
@@ -596,7 +619,8 @@ EXERCISES = {
                     hint='adaLN: a LayerNorm without its own affine parameters, then a scale and a shift that come from the condition.',
                     hints=('The scale enters as (1 + scale), so that a zero modulation leaves the plain LayerNorm.',
                            'Normalize over the last dimension with eps 1e-6 and no affine weights, multiply by one plus the scale, add the shift.')),
-    "9.4": Exercise(points=2, checks=[outputs_exactly_zero_at_init, is_a_linear_of_silu],
+    "9.4": Exercise(points=2, checks=[outputs_exactly_zero_at_init, every_parameter_is_zero_at_init,
+                                      is_a_linear_of_silu],
                     hint='The modulation network maps the condition to all shifts, scales and gates at once, and starts at exactly zero.',
                     hints=('A SiLU followed by one linear layer producing chunks times width outputs; its weight and bias set to zero.',
                            'Zero initialization makes every adaLN block the identity on its branch at the start: each gate is 0.')),

@@ -108,6 +108,7 @@ RETENTION_CASES = st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1,
                             st.sampled_from([1.0, 30.0]))
 RETENTION_EXAMPLES = [dict(case=c) for c in [
     (1, 1, 1, 1, 1, 0, "mild", False, 1.0),  # T = 1, one head, no state
+    (2, 2, 0, 3, 2, 6, "mild", False, 1.0),  # T = 0: nothing new, out (B, H, 0, Dv) and a zero state
     (1, 1, 1, 2, 3, 1, "mild", True, 1.0),  # T = 1 from a given state
     (2, 2, 6, 3, 3, 2, "mild", True, 1.0),  # Dk = Dv: a transposed outer product has the right shape
     (2, 3, 7, 2, 4, 3, "zero", True, 1.0),  # gamma = 1: causal linear attention plus the state

@@ -128,7 +128,8 @@ def expect_estimate(estimate: float, want: float, se: float, what: str, why: str
 
 def std_tolerance(n: int, floor: float = 0.06) -> float:
     """The relative tolerance on the sample std of n normal draws: Z standard errors (1 / sqrt(2 (n - 1))),
-    at least `floor`."""
+    at least `floor`. A correct init misses it with probability < 2e-9 per tensor (normal tail of Z = 6; the
+    floor only widens it): a check over at most a few dozen tensors rejects a correct answer with P < 1e-7."""
     return max(floor, Z / math.sqrt(2 * (n - 1)))
 
 
