@@ -40,34 +40,20 @@
 # on a 2-core CPU, and the fused `LN(α·x + g)` kernel.
 
 # %%
-import json
 import math
 import statistics
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 
 import kernels  # noqa: F401  (without a GPU it sets TRITON_INTERPRET=1 before anything imports triton)
-from nanomodels.runtime import quick_mode
 
 import deepnet_experiments as exp  # chapters/deepnet_experiments.py: the toy, the training runs and the sweeps
+from preamble import load, start  # chapters/preamble.py: the set-up below; stored sweeps
 from show import show  # chapters/show.py: prints library code; an exercise's function as its stub
 
-QUICK = quick_mode()
-torch.set_num_threads(1)
-torch.set_flush_denormal(True)  # a stalled Post-LN has subnormal gradients, ~100x slower on x86 CPUs
-torch.manual_seed(0)
-print(f"{'quick mode' if QUICK else 'full run'} | torch {torch.__version__} | {torch.get_num_threads()} thread(s)")
-
-
-def load(name):
-    """A results file written by a sweep script (the command that produced it is stored inside)."""
-    data = json.loads((Path("results") / name).read_text())
-    print(f"{name}: {len(data['runs'])} runs, {data['seconds'] / 60:.1f} min on {data['threads']} thread(s), "
-          f"torch {data['torch']}\n  produced by: {data['command']}")
-    return data
+QUICK = start(flush_denormal=True)  # 1 thread, seed 0; a stalled Post-LN has subnormal gradients
 
 
 # %% [markdown]

@@ -55,16 +55,13 @@ import torch
 import kernels  # noqa: F401  (without a GPU it sets TRITON_INTERPRET=1 before anything imports triton)
 from nanomodels.dilated import (DilatedAttention, dilated_attention, dilated_branch, geometric_patterns, head_offsets,
                                 merge_by_lse, num_score_entries)
-from nanomodels.runtime import quick_mode
 
 import dilated_experiments as exp  # chapters/dilated_experiments.py: the benchmark, the toy, the process runs
+from preamble import start  # chapters/preamble.py: the set-up line below
 from show import show  # chapters/show.py: prints library code; an exercise's function as its stub
 
-QUICK = quick_mode()
-torch.set_num_threads(1)
-torch.manual_seed(0)
+QUICK = start()  # quick or full run, 1 thread, seed 0
 RESULTS = Path("results")
-print("quick mode" if QUICK else "full run")
 
 # %% [markdown]
 # ## 1. One pattern, one head

@@ -44,16 +44,13 @@ import torch
 
 from nanomodels.distill import default_teacher_layer, distill_terms
 from nanomodels.minilm import attention_kl, minilm_v2_loss, relation
-from nanomodels.runtime import quick_mode
 
 import minilm_experiments as exp  # chapters/minilm_experiments.py: the teacher run and the students
+from preamble import start  # chapters/preamble.py: the set-up line below
 from show import show
 
-QUICK = quick_mode()
-torch.set_num_threads(1)
-torch.manual_seed(0)
+QUICK = start()  # quick or full run, 1 thread, seed 0
 RESULTS = Path("results")
-print("quick mode" if QUICK else "full run")
 
 # %% [markdown]
 # ## 1. The losses, from nanomodels/minilm.py, and the task that uses them

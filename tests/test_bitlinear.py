@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from nanomodels.bitlinear import (BitLinear, BitNetResidual, TernaryLinear, activation_quant, pack_ternary,
                                   quantize_activation, quantize_weight, rms_norm, ternary_matmul_reference,
                                   to_ternary, unpack_ternary, weight_quant, weight_quant_binary)
+from nanomodels.train import FunctionTask, fit
 from nanomodels.transformer import Transformer, TransformerConfig
 
 F64 = torch.float64
@@ -284,14 +285,8 @@ def test_a_tiny_bitnet_trains_with_bitlinear_swapped_in_one_line():
     model = bitnet(tiny_config())
     assert isinstance(model.blocks[0].ffn.fc1, BitLinear) and type(model.head.proj) is nn.Linear
     data = torch.arange(16).repeat(4, 2)[:, :17] % 32  # a fixed, learnable sequence
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        _, loss = model(data[:, :-1], data[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, FunctionTask(lambda step: (data[:, :-1], data[:, 1:])), 30,
+                 optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))
     assert losses[-1] < 0.5 * losses[0], f"loss did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from nanomodels.attention import attention
 from nanomodels.dilated import (DilatedAttention, check_patterns, dilated_attention, dilated_branch, geometric_patterns,
                                 head_offsets, longnet, merge_by_lse, num_score_entries)
+from nanomodels.train import FunctionTask, fit
 from nanomodels.transformer import Transformer, TransformerConfig
 
 TOL = 1e-10
@@ -104,23 +105,17 @@ def test_detached_weights_keep_the_forward_but_not_the_gradient():
 
 @pytest.mark.parametrize("causal", [False, True])
 @settings(deadline=None, max_examples=15)
-@given(T=st.integers(1, 50), extra=st.integers(0, 20), seed=st.integers(0, 99))
-def test_one_segment_covering_the_sequence_without_dilation_is_dense_attention(causal, T, extra, seed):
+@given(T=st.integers(1, 50), w=st.integers(1, 20), extra=st.integers(0, 20), seed=st.integers(0, 99))
+def test_one_pattern_without_dilation_is_block_diagonal_attention(causal, T, w, extra, seed):
+    """r = 1 attends within segments: a block-diagonal mask of w-blocks; one segment of w >= T, dense attention."""
     q, k, v = qkv(2, 3, T, 4, seed)
-    got = dilated_attention(q, k, v, [T + extra], [1], causal=causal)
-    want = attention(q, k, v, causal=causal)
-    assert torch.allclose(got, want, atol=TOL, rtol=0), report("w >= T, r = 1 vs dense", got, want)
-
-
-@pytest.mark.parametrize("causal", [False, True])
-@settings(deadline=None, max_examples=15)
-@given(T=st.integers(1, 50), w=st.integers(1, 20), seed=st.integers(0, 99))
-def test_one_pattern_without_dilation_is_block_diagonal_attention(causal, T, w, seed):
-    q, k, v = qkv(1, 2, T, 4, seed)
     block = torch.arange(T)[:, None] // w == torch.arange(T)[None, :] // w
     got = dilated_attention(q, k, v, [w], [1], causal=causal)
     want = attention(q, k, v, block, causal=causal)
     assert torch.allclose(got, want, atol=TOL, rtol=0), report("r = 1 vs block-diagonal mask", got, want)
+    got = dilated_attention(q, k, v, [T + extra], [1], causal=causal)
+    want = attention(q, k, v, causal=causal)
+    assert torch.allclose(got, want, atol=TOL, rtol=0), report("w >= T, r = 1 vs dense", got, want)
 
 
 def test_later_keys_and_values_never_change_earlier_outputs_when_causal():
@@ -232,15 +227,9 @@ def test_part_swapped_in_one_line_trains_and_rejects_masks_and_cache():
     config = TransformerConfig(vocab_size=16, block_size=32, n_layers=2, d_model=32, n_heads=4)
     model = Transformer(config, attention=longnet([8, 16, 32], [1, 2, 4]))
     assert isinstance(model.blocks[0].attn, DilatedAttention)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x = torch.randint(0, 16, (4, 32))
-    losses = []
-    for _ in range(8):
-        _, loss = model(x[:, :-1], x[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, FunctionTask(lambda step: (x[:, :-1], x[:, 1:])), 8,
+                 optimizer=torch.optim.AdamW(model.parameters(), lr=3e-3))
     assert losses[-1] < losses[0] - 0.1, f"loss did not fall: {losses}"
     with pytest.raises(ValueError, match="cache"):
         model.generate(x[:, :4], 2)

@@ -282,13 +282,13 @@ def retention_recurrent(q, k, v, gamma, state=None):
 
 def retention_chunkwise(q, k, v, gamma, chunk_size, state=None):
     g = _check(q, k, v, gamma, state)
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+    if type(chunk_size) is not int or chunk_size < 1:
         raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
-    B, H, T, Dk = q.shape
-    S = q.new_zeros(B, H, Dk, v.size(-1)) if state is None else state
+    S = torch.zeros(*q.shape[:2], q.size(-1), v.size(-1), dtype=q.dtype) if state is None else state
     out = []
-    for start in range(0, T, chunk_size):
-        qc, kc, vc = (t[:, :, start:start + chunk_size] for t in (q, k, v))
+    for start in range(0, q.size(2), chunk_size):
+        end = start + chunk_size
+        qc, kc, vc = q[:, :, start:end], k[:, :, start:end], v[:, :, start:end]
         C = qc.size(2)
         inner = ((qc @ kc.transpose(-2, -1)) * decay_mask(g, C).to(q.dtype)) @ vc
         gh = g.flatten()

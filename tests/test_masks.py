@@ -77,8 +77,9 @@ def test_seq2seq_source_states_unchanged_when_target_resampled():
         assert torch.equal(h3[:, :t + 1], h1[:, :t + 1]), f"target position {t} saw a later target token"
 
 
-def _embedding_grads(model, idx, allowed, row):
-    """d(sum of logits at `row`) / d(input embedding at every position): (T,) gradient norms."""
+def embedding_grads(model, idx, row, **forward):
+    """d(sum of the logits at `row`) / d(input embedding at every position) of model(idx, causal=False,
+    **forward): (T,) gradient norms, 0 exactly where `row` cannot see. tests/test_pmlm.py uses it too."""
     store = {}
 
     def leaf(module, inputs, out):
@@ -87,7 +88,7 @@ def _embedding_grads(model, idx, allowed, row):
 
     handle = model.embed.wte.register_forward_hook(leaf)
     try:
-        logits_of(model, idx, allowed)[0, row].sum().backward()
+        model(idx, causal=False, **forward)[0][0, row].sum().backward()
     finally:
         handle.remove()
     return store["x"].grad[0].norm(dim=-1)
@@ -101,7 +102,7 @@ def test_causality_by_gradients(name, mask_fn, blind):
     m, n = model64(), 7
     idx = torch.randint(0, V, (1, n))
     for i in range(n):
-        g = _embedding_grads(m, idx, mask_fn(n), i)
+        g = embedding_grads(m, idx, i, allowed=mask_fn(n))
         for j in range(n):
             if blind(i, j):
                 assert g[j] == 0, f"{name}: output {i} has gradient {g[j]:.3g} w.r.t. token {j}"

@@ -16,6 +16,8 @@ from nanomodels.pmlm import (AE, PSEUDO, REAL, pmlm_batch, pmlm_layout, pmlm_los
                              s2s_pseudo_layout, sample_spans)
 from nanomodels.transformer import Transformer, TransformerConfig
 
+from test_masks import embedding_grads
+
 V = 13
 M_ID, P_ID = 13, 14  # [M] and [P] are the two ids past the toy vocabulary
 
@@ -80,23 +82,6 @@ def test_reductions():
         assert torch.equal(m[q], (kind == AE) | (kind == PSEUDO)), "[P] sees the AE block and its span's [P]s"
 
 
-def _grads_wrt_inputs(model, lay, row):
-    store = {}
-
-    def leaf(module, inputs, out):
-        store["x"] = out.detach().requires_grad_(True)
-        return store["x"]
-
-    handle = model.embed.wte.register_forward_hook(leaf)
-    try:
-        allowed = pmlm_mask(lay["kind"], lay["step"])
-        logits, _ = model(lay["tokens"][None], allowed=allowed, causal=False, positions=lay["positions"])
-        logits[0, row].sum().backward()
-    finally:
-        handle.remove()
-    return store["x"].grad[0].abs().sum(-1)
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_pseudo_logits_have_zero_gradient_wrt_own_and_later_real_tokens(seed):
     g = torch.Generator().manual_seed(seed)
@@ -106,7 +91,8 @@ def test_pseudo_logits_have_zero_gradient_wrt_own_and_later_real_tokens(seed):
     lay, m = pmlm_layout(x, spans, order, M_ID, P_ID), model64(seed)
     kind, step = lay["kind"], lay["step"]
     for q in (kind == PSEUDO).nonzero().flatten().tolist():
-        grad = _grads_wrt_inputs(m, lay, q)
+        grad = embedding_grads(m, lay["tokens"][None], q, allowed=pmlm_mask(kind, step),
+                               positions=lay["positions"])
         for k in (kind == REAL).nonzero().flatten().tolist():
             if step[k] >= step[q]:
                 assert grad[k] == 0, f"[P] at {q} (step {step[q]}) leaks the real token at {k} (step {step[k]})"

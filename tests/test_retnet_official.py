@@ -14,24 +14,9 @@ from nanomodels.retnet import (MultiScaleRetention, apply_xpos, retention_chunkw
                                retention_parallel, retention_recurrent, retnet_lm)
 from nanomodels.transformer import TransformerConfig
 
+from test_retnet import naive, qkv  # the literal loop over m <= n, and its seeded float64 inputs
+
 TOL = 1e-12
-
-
-def qkv(B, H, T, Dk, Dv, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, T, D, dtype=torch.float64, generator=g) for D in (Dk, Dk, Dv)]
-
-
-def naive_retention(q, k, v, gamma):
-    """o[n] = sum_{m <= n} gamma^(n - m) (q_n . k_m) v_m, by loops."""
-    B, H, T, _ = q.shape
-    out = torch.zeros(B, H, T, v.size(-1), dtype=q.dtype)
-    for h in range(H):
-        for n in range(T):
-            for m in range(n + 1):
-                w = float(gamma[h]) ** (n - m) * (q[:, h, n] * k[:, h, m]).sum(-1, keepdim=True)
-                out[:, h, n] += w * v[:, h, m]
-    return out
 
 
 def test_gammas_are_one_minus_two_to_minus_five_minus_h():
@@ -44,7 +29,7 @@ def test_gammas_are_one_minus_two_to_minus_five_minus_h():
 def test_three_forms_equal_the_naive_loop(T, B, H, Dk, Dv, seed):
     q, k, v = qkv(B, H, T, Dk, Dv, seed)
     gamma = retention_gammas(H)
-    want = naive_retention(q, k, v, gamma)
+    want = naive(q, k, v, gamma)
     par = retention_parallel(q, k, v, gamma)
     rec, S = retention_recurrent(q, k, v, gamma)
     assert par.dtype == torch.float64 and (par - want).abs().max() < TOL

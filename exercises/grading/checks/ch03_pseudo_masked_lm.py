@@ -12,7 +12,7 @@ import torch
 from hypothesis import strategies as st
 
 from exercises.grading.checking import Exercise, Violation, check
-from exercises.grading.checks.common import F64, expect_tensor
+from exercises.grading.checks.common import F64, expect_close, expect_tensor
 from nanomodels.attention import attention
 from nanomodels.pmlm import pmlm_batch
 from nanomodels.pmlm import pmlm_losses as library_pmlm_losses
@@ -369,10 +369,8 @@ def the_gradient_flows_through_both_losses(pmlm_losses, case):
     want = torch.autograd.grad(ref, params)
     for (name, _), a, b in zip(model.named_parameters(), mine, want):
         a = torch.zeros_like(b) if a is None else a
-        diff = (a - b).abs().max().item()
-        if not diff < 1e-9:
-            raise Violation(f"the gradient of L_AE + L_PAR with respect to {name} differs from the written-out "
-                            f"losses' by {diff:.3g}")
+        expect_close(a, b, 1e-9, f"the gradient of L_AE + L_PAR with respect to {name} differs from the "
+                     "written-out losses'", output=f"the gradient to {name}")
 
 
 @check("a batch with nothing masked (num_masked = 0) has no prediction of either kind: both losses are 0, "

@@ -12,7 +12,7 @@ import torch
 from hypothesis import strategies as st
 
 from exercises.grading.checking import Exercise, Violation, check
-from exercises.grading.checks.common import F64
+from exercises.grading.checks.common import F64, expect_close
 
 
 def _qkv(B, H, T, D, seed, dtype=F64):
@@ -118,9 +118,8 @@ def merge_of_key_splits_is_attention_over_all_keys(merge_by_lse, T, cuts, seed, 
         lses.append(torch.logsumexp(s, -1))
     want = torch.softmax(q @ k.transpose(-2, -1) / 2.0, -1) @ v
     got = merge_by_lse(torch.stack(outs), torch.stack(lses))
-    if _diff(got, want) > 1e-10:
-        raise Violation(f"outs {tuple(outs[0].shape)}, key splits at {edges}: the merge differs from attention over all keys by "
-                        f"{_diff(got, want):.3g}")
+    expect_close(got, want, 1e-10,
+                 f"outs {tuple(outs[0].shape)}, key splits at {edges}: the merge differs from attention over all keys")
 
 
 @check("a row with LSE = -inf in every input is covered by nothing: its output is 0, never NaN",
@@ -198,8 +197,7 @@ def detached_weights_stop_the_lse_gradient(merge_by_lse, seed):
     lses = torch.randn(2, 1, 2, 5, generator=g, dtype=F64, requires_grad=True)
     weight = torch.randn(1, 2, 5, 3, generator=g, dtype=F64)
     got = merge_by_lse(outs, lses, detach_weights=True)
-    if _diff(got, _merge_oracle(outs, lses)) > 1e-10:
-        raise Violation(f"detach_weights=True changed the forward by {_diff(got, _merge_oracle(outs, lses)):.3g}")
+    expect_close(got, _merge_oracle(outs, lses), 1e-10, "detach_weights=True changed the forward")
     d_outs, d_lses = torch.autograd.grad((got * weight).sum(), (outs, lses), allow_unused=True)
     want = torch.softmax(lses.detach(), 0)[..., None] * weight
     if d_outs is None or _diff(d_outs, want) > 1e-10:
@@ -348,9 +346,8 @@ def gradients_are_those_of_the_mixture(dilated_attention, T, H, patterns, causal
     want = torch.autograd.grad((frozen * weight).sum(), (q, k, v))
     out = dilated_attention(q, k, v, *patterns, causal=causal, detach_weights=True)
     got = torch.autograd.grad((out * weight).sum(), (q, k, v), allow_unused=True)
-    if _diff(out, oracle) > 1e-10:
-        raise Violation(f"detach_weights=True changed the forward by {_diff(out, oracle):.3g}; only the backward "
-                        "should change")
+    expect_close(out, oracle, 1e-10, "detach_weights=True changed the forward",
+                 "; only the backward should change")
     for name, a, b in zip(("dQ", "dK", "dV"), got, want):
         if a is None or _diff(a, b) > 1e-9:
             raise Violation(f"detach_weights=True: {name} differs from the gradient with alpha held constant by "

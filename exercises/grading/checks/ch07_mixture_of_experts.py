@@ -15,7 +15,7 @@ import torch
 from hypothesis import strategies as st
 
 from exercises.grading.checking import Exercise, Violation, check
-from exercises.grading.checks.common import differs, expect_tensor, float32_default, fmt, installed, max_diff
+from exercises.grading.checks.common import expect_close, expect_tensor, float32_default, fmt, installed
 from nanomodels.moe import MoE
 from nanomodels.transformer import Transformer, TransformerConfig
 
@@ -331,9 +331,8 @@ def aux_loss_is_attached(moe_forward, S, d, E, k, factor, fraction, training, se
                         "loss, and the balancing gradient must reach the router")
     got_grad = torch.autograd.grad(aux, moe.router.proj.weight)[0]
     want_grad = torch.autograd.grad(want, moe.router.proj.weight)[0]
-    if not torch.allclose(got_grad, want_grad, rtol=0, atol=1e-10):
-        raise Violation(f"the gradient of moe.aux_loss to the router differs from l_aux's by "
-                        f"{(got_grad - want_grad).abs().max().item():.3g}")
+    expect_close(got_grad, want_grad, 1e-10, "the gradient of moe.aux_loss to the router differs from l_aux's",
+                 output="your router gradient")
     if type(choices) is not torch.Tensor or tuple(choices.shape) != (S, k) or not torch.equal(choices.cpu(),
                                                                                             want_choices):
         raise Violation(f"moe.last_experts is {fmt(choices) if isinstance(choices, torch.Tensor) else choices!r}; "
@@ -356,9 +355,8 @@ def gradients_follow_the_rule(moe_forward, S, d, E, k, factor, fraction, trainin
     for name, a, b in zip(names, got, want):
         a = torch.zeros_like(params[names.index(name)]) if a is None else a
         b = torch.zeros_like(a) if b is None else b
-        if not torch.allclose(a, b, rtol=0, atol=1e-9):
-            raise Violation(f"the gradient to {name} differs from the rule's by {(a - b).abs().max().item():.3g}"
-                            + (" (the gates are detached?)" if name.startswith("router") else ""))
+        expect_close(a, b, 1e-9, f"the gradient to {name} differs from the rule's",
+                     " (the gates are detached?)" if name.startswith("router") else "", f"the gradient to {name}")
 
 
 class _GradedMoE(MoE):
@@ -596,11 +594,9 @@ def grouped_gemm_forward_and_input_gradient(_grouped_gemm_kernel):
     want = torch.einsum("pd,pfd->pf", h64[rows], w.double()[block_expert.long().repeat_interleave(gg.BLOCK_M)])
     want = want * (tokens >= 0)[:, None]
     (want * weight).sum().backward()
-    if not max_diff(out, want) <= 1e-4:
-        raise Violation(f"grouped_gemm's forward differs from the oracle by {differs(out, want, 'its output')}")
-    if not max_diff(h.grad, h64.grad) <= 1e-4:
-        raise Violation(f"grouped_gemm's dA (TRANS_W = False, then index_add over the pairs) differs from the "
-                        f"oracle by {differs(h.grad, h64.grad, 'dA')}")
+    expect_close(out, want, 1e-4, "grouped_gemm's forward differs from the oracle", output="its output")
+    expect_close(h.grad, h64.grad, 1e-4, "grouped_gemm's dA (TRANS_W = False, then index_add over the pairs) differs "
+                 "from the oracle", output="dA")
 
 
 EXERCISES = {

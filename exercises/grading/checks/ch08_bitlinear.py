@@ -12,7 +12,7 @@ import torch
 from hypothesis import strategies as st
 
 from exercises.grading.checking import Exercise, Violation, check
-from exercises.grading.checks.common import F64, expect_tensor, fmt, seeds
+from exercises.grading.checks.common import F64, expect_close, expect_tensor, fmt, seeds
 
 shapes = st.tuples(st.integers(1, 6), st.integers(2, 30))
 # x (..., K): ranks 1 to 4, so a reduction over shape[1:] (or a flatten) instead of the last axis is seen
@@ -97,9 +97,8 @@ def activation_quant_matches_the_faq(activation_quant, shape, c, seed):
     x = _randn(*shape, seed=seed) * c
     out = expect_tensor(activation_quant(x.clone()), shape, F64, "activation_quant")
     ref = naive_activation_quant(x)
-    if not _max_diff(out, ref) <= 1e-12 * c:
-        raise Violation(f"activation_quant differs from the per-token absmax equation by {_max_diff(out, ref):.3g} "
-                        f"for x of shape {shape} times {c}")
+    expect_close(out, ref, 1e-12 * c, "activation_quant differs from the per-token absmax equation",
+                 f" for x of shape {shape} times {c}")
 
 
 @check("each row's codes x_q * 127 / max|x| are integers in [-127, 127], each row keeps its absmax, and scaling "
@@ -177,9 +176,8 @@ def bitlinear_straight_through(bitlinear, seed):
         raise Violation(f"no gradient reached {', '.join(missing)}: the quantized values must stay connected to "
                         f"the graph through v + (q(v) - v).detach()")
     xq = naive_activation_quant(naive_rms_norm(x, gain, 1e-5))
-    if not _max_diff(wl.grad, gy.T @ xq) <= 1e-10:
-        raise Violation(f"dL/dW differs from g_y^T x_q by {_max_diff(wl.grad, gy.T @ xq):.3g} (max |g_y^T x_q| "
-                        f"{(gy.T @ xq).abs().max():.3g}); the STE passes dL/dW_q to W unchanged")
+    expect_close(wl.grad, gy.T @ xq, 1e-10, "dL/dW differs from g_y^T x_q",
+                 f" (max |g_y^T x_q| {(gy.T @ xq).abs().max():.3g}); the STE passes dL/dW_q to W unchanged", "dL/dW")
     xr, gr = x.clone().requires_grad_(), gain.clone().requires_grad_()
     h = xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-5) * gr
     (h @ naive_weight_quant(w).T).backward(gy)
@@ -193,9 +191,8 @@ def bitlinear_straight_through(bitlinear, seed):
 def bitlinear_scale_invariant(bitlinear, c, seed):
     x, w, gain = _layer(16, 4, seed)
     a, b = bitlinear(x, w, gain, None, 0.0), bitlinear(c * x, w, gain, None, 0.0)
-    if not _max_diff(a, b) <= 1e-10 * max(1.0, a.abs().max().item()):
-        raise Violation(f"bitlinear({c} x) differs from bitlinear(x) by {_max_diff(a, b):.3g}: normalize the input "
-                        f"first (RMSNorm), so that the per-token scale cannot leak into the output")
+    expect_close(b, a, 1e-10 * max(1.0, a.abs().max().item()), f"bitlinear({c} x) differs from bitlinear(x)",
+                 ": normalize the input first (RMSNorm), so that the per-token scale cannot leak into the output")
 
 
 # ---- 8.4 pack_ternary -------------------------------------------------------------------------------------
@@ -381,10 +378,10 @@ def integer_path_equals_fake_quant(ternary_linear, k, n, lead, with_bias, binary
     out = expect_tensor(ternary_linear(x, packed, scale, gain, b, eps), (*lead, n), F64, "ternary_linear")
     w_q = (w - w.mean()).sign() * w.abs().mean() if binary else naive_weight_quant(w)
     ref = naive_activation_quant(naive_rms_norm(x, gain, eps)) @ w_q.T + (0 if b is None else b)
-    if not _max_diff(out, ref) <= 1e-10 * max(1.0, ref.abs().max().item()):
-        raise Violation(f"x of shape {tuple(x.shape)} (rows scaled 0.01 to 100), W ({n}, {k}){' binary' if binary else ''}, eps = {eps:g}: "
-                        f"ternary_linear differs from aq(RMSNorm(x)) wq(W)^T{' + b' if b is not None else ''} by "
-                        f"{_max_diff(out, ref):.3g} (max |y| {ref.abs().max():.3g})")
+    expect_close(out, ref, 1e-10 * max(1.0, ref.abs().max().item()),
+                 f"x of shape {tuple(x.shape)} (rows scaled 0.01 to 100), W ({n}, {k}){' binary' if binary else ''}, "
+                 f"eps = {eps:g}: ternary_linear differs from aq(RMSNorm(x)) wq(W)^T{' + b' if b is not None else ''}",
+                 f" (max |y| {ref.abs().max():.3g})")
 
 
 @check("the matmul runs through `gemm`, once, on the int8 codes (M, K) of RMSNorm(x), and y is gemm's int32 "
@@ -419,9 +416,8 @@ def integer_matmul_goes_through_gemm(ternary_linear):
                         f"one scale 127 / max|h| per token are {fmt(want_codes[0, :6])}...")
     acc = (want_codes @ unpack_codes(packed, 20).double().T + 1).view(2, 3, 6)
     want = acc / s_x.view(2, 3, 1) / scale
-    if not _max_diff(out, want) <= 1e-10 * want.abs().max().item():
-        raise Violation(f"y differs from gemm's result / s_x / s_W by {_max_diff(out, want):.3g}: the output must be "
-                        "computed from the int32 accumulators gemm returns")
+    expect_close(out, want, 1e-10 * want.abs().max().item(), "y differs from gemm's result / s_x / s_W",
+                 ": the output must be computed from the int32 accumulators gemm returns")
 
 
 def unpack_codes(packed, K):

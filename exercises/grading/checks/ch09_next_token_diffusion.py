@@ -14,7 +14,8 @@ import torch.nn as nn
 from hypothesis import strategies as st
 
 from exercises.grading.checking import Exercise, Violation, check
-from exercises.grading.checks.common import F64, Z, expect_estimate, expect_tensor, naive_layer_norm, seeds
+from exercises.grading.checks.common import (F64, Z, expect_close, expect_estimate, expect_tensor, max_diff,
+                                             naive_layer_norm, seeds)
 from kernels import triton
 from nanomodels.diffusion import DiffusionHead, alpha_bar, cosine_schedule, q_sample, sampling_timesteps
 from nanomodels.transformer import TransformerConfig
@@ -69,10 +70,8 @@ def oracle_denoiser_returns_x0(ddim_sample, seed, num_steps):
     g = torch.Generator().manual_seed(seed)
     x0, x_T = torch.randn(3, 4, generator=g, dtype=F64) * 2, torch.randn(3, 4, generator=g, dtype=F64)
     out = expect_tensor(ddim_sample(_oracle_eps(x0), x_T, ABAR, num_steps), (3, 4), F64, "ddim_sample")
-    diff = (out - x0).abs().max().item()
-    if not diff < 1e-10:
-        raise Violation(f"{num_steps} steps: the result differs from x0 by {diff:.3g}; after the step at t = 0 "
-                        "the next abar is 1, so the last step returns the predicted x0")
+    expect_close(out, x0, 1e-10, f"{num_steps} steps: the result differs from x0",
+                 "; after the step at t = 0 the next abar is 1, so the last step returns the predicted x0")
 
 
 @check("each step is x_s = sqrt(a_s) x0_hat + sqrt(1 - a_s) eps with x0_hat = (x_t - sqrt(1 - a_t) eps) / "
@@ -86,9 +85,7 @@ def each_step_is_the_ddim_update(ddim_sample, num_steps):
         eps = _smooth_eps(x, torch.full((2,), t, dtype=torch.long))
         a_t, a_s = ABAR[t].item(), ABAR[steps[i + 1]].item() if i + 1 < len(steps) else 1.0
         x = math.sqrt(a_s) * (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t) + math.sqrt(1 - a_s) * eps
-    diff = (out - x).abs().max().item()
-    if not diff < 1e-10:
-        raise Violation(f"{num_steps} steps: the result differs from the DDIM update by {diff:.3g}")
+    expect_close(out, x, 1e-10, f"{num_steps} steps: the result differs from the DDIM update")
 
 
 @check("eps_fn is called once per step, with t a LongTensor of shape (batch,) holding that step's timestep")
@@ -117,12 +114,10 @@ def modulate_is_layernorm_times_one_plus_scale_plus_shift(modulate, seed, lead, 
     x, shift, scale = (torch.randn(shape, generator=g, dtype=F64) for _ in range(3))
     out = expect_tensor(modulate(x, shift, scale), shape, F64, "modulate")
     want = naive_layer_norm(x, eps=1e-6) * (1 + scale) + shift
-    diff = (out - want).abs().max().item()
-    if not diff < 1e-10:
-        why = ""
-        if (out - (naive_layer_norm(x, eps=1e-6) * scale + shift)).abs().max() < 1e-10:
-            why = ": yours multiplies by scale, not 1 + scale (a zero scale must keep LN(x))"
-        raise Violation(f"differs from LN(x) (1 + scale) + shift by {diff:.3g}{why}")
+    why = ""
+    if max_diff(out, naive_layer_norm(x, eps=1e-6) * scale + shift) < 1e-10:
+        why = ": yours multiplies by scale, not 1 + scale (a zero scale must keep LN(x))"
+    expect_close(out, want, 1e-10, "differs from LN(x) (1 + scale) + shift", why)
 
 
 @check("with shift = scale = 0 modulate is the plain LayerNorm of x (what a zero-initialized head starts with)",
@@ -130,9 +125,8 @@ def modulate_is_layernorm_times_one_plus_scale_plus_shift(modulate, seed, lead, 
 def zero_modulation_is_plain_layernorm(modulate, seed):
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(seed), dtype=F64) * 3 + 1
     zero = torch.zeros_like(x)
-    diff = (modulate(x, zero, zero) - naive_layer_norm(x, eps=1e-6)).abs().max().item()
-    if not diff < 1e-10:
-        raise Violation(f"with zero shift and scale the result differs from LN(x) by {diff:.3g}")
+    expect_close(modulate(x, zero, zero), naive_layer_norm(x, eps=1e-6), 1e-10,
+                 "with zero shift and scale the result differs from LN(x)")
 
 
 # ---- 9.4 the zero-initialized adaLN modulation --------------------------------------------------------------
@@ -184,9 +178,8 @@ def is_a_linear_of_silu(adaln_modulation):
     if not (lin.weight.requires_grad and lin.bias is not None and lin.bias.requires_grad):
         raise Violation("the linear layer's weight and bias must be trainable parameters")
     c = torch.randn(6, 4, generator=g, dtype=F64)
-    diff = (module(c) - nn.functional.linear(nn.functional.silu(c), lin.weight, lin.bias)).abs().max().item()
-    if not diff < 1e-12:
-        raise Violation(f"with nonzero weights the output differs from Linear(SiLU(c)) by {diff:.3g}")
+    expect_close(module(c), nn.functional.linear(nn.functional.silu(c), lin.weight, lin.bias), 1e-12,
+                 "with nonzero weights the output differs from Linear(SiLU(c))")
 
 
 # ---- 9.5 per-token timesteps --------------------------------------------------------------------------------
@@ -202,9 +195,8 @@ def noisy_latent_is_the_forward_process(q_sample, seed, T):
         raise Violation(f"with a schedule of T = {T} steps t ranges over [{int(t.min())}, {int(t.max())}]; it must "
                         f"lie in {{0, ..., {T - 1}}} (the length of alphas_cumprod)")
     a = abar[t][:, None]
-    diff = (x_t - (a.sqrt() * x0 + (1 - a).sqrt() * eps)).abs().max().item()
-    if not diff < 1e-12:
-        raise Violation(f"x_t differs from sqrt(abar_t) x0 + sqrt(1 - abar_t) eps by {diff:.3g}")
+    expect_close(x_t, a.sqrt() * x0 + (1 - a).sqrt() * eps, 1e-12,
+                 "x_t differs from sqrt(abar_t) x0 + sqrt(1 - abar_t) eps", output="your x_t")
 
 
 @check("one timestep per row (per token), uniform on {0, ..., T-1}: 20000 rows draw t = 0 and T-1, (T-1)/2 on "
@@ -548,9 +540,8 @@ def gradient_reaches_the_backbone_states(diffusion_loss):
         if got is None:
             raise Violation(f"d loss / d {name} is None: the conditions were detached from the graph (the "
                             "backbone would never learn)")
-        diff = (got - want).abs().max().item()
-        if not diff <= 1e-10 * max(1.0, want.abs().max().item()):
-            raise Violation(f"d loss / d {name} differs from the written-out loss's gradient by {diff:.3g}")
+        expect_close(got, want, 1e-10 * max(1.0, want.abs().max().item()),
+                     f"d loss / d {name} differs from the written-out loss's gradient", output=f"d loss / d {name}")
 
 
 TOY_CHECK = dict(steps=200, batch=128, width=32, depth=1, lr=4e-3, noise=0.1)  # ~1 s of one CPU core

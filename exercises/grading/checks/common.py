@@ -110,6 +110,13 @@ def differs(got, want, what: str = "your output") -> str:
     return ("NaN" if d == math.inf and got.detach().isnan().any() else f"{d:.3g}") + nan_note(got, want, what)
 
 
+def expect_close(got, want, tol: float, what: str, why: str = "", output: str = "your output") -> None:
+    """The compare-and-fail stanza: unless max |got - want| <= tol (NaN never is), raise
+    Violation(f"{what} by {differs(got, want, output)}{why}"), e.g. what = 'the output differs from LN(x)'."""
+    if not max_diff(got, want) <= tol:
+        raise Violation(f"{what} by {differs(got, want, output)}{why}")
+
+
 # ---- statistics of random draws -------------------------------------------------------------------------------
 # A check on random draws accepts an estimate within Z standard errors of its expectation, the standard error
 # computed for a CORRECT answer from the number of draws (never from the learner's own draws, which a wrong answer
