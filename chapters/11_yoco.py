@@ -41,36 +41,20 @@
 # ran on: a shared 2-core CPU, one thread, medians.
 
 # %%
-import json
 import statistics
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 
 from nanomodels.gated_retention import gated_retention, gated_retention_chunkwise, gated_retention_recurrent
 from nanomodels.retnet import retention_gammas, retention_parallel
-from nanomodels.runtime import quick_mode
 from nanomodels.yoco import YOCO, CrossAttention, GatedRetention, YOCOConfig
 
 import yoco_experiments as exp  # chapters/yoco_experiments.py: the benchmarks and the training runs
+from preamble import begin, stored  # chapters/preamble.py: what chapters 10 and 11 do first
 from show import show  # chapters/show.py: prints library code; an exercise's function as its stub
 
-QUICK = quick_mode()
-torch.set_num_threads(1)
-torch.manual_seed(0)
-RESULTS = Path("results")
-print(f"{'quick mode' if QUICK else 'full run'} | torch {torch.__version__} | {torch.get_num_threads()} thread(s)")
-
-
-def stored(name):
-    """A results file of chapters/yoco_experiments.py (None in quick mode or when it is missing)."""
-    path = RESULTS / name
-    if QUICK or not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    print(f"{name}: {data['seconds'] / 60:.1f} min on {data['machine']}\n  produced by: {data['command']}")
-    return data
+begin()  # one thread, seed 0; stored(name) reads results/<name> (None in quick mode)
 
 
 # %% [markdown]

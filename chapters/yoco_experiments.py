@@ -58,7 +58,7 @@ from nanomodels.train import FunctionTask, fit, lm_loss, lr_at, make_optimizer
 from nanomodels.transformer import IGNORE_INDEX, Transformer, TransformerConfig
 from nanomodels.yoco import YOCO, YOCOConfig, sliding_window_mask
 
-import retnet_experiments as ch10  # chapter 10's corpus cut and cache byte count
+import retnet_experiments as ch10  # chapter 10's corpus cut, cache byte count and timer
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -162,16 +162,6 @@ PREFILL_KINDS = ("transformer", "yoco", "yoco, no exit", "yoco, sliding")
 PREFILL_MAX = {"yoco, sliding": 4096}
 
 
-def timed(call, repeats: int) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def prefill_decode(lengths, repeats: int = 3, steps: int = 8, n_layers: int = 4, progress=print) -> list:
     block = max(lengths) + steps + 2
@@ -188,10 +178,10 @@ def prefill_decode(lengths, repeats: int = 3, steps: int = 8, n_layers: int = 4,
                 continue
             model = models[kind]
             if kind == "yoco, no exit":
-                seconds = timed(lambda: model(idx), repeats)
+                seconds = ch10.timed(lambda: model(idx), repeats)
                 rows.append({"kind": kind, "T": T, "prefill_ms": 1e3 * seconds, "repeats": repeats})
             else:
-                seconds = timed(lambda: prefill(arch[kind], model, idx), repeats)
+                seconds = ch10.timed(lambda: prefill(arch[kind], model, idx), repeats)
                 _, cache = prefill(arch[kind], model, idx)
                 token, times = torch.zeros(1, 1, dtype=torch.long), []
                 for _ in range(steps):
