@@ -14,13 +14,12 @@ from nanomodels.runtime import quick_mode
 RESULTS = Path("results")
 
 
-def begin() -> bool:
-    """One thread, seed 0, a line naming the mode, torch's version and the threads; returns quick_mode()."""
-    quick = quick_mode()
+def begin() -> None:
+    """One thread, seed 0, and a line naming the mode (quick_mode()), torch's version and the threads."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    print(f"{'quick mode' if quick else 'full run'} | torch {torch.__version__} | {torch.get_num_threads()} thread(s)")
-    return quick
+    print(f"{'quick mode' if quick_mode() else 'full run'} | torch {torch.__version__} | "
+          f"{torch.get_num_threads()} thread(s)")
 
 
 def stored(name: str):
