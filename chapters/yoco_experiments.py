@@ -36,7 +36,7 @@ and frozen (the task needs no positions; one model then runs at every length):
   yoco_swa       YOCO, 1 sliding-window (32) self-decoder layer + 1 cross-decoder layer onto the global KV
   yoco_gret      YOCO, 1 gated-retention self-decoder layer + 1 cross-decoder layer
 Trained through RECALL["phases"] (a length curriculum, 1,000 steps in all: 100 steps of 64 sequences of 16 tokens,
-500 of 32 of 64, 200 of 16 of 128, then 200 of 8 of 512) on fresh random sequences; accuracy on 256 fresh sequences
+500 of 32 of 64, 200 of 16 of 128, 100 of 8 of 512, then 100 of 4 of 1024) on fresh random sequences; accuracy on 256 fresh sequences
 of 512 and of 2048 tokens, also split by the distance from the pair to its query.
 
     OMP_NUM_THREADS=1 python chapters/yoco_experiments.py recall --seeds 0 1 2 3 4 --out ch11_recall.json
@@ -247,7 +247,7 @@ def lm(seeds, archs=ARCHS, cfg: dict = LM, progress=print) -> list:
 # ----------------------------------------------------------------------------- 4. associative recall
 
 RECALL = dict(n_pairs=4, n_keys=4, n_values=4, n_fillers=1, d_model=64, n_layers=2, n_heads=4, window=32,
-              phases=((16, 64, 100), (64, 32, 500), (128, 16, 200), (512, 8, 200)), lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1,
+              phases=((16, 64, 100), (64, 32, 500), (128, 16, 200), (512, 8, 100), (1024, 4, 100)), lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1,
               grad_clip=1.0, eval_lengths=(512, 2048), eval_sequences=256, distance_bins=(0, 62, 128, 512, 2048))
 QUICK_RECALL = dict(RECALL, phases=((64, 8, 4), (128, 4, 2)), eval_lengths=(128,), eval_sequences=16,
                     distance_bins=(0, 62, 128))
