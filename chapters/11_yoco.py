@@ -327,10 +327,10 @@ for a in ("yoco_gret", "yoco_swa"):
 #
 # Training (with `nanomodels.train.fit`, one warmup + cosine schedule, fresh random sequences) is a length
 # curriculum, the same 1,000 steps for the three models: 100 steps of 64 sequences of 16 tokens (the 4 pairs among
-# 9 body tokens: 5 fillers), 500 steps of 32 sequences of 64 tokens, 200 of 16 of 128
-# and 200 of 8 of 512. At 16 and 64 tokens every pair is within the window-only model's reach; at 128 and 512 most
-# are not. Evaluated on 256 fresh sequences of 512 and of 2,048 tokens (2,048 is 4 times the longest training
-# length), the accuracy split by the distance from the pair to its query. Five seeds. A full run reads
+# 9 body tokens: 5 fillers), 500 steps of 32 sequences of 64 tokens, 200 of 16 of 128, 100 of 8 of 512 and 100 of
+# 4 of 1,024. At 16 and 64 tokens every pair is within the window-only model's reach; from 128 tokens on most are
+# not. Evaluated on 256 fresh sequences of 512 and of 2,048 tokens (2,048 is twice the longest training length),
+# the accuracy split by the distance from the pair to its query. Five seeds. A full run reads
 # `results/ch11_recall.json`; quick mode trains 6 steps on short sequences.
 
 # %%
@@ -387,18 +387,15 @@ plt.show()
 # What the full run shows (`results/ch11_recall.json`, 5 seeds, chance 0.25; 101,696 parameters for the
 # sliding-window-only model, 101,760 for YOCO with the sliding window, 106,180 with gated retention, whose gate and
 # output-gate projections add the difference). The **sliding-window-only** model learned the pairs it can see
-# (0.661, 0.553 .. 0.898 over the seeds, at distances 1–62 at 512 tokens) and is at chance beyond its reach on every
-# seed: 0.250 (0.224 .. 0.277) at distances 129–512 and 0.252 (0.225 .. 0.269) at 513–2,048, never 3 binomial
+# (0.674, 0.577 .. 0.852 over the seeds, at distances 1–62 at 512 tokens) and is at chance beyond its reach on every
+# seed: 0.253 (0.245 .. 0.268) at distances 129–512 and 0.251 (0.242 .. 0.269) at 513–2,048, never 3 binomial
 # standard deviations above 0.25 in a bin beyond 62. **YOCO with the same sliding window** answers wherever the pair
-# is: 0.997 (0.991 .. 1.000) at 512 tokens, 0.997 at distances 129–512, and at 2,048 tokens, 4 times the longest
-# training length, 0.992 (0.963 .. 1.000), 0.990 (0.957 .. 1.000) at distances 513–2,048. **YOCO with gated
-# retention** is exact at 512 tokens: 1.000 on all 5 seeds in every distance bin. At 2,048 tokens it stays above
-# chance in every bin on every seed but falls to 0.785 (0.698 .. 0.848), 0.731 (0.616 .. 0.805) at distances
-# 513–2,048. Its self-decoder's output at a token depends on the whole decayed past, the sliding window's only on
-# the last 32 tokens; why that past hurts at 4 times the training length is not measured here.
+# is: 0.996 (0.987 .. 1.000) at 512 tokens, 0.997 (0.987 .. 1.000) at distances 129–512, and at 2,048 tokens, twice
+# the longest training length, 0.999 (0.997 .. 1.000), 0.998 (0.996 .. 1.000) at distances 513–2,048. **YOCO with
+# gated retention** is exact at 512 tokens, 1.000 on all 5 seeds in every distance bin, and at 2,048 tokens scores
+# 0.972 (0.943 .. 0.997), 0.966 (0.942 .. 0.996) at distances 513–2,048.
 #
 # So the measurement shows the point of the global cache: a model whose every layer has a window cannot answer beyond
-# it, and the same window under one cross-decoder layer answers at every distance measured, on every seed, with the
-# same steps and (within 5%) the same parameters; with gated retention it answers every distance at the training
-# length and degrades, above chance, beyond it. The `train_s` times in the file, 34–87 s per model, are from a shared
-# 2-core machine, one thread.
+# it, and the same window, or gated retention, under one cross-decoder layer answers at every distance measured, on
+# every seed, with the same steps and (within 5%) the same parameters. The `train_s` times in the file, 40–77 s per
+# model, are from a shared 2-core machine, one thread.
