@@ -47,36 +47,20 @@
 # shared 2-core CPU, one thread, medians.
 
 # %%
-import json
 import math
 import statistics
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 
 from nanomodels.retnet import (MultiScaleRetention, apply_xpos, retention_chunkwise, retention_gammas,
                                retention_parallel, retention_recurrent, retnet_lm)
-from nanomodels.runtime import quick_mode
 
 import retnet_experiments as exp  # chapters/retnet_experiments.py: the benchmarks and the training runs
+from preamble import start, stored  # chapters/preamble.py: the set-up line below; stored results
 from show import show  # chapters/show.py: prints library code; an exercise's function as its stub
 
-QUICK = quick_mode()
-torch.set_num_threads(1)
-torch.manual_seed(0)
-RESULTS = Path("results")
-print(f"{'quick mode' if QUICK else 'full run'} | torch {torch.__version__} | {torch.get_num_threads()} thread(s)")
-
-
-def stored(name):
-    """A results file of chapters/retnet_experiments.py (None in quick mode or when it is missing)."""
-    path = RESULTS / name
-    if QUICK or not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    print(f"{name}: {data['seconds'] / 60:.1f} min on {data['machine']}\n  produced by: {data['command']}")
-    return data
+QUICK = start()  # quick or full run, 1 thread, seed 0; stored(name) reads results/<name> (None in quick mode)
 
 
 # %% [markdown]
@@ -128,17 +112,25 @@ forms_saved = stored("ch10_forms.json")
 forms_rows = forms_saved["rows"] if forms_saved else exp.forms_cost([256, 512, 1024], repeats=1, progress=lambda s: None)
 print(exp.forms_table(forms_rows))
 
-fig, (ax_ms, ax_tok) = plt.subplots(1, 2, figsize=(12, 4.5))
-for form, style in zip(exp.FORMS, ("o-", "s--", "^:")):
-    mine = sorted((r for r in forms_rows if r["form"] == form), key=lambda r: r["T"])
-    ax_ms.loglog([r["T"] for r in mine], [r["ms"] for r in mine], style, base=2, label=form)
-    ax_tok.loglog([r["T"] for r in mine], [r["us_per_token"] for r in mine], style, base=2, label=form)
-ax_ms.set(title="retention, one call (1 thread, float32)", xlabel="sequence length T", ylabel="ms")
-ax_tok.set(title="the same per token", xlabel="sequence length T", ylabel="µs per token")
-for ax in (ax_ms, ax_tok):
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-plt.show()
+
+def loglog_panels(rows, key, series, panels, xlabel):
+    """Side-by-side log-log plots against r["T"]: one line per (value of r[key], label, style) in `series`, one
+    panel per (y(r), title, ylabel) in `panels`."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(12, 4.5))
+    for value, label, style in series:
+        mine = sorted((r for r in rows if r[key] == value), key=lambda r: r["T"])
+        for ax, (y, _, _) in zip(axes, panels):
+            ax.loglog([r["T"] for r in mine], [y(r) for r in mine], style, base=2, label=label)
+    for ax, (_, title, ylabel) in zip(axes, panels):
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    plt.show()
+
+
+loglog_panels(forms_rows, "form", [(form, form, style) for form, style in zip(exp.FORMS, ("o-", "s--", "^:"))],
+              [(lambda r: r["ms"], "retention, one call (1 thread, float32)", "ms"),
+               (lambda r: r["us_per_token"], "the same per token", "µs per token")], "sequence length T")
 
 # %% [markdown]
 # What the full run shows (`results/ch10_forms.json`): the three forms agree with the naive loop to $5 \cdot 10^{-14}$ or
@@ -180,17 +172,10 @@ params = {r["kind"]: r["params"] for r in decode_rows}
 print(f"parameters (without the Transformer's position table, which only maps positions to vectors): Transformer "
       f"{params['learned']:,}, RetNet {params['retnet']:,}")
 
-fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
-for kind, label, style in (("learned", "Transformer + KV cache", "o-"), ("retnet", "RetNet, recurrent", "s--")):
-    mine = sorted((r for r in decode_rows if r["kind"] == kind), key=lambda r: r["T"])
-    ax_t.loglog([r["T"] for r in mine], [r["ms_per_token"] for r in mine], style, base=2, label=label)
-    ax_m.loglog([r["T"] for r in mine], [r["cache_bytes"] / 2**20 for r in mine], style, base=2, label=label)
-ax_t.set(title="decoding latency per token (1 thread)", xlabel="context T (tokens)", ylabel="ms per token")
-ax_m.set(title="cache / state memory", xlabel="context T (tokens)", ylabel="MiB")
-for ax in (ax_t, ax_m):
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-plt.show()
+
+loglog_panels(decode_rows, "kind", [("learned", "Transformer + KV cache", "o-"), ("retnet", "RetNet, recurrent", "s--")],
+              [(lambda r: r["ms_per_token"], "decoding latency per token (1 thread)", "ms per token"),
+               (lambda r: r["cache_bytes"] / 2**20, "cache / state memory", "MiB")], "context T (tokens)")
 
 # %% [markdown]
 # What the full run shows (`results/ch10_decode.json`): the RetNet's state is 0.125 MiB at every context (4 layers ×

@@ -34,43 +34,28 @@
 # early**: the prompt goes through the self-decoder and the global KV, and only its last position through the
 # cross-decoder.
 #
-# This chapter: gated retention's forms against a naive loop; YOCO's decoding against its own forward; the cache bytes
+# This chapter: gated retention's forms against a float64 oracle; YOCO's decoding against its own forward; the cache bytes
 # of YOCO and a same-size Transformer from 1K to 64K tokens and from 2 to 16 layers; the time to first token; the
 # validation loss at equal parameters on the default corpus; and a multi-query associative-recall toy where a
 # sliding-window-only model cannot reach the keys and YOCO's global cache can. Timings are on the machine this notebook
 # ran on: a shared 2-core CPU, one thread, medians.
 
 # %%
-import json
 import statistics
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 
+from exercises.grading.checks.ch11_yoco import naive_gated_retention  # exercise 11.1's float64 oracle
 from nanomodels.gated_retention import gated_retention, gated_retention_chunkwise, gated_retention_recurrent
 from nanomodels.retnet import retention_gammas, retention_parallel
-from nanomodels.runtime import quick_mode
 from nanomodels.yoco import YOCO, CrossAttention, GatedRetention, YOCOConfig
 
 import yoco_experiments as exp  # chapters/yoco_experiments.py: the benchmarks and the training runs
+from preamble import start, stored  # chapters/preamble.py: the set-up line below; stored results
 from show import show  # chapters/show.py: prints library code; an exercise's function as its stub
 
-QUICK = quick_mode()
-torch.set_num_threads(1)
-torch.manual_seed(0)
-RESULTS = Path("results")
-print(f"{'quick mode' if QUICK else 'full run'} | torch {torch.__version__} | {torch.get_num_threads()} thread(s)")
-
-
-def stored(name):
-    """A results file of chapters/yoco_experiments.py (None in quick mode or when it is missing)."""
-    path = RESULTS / name
-    if QUICK or not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    print(f"{name}: {data['seconds'] / 60:.1f} min on {data['machine']}\n  produced by: {data['command']}")
-    return data
+QUICK = start()  # quick or full run, 1 thread, seed 0; stored(name) reads results/<name> (None in quick mode)
 
 
 # %% [markdown]
@@ -97,32 +82,22 @@ show(gated_retention_recurrent)
 show(gated_retention_chunkwise)
 
 # %% [markdown]
-# The three forms against the equation written as a loop, in float64, with random decays; and a constant decay
-# $\log\gamma_t = \log\gamma_h$ against chapter 10's `retention_parallel`.
+# The three forms against the equation in float64, with random decays: the oracle is the one exercise 11.1 is
+# graded with (`exercises/grading/checks/ch11_yoco.py`), the decay matrix $D[n, m]$ built one exponent at a time and
+# the sum taken as written, from a zero initial state here. And a constant decay $\log\gamma_t = \log\gamma_h$
+# against chapter 10's `retention_parallel`.
 
 # %%
-def naive_gated_retention(q, k, v, log_decay):
-    """The equation, one (batch, head, n, m) at a time."""
-    B, H, T, _ = q.shape
-    out = torch.zeros(B, H, T, v.size(-1), dtype=q.dtype)
-    for b in range(B):
-        for h in range(H):
-            for n in range(T):
-                for m in range(n + 1):
-                    out[b, h, n] += log_decay[b, h, m + 1:n + 1].sum().exp() * (q[b, h, n] @ k[b, h, m]) * v[b, h, m]
-    return out
-
-
 gen = torch.Generator().manual_seed(0)
 q, k = (torch.randn(2, 3, 20, 8, generator=gen, dtype=torch.float64) for _ in range(2))
 v = torch.randn(2, 3, 20, 16, generator=gen, dtype=torch.float64)
 log_decay = torch.nn.functional.logsigmoid(torch.randn(2, 3, 20, generator=gen, dtype=torch.float64)) / 16
-want = naive_gated_retention(q, k, v, log_decay)
+want = naive_gated_retention(q, k, v, log_decay, torch.zeros(2, 3, 8, 16, dtype=torch.float64))[0]
 forms = {"parallel": gated_retention(q, k, v, log_decay),
          "recurrent": gated_retention_recurrent(q, k, v, log_decay)[0],
          "chunkwise C=6": gated_retention_chunkwise(q, k, v, log_decay, 6)[0]}
 for name, out in forms.items():
-    print(f"{name:<14} max |form - naive loop| = {(out - want).abs().max().item():.1e}")
+    print(f"{name:<14} max |form - oracle| = {(out - want).abs().max().item():.1e}")
 gamma = retention_gammas(3).double()
 constant = gamma.log()[None, :, None].expand(2, 3, 20)
 print(f"constant decay: max |gated_retention - retention_parallel| = "
@@ -351,10 +326,12 @@ for a in ("yoco_gret", "yoco_swa"):
 # position tables are zeroed and frozen (the task needs no positions), so that one model runs at any length.
 #
 # Training (with `nanomodels.train.fit`, one warmup + cosine schedule, fresh random sequences) is a length
-# curriculum: 600 steps of 32 sequences of 64 tokens, where every pair is within the window's reach, then 200 steps
-# of 8 sequences of 512 tokens. Evaluated on 256 fresh sequences of 512 and of 2,048 tokens, the accuracy split by the
-# distance from the pair to its query. Five seeds. A full run reads `results/ch11_recall.json`; quick mode trains 6
-# steps on short sequences.
+# curriculum, the same 1,000 steps for the three models: 100 steps of 64 sequences of 16 tokens (the 4 pairs among
+# 9 body tokens: 5 fillers), 500 steps of 32 sequences of 64 tokens, 200 of 16 of 128, 100 of 8 of 512 and 100 of
+# 4 of 1,024. At 16 and 64 tokens every pair is within the window-only model's reach; from 128 tokens on most are
+# not. Evaluated on 256 fresh sequences of 512 and of 2,048 tokens (2,048 is twice the longest training length),
+# the accuracy split by the distance from the pair to its query. Five seeds. A full run reads
+# `results/ch11_recall.json`; quick mode trains 6 steps on short sequences.
 
 # %%
 show(exp.recall_batch)
@@ -407,19 +384,18 @@ for ax, T in zip(axes[0], map(str, recall_cfg["eval_lengths"])):
 plt.show()
 
 # %% [markdown]
-# What the full run shows (`results/ch11_recall.json`, 5 seeds, chance 0.25): the **sliding-window-only** model
-# learned the pairs it can see (0.605 accuracy at distances 1–62 at 512 tokens, 0.455 .. 0.785 over the seeds) and
-# is at chance beyond its reach on every seed (0.240, 0.228 .. 0.254, at distances 129–512; never 3 binomial standard
-# deviations above 0.25 there). **YOCO with the same sliding window** is above chance beyond 128 positions on every
-# seed at 512 tokens, 0.592 (0.429 .. 0.808) at distances 129–512, about what it scores at distances 1–62 (0.612):
-# its one cross-decoder layer reads the global K, V of every position, and how far back the pair is does not matter.
-# At 2,048 tokens, a length it never trained on, three seeds of five stay above chance at every distance beyond 128
-# (overall 0.446, 0.806, 0.624) and two fall to chance (0.260, 0.224). **YOCO with gated retention** learned the task
-# on one seed of five, perfectly (1.000 at both lengths and in every distance bin), and stayed at chance on the other
-# four (overall 0.240 .. 0.263 at 512 tokens): in this short training the cross-decoder's lookup either forms or does
-# not, and with gated retention it mostly did not.
+# What the full run shows (`results/ch11_recall.json`, 5 seeds, chance 0.25; 101,696 parameters for the
+# sliding-window-only model, 101,760 for YOCO with the sliding window, 106,180 with gated retention, whose gate and
+# output-gate projections add the difference). The **sliding-window-only** model learned the pairs it can see
+# (0.674, 0.577 .. 0.852 over the seeds, at distances 1–62 at 512 tokens) and is at chance beyond its reach on every
+# seed: 0.253 (0.245 .. 0.268) at distances 129–512 and 0.251 (0.242 .. 0.269) at 513–2,048, never 3 binomial
+# standard deviations above 0.25 in a bin beyond 62. **YOCO with the same sliding window** answers wherever the pair
+# is: 0.996 (0.987 .. 1.000) at 512 tokens, 0.997 (0.987 .. 1.000) at distances 129–512, and at 2,048 tokens, twice
+# the longest training length, 0.999 (0.997 .. 1.000), 0.998 (0.996 .. 1.000) at distances 513–2,048. **YOCO with
+# gated retention** is exact at 512 tokens, 1.000 on all 5 seeds in every distance bin, and at 2,048 tokens scores
+# 0.972 (0.943 .. 0.997), 0.966 (0.942 .. 0.996) at distances 513–2,048.
 #
 # So the measurement shows the point of the global cache: a model whose every layer has a window cannot answer beyond
-# it, however it is trained, and the same window under a cross-decoder can. It does not show that YOCO learns this
-# reliably: 800 steps on a toy of 4 pairs left the gated-retention YOCO at chance on 4 seeds of 5 and the
-# sliding-window YOCO between 0.42 and 0.79.
+# it, and the same window, or gated retention, under one cross-decoder layer answers at every distance measured, on
+# every seed, with the same steps and (within 5%) the same parameters. The `train_s` times in the file, 40–77 s per
+# model, are from a shared 2-core machine, one thread.

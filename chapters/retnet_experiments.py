@@ -104,6 +104,17 @@ FORMS = ("parallel", "recurrent", "chunkwise")
 PARALLEL_MAX_T = 4096  # the parallel form stores (H, T, T) decay and score matrices: 3 x 256 MiB at T = 4096
 
 
+def timed(call, repeats: int) -> float:
+    """Median seconds of `repeats` calls of call(), after one warm-up call (chapter 11's timings use it too)."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def time_form(form: str, T: int, repeats: int = 3, chunk_size: int = 64) -> float:
     """Median seconds of one call of `form` on (1, 4, T, 32) queries and keys and (1, 4, T, 64) values, float32."""
     gen = torch.Generator().manual_seed(0)
@@ -114,13 +125,7 @@ def time_form(form: str, T: int, repeats: int = 3, chunk_size: int = 64) -> floa
             "recurrent": lambda: retention_recurrent(q, k, v, gamma),
             "chunkwise": lambda: retention_chunkwise(q, k, v, gamma, chunk_size)}[form]
     with torch.no_grad():
-        call()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return timed(call, repeats)
 
 
 def forms_cost(lengths, repeats: int = 3, chunk_size: int = 64, progress=print) -> list:

@@ -35,9 +35,9 @@ and frozen (the task needs no positions; one model then runs at every length):
                  2 x 31 = 62 positions back)
   yoco_swa       YOCO, 1 sliding-window (32) self-decoder layer + 1 cross-decoder layer onto the global KV
   yoco_gret      YOCO, 1 gated-retention self-decoder layer + 1 cross-decoder layer
-Trained through RECALL["phases"] (600 steps of 32 sequences of 64 tokens, then 200 steps of 8 of 512) on fresh
-random sequences; accuracy on 256 fresh sequences of 512 and of 2048 tokens, also split by the distance from the
-pair to its query.
+Trained through RECALL["phases"] (a length curriculum, 1,000 steps in all: 100 steps of 64 sequences of 16 tokens,
+500 of 32 of 64, 200 of 16 of 128, 100 of 8 of 512, then 100 of 4 of 1024) on fresh random sequences; accuracy on 256 fresh sequences
+of 512 and of 2048 tokens, also split by the distance from the pair to its query.
 
     OMP_NUM_THREADS=1 python chapters/yoco_experiments.py recall --seeds 0 1 2 3 4 --out ch11_recall.json
 
@@ -58,7 +58,7 @@ from nanomodels.train import FunctionTask, fit, lm_loss, lr_at, make_optimizer
 from nanomodels.transformer import IGNORE_INDEX, Transformer, TransformerConfig
 from nanomodels.yoco import YOCO, YOCOConfig, sliding_window_mask
 
-import retnet_experiments as ch10  # chapter 10's corpus cut and cache byte count
+import retnet_experiments as ch10  # chapter 10's corpus cut, cache byte count and timer
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -162,16 +162,6 @@ PREFILL_KINDS = ("transformer", "yoco", "yoco, no exit", "yoco, sliding")
 PREFILL_MAX = {"yoco, sliding": 4096}
 
 
-def timed(call, repeats: int) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def prefill_decode(lengths, repeats: int = 3, steps: int = 8, n_layers: int = 4, progress=print) -> list:
     block = max(lengths) + steps + 2
@@ -188,10 +178,10 @@ def prefill_decode(lengths, repeats: int = 3, steps: int = 8, n_layers: int = 4,
                 continue
             model = models[kind]
             if kind == "yoco, no exit":
-                seconds = timed(lambda: model(idx), repeats)
+                seconds = ch10.timed(lambda: model(idx), repeats)
                 rows.append({"kind": kind, "T": T, "prefill_ms": 1e3 * seconds, "repeats": repeats})
             else:
-                seconds = timed(lambda: prefill(arch[kind], model, idx), repeats)
+                seconds = ch10.timed(lambda: prefill(arch[kind], model, idx), repeats)
                 _, cache = prefill(arch[kind], model, idx)
                 token, times = torch.zeros(1, 1, dtype=torch.long), []
                 for _ in range(steps):
@@ -257,7 +247,7 @@ def lm(seeds, archs=ARCHS, cfg: dict = LM, progress=print) -> list:
 # ----------------------------------------------------------------------------- 4. associative recall
 
 RECALL = dict(n_pairs=4, n_keys=4, n_values=4, n_fillers=1, d_model=64, n_layers=2, n_heads=4, window=32,
-              phases=((64, 32, 600), (512, 8, 200)), lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1,
+              phases=((16, 64, 100), (64, 32, 500), (128, 16, 200), (512, 8, 100), (1024, 4, 100)), lr=3e-3, min_lr=3e-4, warmup=20, weight_decay=0.1,
               grad_clip=1.0, eval_lengths=(512, 2048), eval_sequences=256, distance_bins=(0, 62, 128, 512, 2048))
 QUICK_RECALL = dict(RECALL, phases=((64, 8, 4), (128, 4, 2)), eval_lengths=(128,), eval_sequences=16,
                     distance_bins=(0, 62, 128))
