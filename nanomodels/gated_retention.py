@@ -58,7 +58,8 @@ def gated_retention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay
 
 
 def _zero_state(q, v, state):
-    return q.new_zeros(*q.shape[:2], q.size(-1), v.size(-1)) if state is None else state
+    """S_0: zeros, or a copy of the given state (the returned state is never the caller's tensor, even for T = 0)."""
+    return q.new_zeros(*q.shape[:2], q.size(-1), v.size(-1)) if state is None else state.clone()
 
 
 def gated_retention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,

@@ -86,6 +86,17 @@ def test_gated_retention_chunkwise_equals_recurrent_for_any_chunk_size(shape, se
 
 
 @pytest.mark.parametrize("form", ["recurrent", "chunkwise"])
+def test_an_empty_sequence_returns_a_new_state_equal_to_the_given_one(form):
+    q, k, v, g = (t[:, :, :0] for t in inputs(2, 3, 5, 4, 3, seed=0))
+    state = torch.randn(2, 3, 4, 3, dtype=torch.float64)
+    fn = gated_retention_recurrent if form == "recurrent" else (
+        lambda *a, state=None: gated_retention_chunkwise(*a, chunk_size=3, state=state))
+    out, new = fn(q, k, v, g, state=state)
+    assert out.shape == (2, 3, 0, 3)
+    assert torch.equal(new, state) and new.data_ptr() != state.data_ptr()  # a caller may update either in place
+
+
+@pytest.mark.parametrize("form", ["recurrent", "chunkwise"])
 @pytest.mark.parametrize("split", [0, 1, 4, 7])
 def test_gated_retention_state_continues_the_sequence(form, split):
     q, k, v, g = inputs(2, 3, 7, 4, 3, seed=split)
