@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from nanomodels.attention import attention, sdpa_attention
 from nanomodels.dilated import dilated_attention, longnet, num_score_entries
+from nanomodels.runtime import median_seconds
 from nanomodels.train import FunctionTask, fit
 from nanomodels.transformer import Transformer, TransformerConfig
 
@@ -77,13 +78,8 @@ def measure_one(method: str, T: int, repeats: int) -> dict:
           "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
           "dense": lambda: attention(q, k, v)}[method]
     base = _reset_peak()  # inputs allocated; the peak from importing torch no longer counts
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return {"method": method, "T": T, "ms": 1e3 * statistics.median(times),
+    ms = 1e3 * median_seconds(fn, repeats)  # the warm-up call runs after the reset, so the peak counts it
+    return {"method": method, "T": T, "ms": ms,
             "peak_mib": (_status_bytes("VmHWM") - base) / 2 ** 20, "repeats": repeats}
 
 

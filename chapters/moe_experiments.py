@@ -18,13 +18,13 @@ import json
 import math
 import os
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from nanomodels.moe import MoE, sorted_dispatch, top_k_gating, top_k_routing
+from nanomodels.runtime import median_seconds
 from nanomodels.train import FunctionTask, fit
 from nanomodels.transformer import MLP, Transformer, TransformerConfig
 
@@ -139,16 +139,6 @@ def probe_routing(model, probe, previous) -> dict:
     return out
 
 
-def time_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(1000 * (time.perf_counter() - start))
-    return sorted(times)[len(times) // 2]
-
-
 @contextlib.contextmanager
 def _quiet_fds():
     """Silence C-level stdout / stderr (the profiler's tracer prints a line at every start and stop)."""
@@ -195,8 +185,8 @@ def dispatch_benchmark(experts=(8, 16, 32, 64), tokens: int = 2048, d: int = 64,
             return sorted_dispatch(h, top_k_routing(logits, k, C), identity)
 
         assert torch.allclose(dense(), sort_based(), atol=1e-5)
-        rows.append({"experts": E, "capacity": C, "dense_ms": time_ms(dense, repeats),
-                     "sorted_ms": time_ms(sort_based, repeats), "dense_bytes": allocated_bytes(dense),
+        rows.append({"experts": E, "capacity": C, "dense_ms": 1e3 * median_seconds(dense, repeats),
+                     "sorted_ms": 1e3 * median_seconds(sort_based, repeats), "dense_bytes": allocated_bytes(dense),
                      "sorted_bytes": allocated_bytes(sort_based)})
     return rows
 

@@ -54,6 +54,7 @@ from nanomodels.attention import MultiHeadAttention, as_4d_mask, causal_mask
 from nanomodels.data import get_batch, load_text, train_val_split
 from nanomodels.retnet import (apply_xpos, retention_chunkwise, retention_gammas, retention_parallel,
                                retention_recurrent, retnet_lm)
+from nanomodels.runtime import median_seconds
 from nanomodels.tokenizer import get_tokenizer
 from nanomodels.train import FunctionTask, fit, lm_loss, lr_at, make_optimizer
 from nanomodels.transformer import Transformer, TransformerConfig
@@ -104,17 +105,6 @@ FORMS = ("parallel", "recurrent", "chunkwise")
 PARALLEL_MAX_T = 4096  # the parallel form stores (H, T, T) decay and score matrices: 3 x 256 MiB at T = 4096
 
 
-def timed(call, repeats: int) -> float:
-    """Median seconds of `repeats` calls of call(), after one warm-up call (chapter 11's timings use it too)."""
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def time_form(form: str, T: int, repeats: int = 3, chunk_size: int = 64) -> float:
     """Median seconds of one call of `form` on (1, 4, T, 32) queries and keys and (1, 4, T, 64) values, float32."""
     gen = torch.Generator().manual_seed(0)
@@ -125,7 +115,7 @@ def time_form(form: str, T: int, repeats: int = 3, chunk_size: int = 64) -> floa
             "recurrent": lambda: retention_recurrent(q, k, v, gamma),
             "chunkwise": lambda: retention_chunkwise(q, k, v, gamma, chunk_size)}[form]
     with torch.no_grad():
-        return timed(call, repeats)
+        return median_seconds(call, repeats)
 
 
 def forms_cost(lengths, repeats: int = 3, chunk_size: int = 64, progress=print) -> list:

@@ -54,11 +54,12 @@ from types import SimpleNamespace
 import torch
 
 from nanomodels.data import get_batch
+from nanomodels.runtime import median_seconds
 from nanomodels.train import FunctionTask, fit, lm_loss, lr_at, make_optimizer
 from nanomodels.transformer import IGNORE_INDEX, Transformer, TransformerConfig
 from nanomodels.yoco import YOCO, YOCOConfig, sliding_window_mask
 
-import retnet_experiments as ch10  # chapter 10's corpus cut, cache byte count and timer
+import retnet_experiments as ch10  # chapter 10's corpus cut and cache byte count
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -178,10 +179,10 @@ def prefill_decode(lengths, repeats: int = 3, steps: int = 8, n_layers: int = 4,
                 continue
             model = models[kind]
             if kind == "yoco, no exit":
-                seconds = ch10.timed(lambda: model(idx), repeats)
+                seconds = median_seconds(lambda: model(idx), repeats)
                 rows.append({"kind": kind, "T": T, "prefill_ms": 1e3 * seconds, "repeats": repeats})
             else:
-                seconds = ch10.timed(lambda: prefill(arch[kind], model, idx), repeats)
+                seconds = median_seconds(lambda: prefill(arch[kind], model, idx), repeats)
                 _, cache = prefill(arch[kind], model, idx)
                 token, times = torch.zeros(1, 1, dtype=torch.long), []
                 for _ in range(steps):

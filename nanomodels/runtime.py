@@ -4,10 +4,13 @@
 - `autocast_dtype`: the mixed-precision policy. bfloat16 autocast on a CUDA device that supports it,
   float32 everywhere else (CPU float32 is what the exact tests and the chapters' numbers assume).
 - `quick_mode`: NANOMODELS_QUICK=1 shrinks every chapter experiment so that CI runs all chapters in minutes.
+- `median_seconds`: the wall time of a call, the median of repeats after a warm-up (a shared machine is noisy).
 """
 
 import os
-from typing import Optional
+import statistics
+import time
+from typing import Callable, Optional
 
 import torch
 
@@ -43,3 +46,16 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 def quick_mode() -> bool:
     """True when NANOMODELS_QUICK is set to a true value ('1', 'true', 'yes'): experiments shrink for CI."""
     return os.environ.get("NANOMODELS_QUICK", "").strip().lower() in ("1", "true", "yes")
+
+
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    """Median wall-clock seconds of `repeats` calls of call(), after one warm-up call that is not timed."""
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"repeats: must be a positive integer, got {repeats!r}")
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
