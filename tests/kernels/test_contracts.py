@@ -58,6 +58,15 @@ def test_a_grid_axis_past_its_cuda_limit_raises_before_any_launch(name):
         call()
 
 
+def test_retention_rejects_b_times_h_past_grid_axis_x_before_any_launch(monkeypatch):
+    """Retention's rules on log_decay (finite, <= 0) read its values, which meta tensors do not have: they are
+    skipped here so that the B * H limit itself is what raises."""
+    retention = kernel_module("retention")
+    monkeypatch.setattr(retention, "check_shapes", lambda *args: None)
+    with pytest.raises(ValueError, match=r"^q: B \* H must be <= 2147483647"):
+        retention.gated_retention(*[_meta(2**16, 2**15, 1, 16)] * 3, _meta(2**16, 2**15, 1))
+
+
 def test_grids_at_the_largest_accepted_shapes_are_within_the_limits():
     gg = kernel_module("grouped_gemm")
     for _, grid in gg.launch_grids(2**20, 256, 65535 * 64, 65535 * 64):
