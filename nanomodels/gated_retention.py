@@ -14,8 +14,12 @@ logsigmoid(x_t W_gamma) / 16). With log_decay_t = log gamma_t, the three forms b
 A constant log_decay = log gamma is RetNet's retention. No scaling and no normalisation here: callers scale q.
 Shapes: q, k (B, H, T, Dk), v (B, H, T, Dv), log_decay (B, H, T), state (B, H, Dk, Dv).
 
+`GatedRetention` is the layer (the gRet of YOCO's self-decoder, multi-head): q = x W_Q / sqrt(Dk), k = x W_K,
+v = x W_V, the gate log gamma_t = logsigmoid(x_t W_gamma) / 16 (one per head and token), o = the chunkwise form (the
+recurrent one when decoding a token), a per-head RMSNorm without affine, then (swish(x W_G) ⊙ o) W_O.
+
 Paper vs official code (microsoft/unilm YOCO/yoco/models/decoder/kernel/gate_recurrent.py, read at 7402b0e): its
-parallel, chunk and recurrent functions scale k by Dk^(-1/2) themselves (YOCO's GatedRetention in nanomodels/yoco.py
+parallel, chunk and recurrent functions scale k by Dk^(-1/2) themselves (GatedRetention below
 scales q instead: the same products) and take the cumulative sum of the log decays in float32; the chunk function
 reshapes T into T // chunk_size chunks, so T must be a multiple of the chunk size, and the model's prefill pads the
 prompt to a multiple of 256 and masks the padding out of the state. The chunkwise form here takes any T and
@@ -25,6 +29,10 @@ computes in the input dtype.
 from typing import Optional
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GATE_LOGIT_NORMALIZER = 16  # log gamma_t = logsigmoid(x W_gamma) / 16: gamma_t = sigmoid(x W_gamma)^(1/16)
 
 
 def _check(q, k, v, log_decay, state=None):
@@ -102,3 +110,32 @@ def gated_retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         b_last = b[..., -1:]  # (B, H, 1)
         S = b_last.exp()[..., None] * S + (kc * (b_last - b).exp()[..., None]).transpose(-2, -1) @ vc
     return torch.cat(outs, dim=2), S
+
+
+class GatedRetention(nn.Module):
+    """Multi-head gated retention with a swish output gate; `cache` (a dict or None) carries its state. config: a
+    YOCOConfig (d_model, n_heads, bias, chunk_size, dropout)."""
+
+    def __init__(self, config, *, linear: type = nn.Linear):
+        super().__init__()
+        d, bias, self.n_heads, self.chunk_size = config.d_model, config.bias, config.n_heads, config.chunk_size
+        self.q_proj, self.k_proj, self.v_proj, self.g_proj = (linear(d, d, bias=bias) for _ in range(4))
+        self.gt_proj = linear(d, config.n_heads, bias=bias)  # W_gamma: one gate logit per head
+        self.out_proj = linear(d, d, bias=bias)
+        self.head_norm = nn.RMSNorm(d // config.n_heads, eps=1e-5, elementwise_affine=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = q * q.size(-1) ** -0.5  # (B, H, T, Dk)
+        log_decay = F.logsigmoid(self.gt_proj(x)).transpose(1, 2) / GATE_LOGIT_NORMALIZER  # (B, H, T)
+        state = None if cache is None else cache.get("state")
+        if T == 1 and state is not None:  # decoding: one O(1) recurrent step
+            o, state = gated_retention_recurrent(q, k, v, log_decay, state)
+        else:
+            o, state = gated_retention_chunkwise(q, k, v, log_decay, self.chunk_size, state)
+        if cache is not None:
+            cache["state"] = state  # (B, H, Dk, Dv): its size does not depend on T
+        o = self.head_norm(o).transpose(1, 2).reshape(B, T, C)
+        return self.dropout(self.out_proj(F.silu(self.g_proj(x)) * o))

@@ -13,9 +13,7 @@ so the cache is one layer's K, V plus the self-decoder's constant-size state, wh
 the cross-decoder needs only K, V, prefill can exit early: the prompt runs through the self-decoder and the
 global KV, and only its last position runs through the cross-decoder (it gives the first new token's logits).
 
-Gated retention (the gRet of the paper, multi-head): q = x W_Q / sqrt(Dk), k = x W_K, v = x W_V, the gate
-log gamma_t = logsigmoid(x_t W_gamma) / 16 (one per head and token), o = gated_retention(q, k, v, log gamma)
-(nanomodels/gated_retention.py), a per-head RMSNorm without affine, then (swish(x W_G) ⊙ o) W_O.
+Gated retention (the gRet of the paper, multi-head): `GatedRetention` in nanomodels/gated_retention.py.
 Sliding-window attention: query n sees keys m with n - window < m <= n (`window` positions, itself included).
 
 The rest are the core's parts (nanomodels/transformer.py): token + learned position embeddings, Pre-LN residuals
@@ -39,10 +37,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nanomodels.attention import MultiHeadAttention, sdpa_attention
-from nanomodels.gated_retention import gated_retention, gated_retention_chunkwise, gated_retention_recurrent
+from nanomodels.gated_retention import (GatedRetention, gated_retention, gated_retention_chunkwise,
+                                       gated_retention_recurrent)
 from nanomodels.transformer import (MLP, LMHead, PreNorm, TokenEmbedding, TransformerConfig, _check_sampling, _Model,
                                     gpt2_init_, layer_norm, sample_next_token)
 
@@ -50,7 +48,6 @@ __all__ = ["gated_retention", "gated_retention_recurrent", "gated_retention_chun
            "GatedRetention", "SlidingWindowAttention", "CrossAttention", "shared_kv_cross_decoder", "yoco_prefill",
            "YOCOConfig", "YOCO"]
 
-GATE_LOGIT_NORMALIZER = 16  # log gamma_t = logsigmoid(x W_gamma) / 16: gamma_t = sigmoid(x W_gamma)^(1/16)
 SELF_ATTENTIONS = ("gated_retention", "sliding_window")
 
 
@@ -106,34 +103,6 @@ def sliding_window_mask(n_queries: int, window: int, n_keys: Optional[int] = Non
     position = torch.arange(n_queries, device=device)[:, None] + (n_keys - n_queries)
     key = torch.arange(n_keys, device=device)[None, :]
     return (key <= position) & (key > position - window)
-
-
-class GatedRetention(nn.Module):
-    """Multi-head gated retention with a swish output gate; `cache` (a dict or None) carries its state."""
-
-    def __init__(self, config: YOCOConfig, *, linear: type = nn.Linear):
-        super().__init__()
-        d, bias, self.n_heads, self.chunk_size = config.d_model, config.bias, config.n_heads, config.chunk_size
-        self.q_proj, self.k_proj, self.v_proj, self.g_proj = (linear(d, d, bias=bias) for _ in range(4))
-        self.gt_proj = linear(d, config.n_heads, bias=bias)  # W_gamma: one gate logit per head
-        self.out_proj = linear(d, d, bias=bias)
-        self.head_norm = nn.RMSNorm(d // config.n_heads, eps=1e-5, elementwise_affine=False)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor, cache: Optional[dict] = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        q = q * q.size(-1) ** -0.5  # (B, H, T, Dk)
-        log_decay = F.logsigmoid(self.gt_proj(x)).transpose(1, 2) / GATE_LOGIT_NORMALIZER  # (B, H, T)
-        state = None if cache is None else cache.get("state")
-        if T == 1 and state is not None:  # decoding: one O(1) recurrent step
-            o, state = gated_retention_recurrent(q, k, v, log_decay, state)
-        else:
-            o, state = gated_retention_chunkwise(q, k, v, log_decay, self.chunk_size, state)
-        if cache is not None:
-            cache["state"] = state  # (B, H, Dk, Dv): its size does not depend on T
-        o = self.head_norm(o).transpose(1, 2).reshape(B, T, C)
-        return self.dropout(self.out_proj(F.silu(self.g_proj(x)) * o))
 
 
 class SlidingWindowAttention(MultiHeadAttention):
