@@ -97,8 +97,8 @@ def _value(out, what, dtype) -> float:
 
 # ---- 12.1 attention_kl --------------------------------------------------------------------------------------
 # corner cases: T = 1; one head; one batch row; a mask keeping one row only; each batch row its own mask; masked
-# rows holding a student row of zeros; a valid row of zeros in the teacher (0 log 0); a student 0 under a teacher
-# > 0 (+inf, not NaN); probabilities below float16's range. Pinned: the examples of kl_matches_the_loop, and
+# rows holding a student row of zeros; a valid all-zero row (counted in the mean); zeros in both (0 log 0 = 0); a
+# student 0 under a teacher > 0 (+inf, not NaN); probabilities below float16's range. Pinned: the examples of kl_matches_the_loop, and
 # kl_zero_log_zero_and_infinity / kl_in_low_precision build the zero and tiny cases every time.
 
 PATTERNS = ("dense", "causal", "sparse")
