@@ -96,6 +96,8 @@ def _value(out, what, dtype) -> float:
 
 
 # ---- 12.1 attention_kl --------------------------------------------------------------------------------------
+# corner cases: per-batch different masks; one valid row; T = 1; a valid row of zeros; a teacher with zeros
+# (0 log 0 = 0); one head; float32/float16 spreads. Pinned: kl_matches_the_loop's examples.
 
 PATTERNS = ("dense", "causal", "sparse")
 
@@ -292,6 +294,8 @@ def kl_in_low_precision(attention_kl, dtype, pattern, mask_kind, seed):
 
 
 # ---- 12.2 relation and 12.4 value_relation -----------------------------------------------------------------
+# corner cases: one head; one column per head; 12 columns into 6, 4 or 3 heads; T = 1; wide logits per
+# dtype. Pinned: the examples of the relation checks (WIDE for the spreads).
 
 def _rel_inputs(shape, scale, seed, dtype=F64):
     x = torch.randn(*shape, generator=_gen(seed), dtype=F64)
@@ -450,6 +454,8 @@ def value_relation_is_stable(value_relation, wide, seed):
 
 
 # ---- 12.3 minilm_v2_loss ------------------------------------------------------------------------------------
+# corner cases: per-batch masks; random masks; T = 1 with one head; teacher and student of different widths;
+# (q, k, v) as a list or a tuple. Pinned: v2_matches_the_loop's examples.
 
 def v2_inputs(B, T, n_heads, dt, ds, seed, dtype=F64, scale=1.0):
     g = _gen(seed)
