@@ -26,6 +26,11 @@ from nanomodels.tokenizer import train_bpe as library_train_bpe
 
 
 # ---- 0.1 masked scaled dot-product attention ------------------------------------------------------------
+# corner cases: one key (Tk = 1); one query after cached keys (Tq = 1 < Tk); a fully masked row; one head and one
+# batch row; B = H = 2 with a (B, 1, Tq, Tk) mask that differs per batch row; a (Tq, Tk) mask broadcast to every
+# slice; values wider than the head (Dv != D); scores up to 1e5 (wide_scores_stay_exact); float16/float32.
+# Pinned (PINNED_ATTENTION): one query over three cached keys, and a per-batch mask whose second row masks a
+# key the first row keeps (a learner that reads allowed[0] for every batch row).
 
 @st.composite
 def attention_cases(draw, mask: str = "any", min_keys: int = 1, min_d: int = 1, causal: bool = False,
@@ -45,6 +50,21 @@ def attention_cases(draw, mask: str = "any", min_keys: int = 1, min_d: int = 1, 
         if mask == "visible":
             case["allowed"][..., draw(st.integers(0, tk - 1))] = True
     return case
+
+
+def _pinned_case(b: int, h: int, tq: int, tk: int, d: int, allowed) -> Inputs:
+    """q, k, v of multiples of 1/2 from a fixed generator, with the given mask."""
+    g = torch.Generator().manual_seed(b * 1000 + h * 100 + tq * 10 + tk)
+    draw = lambda *shape: torch.randint(-6, 7, shape, generator=g).to(F64) / 2  # noqa: E731
+    return Inputs(q=draw(b, h, tq, d), k=draw(b, h, tk, d), v=draw(b, h, tk, d + 1), allowed=allowed)
+
+
+PINNED_ATTENTION = [
+    dict(case=_pinned_case(1, 1, 1, 3, 2, None)),  # one query after two cached keys, no mask
+    dict(case=_pinned_case(1, 1, 1, 3, 2, torch.tensor([[True, False, True]]))),
+    dict(case=_pinned_case(2, 2, 2, 3, 2, torch.tensor([[[[True, True, False], [True, True, True]]],
+                                                        [[[False, True, True], [False, False, False]]]]))),
+]
 
 
 def naive_attention(q, k, v, allowed):
@@ -94,7 +114,8 @@ def _weights(attention, q, k, allowed=None):
 
 
 @check("attention(q, k, v, allowed) equals softmax(q k^T / sqrt(d), masked to `allowed`) v computed one "
-       "query at a time (zeros for a query that sees no key), in the input's dtype", case=attention_cases())
+       "query at a time (zeros for a query that sees no key), in the input's dtype", case=attention_cases(),
+       examples=PINNED_ATTENTION)
 def matches_the_naive_oracle(attention, case):
     out, ref = _attend(attention, case), naive_attention(case["q"], case["k"], case["v"], case["allowed"])
     diff = (out - ref).abs()
@@ -105,7 +126,8 @@ def matches_the_naive_oracle(attention, case):
 
 
 @check("batches and heads are independent: each (batch, head) slice gives what it gives alone, and a "
-       "(Tq, Tk) mask applies to every batch and head", case=attention_cases(batched=True))
+       "(Tq, Tk) mask applies to every batch and head", case=attention_cases(batched=True),
+       examples=PINNED_ATTENTION[2:])
 def batches_and_heads_are_independent(attention, case):
     q, k, v, allowed = case["q"], case["k"], case["v"], case["allowed"]
     out = _attend(attention, case)
@@ -265,6 +287,9 @@ def float32_and_float16_keep_their_dtype(attention, case, dtype):
 
 
 # ---- 0.2 the causal mask ----------------------------------------------------------------------------------
+# corner cases: n_queries = 1 without a cache (a 1 x 1 mask); one query after many cached keys (decode: a row of
+# True); n_keys = n_queries (no cache, n_keys given); n_keys left out; device='meta'. Pinned: the first three.
+PINNED_MASKS = [dict(n_queries=1, n_cached=None), dict(n_queries=1, n_cached=7), dict(n_queries=5, n_cached=0)]
 
 def _mask(causal_mask, n_queries: int, n_cached):
     """causal_mask(n_queries) when n_cached is None, else causal_mask(n_queries, n_queries + n_cached)."""
@@ -278,7 +303,8 @@ def _mask(causal_mask, n_queries: int, n_cached):
 
 
 @check("causal_mask(n_queries, n_keys) is a boolean tensor of shape (n_queries, n_keys); n_keys defaults "
-       "to n_queries", n_queries=st.integers(1, 40), n_cached=st.none() | st.integers(0, 40), max_examples=100)
+       "to n_queries", n_queries=st.integers(1, 40), n_cached=st.none() | st.integers(0, 40), max_examples=100,
+       examples=PINNED_MASKS)
 def shape_and_dtype(causal_mask, n_queries, n_cached):
     _mask(causal_mask, n_queries, n_cached)
 
@@ -313,7 +339,7 @@ def every_query_sees_its_past(causal_mask, n_queries):
 
 @check("with n_keys > n_queries (a KV cache) the queries are the last positions: query i is position "
        "i + (n_keys - n_queries) and sees exactly the keys up to it",
-       n_queries=st.integers(1, 40), n_cached=st.integers(1, 40), max_examples=100)
+       n_queries=st.integers(1, 40), n_cached=st.integers(1, 40), max_examples=100, examples=PINNED_MASKS[1:2])
 def queries_are_the_last_positions_with_a_cache(causal_mask, n_queries, n_cached):
     m, call, c = _mask(causal_mask, n_queries, n_cached)
     want = torch.tensor([[j <= i + c for j in range(n_queries + c)] for i in range(n_queries)])
@@ -334,6 +360,9 @@ def built_on_the_given_device(causal_mask, n_queries):
 
 
 # ---- 0.3 one BPE merge step -------------------------------------------------------------------------------
+# corner cases: the empty list; one token; the pair in the last two places; a run of the pair's first token
+# (overlaps, taken from the left); a pair (a, a); equal ids that are different int objects; ids past a byte.
+# Pinned: HARD_MERGES, and merge_pair([], ...) / merge_pair([a], ...) below.
 
 # a small alphabet so that pairs occur, with one-, two- and three-digit ids and ids past a byte
 token_ids = st.sampled_from([0, 1, 2, 3, 11, 12, 21, 255, 256, 300])
@@ -341,6 +370,8 @@ ids_lists = st.lists(token_ids, max_size=16)
 pairs = st.tuples(token_ids, token_ids)
 new_ids = st.integers(256, 1000)
 HARD_MERGES = [dict(ids=[1, 12, 11, 1], pair=(1, 1), new_id=300),  # "1 12 11 1" contains "1 1" twice
+               dict(ids=[], pair=(1, 2), new_id=256), dict(ids=[3], pair=(3, 3), new_id=256),
+               dict(ids=[2, 2, 2, 2, 2], pair=(2, 2), new_id=256),  # a run of five: two merges and a leftover
                dict(ids=[300, 256, 300, 256], pair=(300, 256), new_id=999)]  # ids past a byte
 
 
@@ -413,12 +444,16 @@ def the_input_is_not_modified(merge_pair, ids, pair, new_id):
 
 
 # ---- 0.4 the most frequent pair ---------------------------------------------------------------------------
+# corner cases: one pair; ties on the count (the smallest pair wins), ties on the first element, a tie where the
+# smallest pair is neither the first nor the last inserted, (9, 5) < (10, 1) as numbers. Pinned: HARD_COUNTS.
 
 pair_counts = st.dictionaries(st.tuples(st.integers(0, 20), st.integers(0, 20)), st.integers(1, 4),
                               min_size=1, max_size=8)
 HARD_COUNTS = [dict(counts={(2, 9): 3, (2, 7): 3, (5, 1): 1}),  # a tie on the first element
                dict(counts={(10, 1): 2, (9, 5): 2}),  # (9, 5) < (10, 1) as numbers, not as strings
-               dict(counts={(3, 4): 1, (1, 20): 5, (1, 3): 5})]
+               dict(counts={(3, 4): 1, (1, 20): 5, (1, 3): 5}),
+               dict(counts={(4, 4): 2, (0, 7): 2, (6, 0): 2}),  # the smallest of three tied pairs is in the middle
+               dict(counts={(7, 7): 1})]
 
 
 def _most_frequent(most_frequent_pair, counts):
@@ -474,6 +509,9 @@ def the_counts_are_not_modified(most_frequent_pair, counts):
 
 
 # ---- 0.5 sampling with temperature and top-k --------------------------------------------------------------
+# corner cases: top_k = 1 (greedy through the filter); top_k = |V| and above; ties at the k-th logit
+# (ties_at_the_kth_logit_are_kept); rows with different k-th logits in one batch (each_row_uses_its_own_top_k);
+# temperature 0 with ties; huge and very negative logits (extreme_logits_are_sampled_stably); |V| = 2.
 
 # False rejection: each token's frequency must lie within 6 standard errors (+ 0.002) of its probability; a correct
 # sampler misses one bound with probability < 2e-9 (normal tail), a check of at most 3 rows x 6 tokens < 4e-8.
@@ -645,6 +683,9 @@ def top_k_none_keeps_every_token(sample_next_token, v, temperature, seed):
 
 
 # ---- 0.6 BPE training: the merge loop ---------------------------------------------------------------------
+# corner cases: empty text; vocab_size = 256 (no merge); no pair repeats; a tie in the count (the smallest pair is
+# merged first); a chunk that occurs k times; pairs across a chunk boundary; a run "aaaa" (overlaps). Pinned:
+# the examples below ("aaabdaaabac": ties; "ab ab cd cd": a tie between chunks; "": empty) and the checks' texts.
 
 def naive_train_bpe(text: str, vocab_size: int, pattern: str) -> list:
     """The algorithm literally: cut into chunks, then per merge recount every adjacent pair of every chunk
@@ -693,7 +734,8 @@ def _first_difference(got, want) -> str:
        max_examples=60,
        examples=[{"text": "aaabdaaabac", "vocab_size": 1000, "pattern": "GPT2_PATTERN"},
                  {"text": "ab ab cd cd", "vocab_size": 1000, "pattern": "GPT2_PATTERN"},
-                 {"text": "aaaa aaaa", "vocab_size": 1000, "pattern": "words and spaces"}])
+                 {"text": "aaaa aaaa", "vocab_size": 1000, "pattern": "words and spaces"},
+                 {"text": "", "vocab_size": 300, "pattern": "GPT2_PATTERN"}])
 def merges_equal_the_algorithm_written_out(train_bpe, text, vocab_size, pattern):
     got = _merges(train_bpe, text, vocab_size, PATTERNS[pattern])
     want = naive_train_bpe(text, vocab_size, PATTERNS[pattern])

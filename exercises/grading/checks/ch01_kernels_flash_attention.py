@@ -61,6 +61,9 @@ def _expect_softmax(got: torch.Tensor, x: torch.Tensor, tol: float, case: str) -
 
 
 # ---- 1.1 the fused row softmax ---------------------------------------------------------------------------
+# corner cases (each pinned as a fixed case below, no random draws): n_cols = 1 (BLOCK 1); n_cols a power of two
+# (no padding lane: 64); not a power of two, with every entry below the fill value; one row; rows of -inf
+# entries; +-1e4 scores; float16; a strided input view and an out= view inside a guard band.
 
 def _block(n: int) -> int:
     """The fused kernel's BLOCK for a row of n columns: the next power of two."""
@@ -75,8 +78,9 @@ def _fused(graded, x: torch.Tensor) -> torch.Tensor:
 @check("each row's output is softmax of its n_cols entries, for lengths that are not a power of two: the block's "
        "padding lanes (columns n_cols..BLOCK-1) take no probability mass, whatever the sign of the row")
 def fused_softmax_masks_the_padding(_softmax_kernel):
-    for n_cols, shift in ((1, 0.0), (5, 0.0), (37, -20.0), (100, 3.0), (130, -3.0)):  # BLOCK: 1, 8, 64, 128, 256
-        x = _randn(3, n_cols, seed=n_cols) * 2 + shift  # shift -20: every entry below 0, the fill value
+    for rows, n_cols, shift in ((3, 1, 0.0), (3, 5, 0.0), (3, 37, -20.0), (3, 100, 3.0), (3, 130, -3.0),
+                                (1, 64, -5.0)):  # BLOCK: 1, 8, 64, 128, 256, 64 (one row, no padding)
+        x = _randn(rows, n_cols, seed=n_cols) * 2 + shift  # shift -20: every entry below 0, the fill value
         _expect_softmax(_fused(_softmax_kernel, x), x, 1e-6,
                         f"rows of {n_cols} columns (BLOCK {_block(n_cols)}, values around {shift:g})")
 
@@ -123,6 +127,9 @@ def fused_softmax_strided_input_and_out(_softmax_kernel):
 
 
 # ---- 1.2 the online softmax update ---------------------------------------------------------------------------
+# corner cases: one tile (BLOCK_N >= n); a short last tile; n an exact multiple of BLOCK_N (no short tile: 64 in
+# tiles of 16); the max in the first, last or middle tile; whole tiles of -inf first (the running max still
+# -inf); +-1e4; float16. All pinned as fixed cases.
 
 def _online(graded, x: torch.Tensor, block_n: int) -> torch.Tensor:
     with installed(ks, "_online_softmax_kernel", graded):
@@ -139,6 +146,9 @@ def online_softmax_matches_softmax_over_tiles(_online_softmax_kernel):
         _expect_softmax(_online(_online_softmax_kernel, x, block_n), x, 1e-6,
                         f"rows of {n} columns in {math.ceil(n / block_n)} tile(s) of BLOCK_N = {block_n} (row 0 "
                         "rises, row 1 falls, row 2 peaks in the middle, row 3 oscillates)")
+    exact = x[:, :64].contiguous()
+    _expect_softmax(_online(_online_softmax_kernel, exact, 16), exact, 1e-6,
+                    "rows of 64 columns in exactly 4 tiles of BLOCK_N = 16 (no short last tile)")
 
 
 @check("scores of +-1e4 in float32: the running max keeps every exp() at most 1, so a row whose later tiles are "
@@ -169,6 +179,10 @@ def online_softmax_masked_tiles_and_float16(_online_softmax_kernel):
 
 
 # ---- 1.3 one key/value tile of the FlashAttention forward ----------------------------------------------------
+# corner cases: one key tile and several; a short last key tile; Tq < Tk (cached keys before the queries, causal
+# offset Tk - Tq); one query decoding after 99 cached keys (Tq = 1, causal); query 0 seeing key 0 only; a prefix
+# (seq2seq); per-batch key lengths, one of them 0 (an empty row: O = 0, LSE = -inf); V with rows H * D apart;
+# +-1e4 scores; float16. All pinned as fixed cases.
 
 def attention_oracle(q, k, v, *, causal=False, prefix_len=None, key_lengths=None):
     """O = softmax(Q K^T / sqrt(D) masked) V and LSE = logsumexp of the masked scores, float64. Query i sits at
@@ -220,7 +234,7 @@ def _expect_attention(graded, q, k, v, o_tol: float, lse_tol: float, case: str, 
        "last tile and 1 to 3 query tiles, bidirectional and causal, V in (B, T, H, D) memory (what was accumulated under an old max is "
        "rescaled by exp(m_old - m_new), once, at the end divided by l)")
 def flash_tile_matches_attention(_fwd_tiles):
-    for t_q, t_k, causal in ((70, 150, False), (150, 150, True), (40, 100, True), (20, 33, False)):
+    for t_q, t_k, causal in ((70, 150, False), (150, 150, True), (40, 100, True), (20, 33, False), (1, 100, True)):
         q, k, v = (_randn(1, 2, t, 16, seed=t_q + t_k + i) for i, t in enumerate((t_q, t_k, t_k)))
         q = q * 2  # peaked rows: the running max moves between tiles
         _expect_attention(_fwd_tiles, q, k, v, 1e-5, 1e-6, "causal" if causal else "bidirectional", causal=causal)

@@ -33,13 +33,18 @@ def _first(bad: torch.Tensor) -> tuple[int, int]:
 
 
 # ---- 2.1 the seq2seq mask ---------------------------------------------------------------------------------
+# corner cases: no source (src_len = 0: the left-to-right mask); no target (tgt_len = 0: all True); both 0 (a
+# 0 x 0 mask); one source and one target token. Pinned in every 2.1 check (PINNED_LENGTHS).
+PINNED_LENGTHS = [dict(src=0, tgt=4), dict(src=4, tgt=0), dict(src=0, tgt=0), dict(src=1, tgt=1)]
 
-@check("seq2seq_mask(src_len, tgt_len) is a boolean (n, n) tensor with n = src_len + tgt_len", src=lengths, tgt=lengths)
+@check("seq2seq_mask(src_len, tgt_len) is a boolean (n, n) tensor with n = src_len + tgt_len", src=lengths, tgt=lengths,
+       examples=PINNED_LENGTHS)
 def shape_and_dtype(seq2seq_mask, src, tgt):
     _bool_square(seq2seq_mask(src, tgt), src + tgt, f"seq2seq_mask({src}, {tgt})")
 
 
-@check("source rows (i < src_len) never see a target key (j >= src_len)", src=lengths, tgt=lengths)
+@check("source rows (i < src_len) never see a target key (j >= src_len)", src=lengths, tgt=lengths,
+       examples=PINNED_LENGTHS)
 def source_rows_never_see_the_target(seq2seq_mask, src, tgt):
     m = _bool_square(seq2seq_mask(src, tgt), src + tgt, "seq2seq_mask")
     if m[:src, src:].any():
@@ -47,7 +52,8 @@ def source_rows_never_see_the_target(seq2seq_mask, src, tgt):
         raise Violation(f"with src_len={src}, tgt_len={tgt}: source row {i} sees target key {src + j}")
 
 
-@check("every row, source or target, sees the whole source", src=lengths, tgt=lengths)
+@check("every row, source or target, sees the whole source", src=lengths, tgt=lengths,
+       examples=PINNED_LENGTHS)
 def every_row_sees_the_whole_source(seq2seq_mask, src, tgt):
     m = _bool_square(seq2seq_mask(src, tgt), src + tgt, "seq2seq_mask")
     if not m[:, :src].all():
@@ -55,7 +61,8 @@ def every_row_sees_the_whole_source(seq2seq_mask, src, tgt):
         raise Violation(f"with src_len={src}, tgt_len={tgt}: row {i} does not see source key {j}")
 
 
-@check("target rows see the target left to right, their own position included (j <= i)", src=lengths, tgt=lengths)
+@check("target rows see the target left to right, their own position included (j <= i)", src=lengths, tgt=lengths,
+       examples=PINNED_LENGTHS)
 def target_block_is_left_to_right(seq2seq_mask, src, tgt):
     m = _bool_square(seq2seq_mask(src, tgt), src + tgt, "seq2seq_mask")
     bad = m[src:, src:] != causal_mask(tgt)
@@ -66,6 +73,10 @@ def target_block_is_left_to_right(seq2seq_mask, src, tgt):
 
 
 # ---- 2.2 the semi-causal mask -----------------------------------------------------------------------------
+# corner cases: no span; one span over everything; a prefix span (seq2seq); a span of one position; a span that
+# ends at n; two ADJACENT spans (b of one = a of the next: span_sets never draws them, its cuts are distinct);
+# spans given out of order; n = 1. Pinned: PINNED_SPANS (adjacent, one-position, at the end, out of order).
+PINNED_SPANS = [dict(case=(6, [(2, 5), (0, 2)])), dict(case=(5, [(4, 5), (1, 2), (2, 4)])), dict(case=(1, [(0, 1)]))]
 
 @st.composite
 def span_sets(draw):
@@ -80,7 +91,7 @@ def _semi(semi_causal_mask, n, spans):
 
 
 @check("allowed[i, j] = (j <= i) or (i and j inside the same span); nothing else is visible", case=span_sets(),
-       max_examples=100)
+       max_examples=100, examples=PINNED_SPANS)
 def matches_the_rule(semi_causal_mask, case):
     n, spans = case
     m = _semi(semi_causal_mask, n, spans)
@@ -92,7 +103,7 @@ def matches_the_rule(semi_causal_mask, case):
 
 
 @check("a position before a span does not see it (the span block sits on the diagonal, not a column stripe)",
-       case=span_sets())
+       case=span_sets(), examples=PINNED_SPANS)
 def nothing_before_a_span_sees_it(semi_causal_mask, case):
     n, spans = case
     m = _semi(semi_causal_mask, n, spans)
@@ -118,6 +129,9 @@ def reductions(semi_causal_mask, n, s):
 
 
 # ---- 2.3 cloze decoding with a cache ----------------------------------------------------------------------
+# corner cases: steps = 0 (empty results); steps = 1 (only the prompt in the cache); a one-token prompt; rows of
+# one batch that decode different tokens (the model's large weights); both objectives. Pinned: one step after a
+# one-token prompt (PINNED_DECODE); steps = 0 in zero_steps_return_empty_results.
 
 V, MASK = 11, 11
 
@@ -150,6 +164,7 @@ def _full_recompute(model, prefix, steps, objective):
 
 decode_cases = st.fixed_dictionaries({"seed": st.integers(0, 10_000), "batch": st.integers(2, 3),
                                       "src": st.integers(1, 6), "steps": st.integers(1, 6)})
+PINNED_DECODE = [dict(case={"seed": 0, "batch": 2, "src": 1, "steps": 1})]
 
 
 def _check_decoder(cloze_decode, case, objective):
@@ -175,13 +190,14 @@ def _check_decoder(cloze_decode, case, objective):
 
 @check("seq2seq decoding with the cache gives the logits of re-running source + decoded tokens + [MASK] with the "
        "seq2seq mask at every step (the [MASK] is never kept, the prompt is encoded bidirectionally)",
-       case=decode_cases)
+       case=decode_cases, examples=PINNED_DECODE)
 def seq2seq_cached_equals_full_recompute(cloze_decode, case):
     _check_decoder(cloze_decode, case, "seq2seq")
 
 
 @check("left-to-right decoding with the cache equals re-running prefix + decoded tokens + [MASK] with the "
-       "left-to-right mask at every step (the prompt is encoded causally)", case=decode_cases)
+       "left-to-right mask at every step (the prompt is encoded causally)", case=decode_cases,
+       examples=PINNED_DECODE)
 def left_to_right_cached_equals_full_recompute(cloze_decode, case):
     _check_decoder(cloze_decode, case, "left_to_right")
 
@@ -200,6 +216,11 @@ def zero_steps_return_empty_results(cloze_decode, objective, batch):
 
 
 # ---- 2.4 a mixed-objective UniLM batch, end to end --------------------------------------------------------
+# corner cases: n = 2 (one source, one target token); a seq2seq row whose target is one token (src_len = n - 1:
+# the forced [MASK] must be that token); one batch row; mask_prob = 1 (every eligible token); rows of one batch
+# with different objectives (per-row masks). Pinned: PINNED_BATCHES.
+PINNED_BATCHES = [dict(case={"batch": 1, "n": 2, "src": 1, "mask_id": 12, "mask_prob": 1.0, "seed": 0}),
+                  dict(case={"batch": 6, "n": 4, "src": 3, "mask_id": 300, "mask_prob": 0.15, "seed": 7})]
 
 FIELDS = ("inputs", "targets", "allowed", "segments", "objective")
 
@@ -242,7 +263,7 @@ def _drawn(case):
 
 @check("every row gets the mask and the segment ids of its own objective: allowed[b] is that objective's "
        "who-sees-whom rule for source length src_len, segments[b] is SEGMENT_IDS[objective] over source and "
-       "target", case=batch_cases())
+       "target", case=batch_cases(), examples=PINNED_BATCHES)
 def each_row_gets_its_objectives_mask_and_segments(unilm_batch, case):
     tokens = _drawn(case)
     out = _unilm(unilm_batch, tokens, case["src"], case["mask_id"], case["seed"], case["mask_prob"])
@@ -263,7 +284,7 @@ def each_row_gets_its_objectives_mask_and_segments(unilm_batch, case):
 
 @check("cloze inputs and targets: a predicted token is [MASK] in the inputs and its original id in the targets; "
        "every other token is unchanged in the inputs and -100 in the targets; each row predicts at least one "
-       "token, and a seq2seq row never one of its source", case=batch_cases())
+       "token, and a seq2seq row never one of its source", case=batch_cases(), examples=PINNED_BATCHES)
 def predicted_tokens_are_masked_and_labelled(unilm_batch, case):
     tokens = _drawn(case)
     out = _unilm(unilm_batch, tokens, case["src"], case["mask_id"], case["seed"], case["mask_prob"])

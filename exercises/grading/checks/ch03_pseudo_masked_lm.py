@@ -76,6 +76,11 @@ NAMES = {AE: "AE", PSEUDO: "[P]", REAL: "real"}
 
 
 # ---- 3.1 the layout ---------------------------------------------------------------------------------------
+# corner cases: n = 1; one span over every position (nothing left unmasked); spans of non-contiguous positions
+# given in reverse order; the factorization order reversed; a span at the very end. Pinned: PINNED_LAYOUTS.
+PINNED_LAYOUTS = [dict(case=(torch.tensor([7]), [[0]], [0])),
+                  dict(case=(torch.tensor([1, 2, 3]), [[0, 1, 2]], [0])),
+                  dict(case=(torch.tensor([3, 1, 4, 1, 5]), [[4, 0], [2]], [1, 0]))]
 
 def _layout(pmlm_layout, x, spans, order):
     out = pmlm_layout(x, spans, order, M_ID, P_ID)
@@ -107,14 +112,14 @@ def paper_example(pmlm_layout):
 
 
 @check("pseudo masks and real copies share the original position ids: pos([P]_m) = pos(x_m) = m",
-       case=layouts())
+       case=layouts(), examples=PINNED_LAYOUTS)
 def positions_are_shared(pmlm_layout, case):
     got, want = _layout(pmlm_layout, *case), expected_layout(*case)
     _compare(got, want, "positions", f"spans {case[1]}, order {case[2]}")
 
 
 @check("the AE block is x with [M] at every masked position; then, step by step in the given order, the span's "
-       "[P]s and then its real tokens (kind and step per token)", case=layouts())
+       "[P]s and then its real tokens (kind and step per token)", case=layouts(), examples=PINNED_LAYOUTS)
 def blocks_in_factorization_order(pmlm_layout, case):
     got, want = _layout(pmlm_layout, *case), expected_layout(*case)
     for field in ("tokens", "kind", "step"):
@@ -122,7 +127,7 @@ def blocks_in_factorization_order(pmlm_layout, case):
 
 
 @check("L_AE is taken at the [M]s of the AE block and L_PAR at every [P], each labelled with the original token "
-       "(-100 elsewhere): |M| predictions each", case=layouts())
+       "(-100 elsewhere): |M| predictions each", case=layouts(), examples=PINNED_LAYOUTS)
 def targets_of_both_losses(pmlm_layout, case):
     got, want = _layout(pmlm_layout, *case), expected_layout(*case)
     for field in ("ae_targets", "par_targets"):
@@ -130,6 +135,9 @@ def targets_of_both_losses(pmlm_layout, case):
 
 
 # ---- 3.2 the mask rules -----------------------------------------------------------------------------------
+# corner cases: no AE token (every position masked); AE tokens only (no span); one span of one token; steps
+# whose tokens are interleaved in any order (the rules read kind and step only); a batch whose rows are
+# permuted differently; two leading axes. Pinned: PINNED_KINDS (the first three); works_on_a_batch the rest.
 
 @st.composite
 def kinds_and_steps(draw, min_ae: int = 0, min_spans: int = 0):
@@ -141,6 +149,11 @@ def kinds_and_steps(draw, min_ae: int = 0, min_spans: int = 0):
         step += [s] * (2 * size)
     perm = draw(st.permutations(list(range(len(kind)))))  # any token order: the rules depend on kind and step only
     return torch.tensor([kind[p] for p in perm], dtype=torch.long), torch.tensor([step[p] for p in perm])
+
+
+_T = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+PINNED_KINDS = [dict(case=(_T(PSEUDO, REAL, PSEUDO, PSEUDO, REAL, REAL), _T(0, 0, 1, 1, 1, 1))),
+                dict(case=(_T(AE, AE, AE), _T(-1, -1, -1))), dict(case=(_T(REAL, AE, PSEUDO), _T(0, -1, 0)))]
 
 
 def _mask(pmlm_mask, kind, step):
@@ -163,20 +176,21 @@ def _against_rule(m, kind, step, only=None):
 
 
 @check("the AE block sees exactly the AE block (never a [P] or an appended real token); everyone sees the AE block",
-       case=kinds_and_steps())
+       case=kinds_and_steps(), examples=PINNED_KINDS)
 def autoencoding_block_is_closed(pmlm_mask, case):
     kind, step = case
     _against_rule(_mask(pmlm_mask, kind, step), kind, step, only=lambda kq, kk: kq == AE or kk == AE)
 
 
 @check("a [P] of step i sees the real tokens of steps < i (never its own or later spans) and the [P]s of its own "
-       "span only", case=kinds_and_steps())
+       "span only", case=kinds_and_steps(), examples=PINNED_KINDS)
 def pseudo_rows(pmlm_mask, case):
     kind, step = case
     _against_rule(_mask(pmlm_mask, kind, step), kind, step, only=lambda kq, kk: kq == PSEUDO and kk != AE)
 
 
-@check("a real token of step i sees the real tokens of steps <= i and never a [P]", case=kinds_and_steps())
+@check("a real token of step i sees the real tokens of steps <= i and never a [P]", case=kinds_and_steps(),
+       examples=PINNED_KINDS)
 def real_rows(pmlm_mask, case):
     kind, step = case
     _against_rule(_mask(pmlm_mask, kind, step), kind, step, only=lambda kq, kk: kq == REAL and kk != AE)
@@ -205,6 +219,9 @@ def works_on_a_batch(pmlm_mask, a, seed):
 
 
 # ---- 3.3 the s2s-ft signed-span-id mask -------------------------------------------------------------------
+# corner cases: no source (src_len = 0); an empty target; several target tokens of one span (equal ids); span ids
+# with a gap (1, 3); one target token. Pinned: PINNED_S2S.
+PINNED_S2S = [dict(case=(0, _T(1, 1, 2))), dict(case=(3, _T())), dict(case=(2, _T(1, 3))), dict(case=(1, _T(1)))]
 
 @st.composite
 def s2s_cases(draw):
@@ -214,7 +231,8 @@ def s2s_cases(draw):
 
 
 @check("on source ++ target ++ pseudo, the signed-span-id mask equals the PMLM rules (source = AE block, target = "
-       "real tokens, pseudo = [P]s, span id = step)", case=s2s_cases())
+       "real tokens, pseudo = [P]s, span id = step)", case=s2s_cases(),
+       examples=PINNED_S2S)
 def equals_the_rules(s2s_ft_mask, case):
     src, ids = case
     t = len(ids)
@@ -243,6 +261,9 @@ def official_example(s2s_ft_mask):
 
 
 # ---- 3.4 the PMLM loss, both objectives from one pass -----------------------------------------------------
+# corner cases: every token masked (num_masked = n: no unmasked context); one batch row; unigram spans only
+# (max_ngram = 1); nothing masked (both losses 0, not NaN: no_prediction_gives_zero_losses); rows whose spans
+# differ. Pinned: PINNED_LOSSES (everything masked in one row of two tokens).
 
 LOSS_V = 10  # the toy vocabulary; [M] = 10 and [P] = 11
 
@@ -263,6 +284,9 @@ def loss_cases(draw):
     n = draw(st.integers(2, 10))
     return {"batch": draw(st.integers(1, 4)), "n": n, "num_masked": draw(st.integers(1, n)),
             "max_ngram": draw(st.integers(1, 4)), "seed": draw(st.integers(0, 2 ** 16))}
+
+
+PINNED_LOSSES = [dict(case={"batch": 1, "n": 2, "num_masked": 2, "max_ngram": 1, "seed": 0})]
 
 
 def _loss_batch(case) -> dict:
@@ -320,7 +344,8 @@ def _diagnose(model, batch, got) -> str:
 
 @check("(L_AE, L_PAR) are the mean cross-entropies, over their own predictions (ae_targets / par_targets not "
        "-100), of the logits of one pass over the layout with its positions and its mask alone (float64, to "
-       "1e-10), on batches whose rows differ", case=loss_cases(), max_examples=30)
+       "1e-10), on batches whose rows differ", case=loss_cases(), max_examples=30,
+       examples=PINNED_LOSSES)
 def losses_equal_the_mean_cross_entropy_of_their_predictions(pmlm_losses, case):
     model, batch = _model64(case["seed"]), _loss_batch(case)
     with torch.no_grad():

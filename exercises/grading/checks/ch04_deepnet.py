@@ -39,6 +39,8 @@ def _pair(value, what):
 
 
 # ---- 4.1 the constants ------------------------------------------------------------------------------------
+# corner cases: N = 1 (one layer); the table's N; N far beyond it (100,000); an encoder-decoder with M != N and
+# with N = M. Pinned: n = 1 and n = 100,000 in the exact checks, the table's N, encoder_decoder_table's rows.
 
 @check("encoder-only and decoder-only models with N layers get alpha = (2N)^(1/4), beta = (8N)^(-1/4) "
        "(the paper's table: N = 6, 12, 18, 24, 100, 1000), under the one key of the side that has layers")
@@ -58,7 +60,7 @@ def single_stack_table(deepnorm_constants):
 
 
 @check("for every N, 2N (v^2 + w^2) / alpha^2 = 2N * 2 beta^2 / alpha^2 = 1 exactly (the update bound)",
-       n=st.integers(1, 100_000))
+       n=st.integers(1, 100_000), examples=[dict(n=1), dict(n=100_000)])
 def update_bound_is_one(deepnorm_constants, n):
     a, b = _pair(deepnorm_constants(decoder_layers=n)["decoder"], "['decoder']")
     value = 2 * n * 2 * b * b / (a * a)
@@ -68,7 +70,7 @@ def update_bound_is_one(deepnorm_constants, n):
 
 @check("alpha = (2N)^(1/4) and beta = (8N)^(-1/4) exactly (to 1e-12, not rounded to the table's 4 decimals) "
        "for every N, the table's N included", n=st.integers(1, 100_000), max_examples=200,
-       examples=[dict(n=n) for n in TABLE])
+       examples=[dict(n=1), dict(n=100_000)] + [dict(n=n) for n in TABLE])
 def exact_at_every_n(deepnorm_constants, n):
     a, b = _pair(deepnorm_constants(decoder_layers=n)["decoder"], "['decoder']")
     want = ((2 * n) ** 0.25, (8 * n) ** -0.25)
@@ -101,6 +103,8 @@ def encoder_decoder_table(deepnorm_constants):
 
 
 # ---- 4.2 the residual -------------------------------------------------------------------------------------
+# corner cases: alpha = 1 (the plain Post-LN residual: a learner who puts alpha on the branch is right there);
+# g = 0; a norm with its own eps and affine weights; float32. Pinned: alpha = 1 with g = 0, and alpha = 8.
 
 def _norm(d: int, seed: int) -> nn.LayerNorm:
     norm = nn.LayerNorm(d, eps=0.0, dtype=F64)
@@ -131,7 +135,8 @@ def _eps_why(out, h, norm) -> str:
 
 
 @check("with the branch g = 0, deepnorm(x, 0, alpha, norm) = LN(alpha x) = LN(x) (eps = 0)",
-       seed=st.integers(0, 2 ** 16), alpha=st.floats(1.0, 8.0))
+       seed=st.integers(0, 2 ** 16), alpha=st.floats(1.0, 8.0), examples=[dict(seed=0, alpha=1.0),
+                                                                            dict(seed=1, alpha=8.0)])
 def zero_branch_gives_layernorm_of_x(deepnorm, seed, alpha):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 3, 8, generator=gen, dtype=F64) * 2
@@ -201,6 +206,9 @@ def applies_the_given_norm(deepnorm, seed, alpha, dtype):
 
 
 # ---- 4.3 the init -----------------------------------------------------------------------------------------
+# corner cases: gain < 1 (DeepNet's beta) and > 1 (Sub-LN's gamma); qk_gain != 1; norms whose weights and biases
+# are not at their init (the init must leave them); every block of a 2-layer model. All drawn from GAINS and
+# the fixed model (_model).
 
 def _model(**parts) -> nn.Module:
     """The core Transformer in float64 (its matrices are named q_proj, k_proj, v_proj, out_proj, fc1, fc2), its
@@ -295,6 +303,10 @@ def qk_gain_sets_the_queries_and_keys(init_branches_, gain, qk_gain):
 
 
 # ---- 4.4 a DeepNet built from parts ------------------------------------------------------------------------
+# corner cases: one layer (alpha = 2^(1/4)); one token (T = 1); one head; a vocabulary of 2; with and without
+# biases; 6 layers with 4 heads. Pinned: PINNED_DEEPNETS (the smallest model, and the deepest widest one).
+PINNED_DEEPNETS = [dict(n_layers=1, n_heads=1, head_dim=3, T=1, vocab=2, bias=False, seed=0),
+                   dict(n_layers=6, n_heads=4, head_dim=3, T=12, vocab=40, bias=True, seed=1)]
 
 def _build(deepnet, config: TransformerConfig, seed: int = 0, **parts) -> Transformer:
     torch.manual_seed(seed)
@@ -338,7 +350,8 @@ def _written_out(model, idx, alpha, scheme="deepnorm", final=False):
        "x = LN(alpha x + G(x)) around each attention and feed-forward sublayer, alpha = (2N)^(1/4), no LayerNorm "
        "after the last block (every norm's weight and bias drawn at random first), and the `parts` passed on",
        n_layers=st.integers(1, 6), n_heads=st.sampled_from([1, 2, 4]), head_dim=st.integers(3, 6),
-       T=st.integers(1, 12), vocab=st.integers(2, 40), bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+       T=st.integers(1, 12), vocab=st.integers(2, 40), bias=st.booleans(), seed=st.integers(0, 2 ** 16),
+       examples=PINNED_DEEPNETS)
 def forward_is_post_ln_with_alpha_on_the_stream(deepnet, n_layers, n_heads, head_dim, T, vocab, bias, seed):
     d = n_heads * head_dim
     config = TransformerConfig(vocab_size=vocab, block_size=12, n_layers=n_layers, d_model=d, n_heads=n_heads,
@@ -465,6 +478,9 @@ def a_deep_model_trains(deepnet):
 
 
 # ---- 4.5 the fused LN(alpha x + g) row in Triton -----------------------------------------------------------
+# corner cases (fixed cases, no random draws): a row of 1 column; a row length that is a multiple of the block
+# (64) and one that is not (37, 100); one row; large means against the spread; g = None; no bias; strided x and
+# g; float16; RMSNorm.
 
 def _run_add_norm(graded, x, g, w, b, alpha, eps, rms):
     """(y, mean, rstd) from the library's launcher under the interpreter, with the learner's kernel."""
@@ -581,11 +597,11 @@ def _row_inputs(rows, n, seed, *, std=1.0, mean=0.0):
 @check("LayerNorm: the kernel (float32, under the interpreter) gives LN(alpha x + g) w + b with alpha != 1 on "
        "the stream x, and stores the row mean and 1 / sqrt(var + eps), within float32 rounding of a float64 "
        "oracle, for rows of 37, 100 and 64 columns (not a multiple of the block and one that is), a row of one "
-       "column, small variances and a large eps")
+       "column, a single row, small variances and a large eps")
 def kernel_row_matches_the_float64_oracle(kernel):
     for rows, n, std, alpha, eps, seed in ((4, 37, 1.0, 2.5, 1e-5, 0), (3, 37, 1e-3, 1.7, 1e-6, 4),
                                            (5, 100, 0.7, 0.5, 0.5, 2), (2, 64, 2.0, 3.0, 1e-5, 3),
-                                           (3, 1, 1.0, 2.0, 1e-5, 1)):
+                                           (3, 1, 1.0, 2.0, 1e-5, 1), (1, 50, 1.0, 1.3, 1e-5, 5)):
         x, g, w, b = _row_inputs(rows, n, 100 + seed, std=std)
         _compare_add_norm(kernel, x, g, w, b, alpha, eps, False,
                           f"{rows} rows of {n} columns (std {std:g}, alpha {alpha:g}, eps {eps:g})")

@@ -23,6 +23,8 @@ from nanomodels.transformer import PreNorm, TransformerConfig
 
 
 # ---- 5.1 gamma --------------------------------------------------------------------------------------------
+# corner cases: N = 2 (the smallest N with gamma > 1); the table's N; N = 100,000; an encoder-decoder with
+# M != N. Pinned: n = 2 and n = 100,000 beside the table's N; encoder_decoder_table's fixed rows.
 
 @check("encoder-only and decoder-only models with N layers get gamma = sqrt(log 2N) (natural log; the table: "
        "N = 6 -> 1.5764, 12 -> 1.7827, 24 -> 1.9675), under the one key of the side that has layers")
@@ -53,7 +55,7 @@ def _float(value, what: str) -> float:
 
 @check("gamma = sqrt(log 2N) exactly (to 1e-12, not rounded to the table's 4 decimals) for every N, the table's "
        "N included (and gamma > 1 from N = 2 on: Sub-LN multiplies the init)", n=st.integers(2, 100_000),
-       max_examples=200, examples=[dict(n=6), dict(n=12), dict(n=24)])
+       max_examples=200, examples=[dict(n=2), dict(n=100_000), dict(n=6), dict(n=12), dict(n=24)])
 def gamma_squared_is_log_2n(subln_gamma, n):
     value = _float(subln_gamma(decoder_layers=n)["decoder"], f"subln_gamma(decoder_layers={n})['decoder']")
     if abs(value / math.sqrt(math.log(2 * n)) - 1) > 1e-12:
@@ -74,6 +76,8 @@ def encoder_decoder_table(subln_gamma):
 
 
 # ---- 5.2 the feed-forward ---------------------------------------------------------------------------------
+# corner cases: x of rank 1 (one token), 2 and 4 (any leading dimensions) beside the drawn rank 3; d_ff != d
+# (the norm's width tells the two apart); float32 parts. Pinned: the ranks, in matches_w2_ln_gelu_w1's `lead`.
 
 def _ffn_parts(d: int, d_ff: int, seed: int):
     torch.manual_seed(seed)
@@ -90,10 +94,13 @@ def _ln(h, norm):
 
 
 @check("subln_ffn(x, fc1, inner_norm, fc2) = W2 LN(GELU(W1 x)) with the inner LayerNorm over d_ff, between the "
-       "activation and fc2", seed=st.integers(0, 2 ** 16), d_ff=st.sampled_from([12, 20, 40]))
-def matches_w2_ln_gelu_w1(subln_ffn, seed, d_ff):
+       "activation and fc2, for x of any leading dimensions", seed=st.integers(0, 2 ** 16),
+       d_ff=st.sampled_from([12, 20, 40]), lead=st.sampled_from([(2, 3), (5,), (), (1, 2, 2)]),
+       examples=[dict(seed=0, d_ff=12, lead=()), dict(seed=1, d_ff=20, lead=(1, 2, 2)),
+                 dict(seed=2, d_ff=40, lead=(5,))])
+def matches_w2_ln_gelu_w1(subln_ffn, seed, d_ff, lead):
     fc1, norm, fc2 = _ffn_parts(8, d_ff, seed)
-    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    x = torch.randn(*lead, 8, generator=torch.Generator().manual_seed(seed), dtype=F64)
     seen = []
 
     def recording(h):
@@ -132,6 +139,8 @@ def keeps_float32(subln_ffn, seed):
 
 
 # ---- 5.3 the Magneto encoder-decoder ------------------------------------------------------------------------
+# corner cases: one encoder layer, one decoder layer (STACKS: (1, 2), (3, 1)); N > M and N < M (the gammas of
+# the two stacks differ); parts passed in. All in STACKS and the fixed checks.
 
 STACKS = st.sampled_from([(1, 2), (2, 3), (3, 1)])  # (N encoder, M decoder) layers: every gamma differs
 

@@ -42,9 +42,11 @@ def branch_oracle(q, k, v, w, r, causal):
 
 
 # ---- 6.1 the head offsets -----------------------------------------------------------------------------------
+# corner cases: one head; H < r (some offsets unused); H > r (offsets wrap); r = 1. Pinned: all four.
 
 @check("head_offsets(H, r)[j] = j mod r for every head j (the paper's s_j), as an integer tensor of length H",
-       n_heads=st.integers(1, 16), r=st.integers(1, 8))
+       n_heads=st.integers(1, 16), r=st.integers(1, 8),
+       examples=[dict(n_heads=1, r=1), dict(n_heads=1, r=4), dict(n_heads=2, r=4), dict(n_heads=5, r=2)])
 def offsets_are_j_mod_r(head_offsets, n_heads, r):
     got = head_offsets(n_heads, r)
     if not isinstance(got, torch.Tensor) or got.shape != (n_heads,) or got.is_floating_point():
@@ -59,6 +61,8 @@ def offsets_are_j_mod_r(head_offsets, n_heads, r):
 
 
 # ---- 6.2 one pattern ----------------------------------------------------------------------------------------
+# corner cases: T = 1; T not a multiple of the segment (the last segment short); offset != 0 (head h % r)
+# reaching a padded key; H < r and H > r; r = 1; causal. Pinned: T = 7, w = 2, r = 2, H = 2 (both masks).
 
 PATTERN = dict(T=st.integers(1, 24), base=st.sampled_from([1, 2, 3, 4, 8]), r=st.sampled_from([1, 2, 4]),
                H=st.integers(1, 4), causal=st.booleans(), seed=st.integers(0, 2 ** 16))
@@ -103,6 +107,8 @@ def whole_segment_is_dense(dilated_branch, T, extra, causal, seed):
 
 
 # ---- 6.3 the LSE merge --------------------------------------------------------------------------------------
+# corner cases: one branch; a row no branch covers (LSE = -inf everywhere: zeros, not NaN); leading dims of
+# rank 0 and 1; lists and stacked tensors; float16/float32 spreads of +-200; detach_weights. Pinned below.
 
 @check("split-KV: attention over disjoint key sets, merged with alpha = softmax(LSE), equals attention over their "
        "union, for outs (..., T, D) of any leading dimensions (ranks 2 to 5)", T=st.integers(2, 16),
@@ -208,6 +214,8 @@ def detached_weights_stop_the_lse_gradient(merge_by_lse, seed):
 
 
 # ---- 6.4 the kernel's launch --------------------------------------------------------------------------------
+# corner cases (fixed cases): a short last segment; offset heads; B, H > 1 with q, k, v, out strides that
+# differ; rates 1 and > 1.
 
 def _rows_why(wrote, kept, T: int, w: int) -> str:
     """Which rows the kernel left out or wrote extra, (B, H, T) masks: a missing short last segment, missing
@@ -269,6 +277,8 @@ def kernel_strides_and_out(dilated_branch_kernel):
 
 
 # ---- 6.5 dilated attention end to end ----------------------------------------------------------------------
+# corner cases: T = 1; T not a multiple of any segment; one head (H < r); more heads than rates (H > r);
+# rates in any order; causal; detach_weights. Pinned: PINNED_MIXTURES in the mixture check.
 
 def count_matrix(T, H, segment_lengths, dilation_rates, causal):
     """(H, T, T) float64: how many patterns pair query t with key u in head j, from the definition (loops)."""
@@ -293,12 +303,18 @@ def log_count_oracle(q, k, v, count):
 
 PATTERN_SETS = [((8,), (1,)), ((4, 8), (1, 2)), ((4, 8, 16), (1, 2, 4)), ((8, 16), (2, 4)), ((16,), (4,)),
                 ((2, 8), (1, 4)), ((6, 12), (3, 3)), ((8, 4), (4, 1))]
+# one token; T = 37 (every segment length cuts it short); one head under rates 1, 2, 4 (H < r); 5 heads over
+# rates 1 and 4 (H > r, offsets wrap)
+PINNED_MIXTURES = [dict(T=1, H=1, patterns=((4, 8), (1, 2)), causal=True, seed=0),
+                   dict(T=37, H=1, patterns=((4, 8, 16), (1, 2, 4)), causal=False, seed=1),
+                   dict(T=37, H=5, patterns=((2, 8), (1, 4)), causal=True, seed=2)]
 MIXTURE = dict(T=st.integers(1, 40), H=st.integers(1, 5), patterns=st.sampled_from(PATTERN_SETS),
                causal=st.booleans(), seed=st.integers(0, 2 ** 16))
 
 
 @check("the mixture equals dense attention with the bias log count(q, k) (float64, 1e-10), causal or not, T not a "
-       "multiple of w, H < r and H > r", **MIXTURE)
+       "multiple of w, H < r and H > r", **MIXTURE,
+       examples=PINNED_MIXTURES)
 def mixture_is_log_count_attention(dilated_attention, T, H, patterns, causal, seed):
     q, k, v = _qkv(2, H, T, 3, seed)
     got = dilated_attention(q, k, v, *patterns, causal=causal)

@@ -56,12 +56,15 @@ def _kept(routing):
 
 
 # ---- 7.1 top-k routing ------------------------------------------------------------------------------------
+# corner cases: one token; capacity 1 with every token's choices overflowing it (S = 16, E = 2, k = 2); no
+# overflow (C >= S); k = 1 and 2; second choices after all first choices. Pinned: those three.
 
 @check("the kept (token, expert, slot, gate) choices equal the rule: softmax, e1 = argmax, e2 = argmax of the rest, "
        "slots per expert in token order with every first choice before any second choice, a slot >= C dropped, "
        "gate p[e1] for k = 1 and p[e_j] / (p[e1] + p[e2]) for k = 2 (before dropping)",
        S=st.integers(1, 16), E=st.integers(2, 6), k=st.sampled_from([1, 2]), C=st.integers(1, 6),
-       seed=st.integers(0, 10_000))
+       seed=st.integers(0, 10_000), examples=[dict(S=1, E=2, k=2, C=1, seed=0), dict(S=16, E=2, k=2, C=1, seed=1),
+                                              dict(S=16, E=6, k=1, C=6, seed=2)])
 def routing_matches_the_rule(top_k_routing, S, E, k, C, seed):
     logits = _logits(S, E, seed)
     got, want = _kept(top_k_routing(logits, k, C)), _oracle(logits, k, C)
@@ -100,6 +103,7 @@ def routing_returns_probs_and_aux(top_k_routing, S, E, seed):
 
 
 # ---- 7.2 the load-balancing loss --------------------------------------------------------------------------
+# corner cases: one token; every token on one expert; E = 2. Drawn (S from 1, E from 2).
 
 @check("l_aux = E sum_e mean_s p[s, e] * mean_s 1[e1(s) = e]: 1 at uniform routing, E at collapse, and the "
        "written-out sum on random probabilities", S=st.integers(1, 12), E=st.integers(2, 6),
@@ -135,6 +139,7 @@ def aux_loss_gradient(load_balancing_loss, S, E, seed):
 
 
 # ---- 7.3 X-MoE scores -------------------------------------------------------------------------------------
+# corner cases: one expert; one token; tau far below and above 1; inputs scaled by 0.01 and 1000. Drawn.
 
 def _cos_oracle(h, W, e, tau):
     out = torch.empty(h.size(0), e.size(0), dtype=F64)
@@ -174,6 +179,8 @@ def xmoe_scores_bounded_and_scale_free(xmoe_scores, c, seed):
 
 
 # ---- 7.4 the grouped GEMM's sort-and-pad metadata -------------------------------------------------------
+# corner cases: no pair (n = 0); an expert with no row; block_m = 1; runs that are multiples of block_m.
+# Drawn (n from 0, E up to 5 over few rows).
 
 def _align(align_by_expert, experts, E, block_m):
     out = align_by_expert(experts, E, block_m)
@@ -227,6 +234,8 @@ def alignment_drives_a_grouped_matmul(align_by_expert, n, E, block_m, seed):
 
 
 # ---- 7.5 the MoE layer, end to end ---------------------------------------------------------------------------
+# corner cases: one token with one expert and k = 2 (k clipped to E); capacity overflow (factor 0.25: tokens
+# every expert drops give 0); training and eval capacity; fraction 0. Pinned in output_follows_the_rule.
 
 def _layer(S, d, E, k, factor, fraction, training, seed):
     """An MoE part in float64 with its router and experts drawn from `seed`, and S tokens h (S, d)."""
@@ -286,7 +295,9 @@ LAYERS = dict(S=st.integers(1, 40), d=st.integers(1, 6), E=st.integers(1, 6), k=
 
 @check("in float64 the layer's output equals the rule, one token at a time: y_s = sum_j [kept_j] g_j FFN_(e_j)(h_s) "
        "with the routing's gates, C = moe.capacity(S) (training and eval), a token every expert dropped gives 0",
-       **LAYERS, examples=[dict(S=12, d=3, E=3, k=2, factor=0.5, fraction=0.25, training=True, seed=1)])
+       **LAYERS, examples=[dict(S=12, d=3, E=3, k=2, factor=0.5, fraction=0.25, training=True, seed=1),
+                           dict(S=1, d=1, E=1, k=2, factor=0.25, fraction=0.0, training=False, seed=2),
+                           dict(S=40, d=2, E=2, k=2, factor=0.25, fraction=0.5, training=True, seed=3)])
 def output_follows_the_rule(moe_forward, S, d, E, k, factor, fraction, training, seed):
     k = min(k, E)
     moe, h = _layer(S, d, E, k, factor, fraction, training, seed)
@@ -409,6 +420,8 @@ def a_tiny_moe_model_trains_balanced(moe_forward):
 
 
 # ---- 7.6 one tile of the grouped GEMM, inside the Triton kernel ------------------------------------------------
+# corner cases (fixed cases): K not a multiple of BLOCK_K; N not a multiple of BLOCK_N; padding rows in a
+# block; an expert with no block; strided a, w and out.
 
 SENTINEL = -7.0  # what the output holds where the kernel must not write
 GUARD = 3  # rows of the output buffer before and after the real rows, and columns after N

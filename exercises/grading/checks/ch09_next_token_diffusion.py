@@ -28,9 +28,11 @@ def _abar_oracle(tau: float) -> float:
 
 
 # ---- 9.1 the cosine schedule --------------------------------------------------------------------------------
+# corner cases: T = 1 (one step: beta capped at 0.999); T = 2; T = 2000. Pinned: all three.
 
 @check("betas (T,) float64 with beta_t = min(1 - abar((t+1)/T) / abar(t/T), 0.999), "
-       "abar(tau) = cos^2(((tau + 0.008) / 1.008) pi / 2)", T=st.integers(1, 2000))
+       "abar(tau) = cos^2(((tau + 0.008) / 1.008) pi / 2)", T=st.integers(1, 2000),
+       examples=[dict(T=1), dict(T=2), dict(T=2000)])
 def betas_follow_the_formula(cosine_schedule, T):
     betas = expect_tensor(cosine_schedule(T), (T,), F64, f"cosine_schedule({T})")
     want = torch.tensor([min(1 - _abar_oracle((t + 1) / T) / _abar_oracle(t / T), 0.999) for t in range(T)],
@@ -54,6 +56,8 @@ def alphas_cumprod_from_one_to_zero(cosine_schedule):
 
 
 # ---- 9.2 the DDIM sampler -----------------------------------------------------------------------------------
+# corner cases: one sampling step (straight to abar = 1 at the end); 2, 3, 5, 10, 50 steps; x_T given or
+# drawn. Drawn from the sampled step counts.
 
 def _oracle_eps(x0):
     return lambda x_t, t: (x_t - ABAR[t][:, None].sqrt() * x0) / (1 - ABAR[t][:, None]).sqrt()
@@ -105,9 +109,11 @@ def calls_eps_fn_per_step_with_long_timesteps(ddim_sample):
 
 
 # ---- 9.3 the adaLN modulation -------------------------------------------------------------------------------
+# corner cases: x of rank 1 (no leading axis) and 4; d = 2. Pinned: lead = [] with d = 2, lead = [3, 1, 2].
 
 @check("modulate(x, shift, scale) = LN(x) (1 + scale) + shift, LN over the last axis without affine (eps 1e-6), "
-       "x of rank 1 to 4", seed=seeds, lead=st.lists(st.integers(1, 3), max_size=3), d=st.integers(2, 9))
+       "x of rank 1 to 4", seed=seeds, lead=st.lists(st.integers(1, 3), max_size=3), d=st.integers(2, 9),
+       examples=[dict(seed=0, lead=[], d=2), dict(seed=1, lead=[3, 1, 2], d=9)])
 def modulate_is_layernorm_times_one_plus_scale_plus_shift(modulate, seed, lead, d):
     g = torch.Generator().manual_seed(seed)
     shape = (*lead, d)  # ranks 1-4: a LayerNorm over shape[1:] instead of the last axis is seen from rank 3 on
@@ -130,6 +136,7 @@ def zero_modulation_is_plain_layernorm(modulate, seed):
 
 
 # ---- 9.4 the zero-initialized adaLN modulation --------------------------------------------------------------
+# corner cases: width 1 with one chunk; 16 wide in 3 chunks. Pinned: both in the shape check.
 
 def _linear_of(module) -> nn.Linear:
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
@@ -139,7 +146,8 @@ def _linear_of(module) -> nn.Linear:
 
 
 @check("adaln_modulation(width, chunks) outputs exactly 0 for any condition at init (weight and bias zero), "
-       "shape (N, chunks * width)", width=st.integers(1, 16), chunks=st.integers(1, 3), seed=seeds)
+       "shape (N, chunks * width)", width=st.integers(1, 16), chunks=st.integers(1, 3), seed=seeds,
+       examples=[dict(width=1, chunks=1, seed=0), dict(width=16, chunks=3, seed=1)])
 def outputs_exactly_zero_at_init(adaln_modulation, width, chunks, seed):
     torch.manual_seed(seed)
     module = adaln_modulation(width, chunks).to(F64)
@@ -183,6 +191,7 @@ def is_a_linear_of_silu(adaln_modulation):
 
 
 # ---- 9.5 per-token timesteps --------------------------------------------------------------------------------
+# corner cases: a schedule of T = 1 (every timestep 0); T = 7, 50, 1000. Drawn from the four.
 
 @check("x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps row by row, for the (x_t, t, eps) it returns, and t in "
        "{0, ..., T-1} for a schedule of T = 1000, 50, 7 or 1 steps", seed=seeds, T=st.sampled_from([1000, 50, 7, 1]))
@@ -225,6 +234,7 @@ def draws_come_from_the_generator(q_sample, seed):
 
 
 # ---- 9.6 the sigma-VAE sample -------------------------------------------------------------------------------
+# corner cases: both noise_std values; two different mu under one generator (the noise must not depend on mu).
 
 # The two statistical checks draw B examples of L latents (any draw order gives the same law). Per example,
 # s_b = mean over its latents of (z - mu)^2 = sigma_b^2 chi2_L / L, so E[s_b] = C^2 and Var[s_b] = C^4 (2 + 6/L);
@@ -281,6 +291,8 @@ def one_sigma_per_example(sigma_vae_sample, seed):
 
 
 # ---- 9.7 the fused adaLN row in Triton ----------------------------------------------------------------------
+# corner cases (fixed cases): a row length not a multiple of the block (37) and 100; small variances; a
+# large eps; large means; one sequence per condition and several (rows_per_cond > 1).
 
 def _run_kernel(graded, x, shift, scale, rows_per_cond, eps):
     """Launch the learner's forward kernel (one program per row) under the interpreter: (y, mean, rstd)."""
@@ -423,6 +435,7 @@ def per_sequence_condition_broadcasts_over_tokens(kernel):
 
 
 # ---- 9.8 the diffusion head's training loss -----------------------------------------------------------------
+# corner cases: outputs given or computed by the loss; batch_mul copies of one token adjacent. Fixed cases.
 
 def _random_head(d, C, width, batch_mul, prediction, seed, depth=2):
     """A float64 head with every parameter drawn (the zero init would hide most mistakes: its output is 0)."""

@@ -147,6 +147,8 @@ def _retention_variants(q, k, v, gammas, S0):
 
 
 # ---- 10.1 the recurrent step ---------------------------------------------------------------------------------
+# corner cases: T = 1 with a given state (a decode step); no state (zeros); Dk != Dv; gamma = 1 beside a tiny
+# gamma; three heads with their own gammas; two batch rows. Pinned: HARD_RETENTION.
 
 HARD_RETENTION = [  # Dk != Dv, the two extremes of gamma side by side, a given state with one token, three heads
     dict(case=dict(B=1, H=2, T=5, Dk=2, Dv=3, gammas=(1.0, 1e-3), state=False, scale=1.0, seed=0)),
@@ -201,6 +203,8 @@ def recurrent_keeps_the_dtype(retention_recurrent, case, dtype):
 
 
 # ---- 10.2 the chunkwise cross-chunk term ---------------------------------------------------------------------
+# corner cases: chunk size 1; C = T; C > T; the last chunk short (T % C != 0, down to 1 token); a given
+# state; three heads. Pinned: HARD_CHUNKS.
 
 def _chunk_why(T: int, C: int, given_state: bool):
     def why(idx) -> str:
@@ -253,6 +257,9 @@ def chunkwise_keeps_the_dtype(retention_chunkwise, case, dtype):
 
 
 # ---- 10.3 XPos's scale ---------------------------------------------------------------------------------------
+# corner cases: decoding (Tq = 1 at q_offset = T - 1, cached keys before the query); Tq > Tk; Tk = 1; q_offset
+# past the keys (12); odd L; RoPE (scale_base = inf); the defaults; no leading dimension and two. Pinned:
+# HARD_XPOS.
 
 def oracle_xpos(x, positions, c: float, base: float, sign: int, mistake: str = ""):
     """x (..., T, D) rotated pairwise by position * 10000^(-2i/D) and scaled by zeta_i^(sign (p + c) / base),
@@ -384,6 +391,8 @@ def xpos_long_positions_stay_finite(apply_xpos, case):
 
 
 # ---- 10.4 the decay mask -------------------------------------------------------------------------------------
+# corner cases: n = 1; n beyond 16; n = 120 with gamma = 1e-3 (gamma^(r - c) of r < c overflows); gamma = 1;
+# several heads; float32. Pinned: the examples of both checks.
 
 def oracle_decay(gammas, n: int):
     return torch.tensor([[[g ** (r - c) if r >= c else 0.0 for c in range(n)] for r in range(n)] for g in gammas],

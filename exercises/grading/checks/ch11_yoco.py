@@ -50,6 +50,9 @@ def _close(got, want, tol: float) -> bool:
 
 
 # ---- 11.1 the gated-retention recurrence ------------------------------------------------------------------
+# corner cases: T = 0 (nothing new: an empty out and the state); T = 1 with and without a given state; one
+# head; Dk = Dv (a transposed outer product has the right shape); gamma = 1 beside decays down to exp(-80);
+# batch rows with their own decays. Pinned: RETENTION_EXAMPLES.
 
 OVERFLOW = ("; the oracle is finite there, so an intermediate left the float range (an overflow, or 0/0 after an "
             "underflow), as exp of minus a cumulative log decay (an inverse decay) does for long or strong decays; "
@@ -351,6 +354,9 @@ def _model(seed, *, kind="gated_retention", n_self=2, n_cross=2, window=3, chunk
 
 
 # ---- 11.2 the shared-KV cross-decoder -----------------------------------------------------------------------
+# corner cases: T = 1 and one head; every position a query (n_queries None); one query (the early exit);
+# one new position after cached ones (past_kv: cached keys before the queries); float32; wide x. Pinned:
+# CROSS_EXAMPLES.
 
 class _Probe(nn.Module):
     """A stand-in cross layer with its own queries: h + attention(q_proj(h) onto the K, V it is given), causal;
@@ -524,6 +530,8 @@ def equals_the_naive_cross_decoder_of_a_model(shared_kv_cross_decoder, case):
 
 
 # ---- 11.3 the early-exit prefill ----------------------------------------------------------------------------
+# corner cases: T = 1; window 1 (a token sees itself only); window >= T; a prompt longer than the window;
+# chunks that leave the last one short; one and three layers each side. Pinned: PREFILL_EXAMPLES.
 
 # (kind, B, T, self layers, cross layers, window (sliding) or chunk size (retention), seed)
 PREFILL_CASES = st.tuples(st.sampled_from(["gated_retention", "sliding_window"]), st.integers(1, 2),

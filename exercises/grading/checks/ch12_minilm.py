@@ -96,10 +96,8 @@ def _value(out, what, dtype) -> float:
 
 
 # ---- 12.1 attention_kl --------------------------------------------------------------------------------------
-# corner cases: T = 1; one head; one batch row; a mask keeping one row only; each batch row its own mask; masked
-# rows holding a student row of zeros; a valid all-zero row (counted in the mean); zeros in both (0 log 0 = 0); a
-# student 0 under a teacher > 0 (+inf, not NaN); probabilities below float16's range. Pinned: the examples of kl_matches_the_loop, and
-# kl_zero_log_zero_and_infinity / kl_in_low_precision build the zero and tiny cases every time.
+# corner cases: per-batch different masks; one valid row; T = 1; a valid row of zeros; a teacher with zeros
+# (0 log 0 = 0); one head; float32/float16 spreads. Pinned: kl_matches_the_loop's examples.
 
 PATTERNS = ("dense", "causal", "sparse")
 
@@ -296,10 +294,8 @@ def kl_in_low_precision(attention_kl, dtype, pattern, mask_kind, seed):
 
 
 # ---- 12.2 relation and 12.4 value_relation -----------------------------------------------------------------
-# corner cases: one head; one column per head; 12 columns split into 6, 4 or 3 heads; T = 1; logits far beyond
-# exp's range in float64/32/16; only one head's columns non-zero (the head blocks are contiguous). Pinned: the
-# examples of relation_matches_the_loop and value_relation_matches_the_loop, the wide checks' examples and
-# relation_heads_are_contiguous_blocks.
+# corner cases: one head; one column per head; 12 columns into 6, 4 or 3 heads; T = 1; wide logits per
+# dtype. Pinned: the examples of the relation checks (WIDE for the spreads).
 
 def _rel_inputs(shape, scale, seed, dtype=F64):
     x = torch.randn(*shape, generator=_gen(seed), dtype=F64)
@@ -458,9 +454,8 @@ def value_relation_is_stable(value_relation, wide, seed):
 
 
 # ---- 12.3 minilm_v2_loss ------------------------------------------------------------------------------------
-# corner cases: teacher wider than the student and narrower; one head; T = 1; per-batch masks; (q, k, v) as a
-# list instead of a tuple; a student equal to the teacher (loss 0) in float32 with logits up to ±200. Pinned:
-# the examples of v2_matches_the_loop (per batch, a list, T = 1 with one head and a wider student) and v2_in_float32.
+# corner cases: per-batch masks; random masks; T = 1 with one head; teacher and student of different widths;
+# (q, k, v) as a list or a tuple. Pinned: v2_matches_the_loop's examples.
 
 def v2_inputs(B, T, n_heads, dt, ds, seed, dtype=F64, scale=1.0):
     g = _gen(seed)
