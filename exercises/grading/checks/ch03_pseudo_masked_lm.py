@@ -80,7 +80,9 @@ NAMES = {AE: "AE", PSEUDO: "[P]", REAL: "real"}
 # given in reverse order; the factorization order reversed; a span at the very end. Pinned: PINNED_LAYOUTS.
 PINNED_LAYOUTS = [dict(case=(torch.tensor([7]), [[0]], [0])),
                   dict(case=(torch.tensor([1, 2, 3]), [[0, 1, 2]], [0])),
-                  dict(case=(torch.tensor([3, 1, 4, 1, 5]), [[4, 0], [2]], [1, 0]))]
+                  # [3, 0]: a walk over len(span) positions from the first one stays inside x, so that it
+                  # gives a wrong layout (named in the message) rather than an IndexError
+                  dict(case=(torch.tensor([3, 1, 4, 1, 5]), [[3, 0], [4]], [1, 0]))]
 
 def _layout(pmlm_layout, x, spans, order):
     out = pmlm_layout(x, spans, order, M_ID, P_ID)
