@@ -187,6 +187,9 @@ def run_case(case: Case) -> str:
         tol = c.atol[g.dtype if g.dtype in c.atol else torch.float32]
         diff = (g.double() - w.double()).abs().nan_to_num(nan=math.inf)
         assert diff.numel() == 0 or diff.max() <= tol, f"{case.id}: output {i} off by {diff.max():.3g} (atol {tol})"
+        if not g.is_floating_point() and tol > 0:  # integer codes allowed off by one only at the rare rounding tie
+            off = int((diff > 0).sum())
+            assert off <= 1 + diff.numel() // 100, f"{case.id}: output {i}: {off} of {diff.numel()} codes differ"
     if buf is not None:
         inside = torch.zeros(buf.shape, dtype=torch.bool)
         inside.as_strided(kwargs["out"].shape, kwargs["out"].stride(), 32).fill_(True)
